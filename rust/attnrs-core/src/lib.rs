@@ -3,6 +3,7 @@
 //! It owns the registry of attention functions, the mask algebra and its layouts, and the CPU attention
 //! kernels. Nothing here knows about Python; `rust/attnrs-py` converts, validates and calls in.
 
+pub mod block;
 pub mod error;
 pub mod isa;
 pub mod registry;

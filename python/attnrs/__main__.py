@@ -1,0 +1,3 @@
+from attnrs.cli import main
+
+raise SystemExit(main())

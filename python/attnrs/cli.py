@@ -1,0 +1,77 @@
+"""``python -m attnrs`` / ``attnrs``: info, demo."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import attnrs
+
+    print(f"attnrs {attnrs.__version__} (torch {torch.__version__}, python {platform.python_version()})")
+    print(f"cpu: {platform.machine()}, features: {', '.join(attnrs.cpu_features()) or 'none'}")
+    print(f"simd path: {attnrs.simd_path()}")
+    print(f"threads: {attnrs.num_threads()} (ATTNRS_NUM_THREADS overrides torch.get_num_threads())")
+    for title, interface in (
+        ("attention functions", attnrs.ALL_ATTENTION_FUNCTIONS),
+        ("mask builders", attnrs.ALL_MASK_ATTENTION_FUNCTIONS),
+    ):
+        print(f"{title}:")
+        for name in interface:
+            caps = interface.capabilities(name)
+            fn = interface[name]
+            where = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+            print(f"  {name:<18} {where}")
+            if caps:
+                shown = ", ".join(f"{k}={v}" for k, v in caps.items() if v not in ([], None))
+                print(f"  {'':<18} {shown}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Runs each registered attention function on one input and compares it with the float64 eager reference."""
+    import attnrs
+    from attnrs.functions import eager_attention_forward
+
+    torch.manual_seed(0)
+    b, h, h_kv, q_len, d = 2, 8, 2, args.length, 64
+    query = torch.randn(b, h, q_len, d)
+    key = torch.randn(b, h_kv, q_len, d)
+    value = torch.randn(b, h_kv, q_len, d)
+
+    class _Module(torch.nn.Module):
+        is_causal = True
+
+    module = _Module().eval()
+    reference, _ = eager_attention_forward(module, query.double(), key.double(), value.double(), None)
+    print(f"causal attention, B={b} H={h} H_kv={h_kv} L={q_len} D={d}, float32")
+    print(f"{'implementation':<18} {'max |diff| vs fp64':>20} {'ms':>10}")
+    for name in attnrs.ALL_ATTENTION_FUNCTIONS:
+        fn = attnrs.ALL_ATTENTION_FUNCTIONS[name]
+        start = time.perf_counter()
+        out, _ = fn(module, query, key, value, None, scaling=d**-0.5, dropout=0.0)
+        elapsed = (time.perf_counter() - start) * 1e3
+        diff = (out.double() - reference).abs().max().item()
+        print(f"{name:<18} {diff:>20.3e} {elapsed:>10.2f}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="attnrs", description="attnrs: pluggable, fast attention for PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="version, CPU features, threads and registered functions").set_defaults(func=_cmd_info)
+    demo = sub.add_parser("demo", help="run the registered attention functions against a float64 reference")
+    demo.add_argument("--length", type=int, default=256, help="sequence length (default 256)")
+    demo.set_defaults(func=_cmd_demo)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

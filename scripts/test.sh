@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs attnrs with its test extras and runs every test: Rust (core and ABI crates, no Python needed),
+# the stub check of the compiled module, and pytest. This is the README's test command; .ci/run calls it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install ".[test]"
+cargo test --workspace --exclude attnrs-py
+python3 -m mypy.stubtest attnrs._attnrs
+status=0
+python3 -m pytest "$@" || status=$?
+if [ "$status" -eq 5 ]; then
+    echo "pytest collected no tests" >&2
+fi
+exit "$status"

@@ -256,6 +256,18 @@ impl TensorView {
             .sum()
     }
 
+    /// The elements' bytes gathered in row-major order (a contiguous copy of any strided view).
+    pub fn to_contiguous_bytes(&self) -> Vec<u8> {
+        let size = self.dtype.size();
+        let mut out = Vec::with_capacity(self.numel() * size);
+        self.for_each_offset(|o| {
+            // SAFETY: `o` is the offset of an in-range element; the memory is valid by the view's contract.
+            let bytes = unsafe { std::slice::from_raw_parts(self.ptr.offset(o * size as isize), size) };
+            out.extend_from_slice(bytes);
+        });
+        out
+    }
+
     /// Calls `f(element_offset)` for every element in row-major order.
     fn for_each_offset(&self, mut f: impl FnMut(isize)) {
         if self.numel() == 0 {
@@ -379,6 +391,9 @@ mod tests {
         strided_copy(&s, &d).unwrap();
         assert_eq!(dst, vec![0., 3., 1., 4., 2., 5.]);
         assert_eq!(strided_sum(&s).unwrap(), 15.0);
+        let gathered: Vec<f32> =
+            s.to_contiguous_bytes().chunks_exact(4).map(|c| f32::from_ne_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(gathered, vec![0., 3., 1., 4., 2., 5.]);
     }
 
     #[test]

@@ -1,0 +1,172 @@
+"""Mask builders for :class:`attnrs.AttentionMaskInterface`, with transformers' keyword signature.
+
+transformers' ``create_causal_mask`` (and friends) call ``ALL_MASK_ATTENTION_FUNCTIONS[impl](**kwargs)`` with
+``batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, allow_is_causal_skip,
+dtype, config, use_vmap, device`` and sometimes ``local_size`` / ``allow_is_bidirectional_skip``; releases
+before the removal of cache positions passed ``cache_position`` instead of ``q_length``/``q_offset``. Each
+builder here accepts both forms and ignores keywords it does not use.
+
+* ``"sdpa"``: a dense bool ``[B, 1, Q, K]`` mask (True = attend), or None when SDPA's ``is_causal`` suffices;
+  the same output as transformers' ``sdpa_mask``.
+* ``"eager"``: the additive float version (0 / ``finfo(dtype).min``), as transformers' ``eager_mask``.
+* ``"flex_attention"`` and ``"attnrs"``: an :class:`attnrs.BlockMask` (a real FlexAttention ``BlockMask``)
+  built in O(blocks), which also carries the structural mask for the CPU kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .block_mask import BlockMask, create_block_mask
+from .masks import Mask, and_masks, causal, create_dense_mask, from_callable, padding
+
+__all__ = ["attnrs_mask", "eager_mask", "flex_attention_mask", "sdpa_mask"]
+
+
+def _lengths(
+    q_length: int | None, q_offset: Any, cache_position: torch.Tensor | None
+) -> tuple[int, int]:
+    """(q_length, q_offset) from either calling convention; a 0-d tensor offset is read now, never stored."""
+    if cache_position is not None:
+        if q_length is None:
+            q_length = int(cache_position.shape[0])
+        if q_offset is None or (not isinstance(q_offset, torch.Tensor) and q_offset == 0):
+            q_offset = cache_position[0] if cache_position.numel() else 0
+    if q_length is None:
+        raise TypeError("mask builder: expected q_length (or cache_position)")
+    return int(q_length), int(q_offset or 0)
+
+
+def _padding_window(attention_mask: torch.Tensor | None, kv_length: int, kv_offset: int) -> torch.Tensor | None:
+    """transformers' ``prepare_padding_mask``: right-pad a short 2-D mask with False up to kv_offset + kv_length."""
+    if attention_mask is None:
+        return None
+    missing = kv_length + kv_offset - attention_mask.shape[-1]
+    if missing > 0:
+        attention_mask = torch.nn.functional.pad(attention_mask, (0, missing))
+    return attention_mask.to(torch.bool)
+
+
+def _can_skip_causal(
+    padding_mask: torch.Tensor | None, q_length: int, kv_length: int, q_offset: int, kv_offset: int,
+    local_size: int | None,
+) -> bool:
+    """transformers' ``_ignore_causal_mask_sdpa`` (CPU, not tracing): True when SDPA's top-left ``is_causal``
+    gives the same result as the mask."""
+    if padding_mask is not None and padding_mask.shape[-1] > kv_length:
+        padding_mask = padding_mask[:, kv_offset : kv_offset + kv_length]
+    if local_size is not None and kv_length >= local_size:
+        return False
+    if (q_length == 1 or kv_length == q_length) and (padding_mask is None or bool(padding_mask.all())):
+        return True
+    if q_offset == 0 and (
+        padding_mask is None
+        or (bool(padding_mask[:, :q_length].all()) and not bool(padding_mask[:, q_length:].any()))
+    ):
+        return True
+    return False
+
+
+def _can_skip_bidirectional(padding_mask: torch.Tensor | None, kv_length: int, local_size: int | None) -> bool:
+    """transformers' ``_ignore_bidirectional_mask_sdpa``: no padding and no local window in reach."""
+    return (padding_mask is None or bool(padding_mask.all())) and (local_size is None or kv_length < local_size)
+
+
+def _structural(mask_function: Callable[..., Any], padding_mask: torch.Tensor | None, use_vmap: bool) -> Mask:
+    mask = mask_function if isinstance(mask_function, Mask) else from_callable(mask_function, use_vmap=use_vmap)
+    if padding_mask is not None:
+        mask = and_masks(mask, padding(padding_mask))
+    return mask
+
+
+def sdpa_mask(
+    batch_size: int,
+    q_length: int | None = None,
+    kv_length: int | None = None,
+    q_offset: Any = 0,
+    kv_offset: int = 0,
+    mask_function: Callable[..., Any] = causal(),
+    attention_mask: torch.Tensor | None = None,
+    local_size: int | None = None,
+    allow_is_causal_skip: bool = True,
+    allow_is_bidirectional_skip: bool = False,
+    use_vmap: bool = False,
+    device: torch.device | str = "cpu",
+    cache_position: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """A bool ``[B, 1, Q, K]`` mask (True = attend), or None when ``is_causal`` / no mask is equivalent."""
+    q_length, q_offset = _lengths(q_length, q_offset, cache_position)
+    if kv_length is None:
+        raise TypeError("sdpa_mask: expected kv_length")
+    kv_length, kv_offset = int(kv_length), int(kv_offset)
+    padding_mask = _padding_window(attention_mask, kv_length, kv_offset)
+    if allow_is_causal_skip and _can_skip_causal(padding_mask, q_length, kv_length, q_offset, kv_offset, local_size):
+        return None
+    if allow_is_bidirectional_skip and _can_skip_bidirectional(padding_mask, kv_length, local_size):
+        return None
+    mask = _structural(mask_function, padding_mask, use_vmap)
+    dense = create_dense_mask(mask, batch_size, 1, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset)
+    return dense.to(device) if torch.device(device).type != "cpu" else dense
+
+
+def eager_mask(
+    batch_size: int,
+    q_length: int | None = None,
+    kv_length: int | None = None,
+    q_offset: Any = 0,
+    kv_offset: int = 0,
+    mask_function: Callable[..., Any] = causal(),
+    attention_mask: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    allow_is_bidirectional_skip: bool = False,
+    use_vmap: bool = False,
+    device: torch.device | str = "cpu",
+    cache_position: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """An additive ``[B, 1, Q, K]`` mask: 0 where visible, ``finfo(dtype).min`` where masked."""
+    kwargs.pop("allow_is_causal_skip", None)
+    visible = sdpa_mask(
+        batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+        allow_is_causal_skip=False, allow_is_bidirectional_skip=allow_is_bidirectional_skip, use_vmap=use_vmap,
+        device=device, cache_position=cache_position, **kwargs,
+    )
+    if visible is None:
+        return None
+    return torch.where(visible, torch.zeros((), device=visible.device, dtype=dtype), torch.finfo(dtype).min)
+
+
+def flex_attention_mask(
+    batch_size: int,
+    q_length: int | None = None,
+    kv_length: int | None = None,
+    q_offset: Any = 0,
+    kv_offset: int = 0,
+    mask_function: Callable[..., Any] = causal(),
+    attention_mask: torch.Tensor | None = None,
+    use_vmap: bool = False,
+    device: torch.device | str = "cpu",
+    cache_position: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> BlockMask:
+    """An :class:`attnrs.BlockMask` for ``[batch_size, 1, q_length, kv_length]`` (128 x 128 blocks)."""
+    q_length, q_offset = _lengths(q_length, q_offset, cache_position)
+    if kv_length is None:
+        raise TypeError("flex_attention_mask: expected kv_length")
+    kv_length, kv_offset = int(kv_length), int(kv_offset)
+    padding_mask = None
+    if attention_mask is not None and not bool(attention_mask.all()):
+        padding_mask = _padding_window(attention_mask, kv_length, kv_offset)
+    mask = _structural(mask_function, padding_mask, use_vmap)
+    block_mask = create_block_mask(mask, batch_size, None, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset)
+    return block_mask.to(device) if torch.device(device).type != "cpu" else block_mask
+
+
+def attnrs_mask(**kwargs: Any) -> BlockMask:
+    """The mask builder paired with the ``"attnrs"`` attention function: always a block mask (never None), so
+    the kernel knows the structure and generate's static-cache path accepts it (a 4-D ``BlockMask``)."""
+    return flex_attention_mask(**kwargs)

@@ -317,7 +317,7 @@ mod tests {
 
     #[test]
     fn aliasing_is_detected() {
-        let mut buf = vec![0f32; 8];
+        let mut buf = [0f32; 8];
         let a = view(&mut buf[..4], &[4], &[1]);
         let b = view(&mut buf[2..], &[4], &[1]);
         assert!(a.overlaps(&b));

@@ -4,8 +4,10 @@
 //! blocks and counts: a block is full iff all `q_block * kv_block` elements are visible, partial iff some
 //! are. Hence a block that sticks out past `q_len` or `kv_len` is never full. Indices are ascending.
 //!
-//! Building costs O(non-empty blocks), not O(Q * K): for each q-block the mask names a hull of keys its
-//! rows can see, and only the kv-blocks meeting that hull are classified (exactly, see [`crate::mask`]).
+//! Building costs O(non-empty blocks), not O(Q * K): for each q-block the mask names a hull of keys some
+//! row can see and a core of keys every row sees; kv-blocks outside the hull are never visited, those
+//! inside the core are full at once, and only the ones in between are classified (exactly, see
+//! [`crate::mask`]).
 
 use rayon::prelude::*;
 
@@ -236,7 +238,7 @@ impl Grid<'_> {
         let r1 = (r0 + self.q_block).min(self.q_len);
         let rows_cut = r0 + self.q_block > self.q_len;
         let q = self.q_offset + r0 as i64..self.q_offset + r1 as i64;
-        let (lo, hi) = self.expr.key_hull(b, h, q.clone());
+        let (lo, hi) = self.expr.key_hull(b, q.clone());
         let lo = lo.max(self.kv_offset);
         let hi = hi.min(self.kv_offset + self.kv_len as i64 - 1);
         if lo > hi {
@@ -244,12 +246,20 @@ impl Grid<'_> {
         }
         let first = ((lo - self.kv_offset) as usize / self.kv_block).min(self.nkb);
         let last = ((hi - self.kv_offset) as usize / self.kv_block).min(self.nkb - 1);
+        // kv-blocks inside the core are seen by every row: no classification needed.
+        let (core_lo, core_hi) = self.expr.key_core(b, q.clone());
+        let core = core_lo..core_hi.saturating_add(1);
         for kb in first..=last {
             let c0 = kb * self.kv_block;
             let c1 = (c0 + self.kv_block).min(self.kv_len);
             let cols_cut = c0 + self.kv_block > self.kv_len;
             let k = self.kv_offset + c0 as i64..self.kv_offset + c1 as i64;
-            match self.expr.classify(b, h, q.clone(), k) {
+            let class = if core.start <= k.start && k.end <= core.end {
+                BlockClass::Full
+            } else {
+                self.expr.classify(b, h, q.clone(), k)
+            };
+            match class {
                 BlockClass::Full if !rows_cut && !cols_cut => full.push(kb as i32),
                 BlockClass::Empty => {}
                 _ => partial.push(kb as i32),

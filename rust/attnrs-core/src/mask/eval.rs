@@ -373,7 +373,7 @@ impl Node {
     }
 
     /// A superset of the keys visible from some row in `q0..q1` (non-empty).
-    pub(crate) fn col_hull(&self, b: usize, h: usize, q0: i64, q1: i64) -> Iv {
+    pub(crate) fn col_hull(&self, b: usize, q0: i64, q1: i64) -> Iv {
         if let (Some(first), Some(last)) = (self.mono_iv(b, q0), self.mono_iv(b, q1 - 1)) {
             return Iv::new(first.lo, last.hi);
         }
@@ -383,11 +383,48 @@ impl Node {
             Node::Bitmap(t) => t.col_hull(q0, q1),
             Node::And(parts) => parts
                 .iter()
-                .fold(Iv::ALL, |iv, p| iv.meet(p.get().col_hull(b, h, q0, q1))),
+                .fold(Iv::ALL, |iv, p| iv.meet(p.get().col_hull(b, q0, q1))),
             Node::Or(parts) => parts
                 .iter()
-                .fold(Iv::EMPTY, |iv, p| iv.hull(p.get().col_hull(b, h, q0, q1))),
+                .fold(Iv::EMPTY, |iv, p| iv.hull(p.get().col_hull(b, q0, q1))),
             Node::Not(_) => Iv::ALL,
+            _ => Iv::EMPTY,
+        }
+    }
+
+    /// A subset of the keys that *every* row in `q0..q1` (non-empty) sees: kv-blocks inside it are full
+    /// without further work.
+    pub(crate) fn col_core(&self, b: usize, q0: i64, q1: i64) -> Iv {
+        if let (Some(first), Some(last)) = (self.mono_iv(b, q0), self.mono_iv(b, q1 - 1)) {
+            return Iv::new(last.lo, first.hi);
+        }
+        match self {
+            Node::Padding(rows) => pick(rows, b).run.unwrap_or(Iv::EMPTY),
+            Node::Document(rows) => pick(rows, b).col_core(q0, q1),
+            Node::And(parts) => parts
+                .iter()
+                .fold(Iv::ALL, |iv, p| iv.meet(p.get().col_core(b, q0, q1))),
+            Node::Or(parts) => parts.iter().fold(Iv::EMPTY, |iv, p| {
+                // A union of overlapping subsets is a subset; otherwise keep the longer one.
+                let c = p.get().col_core(b, q0, q1);
+                if c.is_empty() {
+                    iv
+                } else if iv.is_empty()
+                    || (c.lo <= iv.hi.saturating_add(1) && iv.lo <= c.hi.saturating_add(1))
+                {
+                    iv.hull(c)
+                } else if c.len() > iv.len() {
+                    c
+                } else {
+                    iv
+                }
+            }),
+            Node::Not(inner) => {
+                // Keys no row sees in `inner`: the complement of its hull (the upper side if two).
+                let hull = inner.get().col_hull(b, q0, q1);
+                hull.complement()
+                    .unwrap_or_else(|| Iv::new(hull.hi.saturating_add(1), i64::MAX))
+            }
             _ => Iv::EMPTY,
         }
     }

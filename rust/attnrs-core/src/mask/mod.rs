@@ -390,11 +390,21 @@ impl MaskExpr {
 
     /// A superset (closed interval, possibly unbounded or empty) of the key positions that some query in
     /// `q` sees; used to enumerate candidate blocks without visiting empty ones.
-    pub fn key_hull(&self, b: usize, h: usize, q: Range<i64>) -> (i64, i64) {
+    pub fn key_hull(&self, b: usize, q: Range<i64>) -> (i64, i64) {
         if q.is_empty() {
             return (i64::MAX, i64::MIN);
         }
-        let iv = self.get().col_hull(b, h, q.start, q.end);
+        let iv = self.get().col_hull(b, q.start, q.end);
+        (iv.lo, iv.hi)
+    }
+
+    /// A subset (closed interval, possibly empty) of the key positions that *every* query in `q` sees;
+    /// blocks inside it are full without classification.
+    pub fn key_core(&self, b: usize, q: Range<i64>) -> (i64, i64) {
+        if q.is_empty() {
+            return (i64::MAX, i64::MIN);
+        }
+        let iv = self.get().col_core(b, q.start, q.end);
         (iv.lo, iv.hi)
     }
 }
@@ -535,15 +545,16 @@ impl BitmapBuilder {
                 format!("b = {b}, h = {h}"),
             ));
         }
-        let n_rows = if t.cols == 0 {
-            0
-        } else {
-            values.len() / t.cols
+        // Whole rows only; a grid without columns takes no values.
+        let n_rows = match values.len().checked_div(t.cols) {
+            Some(n) if n * t.cols == values.len() => Some(n),
+            None if values.is_empty() => Some(0),
+            _ => None,
         };
-        if (t.cols == 0 && !values.is_empty())
-            || (t.cols > 0 && values.len() % t.cols != 0)
-            || q_start.checked_add(n_rows).is_none_or(|end| end > t.rows)
-        {
+        let fits = n_rows
+            .and_then(|n| q_start.checked_add(n))
+            .is_some_and(|end| end <= t.rows);
+        if !fits {
             return Err(Error::shape(
                 "bitmap rows",
                 format!("whole rows of {} values inside {} rows", t.cols, t.rows),

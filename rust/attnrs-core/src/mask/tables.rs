@@ -257,6 +257,19 @@ impl DocRow {
         }
     }
 
+    /// Keys every row of `q0..q1` sees: the run, when all rows lie in one.
+    pub fn col_core(&self, q0: i64, q1: i64) -> Iv {
+        if q0 < 0 || q1 > self.ids.len() as i64 {
+            return Iv::EMPTY;
+        }
+        let r = self.run_of(q0 as usize);
+        if r != self.run_of(q1 as usize - 1) {
+            return Iv::EMPTY;
+        }
+        let (s, e) = self.run_span(r);
+        Iv::new(s as i64, e as i64 - 1)
+    }
+
     /// Writes row `q` over the window `k0..k0 + out.len()`.
     pub fn fill(&self, q: i64, k0: i64, out: &mut [u8]) {
         if let Some(iv) = self.row_iv(q) {

@@ -116,6 +116,9 @@ mod tests {
         assert_eq!(std::mem::size_of::<DLTensor>(), 48);
         assert_eq!(std::mem::size_of::<DLManagedTensor>(), 64);
         assert_eq!(std::mem::size_of::<DLManagedTensorVersioned>(), 80);
-        assert_eq!(std::mem::offset_of!(DLManagedTensorVersioned, dl_tensor), 32);
+        assert_eq!(
+            std::mem::offset_of!(DLManagedTensorVersioned, dl_tensor),
+            32
+        );
     }
 }

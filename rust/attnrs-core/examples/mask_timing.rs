@@ -112,6 +112,41 @@ fn main() {
         );
         time_build("chunked(8192) & causal", &chunked, 1, len, threads);
     }
+    // Harder shapes: unsorted documents, padding with holes, a small window composed the transformers way
+    // (both children partial on the diagonal, so blocks are resolved row by row), an evaluated bitmap.
+    let len = 32768usize;
+    let shuffled: Vec<i64> = (0..len).map(|i| ((i / 64) % 50) as i64).collect();
+    let holes: Vec<u8> = (0..len).map(|i| u8::from(i % 3 != 0)).collect();
+    let hard = [
+        (
+            "unsorted documents & causal",
+            MaskExpr::document(&shuffled, 1, len).unwrap() & MaskExpr::causal(),
+        ),
+        (
+            "padding with holes & causal",
+            MaskExpr::padding(&holes, 1, len).unwrap() & MaskExpr::causal(),
+        ),
+        (
+            "overlay(64) & causal",
+            MaskExpr::sliding_window_overlay(64).unwrap() & MaskExpr::causal(),
+        ),
+    ];
+    for (name, expr) in &hard {
+        time_build(name, expr, 1, len, threads);
+    }
+    let side = 8192usize;
+    let bytes: Vec<u8> = (0..side * side)
+        .map(|x| u8::from(x % side <= x / side))
+        .collect();
+    let t = Instant::now();
+    let bitmap = MaskExpr::bitmap(&bytes, [1, 1, side, side], 0, 0).unwrap();
+    println!(
+        "prepare: bitmap {side} x {side} {:.2} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    drop(bytes);
+    time_build("bitmap (causal, evaluated)", &bitmap, 1, side, threads);
+
     // Dense fill throughput.
     let (q, k) = (8192usize, 16384usize);
     let mut valid = vec![1u8; k];

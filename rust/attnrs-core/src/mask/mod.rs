@@ -568,11 +568,7 @@ impl BitmapBuilder {
             let at = ((b * t.heads + h) * t.rows + q_start + i) * t.words_per_row;
             let dst = &mut t.bits[at..at + t.words_per_row];
             for (word, bytes) in dst.iter_mut().zip(src.chunks(64)) {
-                let mut w = 0u64;
-                for (j, &v) in bytes.iter().enumerate() {
-                    w |= u64::from(v != 0) << j;
-                }
-                *word = w;
+                *word = pack_word(bytes);
             }
         }
         Ok(())
@@ -581,6 +577,27 @@ impl BitmapBuilder {
     pub fn finish(self) -> MaskExpr {
         MaskExpr::node(Node::Bitmap(self.table))
     }
+}
+
+/// Packs up to 64 bytes (nonzero = set) into a word, bit `j` from byte `j`, eight bytes at a time.
+fn pack_word(bytes: &[u8]) -> u64 {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut word = 0u64;
+    let mut eights = bytes.chunks_exact(8);
+    for (i, eight) in eights.by_ref().enumerate() {
+        let x = u64::from_le_bytes(eight.try_into().unwrap_or([0; 8]));
+        // One 0/1 per byte, then the multiply gathers byte j's bit into bit 56 + j (no carries: the
+        // partial products land on distinct bits).
+        let ones = (((x & LOW7) + LOW7) | x) & HIGH;
+        let bits = ((ones >> 7).wrapping_mul(0x0102_0408_1020_4080) >> 56) as u8;
+        word |= u64::from(bits) << (8 * i);
+    }
+    let done = bytes.len() - eights.remainder().len();
+    for (j, &v) in eights.remainder().iter().enumerate() {
+        word |= u64::from(v != 0) << (done + j);
+    }
+    word
 }
 
 impl fmt::Debug for BitmapTable {

@@ -251,3 +251,14 @@ fn expressions_are_shareable() {
         "And(Causal(offset=0), Not(SlidingWindow(window=4, causal=true)))"
     );
 }
+
+#[test]
+fn bytes_pack_into_words() {
+    let bytes: Vec<u8> = (0..64u32)
+        .map(|i| [0u8, 1, 2, 255, 128][(i * 7 % 5) as usize])
+        .collect();
+    let want = (0..64).fold(0u64, |w, j| w | (u64::from(bytes[j] != 0) << j));
+    assert_eq!(pack_word(&bytes), want);
+    assert_eq!(pack_word(&bytes[..13]), want & ((1 << 13) - 1));
+    assert_eq!(pack_word(&[]), 0);
+}

@@ -6,6 +6,8 @@
 pub mod block;
 pub mod error;
 pub mod isa;
+pub mod layout;
+pub mod mask;
 pub mod registry;
 pub mod tensor;
 pub mod threads;

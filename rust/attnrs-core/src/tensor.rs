@@ -262,7 +262,8 @@ impl TensorView {
         let mut out = Vec::with_capacity(self.numel() * size);
         self.for_each_offset(|o| {
             // SAFETY: `o` is the offset of an in-range element; the memory is valid by the view's contract.
-            let bytes = unsafe { std::slice::from_raw_parts(self.ptr.offset(o * size as isize), size) };
+            let bytes =
+                unsafe { std::slice::from_raw_parts(self.ptr.offset(o * size as isize), size) };
             out.extend_from_slice(bytes);
         });
         out
@@ -391,8 +392,11 @@ mod tests {
         strided_copy(&s, &d).unwrap();
         assert_eq!(dst, vec![0., 3., 1., 4., 2., 5.]);
         assert_eq!(strided_sum(&s).unwrap(), 15.0);
-        let gathered: Vec<f32> =
-            s.to_contiguous_bytes().chunks_exact(4).map(|c| f32::from_ne_bytes(c.try_into().unwrap())).collect();
+        let gathered: Vec<f32> = s
+            .to_contiguous_bytes()
+            .chunks_exact(4)
+            .map(|c| f32::from_ne_bytes(c.try_into().unwrap()))
+            .collect();
         assert_eq!(gathered, vec![0., 3., 1., 4., 2., 5.]);
     }
 

@@ -1,0 +1,63 @@
+//! Dense bool grids, written in parallel.
+
+use rayon::prelude::*;
+
+use super::check_grid;
+use crate::mask::MaskExpr;
+use crate::{threads, Error, Result};
+
+/// Bytes each parallel task writes (at least one row).
+const TASK_BYTES: usize = 1 << 18;
+
+/// Writes `expr` over the grid `[batch, heads, q_len, kv_len]` into `out` (row-major bool bytes: 1 = may
+/// attend), row `i` being query position `q_offset + i` and column `j` key position `kv_offset + j`.
+///
+/// Pass `batch = 1` / `heads = 1` to get a grid that broadcasts; every per-batch table must then have one
+/// row (it is an error otherwise). Runs on the private pool of `num_threads` workers.
+#[allow(clippy::too_many_arguments)]
+pub fn fill_dense(
+    expr: &MaskExpr,
+    batch: usize,
+    heads: usize,
+    q_len: usize,
+    kv_len: usize,
+    q_offset: i64,
+    kv_offset: i64,
+    out: &mut [u8],
+    num_threads: usize,
+) -> Result<()> {
+    check_grid(expr, batch, heads, q_len, kv_len, q_offset, kv_offset)?;
+    let total = [batch, heads, q_len, kv_len]
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d));
+    if total != Some(out.len()) {
+        return Err(Error::shape(
+            "out",
+            format!("{batch} x {heads} x {q_len} x {kv_len} bytes"),
+            format!("{} bytes", out.len()),
+        ));
+    }
+    if out.is_empty() {
+        return Ok(());
+    }
+    let rows_per_task = (TASK_BYTES / kv_len).max(1);
+    let k = kv_offset..kv_offset + kv_len as i64;
+    threads::install(num_threads, || {
+        out.par_chunks_mut(rows_per_task * kv_len)
+            .enumerate()
+            .for_each(|(task, chunk)| {
+                // Split the task's rows into runs that share (b, h).
+                let mut row = task * rows_per_task;
+                let mut rest = chunk;
+                while !rest.is_empty() {
+                    let (bh, i) = (row / q_len, row % q_len);
+                    let n = (q_len - i).min(rest.len() / kv_len);
+                    let (head, tail) = rest.split_at_mut(n * kv_len);
+                    let q = q_offset + i as i64..q_offset + (i + n) as i64;
+                    expr.fill(bh / heads, bh % heads, q, k.clone(), head);
+                    rest = tail;
+                    row += n;
+                }
+            })
+    })
+}

@@ -1,0 +1,44 @@
+//! A mask expression placed on a grid: the [`MaskTiles`] a kernel consumes.
+
+use std::ops::Range;
+
+use super::MaskExpr;
+use crate::block::{BlockClass, MaskTiles};
+
+/// `expr` seen from a `[Q, K]` grid whose row `i` is query position `q_offset + i` and column `j` is key
+/// position `kv_offset + j`.
+#[derive(Debug, Clone)]
+pub struct PlacedMask {
+    pub expr: MaskExpr,
+    pub q_offset: i64,
+    pub kv_offset: i64,
+}
+
+impl PlacedMask {
+    pub fn new(expr: MaskExpr, q_offset: i64, kv_offset: i64) -> PlacedMask {
+        PlacedMask {
+            expr,
+            q_offset,
+            kv_offset,
+        }
+    }
+
+    fn place(&self, rows: Range<usize>, cols: Range<usize>) -> (Range<i64>, Range<i64>) {
+        (
+            self.q_offset + rows.start as i64..self.q_offset + rows.end as i64,
+            self.kv_offset + cols.start as i64..self.kv_offset + cols.end as i64,
+        )
+    }
+}
+
+impl MaskTiles for PlacedMask {
+    fn classify(&self, b: usize, h: usize, rows: Range<usize>, cols: Range<usize>) -> BlockClass {
+        let (q, k) = self.place(rows, cols);
+        self.expr.classify(b, h, q, k)
+    }
+
+    fn fill(&self, b: usize, h: usize, rows: Range<usize>, cols: Range<usize>, out: &mut [u8]) {
+        let (q, k) = self.place(rows, cols);
+        self.expr.fill(b, h, q, k, out);
+    }
+}

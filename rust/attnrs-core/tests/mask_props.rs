@@ -1,0 +1,292 @@
+//! Property tests: every fast path of the mask evaluator against per-element `visible`, and block layouts
+//! against a naive dense construction that follows torch's `_convert_mask_to_block_mask` literally.
+
+use attnrs_core::block::{BlockClass, MaskTiles};
+use attnrs_core::layout::{fill_dense, BlockSparse};
+use attnrs_core::mask::{MaskExpr, PlacedMask};
+use proptest::prelude::*;
+
+/// Per-batch table rows: one (broadcast) or `batch`.
+fn rows(batch: usize) -> impl Strategy<Value = usize> {
+    prop_oneof![Just(1), Just(batch)]
+}
+
+fn leaf(batch: usize, heads: usize) -> BoxedStrategy<MaskExpr> {
+    prop_oneof![
+        Just(MaskExpr::full()),
+        Just(MaskExpr::empty()),
+        (-3i64..4).prop_map(MaskExpr::causal_with_offset),
+        (1i64..7, any::<bool>()).prop_map(|(w, c)| MaskExpr::sliding_window(w, c).unwrap()),
+        (1i64..7).prop_map(|w| MaskExpr::sliding_window_overlay(w).unwrap()),
+        (1i64..7, rows(batch))
+            .prop_flat_map(|(size, n)| (Just(size), prop::collection::vec(-4i64..6, n)))
+            .prop_map(|(size, start)| MaskExpr::chunked(size, &start).unwrap()),
+        (rows(batch), 0usize..24, any::<bool>())
+            .prop_flat_map(|(n, kabs, contiguous)| {
+                let bits = prop::collection::vec(0u8..2, n * kabs);
+                let runs = prop::collection::vec((0..=kabs, 0..=kabs), n);
+                (Just((n, kabs, contiguous)), bits, runs)
+            })
+            .prop_map(|((n, kabs, contiguous), bits, runs)| {
+                let valid: Vec<u8> = if contiguous {
+                    // Left / right padding: one run of real tokens per row.
+                    runs.iter()
+                        .flat_map(|&(a, b)| {
+                            (0..kabs).map(move |k| u8::from(a.min(b) <= k && k < a.max(b)))
+                        })
+                        .collect()
+                } else {
+                    bits
+                };
+                MaskExpr::padding(&valid, n, kabs).unwrap()
+            }),
+        (rows(batch), 0usize..24, any::<bool>())
+            .prop_flat_map(|(n, len, sorted)| (
+                Just((n, len, sorted)),
+                prop::collection::vec(0i64..4, n * len)
+            ))
+            .prop_map(|((n, len, sorted), mut ids)| {
+                if sorted && len > 0 {
+                    ids.chunks_mut(len).for_each(|r| r.sort_unstable());
+                }
+                MaskExpr::document(&ids, n, len).unwrap()
+            }),
+        rows(batch)
+            .prop_flat_map(|n| prop::collection::vec(0i64..12, n))
+            .prop_map(|len| MaskExpr::prefix_lm(&len).unwrap()),
+        (
+            rows(batch),
+            prop_oneof![Just(1), Just(heads)],
+            0usize..14,
+            0usize..14,
+            -4i64..8,
+            -4i64..8
+        )
+            .prop_flat_map(|(bm, hm, qm, km, q0, k0)| {
+                (
+                    Just((bm, hm, qm, km, q0, k0)),
+                    prop::collection::vec(prop::bool::weighted(0.7), bm * hm * qm * km),
+                )
+            })
+            .prop_map(|((bm, hm, qm, km, q0, k0), bits)| {
+                let bytes: Vec<u8> = bits.into_iter().map(u8::from).collect();
+                MaskExpr::bitmap(&bytes, [bm, hm, qm, km], q0, k0).unwrap()
+            }),
+    ]
+    .boxed()
+}
+
+fn expr(batch: usize, heads: usize) -> impl Strategy<Value = MaskExpr> {
+    leaf(batch, heads).prop_recursive(3, 12, 3, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 1..4).prop_map(MaskExpr::and),
+            prop::collection::vec(inner.clone(), 1..4).prop_map(MaskExpr::or),
+            inner.prop_map(|m| m.negate()),
+        ]
+    })
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    expr: MaskExpr,
+    batch: usize,
+    heads: usize,
+    q_len: usize,
+    kv_len: usize,
+    q_offset: i64,
+    kv_offset: i64,
+    q_block: usize,
+    kv_block: usize,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (1usize..3, 1usize..3)
+        .prop_flat_map(|(batch, heads)| {
+            (
+                Just((batch, heads)),
+                expr(batch, heads),
+                0usize..30,
+                0usize..30,
+                -6i64..10,
+                -6i64..10,
+                1usize..9,
+                1usize..9,
+            )
+        })
+        .prop_map(
+            |((batch, heads), expr, q_len, kv_len, q_offset, kv_offset, q_block, kv_block)| Case {
+                expr,
+                batch,
+                heads,
+                q_len,
+                kv_len,
+                q_offset,
+                kv_offset,
+                q_block,
+                kv_block,
+            },
+        )
+}
+
+impl Case {
+    /// `[batch, heads, q_len, kv_len]` from `visible`.
+    fn dense(&self) -> Vec<bool> {
+        let mut out = Vec::with_capacity(self.batch * self.heads * self.q_len * self.kv_len);
+        for b in 0..self.batch {
+            for h in 0..self.heads {
+                for i in 0..self.q_len {
+                    for j in 0..self.kv_len {
+                        out.push(self.expr.visible(
+                            b,
+                            h,
+                            self.q_offset + i as i64,
+                            self.kv_offset + j as i64,
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn at(&self, dense: &[bool], b: usize, h: usize, i: usize, j: usize) -> bool {
+        i < self.q_len
+            && j < self.kv_len
+            && dense[((b * self.heads + h) * self.q_len + i) * self.kv_len + j]
+    }
+}
+
+fn class(visible: usize, area: usize) -> BlockClass {
+    match visible {
+        0 => BlockClass::Empty,
+        n if n == area => BlockClass::Full,
+        _ => BlockClass::Partial,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn classify_and_fill_agree_with_visible(c in case(), rects in prop::collection::vec((0usize..30, 1usize..12, 0usize..30, 1usize..12), 12)) {
+        c.expr.check_dims(c.batch, c.heads).unwrap();
+        let dense = c.dense();
+        for b in 0..c.batch {
+            for h in 0..c.heads {
+                // (a) every block of the grid's tiling, clipped to the grid, plus random rectangles.
+                let tiles = (0..c.q_len.div_ceil(c.q_block))
+                    .flat_map(|qb| (0..c.kv_len.div_ceil(c.kv_block)).map(move |kb| (qb, kb)))
+                    .map(|(qb, kb)| (qb * c.q_block, c.q_block, kb * c.kv_block, c.kv_block));
+                for (r0, rn, c0, cn) in tiles.chain(rects.iter().copied()) {
+                    let (r1, c1) = ((r0 + rn).min(c.q_len), (c0 + cn).min(c.kv_len));
+                    if r0 >= r1 || c0 >= c1 {
+                        continue;
+                    }
+                    let n = (r0..r1).flat_map(|i| (c0..c1).map(move |j| (i, j))).filter(|&(i, j)| c.at(&dense, b, h, i, j)).count();
+                    let want = class(n, (r1 - r0) * (c1 - c0));
+                    let q = c.q_offset + r0 as i64..c.q_offset + r1 as i64;
+                    let k = c.kv_offset + c0 as i64..c.kv_offset + c1 as i64;
+                    prop_assert_eq!(c.expr.classify(b, h, q.clone(), k.clone()), want, "classify {:?} rows {:?} cols {:?}", c.expr, q, k);
+                    // (d) the kernel's view of the same tile.
+                    let placed = PlacedMask::new(c.expr.clone(), c.q_offset, c.kv_offset);
+                    prop_assert_eq!(placed.classify(b, h, r0..r1, c0..c1), want);
+                    let mut tile = vec![7u8; (r1 - r0) * (c1 - c0)];
+                    placed.fill(b, h, r0..r1, c0..c1, &mut tile);
+                    for (t, (i, j)) in tile.iter().zip((r0..r1).flat_map(|i| (c0..c1).map(move |j| (i, j)))) {
+                        prop_assert_eq!(*t, u8::from(c.at(&dense, b, h, i, j)), "tile fill at ({}, {})", i, j);
+                    }
+                }
+            }
+        }
+        // (b) the whole grid through the dense builder.
+        let mut out = vec![7u8; dense.len()];
+        fill_dense(&c.expr, c.batch, c.heads, c.q_len, c.kv_len, c.q_offset, c.kv_offset, &mut out, 2).unwrap();
+        prop_assert!(out.iter().zip(&dense).all(|(&o, &d)| o == u8::from(d)), "dense fill of {:?}", c.expr);
+    }
+
+    #[test]
+    fn block_sparse_matches_torch_construction(c in case()) {
+        let bs = BlockSparse::build(&c.expr, c.batch, c.heads, c.q_len, c.kv_len, c.q_offset, c.kv_offset, c.q_block, c.kv_block, 2).unwrap();
+        let dense = c.dense();
+        let (nqb, nkb) = (c.q_len.div_ceil(c.q_block), c.kv_len.div_ceil(c.kv_block));
+        prop_assert_eq!((bs.num_q_blocks, bs.num_kv_blocks), (nqb, nkb));
+        prop_assert_eq!(bs.layout_batch, if c.expr.depends_on_batch() { c.batch } else { 1 });
+        prop_assert_eq!(bs.layout_heads, if c.expr.depends_on_head() { c.heads } else { 1 });
+        let area = c.q_block * c.kv_block;
+        for b in 0..c.batch {
+            for h in 0..c.heads {
+                let (lb, lh) = (b.min(bs.layout_batch - 1), h.min(bs.layout_heads - 1));
+                // Classes of the padded blocks, exactly as torch counts them.
+                let mut classes = vec![BlockClass::Empty; nqb * nkb];
+                for qb in 0..nqb {
+                    for kb in 0..nkb {
+                        let n = (0..c.q_block).flat_map(|i| (0..c.kv_block).map(move |j| (i, j)))
+                            .filter(|&(i, j)| c.at(&dense, b, h, qb * c.q_block + i, kb * c.kv_block + j))
+                            .count();
+                        classes[qb * nkb + kb] = class(n, area);
+                    }
+                }
+                let pick = |want: BlockClass, by_q: bool, x: usize| -> Vec<i32> {
+                    let n = if by_q { nkb } else { nqb };
+                    (0..n).filter(|&y| {
+                        let (qb, kb) = if by_q { (x, y) } else { (y, x) };
+                        classes[qb * nkb + kb] == want
+                    }).map(|y| y as i32).collect()
+                };
+                for qb in 0..nqb {
+                    prop_assert_eq!(bs.kv.row(lb, lh, qb), &pick(BlockClass::Partial, true, qb)[..], "kv partial b={} qb={}", b, qb);
+                    prop_assert_eq!(bs.full_kv.row(lb, lh, qb), &pick(BlockClass::Full, true, qb)[..], "kv full b={} qb={}", b, qb);
+                }
+                for kb in 0..nkb {
+                    prop_assert_eq!(bs.q.row(lb, lh, kb), &pick(BlockClass::Partial, false, kb)[..], "q partial b={} kb={}", b, kb);
+                    prop_assert_eq!(bs.full_q.row(lb, lh, kb), &pick(BlockClass::Full, false, kb)[..], "q full b={} kb={}", b, kb);
+                }
+            }
+        }
+        // Shapes: width is the largest count (at least 1) and unused slots hold 0.
+        for (index, blocks) in [(&bs.kv, nqb), (&bs.full_kv, nqb), (&bs.q, nkb), (&bs.full_q, nkb)] {
+            let [ib, ih, rows, width] = index.shape;
+            prop_assert_eq!((ib, ih, rows), (bs.layout_batch, bs.layout_heads, blocks));
+            prop_assert_eq!(width, index.counts.iter().copied().max().unwrap_or(0).max(1) as usize);
+            prop_assert_eq!(index.indices.len(), ib * ih * rows * width);
+            for (row, &n) in index.indices.chunks_exact(width).zip(&index.counts) {
+                prop_assert!(row[n as usize..].iter().all(|&x| x == 0));
+            }
+        }
+    }
+}
+
+#[test]
+fn layouts_reject_bad_sizes() {
+    let pad = MaskExpr::padding(&[1, 1, 0, 1, 1, 1], 3, 2).unwrap() & MaskExpr::causal();
+    let err = BlockSparse::build(&pad, 2, 1, 4, 4, 0, 0, 2, 2, 1).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "padding mask batch: expected 1 or 2 (the batch size), got 3"
+    );
+    let causal = MaskExpr::causal();
+    assert!(BlockSparse::build(&causal, 0, 1, 4, 4, 0, 0, 2, 2, 1).is_err());
+    assert!(BlockSparse::build(&causal, 1, 0, 4, 4, 0, 0, 2, 2, 1).is_err());
+    assert!(BlockSparse::build(&causal, 1, 1, 4, 4, 0, 0, 0, 2, 1).is_err());
+    assert!(BlockSparse::build(&causal, 1, 1, 4, 4, i64::MAX, 0, 2, 2, 1).is_err());
+    let mut out = vec![0u8; 15];
+    assert!(fill_dense(&causal, 1, 1, 4, 4, 0, 0, &mut out, 1).is_err());
+    let bitmap = MaskExpr::bitmap(&[1, 0], [1, 2, 1, 1], 0, 0).unwrap();
+    assert!(BlockSparse::build(&bitmap, 1, 3, 1, 1, 0, 0, 1, 1, 1).is_err());
+    let empty = BlockSparse::build(&causal, 1, 1, 0, 5, 0, 0, 4, 4, 1).unwrap();
+    assert_eq!(empty.kv.shape, [1, 1, 0, 1]);
+    assert_eq!(empty.q.counts, vec![0, 0]);
+}
+
+#[test]
+fn causal_block_mask_at_scale_lists_only_needed_blocks() {
+    // 1000 tokens, block 128: torch's padding rule makes the last (cut) q-block partial throughout.
+    let bs = BlockSparse::build(&MaskExpr::causal(), 1, 1, 1000, 1000, 0, 0, 128, 128, 2).unwrap();
+    assert_eq!(bs.num_q_blocks, 8);
+    assert_eq!(bs.kv.counts, vec![1, 1, 1, 1, 1, 1, 1, 8]);
+    assert_eq!(bs.full_kv.counts, vec![0, 1, 2, 3, 4, 5, 6, 0]);
+    assert_eq!(bs.full_kv.shape, [1, 1, 8, 6]);
+    assert_eq!(bs.q.row(0, 0, 7), &[7]);
+    assert_eq!(bs.q.row(0, 0, 2), &[2, 7]);
+    assert_eq!(bs.full_q.row(0, 0, 0), &[1, 2, 3, 4, 5, 6]);
+}

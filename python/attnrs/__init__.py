@@ -8,7 +8,7 @@ The compiled module ``attnrs._attnrs`` is private; everything public is re-expor
 
 from __future__ import annotations
 
-from . import errors, functions
+from . import errors, functions, mask_builders, masks
 from ._attnrs import __version__, cpu_features, simd_path
 from ._threads import num_threads
 from .errors import (
@@ -22,6 +22,8 @@ from .errors import (
     UnknownNameError,
     UnsupportedError,
 )
+from .block_mask import BlockMask, create_block_mask
+from .masks import Mask, create_dense_mask
 from .registry import (
     ALL_ATTENTION_FUNCTIONS,
     ALL_MASK_ATTENTION_FUNCTIONS,
@@ -37,21 +39,34 @@ __all__ = [
     "AttentionInterface",
     "AttentionMaskInterface",
     "AttnrsError",
+    "BlockMask",
     "DeviceError",
     "DtypeError",
     "GeneralInterface",
     "InternalError",
+    "Mask",
     "LayoutError",
     "ShapeError",
     "UnknownNameError",
     "UnsupportedError",
     "__version__",
     "cpu_features",
+    "create_block_mask",
+    "create_dense_mask",
     "errors",
     "functions",
+    "mask_builders",
+    "masks",
     "num_threads",
     "simd_path",
 ]
+
+_DENSE_MASK = {"devices": ["cpu", "cuda"], "mask_kinds": ["dense"]}
+_BLOCK_MASK = {"devices": ["cpu", "cuda"], "mask_kinds": ["block_sparse", "expression"]}
+AttentionMaskInterface.register("sdpa", mask_builders.sdpa_mask, capabilities=_DENSE_MASK)
+AttentionMaskInterface.register("eager", mask_builders.eager_mask, capabilities=_DENSE_MASK)
+AttentionMaskInterface.register("flex_attention", mask_builders.flex_attention_mask, capabilities=_BLOCK_MASK)
+AttentionMaskInterface.register("attnrs", mask_builders.attnrs_mask, capabilities=_BLOCK_MASK)
 
 AttentionInterface.register(
     "sdpa",

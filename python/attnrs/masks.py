@@ -24,7 +24,7 @@ import torch
 
 from . import _attnrs
 from ._threads import num_threads
-from .errors import ArgumentError, DeviceError, DtypeError, ShapeError
+from .errors import ArgumentError, AttnrsError, DeviceError, DtypeError, ShapeError
 
 __all__ = [
     "Mask",
@@ -509,6 +509,8 @@ def _call_mask_mod(
         try:
             out = fn(b[:, None, None, None], h[None, :, None, None], q[None, None, :, None], kv[None, None, None, :])
             return _as_bool_grid(out, len(b), len(h), len(q), len(kv))
+        except AttnrsError:
+            raise  # it ran, but returned something unusable: no point trying vmap
         except (RuntimeError, TypeError, IndexError, ValueError) as e:
             errors.append(f"broadcasting failed: {e}")
     try:
@@ -520,6 +522,8 @@ def _call_mask_mod(
         with TransformGetItemToIndex():
             out = vmapped(b, h, q, kv)
         return _as_bool_grid(out, len(b), len(h), len(q), len(kv))
+    except AttnrsError:
+        raise
     except (RuntimeError, TypeError, IndexError, ValueError) as e:
         errors.append(f"vmap failed: {e}")
     raise ArgumentError(
@@ -530,9 +534,9 @@ def _call_mask_mod(
 
 def _as_bool_grid(out: Any, batch: int, heads: int, q: int, kv: int) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"mask_mod returned {type(out).__name__}, expected a bool tensor")
+        raise DtypeError(f"mask: the mask_mod returned {type(out).__name__}, expected a bool tensor")
     if out.dtype != torch.bool:
-        raise TypeError(f"mask_mod returned a {out.dtype} tensor, expected torch.bool")
+        raise DtypeError(f"mask: the mask_mod returned a {out.dtype} tensor, expected torch.bool")
     while out.dim() < 4:
         out = out.unsqueeze(0)
     keep_b = batch if out.shape[0] != 1 else 1

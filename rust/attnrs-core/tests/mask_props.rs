@@ -81,7 +81,8 @@ fn expr(batch: usize, heads: usize) -> impl Strategy<Value = MaskExpr> {
         prop_oneof![
             prop::collection::vec(inner.clone(), 1..4).prop_map(MaskExpr::and),
             prop::collection::vec(inner.clone(), 1..4).prop_map(MaskExpr::or),
-            inner.prop_map(|m| m.negate()),
+            inner.clone().prop_map(|m| m.negate()),
+            (inner, -5i64..6, -5i64..6).prop_map(|(m, dq, dk)| m.shift(dq, dk)),
         ]
     })
 }

@@ -4,6 +4,7 @@
 mod dlpack;
 mod door;
 mod errors;
+mod masks;
 mod registry;
 
 use pyo3::prelude::*;
@@ -17,6 +18,8 @@ mod _attnrs {
     use crate::dlpack;
     use crate::door::run_detached;
 
+    #[pymodule_export]
+    use crate::masks::{PyBitmapBuilder, PyBlockLayout, PyMaskExpr};
     #[pymodule_export]
     use crate::registry::PyRegistry;
 

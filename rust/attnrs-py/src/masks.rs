@@ -22,19 +22,29 @@ fn expect(t: &Imported, arg: &str, dtypes: &[DType], ndim: usize) -> PyResult<()
     let v = &t.view;
     if !dtypes.contains(&v.dtype()) {
         let names: Vec<&str> = dtypes.iter().map(|d| d.torch_name()).collect();
-        return err(Error::dtype(arg, names.join(" or "), v.dtype().torch_name()));
+        return err(Error::dtype(
+            arg,
+            names.join(" or "),
+            v.dtype().torch_name(),
+        ));
     }
     if v.ndim() != ndim {
-        return err(Error::shape(arg, format!("a {ndim}-D tensor"), format!("shape {:?}", v.shape())));
+        return err(Error::shape(
+            arg,
+            format!("a {ndim}-D tensor"),
+            format!("shape {:?}", v.shape()),
+        ));
     }
     Ok(())
 }
 
-/// The bytes of a contiguous output view, for writing.
+/// The bytes of a contiguous output view, for writing. The slice is not tied to `view` (it borrows the
+/// tensor's memory, which the caller's `Imported` keeps alive).
 ///
 /// # Safety
-/// `view` must be a contiguous view of writable memory that nothing else accesses during the borrow.
-unsafe fn output_bytes(view: &TensorView) -> &mut [u8] {
+/// `view` must be a contiguous view of writable memory that nothing else accesses while the slice lives,
+/// and the slice must not outlive the imported tensor.
+unsafe fn output_bytes<'a>(view: &TensorView) -> &'a mut [u8] {
     let len = view.numel() * view.dtype().size();
     if len == 0 {
         return &mut [];
@@ -43,11 +53,20 @@ unsafe fn output_bytes(view: &TensorView) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(view.as_ptr(), len) }
 }
 
-fn contiguous_output(obj: &Bound<'_, PyAny>, arg: &str, dtype: DType, shape: &[usize]) -> PyResult<Imported> {
+fn contiguous_output(
+    obj: &Bound<'_, PyAny>,
+    arg: &str,
+    dtype: DType,
+    shape: &[usize],
+) -> PyResult<Imported> {
     let out = dlpack::import_output(obj, arg)?;
     expect(&out, arg, &[dtype], shape.len())?;
     if out.view.shape() != shape {
-        return err(Error::shape(arg, format!("shape {shape:?}"), format!("shape {:?}", out.view.shape())));
+        return err(Error::shape(
+            arg,
+            format!("shape {shape:?}"),
+            format!("shape {:?}", out.view.shape()),
+        ));
     }
     if !out.view.is_contiguous() {
         return err(Error::layout(arg, "a contiguous tensor", "a strided view"));
@@ -56,7 +75,12 @@ fn contiguous_output(obj: &Bound<'_, PyAny>, arg: &str, dtype: DType, shape: &[u
 }
 
 /// An immutable mask expression over absolute positions (see `attnrs-core`'s `mask` module).
-#[pyclass(frozen, name = "MaskExpr", module = "attnrs._attnrs")]
+#[pyclass(
+    frozen,
+    skip_from_py_object,
+    name = "MaskExpr",
+    module = "attnrs._attnrs"
+)]
 #[derive(Debug, Clone)]
 pub struct PyMaskExpr {
     pub expr: MaskExpr,
@@ -88,17 +112,23 @@ impl PyMaskExpr {
 
     #[staticmethod]
     fn sliding_window(window: i64, causal: bool) -> PyResult<Self> {
-        Ok(MaskExpr::sliding_window(window, causal).map_err(PyAttnrsError)?.into())
+        Ok(MaskExpr::sliding_window(window, causal)
+            .map_err(PyAttnrsError)?
+            .into())
     }
 
     #[staticmethod]
     fn sliding_window_overlay(window: i64) -> PyResult<Self> {
-        Ok(MaskExpr::sliding_window_overlay(window).map_err(PyAttnrsError)?.into())
+        Ok(MaskExpr::sliding_window_overlay(window)
+            .map_err(PyAttnrsError)?
+            .into())
     }
 
     #[staticmethod]
     fn chunked(size: i64, start: Vec<i64>) -> PyResult<Self> {
-        Ok(MaskExpr::chunked(size, &start).map_err(PyAttnrsError)?.into())
+        Ok(MaskExpr::chunked(size, &start)
+            .map_err(PyAttnrsError)?
+            .into())
     }
 
     /// `valid`: bool tensor [B, K] indexed by absolute key position.
@@ -108,7 +138,9 @@ impl PyMaskExpr {
         expect(&t, "mask2d", &[DType::Bool, DType::U8], 2)?;
         let (batch, len) = (t.view.shape()[0], t.view.shape()[1]);
         let bytes = t.view.to_contiguous_bytes();
-        Ok(MaskExpr::padding(&bytes, batch, len).map_err(PyAttnrsError)?.into())
+        Ok(MaskExpr::padding(&bytes, batch, len)
+            .map_err(PyAttnrsError)?
+            .into())
     }
 
     /// `ids`: int64 tensor [B, L] of document ids.
@@ -123,7 +155,9 @@ impl PyMaskExpr {
             .chunks_exact(8)
             .map(|c| i64::from_ne_bytes(c.try_into().unwrap_or([0; 8])))
             .collect();
-        Ok(MaskExpr::document(&ids, batch, len).map_err(PyAttnrsError)?.into())
+        Ok(MaskExpr::document(&ids, batch, len)
+            .map_err(PyAttnrsError)?
+            .into())
     }
 
     #[staticmethod]
@@ -182,9 +216,18 @@ impl PyMaskExpr {
         let t = dlpack::import_output(out, "out")?;
         expect(&t, "out", &[DType::Bool], 4)?;
         if !t.view.is_contiguous() {
-            return err(Error::layout("out", "a contiguous tensor", "a strided view"));
+            return err(Error::layout(
+                "out",
+                "a contiguous tensor",
+                "a strided view",
+            ));
         }
-        let [b, h, q, k] = [t.view.shape()[0], t.view.shape()[1], t.view.shape()[2], t.view.shape()[3]];
+        let [b, h, q, k] = [
+            t.view.shape()[0],
+            t.view.shape()[1],
+            t.view.shape()[2],
+            t.view.shape()[3],
+        ];
         let expr = self.expr.clone();
         run_detached(py, move || {
             // SAFETY: `out` was imported as a writable, non-overlapping, contiguous bool tensor that this call
@@ -211,9 +254,22 @@ impl PyMaskExpr {
     ) -> PyResult<PyBlockLayout> {
         let expr = self.expr.clone();
         let layout = run_detached(py, move || {
-            BlockSparse::build(&expr, batch, heads, q_len, kv_len, q_offset, kv_offset, q_block, kv_block, num_threads)
+            BlockSparse::build(
+                &expr,
+                batch,
+                heads,
+                q_len,
+                kv_len,
+                q_offset,
+                kv_offset,
+                q_block,
+                kv_block,
+                num_threads,
+            )
         })?;
-        Ok(PyBlockLayout { layout: Arc::new(layout) })
+        Ok(PyBlockLayout {
+            layout: Arc::new(layout),
+        })
     }
 }
 
@@ -231,7 +287,10 @@ impl PyBitmapBuilder {
     #[new]
     fn new(shape: [usize; 4], q0: i64, k0: i64) -> PyResult<Self> {
         let builder = BitmapBuilder::new(shape, q0, k0).map_err(PyAttnrsError)?;
-        Ok(Self { shape, builder: Mutex::new(Some(builder)) })
+        Ok(Self {
+            shape,
+            builder: Mutex::new(Some(builder)),
+        })
     }
 
     /// Sets rows `q_start..q_start + n` from `values`, a bool tensor [Bm, Hm, n, K].
@@ -240,18 +299,27 @@ impl PyBitmapBuilder {
         expect(&t, "values", &[DType::Bool], 4)?;
         let s = t.view.shape();
         if s[0] != self.shape[0] || s[1] != self.shape[1] || s[3] != self.shape[3] {
-            let expected = format!("[{}, {}, n, {}]", self.shape[0], self.shape[1], self.shape[3]);
+            let expected = format!(
+                "[{}, {}, n, {}]",
+                self.shape[0], self.shape[1], self.shape[3]
+            );
             return err(Error::shape("values", expected, format!("{s:?}")));
         }
         let bytes = t.view.to_contiguous_bytes();
         let per_bh = s[2] * s[3];
         let mut guard = self.builder.lock().unwrap_or_else(|p| p.into_inner());
         let Some(builder) = guard.as_mut() else {
-            return err(Error::value("BitmapBuilder", "a builder that is not finished", "a finished one"));
+            return err(Error::value(
+                "BitmapBuilder",
+                "a builder that is not finished",
+                "a finished one",
+            ));
         };
         if per_bh > 0 {
             for (i, slab) in bytes.chunks_exact(per_bh).enumerate() {
-                builder.write_rows(i / s[1], i % s[1], q_start, slab).map_err(PyAttnrsError)?;
+                builder
+                    .write_rows(i / s[1], i % s[1], q_start, slab)
+                    .map_err(PyAttnrsError)?;
             }
         }
         Ok(())
@@ -261,7 +329,11 @@ impl PyBitmapBuilder {
         let mut guard = self.builder.lock().unwrap_or_else(|p| p.into_inner());
         match guard.take() {
             Some(builder) => Ok(builder.finish().into()),
-            None => err(Error::value("BitmapBuilder", "a builder that is not finished", "a finished one")),
+            None => err(Error::value(
+                "BitmapBuilder",
+                "a builder that is not finished",
+                "a finished one",
+            )),
         }
     }
 }
@@ -281,7 +353,11 @@ impl PyBlockLayout {
             "full_kv" => Ok(&l.full_kv),
             "q" => Ok(&l.q),
             "full_q" => Ok(&l.full_q),
-            other => err(Error::value("name", "'kv', 'full_kv', 'q' or 'full_q'", format!("'{other}'"))),
+            other => err(Error::value(
+                "name",
+                "'kv', 'full_kv', 'q' or 'full_q'",
+                format!("'{other}'"),
+            )),
         }
     }
 }
@@ -320,11 +396,19 @@ impl PyBlockLayout {
     ) -> PyResult<()> {
         let index = self.index(name)?;
         let [lb, lh, rows, _] = index.shape;
-        let blocks = if name.ends_with("kv") { self.layout.num_kv_blocks } else { self.layout.num_q_blocks };
+        let blocks = if name.ends_with("kv") {
+            self.layout.num_kv_blocks
+        } else {
+            self.layout.num_q_blocks
+        };
         let counts = contiguous_output(counts, "counts", DType::I32, &[lb, lh, rows])?;
         let indices = contiguous_output(indices, "indices", DType::I32, &[lb, lh, rows, blocks])?;
         if counts.view.overlaps(&indices.view) {
-            return err(Error::layout("indices", "memory disjoint from counts", "an aliasing tensor"));
+            return err(Error::layout(
+                "indices",
+                "memory disjoint from counts",
+                "an aliasing tensor",
+            ));
         }
         let layout = Arc::clone(&self.layout);
         let name = name.to_owned();

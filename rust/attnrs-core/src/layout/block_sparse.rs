@@ -28,6 +28,49 @@ pub struct BlockIndex {
 }
 
 impl BlockIndex {
+    /// Writes the counts and the rows `[.., blocks, n]` of indices the way torch lays out a `BlockMask`:
+    /// each row lists its blocks ascending, then every other block of `0..n` ascending (torch sorts the
+    /// 0/1 block flags with a stable descending argsort). `counts` holds `blocks` entries per (b, h) and
+    /// `indices` `n` per row.
+    pub fn write_torch_order(
+        &self,
+        counts: &mut [i32],
+        indices: &mut [i32],
+        n: usize,
+    ) -> Result<()> {
+        let rows = self.counts.len();
+        if counts.len() != rows || indices.len() != rows * n {
+            return Err(Error::shape(
+                "indices",
+                format!("{rows} counts and {rows} x {n} indices"),
+                format!("{} counts and {} indices", counts.len(), indices.len()),
+            ));
+        }
+        counts.copy_from_slice(&self.counts);
+        if n == 0 {
+            return Ok(());
+        }
+        let width = self.shape[3];
+        for (row, dst) in indices.chunks_exact_mut(n).enumerate() {
+            let listed = &self.indices[row * width..row * width + self.counts[row] as usize];
+            if listed.iter().any(|&j| j < 0 || j as usize >= n) {
+                return Err(Error::Internal(format!("block index out of 0..{n}")));
+            }
+            dst[..listed.len()].copy_from_slice(listed);
+            // The complement of a sorted list, ascending: walk 0..n skipping the listed ones.
+            let (mut next, mut at) = (listed.iter().peekable(), listed.len());
+            for j in 0..n as i32 {
+                if next.peek() == Some(&&j) {
+                    next.next();
+                } else {
+                    dst[at] = j;
+                    at += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Counts' shape `[batch, heads, blocks]`.
     pub fn counts_shape(&self) -> [usize; 3] {
         [self.shape[0], self.shape[1], self.shape[2]]

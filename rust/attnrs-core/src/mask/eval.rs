@@ -61,6 +61,10 @@ impl Node {
                 Iv::new(saturate(lo), saturate(lo + size - 1))
             }
             Node::PrefixLm(ref len) => Iv::new(i64::MIN, (pick(len, b) - 1).max(q)),
+            // Moving every row by the same amount keeps the ends nondecreasing and the union contiguous.
+            Node::Shift { dq, dk, ref inner } => {
+                inner.get().mono_iv(b, q.saturating_add(dq))?.shifted(-dk)
+            }
             _ => return None,
         })
     }
@@ -95,6 +99,9 @@ impl Node {
                 }
             }
             Node::Not(inner) => inner.get().row_iv(b, q)?.complement(),
+            Node::Shift { dq, dk, inner } => {
+                Some(inner.get().row_iv(b, q.saturating_add(*dq))?.shifted(-dk))
+            }
             _ => None,
         }
     }
@@ -110,6 +117,11 @@ impl Node {
             Node::And(parts) => parts.iter().all(|p| p.get().visible(b, h, q, k)),
             Node::Or(parts) => parts.iter().any(|p| p.get().visible(b, h, q, k)),
             Node::Not(inner) => !inner.get().visible(b, h, q, k),
+            Node::Shift { dq, dk, inner } => {
+                inner
+                    .get()
+                    .visible(b, h, q.saturating_add(*dq), k.saturating_add(*dk))
+            }
             _ => false, // Empty
         }
     }
@@ -183,6 +195,12 @@ impl Node {
                 BlockClass::Empty => BlockClass::Full,
                 BlockClass::Partial => BlockClass::Partial,
             },
+            Node::Shift { dq, dk, inner } => {
+                let (dq, dk) = (*dq, *dk);
+                inner
+                    .get()
+                    .classify(b, h, q0 + dq, q1 + dq, k0 + dk, k1 + dk)
+            }
             _ => BlockClass::Empty,
         }
     }
@@ -225,6 +243,11 @@ impl Node {
             Node::Document(rows) => pick(rows, b).count(q, k0, k1),
             Node::Bitmap(t) => t.count(b, h, q, k0, k1),
             Node::Not(inner) => (k1 - k0) as u64 - inner.get().row_count(b, h, q, k0, k1, scratch),
+            Node::Shift { dq, dk, inner } => {
+                inner
+                    .get()
+                    .row_count(b, h, q + dq, k0 + dk, k1 + dk, scratch)
+            }
             Node::And(parts) => {
                 // Intersect the interval children; count the only other child inside the intersection.
                 let mut iv = window;
@@ -318,6 +341,9 @@ impl Node {
                 inner.get().fill_row(b, h, q, k0, out, scratch);
                 out.iter_mut().for_each(|v| *v ^= 1);
             }
+            Node::Shift { dq, dk, inner } => {
+                inner.get().fill_row(b, h, q + dq, k0 + dk, out, scratch)
+            }
             Node::And(parts) => {
                 let mut iv = Iv::ALL;
                 for p in parts.iter() {
@@ -388,6 +414,7 @@ impl Node {
                 .iter()
                 .fold(Iv::EMPTY, |iv, p| iv.hull(p.get().col_hull(b, q0, q1))),
             Node::Not(_) => Iv::ALL,
+            Node::Shift { dq, dk, inner } => inner.get().col_hull(b, q0 + dq, q1 + dq).shifted(-dk),
             _ => Iv::EMPTY,
         }
     }
@@ -425,6 +452,7 @@ impl Node {
                 hull.complement()
                     .unwrap_or_else(|| Iv::new(hull.hi.saturating_add(1), i64::MAX))
             }
+            Node::Shift { dq, dk, inner } => inner.get().col_core(b, q0 + dq, q1 + dq).shifted(-dk),
             _ => Iv::EMPTY,
         }
     }

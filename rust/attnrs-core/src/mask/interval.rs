@@ -44,6 +44,24 @@ impl Iv {
         self.lo <= k && k <= self.hi
     }
 
+    /// The interval moved by `d` (empty stays empty, unbounded ends stay unbounded).
+    pub fn shifted(self, d: i64) -> Iv {
+        if self.is_empty() {
+            return Iv::EMPTY;
+        }
+        let end = |x: i64| {
+            if x == i64::MIN || x == i64::MAX {
+                x
+            } else {
+                x.saturating_add(d)
+            }
+        };
+        Iv {
+            lo: end(self.lo),
+            hi: end(self.hi),
+        }
+    }
+
     /// Intersection.
     pub fn meet(self, other: Iv) -> Iv {
         Iv {

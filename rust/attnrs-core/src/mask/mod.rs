@@ -56,10 +56,20 @@ pub struct MaskExpr(Arc<Node>);
 pub(crate) enum Node {
     Full,
     Empty,
-    Causal { offset: i64 },
-    Sliding { window: i64, causal: bool },
-    Overlay { window: i64 },
-    Chunked { size: i64, start: Box<[i64]> },
+    Causal {
+        offset: i64,
+    },
+    Sliding {
+        window: i64,
+        causal: bool,
+    },
+    Overlay {
+        window: i64,
+    },
+    Chunked {
+        size: i64,
+        start: Box<[i64]>,
+    },
     Padding(Box<[PadRow]>),
     Document(Box<[DocRow]>),
     PrefixLm(Box<[i64]>),
@@ -67,6 +77,12 @@ pub(crate) enum Node {
     And(Box<[MaskExpr]>),
     Or(Box<[MaskExpr]>),
     Not(MaskExpr),
+    /// `inner` seen through offsets: visible(q, k) = inner.visible(q + dq, k + dk).
+    Shift {
+        dq: i64,
+        dk: i64,
+        inner: MaskExpr,
+    },
 }
 
 fn per_batch_non_empty(arg: &str, len: usize) -> Result<()> {
@@ -256,6 +272,24 @@ impl MaskExpr {
         MaskExpr::node(Node::Or(flat.into()))
     }
 
+    /// `self` seen through offsets: the result at `(q, k)` is `self` at `(q + dq, k + dk)` (transformers'
+    /// `add_offsets_to_mask_function`, which FlexAttention needs because it takes lengths, not offsets).
+    pub fn shift(&self, dq: i64, dk: i64) -> MaskExpr {
+        match self.get() {
+            _ if dq == 0 && dk == 0 => self.clone(),
+            Node::Shift {
+                dq: a,
+                dk: b,
+                inner,
+            } => inner.shift(a.saturating_add(dq), b.saturating_add(dk)),
+            _ => MaskExpr::node(Node::Shift {
+                dq,
+                dk,
+                inner: self.clone(),
+            }),
+        }
+    }
+
     /// Visible iff `self` is not.
     pub fn negate(&self) -> MaskExpr {
         match self.get() {
@@ -265,7 +299,8 @@ impl MaskExpr {
     }
 
     /// The node's kind: `"full"`, `"empty"`, `"causal"`, `"sliding_window"`, `"sliding_window_overlay"`,
-    /// `"chunked"`, `"padding"`, `"document"`, `"prefix_lm"`, `"bitmap"`, `"and"`, `"or"` or `"not"`.
+    /// `"chunked"`, `"padding"`, `"document"`, `"prefix_lm"`, `"bitmap"`, `"and"`, `"or"`, `"not"` or
+    /// `"shift"`.
     pub fn kind(&self) -> &'static str {
         match self.get() {
             Node::Full => "full",
@@ -281,6 +316,7 @@ impl MaskExpr {
             Node::And(_) => "and",
             Node::Or(_) => "or",
             Node::Not(_) => "not",
+            Node::Shift { .. } => "shift",
         }
     }
 
@@ -288,7 +324,7 @@ impl MaskExpr {
     pub fn children(&self) -> &[MaskExpr] {
         match self.get() {
             Node::And(c) | Node::Or(c) => c,
-            Node::Not(c) => std::slice::from_ref(c),
+            Node::Not(c) | Node::Shift { inner: c, .. } => std::slice::from_ref(c),
             _ => &[],
         }
     }
@@ -471,6 +507,7 @@ impl fmt::Debug for MaskExpr {
             Node::And(parts) => list(f, "And", parts),
             Node::Or(parts) => list(f, "Or", parts),
             Node::Not(inner) => write!(f, "Not({inner:?})"),
+            Node::Shift { dq, dk, inner } => write!(f, "Shift(dq={dq}, dk={dk}, {inner:?})"),
         }
     }
 }

@@ -21,12 +21,46 @@ from .masks import Mask, MaskLike, _check_grid, from_callable
 __all__ = ["BlockMask", "create_block_mask"]
 
 
+class _LazyIndices:
+    """A ``BlockMask`` index tensor that is materialised from the Rust layout on first access.
+
+    The Rust layout lists only the blocks that exist; torch's format pads every row to all blocks
+    (``[B, H, rows, n_blocks]``), which is what costs memory at long lengths. The CPU kernel reads the Rust
+    layout directly, so the padded tensors are only built when torch code (``flex_attention``, ``to_dense``,
+    slicing) asks for them. Assigning the attribute (as torch's constructor does) stores the value as usual.
+    """
+
+    def __init__(self, direction: str) -> None:
+        self.direction = direction
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = f"_{name}_value"
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__.get(self.slot)
+        if value is None and obj.__dict__.get("_layout") is not None:
+            value = obj._materialize(self.direction)[1]
+            obj.__dict__[self.slot] = value
+        return value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.slot] = value
+
+
 class BlockMask(TorchBlockMask):
     """A FlexAttention ``BlockMask`` that remembers the attnrs mask it was built from.
 
     ``attnrs_mask`` is the mask in absolute positions and ``q_offset``/``kv_offset`` place row 0 / column 0;
     ``mask_mod`` is the same mask shifted by those offsets (what FlexAttention evaluates on partial blocks).
+    The index tensors are built lazily from the Rust layout (see :class:`_LazyIndices`); counts are eager.
     """
+
+    kv_indices = _LazyIndices("kv")
+    full_kv_indices = _LazyIndices("full_kv")
+    q_indices = _LazyIndices("q")
+    full_q_indices = _LazyIndices("full_q")
 
     attnrs_mask: Mask | None
     q_offset: int
@@ -49,12 +83,40 @@ class BlockMask(TorchBlockMask):
         self.q_offset = int(q_offset)
         self.kv_offset = int(kv_offset)
         self._layout = layout
+        if layout is not None:
+            # The constructor was handed placeholders; the real tensors come from the layout on demand.
+            for name in ("kv_indices", "full_kv_indices", "q_indices", "full_q_indices"):
+                self.__dict__.pop(f"_{name}_value", None)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(B, H, Q_LEN, KV_LEN)``, read from the counts so that no index tensor is materialised."""
+        return tuple(self.kv_num_blocks.shape[:-1]) + tuple(self.seq_lengths)
+
+    def _materialize(self, direction: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Counts and torch-ordered indices of one direction (``kv``, ``full_kv``, ``q``, ``full_q``)."""
+        layout = self._layout
+        n_q, n_kv = layout.num_q_blocks, layout.num_kv_blocks
+        rows, width = (n_q, n_kv) if direction.endswith("kv") else (n_kv, n_q)
+        counts = torch.empty(layout.layout_batch, layout.layout_heads, rows, dtype=torch.int32)
+        indices = torch.empty(layout.layout_batch, layout.layout_heads, rows, width, dtype=torch.int32)
+        layout.write(direction, counts, indices)
+        batch, heads = self.kv_num_blocks.shape[:2]
+        # A layout that ignores the batch or the heads is computed once and broadcast, as torch repeats it.
+        return counts.expand(batch, heads, rows), indices.expand(batch, heads, rows, width)
 
     def __repr__(self) -> str:
         return (
             f"attnrs.BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, sparsity={self.sparsity():.2f}%, "
             f"mask={self.attnrs_mask!r}, q_offset={self.q_offset}, kv_offset={self.kv_offset})"
         )
+
+
+def _counts(layout: Any, direction: str, grid: Any) -> torch.Tensor:
+    rows = layout.num_q_blocks if direction.endswith("kv") else layout.num_kv_blocks
+    counts = torch.empty(layout.layout_batch, layout.layout_heads, rows, dtype=torch.int32)
+    layout.write_counts(direction, counts)
+    return counts.expand(grid.batch, grid.heads, rows)
 
 
 def _block_sizes(block_size: Any) -> tuple[int, int]:
@@ -87,23 +149,18 @@ def create_block_mask(
         grid.batch, grid.heads, grid.q_len, grid.kv_len, grid.q_offset, grid.kv_offset, q_block, kv_block,
         num_threads(),
     )
-    n_q, n_kv = layout.num_q_blocks, layout.num_kv_blocks
-    tensors = {}
-    for name, rows, width in (("kv", n_q, n_kv), ("full_kv", n_q, n_kv), ("q", n_kv, n_q), ("full_q", n_kv, n_q)):
-        counts = torch.empty(layout.layout_batch, layout.layout_heads, rows, dtype=torch.int32)
-        indices = torch.empty(layout.layout_batch, layout.layout_heads, rows, width, dtype=torch.int32)
-        layout.write(name, counts, indices)
-        # A layout that ignores the batch or the heads is computed once and broadcast, as torch would repeat it.
-        tensors[name] = (
-            counts.expand(grid.batch, grid.heads, rows),
-            indices.expand(grid.batch, grid.heads, rows, width),
-        )
+    counts = {name: _counts(layout, name, grid) for name in ("kv", "full_kv", "q", "full_q")}
+    placeholder = torch.empty(0, 0, dtype=torch.int32)  # replaced by the lazily built indices
     block_mask = BlockMask(
         (grid.q_len, grid.kv_len),
-        *tensors["kv"],
-        *tensors["full_kv"],
-        *tensors["q"],
-        *tensors["full_q"],
+        counts["kv"],
+        placeholder,
+        counts["full_kv"],
+        placeholder,
+        counts["q"],
+        placeholder,
+        counts["full_q"],
+        placeholder,
         BLOCK_SIZE=(q_block, kv_block),
         mask_mod=mask.shifted(grid.q_offset, grid.kv_offset),
         attnrs_mask=mask,

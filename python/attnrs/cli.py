@@ -1,4 +1,4 @@
-"""``python -m attnrs`` / ``attnrs``: info, demo."""
+"""``python -m attnrs`` / ``attnrs``: info, demo, show-mask."""
 
 from __future__ import annotations
 
@@ -62,6 +62,36 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_show_mask(args: argparse.Namespace) -> int:
+    """Draws a mask written as an expression of attnrs.masks constructors, and its block layout."""
+    from attnrs import masks
+    from attnrs.block_mask import create_block_mask
+    from attnrs.drawing import draw_block_layout, draw_mask, write_png
+
+    namespace = {name: getattr(masks, name) for name in masks.__all__}
+    namespace["sliding_window_overlay"] = masks.sliding_window_overlay
+    namespace["torch"] = torch
+    try:
+        # The expression is the user's own command-line input, evaluated like `python -c` would.
+        mask = masks.from_callable(eval(args.mask, {"__builtins__": {}}, namespace))  # noqa: S307
+    except Exception as e:  # noqa: BLE001 - reported to the user
+        print(f"show-mask: cannot build {args.mask!r}: {e}", file=sys.stderr)
+        return 2
+    kv_len = args.kv_length or args.length
+    print(f"{mask!r}  Q={args.length} K={kv_len} q_offset={args.q_offset} kv_offset={args.kv_offset}")
+    if max(args.length, kv_len) <= 128:
+        print(draw_mask(mask, args.length, kv_len, q_offset=args.q_offset, kv_offset=args.kv_offset))
+    block_mask = create_block_mask(mask, 1, None, args.length, kv_len, BLOCK_SIZE=args.block,
+                                   q_offset=args.q_offset, kv_offset=args.kv_offset)
+    if block_mask.kv_num_blocks.shape[-1] <= 128:
+        print(draw_block_layout(block_mask))
+    if args.png:
+        height, width = write_png(args.png, mask, args.length, kv_len, q_offset=args.q_offset,
+                                  kv_offset=args.kv_offset)
+        print(f"wrote {args.png} ({width}x{height})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attnrs", description="attnrs: pluggable, fast attention for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +99,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="run the registered attention functions against a float64 reference")
     demo.add_argument("--length", type=int, default=256, help="sequence length (default 256)")
     demo.set_defaults(func=_cmd_demo)
+    show = sub.add_parser(
+        "show-mask",
+        help="draw a mask and its block layout",
+        description="Draw a mask given as an expression of attnrs.masks constructors, "
+        "e.g. \"sliding_window(4) & causal()\" or \"document([0,0,0,1,1,1]) & causal()\".",
+    )
+    show.add_argument("mask", nargs="?", default="causal()", help="mask expression (default: causal())")
+    show.add_argument("--length", type=int, default=16, help="query length (default 16)")
+    show.add_argument("--kv-length", type=int, default=None, help="key length (default: the query length)")
+    show.add_argument("--q-offset", type=int, default=0, help="absolute position of the first query")
+    show.add_argument("--kv-offset", type=int, default=0, help="absolute position of the first key")
+    show.add_argument("--block", type=int, default=4, help="block size of the layout drawing (default 4)")
+    show.add_argument("--png", default=None, help="also write a PNG picture (block pixels for large masks)")
+    show.set_defaults(func=_cmd_show_mask)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

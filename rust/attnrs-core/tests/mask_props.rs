@@ -244,14 +244,34 @@ proptest! {
                 }
             }
         }
-        // Shapes: width is the largest count (at least 1) and unused slots hold 0.
-        for (index, blocks) in [(&bs.kv, nqb), (&bs.full_kv, nqb), (&bs.q, nkb), (&bs.full_q, nkb)] {
+        // CSR storage: shape[3] is the largest count, offsets are the counts' prefix sums, and indices hold
+        // exactly the listed blocks. torch's padded rows: the listed blocks, then the rest by stable argsort.
+        for (index, blocks, n) in [(&bs.kv, nqb, nkb), (&bs.full_kv, nqb, nkb), (&bs.q, nkb, nqb), (&bs.full_q, nkb, nqb)] {
             let [ib, ih, rows, width] = index.shape;
             prop_assert_eq!((ib, ih, rows), (bs.layout_batch, bs.layout_heads, blocks));
-            prop_assert_eq!(width, index.counts.iter().copied().max().unwrap_or(0).max(1) as usize);
-            prop_assert_eq!(index.indices.len(), ib * ih * rows * width);
-            for (row, &n) in index.indices.chunks_exact(width).zip(&index.counts) {
-                prop_assert!(row[n as usize..].iter().all(|&x| x == 0));
+            prop_assert_eq!(index.counts_shape(), [ib, ih, rows]);
+            prop_assert_eq!(index.counts.len(), ib * ih * rows);
+            prop_assert_eq!(width, index.counts.iter().copied().max().unwrap_or(0) as usize);
+            prop_assert_eq!(index.offsets.len(), index.counts.len() + 1);
+            prop_assert_eq!(index.offsets[0], 0);
+            for (w, &count) in index.offsets.windows(2).zip(&index.counts) {
+                prop_assert_eq!(w[1] - w[0], count as usize);
+            }
+            prop_assert_eq!(index.indices.len(), index.counts.iter().map(|&c| c as usize).sum::<usize>());
+            let mut counts = vec![-1i32; index.counts.len()];
+            let mut order = vec![-1i32; index.counts.len() * n];
+            index.write_torch_order(&mut counts, &mut order, n).unwrap();
+            prop_assert_eq!(&counts, &index.counts);
+            for b in 0..ib {
+                for h in 0..ih {
+                    for r in 0..rows {
+                        let listed = index.row(b, h, r);
+                        let mut want: Vec<i32> = (0..n as i32).collect();
+                        want.sort_by_key(|j| !listed.contains(j));
+                        let at = ((b * ih + h) * rows + r) * n;
+                        prop_assert_eq!(&order[at..at + n], &want[..]);
+                    }
+                }
             }
         }
     }
@@ -275,7 +295,8 @@ fn layouts_reject_bad_sizes() {
     let bitmap = MaskExpr::bitmap(&[1, 0], [1, 2, 1, 1], 0, 0).unwrap();
     assert!(BlockSparse::build(&bitmap, 1, 3, 1, 1, 0, 0, 1, 1, 1).is_err());
     let empty = BlockSparse::build(&causal, 1, 1, 0, 5, 0, 0, 4, 4, 1).unwrap();
-    assert_eq!(empty.kv.shape, [1, 1, 0, 1]);
+    assert_eq!(empty.kv.shape, [1, 1, 0, 0]);
+    assert_eq!(empty.kv.offsets, vec![0]);
     assert_eq!(empty.q.counts, vec![0, 0]);
 }
 

@@ -385,6 +385,18 @@ impl PyBlockLayout {
         self.layout.memory_bytes()
     }
 
+    /// Writes one direction's counts [Lb, Lh, rows] (int32, contiguous).
+    fn write_counts(&self, name: &str, counts: &Bound<'_, PyAny>) -> PyResult<()> {
+        let index = self.index(name)?;
+        let [lb, lh, rows] = index.counts_shape();
+        let out = contiguous_output(counts, "counts", DType::I32, &[lb, lh, rows])?;
+        // SAFETY: `out` was imported as a writable, contiguous int32 tensor of exactly `counts.len()`
+        // elements that nothing else touches during this call; torch aligns int32 storage to 4 bytes.
+        let dst = unsafe { as_i32(output_bytes(&out.view)) };
+        dst.copy_from_slice(&index.counts);
+        Ok(())
+    }
+
     /// Writes one direction's counts [Lb, Lh, rows] and indices [Lb, Lh, rows, blocks] (int32, contiguous) in
     /// torch's order: the listed blocks ascending, then every other block ascending.
     fn write(

@@ -16,14 +16,21 @@ use crate::block::BlockClass;
 use crate::mask::{MaskExpr, PlacedMask};
 use crate::{threads, Error, Result};
 
-/// Per-(batch, head, block) lists of block indices, as FlexAttention stores them.
+/// Per-(batch, head, block) lists of block indices, as FlexAttention stores them, in ragged (CSR) storage.
+///
+/// Row `r = (b * shape[1] + h) * shape[2] + block` lists `counts[r]` blocks, ascending, in
+/// `indices[offsets[r]..offsets[r + 1]]`; rows follow each other without padding. Torch's padded
+/// `[batch, heads, blocks, n]` arrays are written by [`BlockIndex::write_torch_order`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockIndex {
-    /// `[batch, heads, blocks, width]`: `counts` has the first three dimensions, `indices` all four.
+    /// `[batch, heads, blocks, max_count]`: `counts` has the first three dimensions; `max_count` is the
+    /// largest count (0 when no row lists anything).
     pub shape: [usize; 4],
-    /// How many indices each (batch, head, block) lists.
+    /// How many indices each (batch, head, block) row lists.
     pub counts: Vec<i32>,
-    /// The indices, ascending, in the first `count` slots of each row of `width`; unused slots hold 0.
+    /// Prefix sums of `counts`: `counts.len() + 1` entries, starting at 0 and ending at `indices.len()`.
+    pub offsets: Vec<usize>,
+    /// Every row's indices, ascending within a row, rows concatenated in order.
     pub indices: Vec<i32>,
 }
 
@@ -50,10 +57,9 @@ impl BlockIndex {
         if n == 0 {
             return Ok(());
         }
-        let width = self.shape[3];
         for (row, dst) in indices.chunks_exact_mut(n).enumerate() {
-            let listed = &self.indices[row * width..row * width + self.counts[row] as usize];
-            if listed.iter().any(|&j| j < 0 || j as usize >= n) {
+            let listed = self.row_at(row);
+            if listed.len() > n || listed.iter().any(|&j| j < 0 || j as usize >= n) {
                 return Err(Error::Internal(format!("block index out of 0..{n}")));
             }
             dst[..listed.len()].copy_from_slice(listed);
@@ -76,78 +82,123 @@ impl BlockIndex {
         [self.shape[0], self.shape[1], self.shape[2]]
     }
 
-    /// The listed indices of row `(b, h, block)` of the layout's arrays.
+    /// The listed indices of row `(b, h, block)` of the layout's arrays, ascending.
     pub fn row(&self, b: usize, h: usize, block: usize) -> &[i32] {
-        let [_, heads, blocks, width] = self.shape;
-        let row = (b * heads + h) * blocks + block;
-        &self.indices[row * width..row * width + self.counts[row] as usize]
+        let [_, heads, blocks, _] = self.shape;
+        self.row_at((b * heads + h) * blocks + block)
     }
 
-    fn from_lists<'a>(
-        shape3: [usize; 3],
-        lists: impl ExactSizeIterator<Item = &'a [i32]> + Clone,
-    ) -> BlockIndex {
-        let width = lists.clone().map(|l| l.len()).max().unwrap_or(0).max(1);
-        let rows = lists.len();
-        let mut counts = Vec::with_capacity(rows);
-        let mut indices = vec![0i32; rows * width];
-        for (list, dst) in lists.zip(indices.chunks_exact_mut(width)) {
-            counts.push(list.len() as i32);
-            dst[..list.len()].copy_from_slice(list);
-        }
+    /// The listed indices of the flat row `row` (`(b * heads + h) * blocks + block`).
+    fn row_at(&self, row: usize) -> &[i32] {
+        &self.indices[self.offsets[row]..self.offsets[row + 1]]
+    }
+
+    /// Assembles an index from its counts and the concatenation of `chunks`, which must hold the rows'
+    /// indices in row order (how they are split between chunks does not matter). Each chunk is freed as
+    /// soon as it is copied.
+    fn from_chunks(shape3: [usize; 3], counts: Vec<i32>, chunks: Vec<Vec<i32>>) -> BlockIndex {
+        debug_assert_eq!(counts.len(), shape3.iter().product::<usize>());
+        let offsets = prefix_sums(&counts);
+        let total = offsets[counts.len()];
+        let mut chunks = chunks.into_iter().filter(|c| !c.is_empty()).peekable();
+        let mut indices = match chunks.next() {
+            // A single chunk is the whole array already.
+            Some(first) if chunks.peek().is_none() => first,
+            Some(first) => {
+                let mut all = Vec::with_capacity(total);
+                all.extend_from_slice(&first);
+                drop(first);
+                for chunk in chunks {
+                    all.extend_from_slice(&chunk);
+                }
+                all
+            }
+            None => Vec::new(),
+        };
+        indices.shrink_to_fit();
+        debug_assert_eq!(indices.len(), total);
+        let width = counts.iter().copied().max().unwrap_or(0) as usize;
         BlockIndex {
             shape: [shape3[0], shape3[1], shape3[2], width],
             counts,
+            offsets,
             indices,
         }
     }
 
     /// The transposed lists: for each of `blocks` targets, the rows (ascending) that list it.
-    fn transpose(&self, blocks: usize, num_threads: usize) -> Result<BlockIndex> {
+    ///
+    /// Per (b, h) plane: count each target's rows, take prefix sums for the offsets, then walk the rows in
+    /// order and append each one to the targets it lists. Planes run in parallel in the current rayon
+    /// pool: call it inside [`threads::install`], never on the global pool.
+    fn transpose(&self, blocks: usize) -> BlockIndex {
         let [batch, heads, rows, _] = self.shape;
         let planes = batch * heads;
         let mut counts = vec![0i32; planes * blocks];
-        for (plane, dst) in counts
-            .chunks_exact_mut(blocks.max(1))
+        if blocks == 0 {
+            return BlockIndex {
+                shape: [batch, heads, 0, 0],
+                counts,
+                offsets: vec![0],
+                indices: Vec::new(),
+            };
+        }
+        // A plane's rows are contiguous in CSR storage.
+        let plane = |p: usize| &self.indices[self.offsets[p * rows]..self.offsets[(p + 1) * rows]];
+        counts
+            .par_chunks_mut(blocks)
             .enumerate()
-            .take(planes)
-        {
-            for r in 0..rows {
-                for &j in self.row(plane / heads, plane % heads, r) {
+            .for_each(|(p, dst)| {
+                for &j in plane(p) {
                     dst[j as usize] += 1;
                 }
+            });
+        let offsets = prefix_sums(&counts);
+        let mut indices = vec![0i32; offsets[planes * blocks]];
+        let mut dsts = Vec::with_capacity(planes);
+        let mut rest = indices.as_mut_slice();
+        for p in 0..planes {
+            let (dst, tail) = rest.split_at_mut(offsets[(p + 1) * blocks] - offsets[p * blocks]);
+            dsts.push(dst);
+            rest = tail;
+        }
+        dsts.into_par_iter().enumerate().for_each(|(p, dst)| {
+            let starts = &offsets[p * blocks..(p + 1) * blocks];
+            let mut cursor: Vec<usize> = starts.iter().map(|&o| o - starts[0]).collect();
+            for r in 0..rows {
+                for &j in self.row_at(p * rows + r) {
+                    let at = &mut cursor[j as usize];
+                    dst[*at] = r as i32;
+                    *at += 1;
+                }
             }
-        }
-        let width = counts.iter().copied().max().unwrap_or(0).max(1) as usize;
-        let mut indices = vec![0i32; planes * blocks * width];
-        if blocks > 0 {
-            threads::install(num_threads, || {
-                indices
-                    .par_chunks_mut(blocks * width)
-                    .enumerate()
-                    .for_each(|(plane, dst)| {
-                        let mut cursor = vec![0usize; blocks];
-                        for r in 0..rows {
-                            for &j in self.row(plane / heads, plane % heads, r) {
-                                let j = j as usize;
-                                dst[j * width + cursor[j]] = r as i32;
-                                cursor[j] += 1;
-                            }
-                        }
-                    })
-            })?;
-        }
-        Ok(BlockIndex {
+        });
+        let width = counts.iter().copied().max().unwrap_or(0) as usize;
+        BlockIndex {
             shape: [batch, heads, blocks, width],
             counts,
+            offsets,
             indices,
-        })
+        }
     }
 
-    /// Bytes held by the arrays.
+    /// Bytes held by the arrays (counts, offsets and indices).
     pub fn memory_bytes(&self) -> usize {
         (self.counts.len() + self.indices.len()) * std::mem::size_of::<i32>()
+            + self.offsets.len() * std::mem::size_of::<usize>()
     }
+}
+
+/// `counts.len() + 1` running totals of `counts`, starting at 0.
+fn prefix_sums(counts: &[i32]) -> Vec<usize> {
+    let mut offsets = Vec::with_capacity(counts.len() + 1);
+    let mut total = 0usize;
+    offsets.push(0);
+    for &n in counts {
+        total += n as usize;
+        offsets.push(total);
+    }
+    offsets
 }
 
 /// The block layout of a mask over a `[batch, heads, q_len, kv_len]` grid, equal to what torch's
@@ -222,18 +273,8 @@ impl BlockSparse {
             kv_block,
             nkb,
         };
-        let lists: Vec<(Vec<i32>, Vec<i32>)> = threads::install(num_threads, || {
-            (0..lb * lh * nqb)
-                .into_par_iter()
-                .map(|i| grid.q_block_lists((i / nqb) / lh, (i / nqb) % lh, i % nqb))
-                .collect()
-        })?;
-        let shape = [lb, lh, nqb];
-        let kv = BlockIndex::from_lists(shape, lists.iter().map(|(partial, _)| partial.as_slice()));
-        let full_kv = BlockIndex::from_lists(shape, lists.iter().map(|(_, full)| full.as_slice()));
-        drop(lists);
-        let q = kv.transpose(nkb, num_threads)?;
-        let full_q = full_kv.transpose(nkb, num_threads)?;
+        let [kv, full_kv, q, full_q] =
+            threads::install(num_threads, || grid.indices([lb, lh, nqb], num_threads))?;
         Ok(BlockSparse {
             mask: PlacedMask::new(expr.clone(), q_offset, kv_offset),
             batch,
@@ -274,9 +315,53 @@ struct Grid<'a> {
 }
 
 impl Grid<'_> {
-    /// (partial, full) kv-blocks of q-block `qb`, visiting only the kv-blocks inside the mask's key hull.
-    fn q_block_lists(&self, b: usize, h: usize, qb: usize) -> (Vec<i32>, Vec<i32>) {
-        let (mut partial, mut full) = (Vec::new(), Vec::new());
+    /// The four indices (kv, full_kv, q, full_q) of layout `[lb, lh, nqb]`, computed in the current rayon
+    /// pool (call inside [`threads::install`]) by about `num_threads` workers.
+    ///
+    /// Rows are classified in chunks of consecutive rows, each appending to its own pair of vectors while
+    /// the counts go straight to their final place; the chunks are then concatenated. There are no per-row
+    /// vectors, and the peak stays near the size of the finished arrays.
+    fn indices(&self, [lb, lh, nqb]: [usize; 3], num_threads: usize) -> [BlockIndex; 4] {
+        let rows = lb * lh * nqb;
+        let chunk = rows.div_ceil(num_threads.max(1) * 16).max(1);
+        let mut kv_counts = vec![0i32; rows];
+        let mut full_counts = vec![0i32; rows];
+        let (partials, fulls): (Vec<Vec<i32>>, Vec<Vec<i32>>) = kv_counts
+            .par_chunks_mut(chunk)
+            .zip(full_counts.par_chunks_mut(chunk))
+            .enumerate()
+            .map(|(c, (kv_n, full_n))| {
+                let (mut partial, mut full) = (Vec::new(), Vec::new());
+                for (k, (kv_n, full_n)) in kv_n.iter_mut().zip(full_n).enumerate() {
+                    let i = c * chunk + k;
+                    let (p0, f0) = (partial.len(), full.len());
+                    let (b, h, qb) = ((i / nqb) / lh, (i / nqb) % lh, i % nqb);
+                    self.q_block_lists(b, h, qb, &mut partial, &mut full);
+                    *kv_n = (partial.len() - p0) as i32;
+                    *full_n = (full.len() - f0) as i32;
+                }
+                partial.shrink_to_fit();
+                full.shrink_to_fit();
+                (partial, full)
+            })
+            .unzip();
+        let kv = BlockIndex::from_chunks([lb, lh, nqb], kv_counts, partials);
+        let full_kv = BlockIndex::from_chunks([lb, lh, nqb], full_counts, fulls);
+        let q = kv.transpose(self.nkb);
+        let full_q = full_kv.transpose(self.nkb);
+        [kv, full_kv, q, full_q]
+    }
+
+    /// Appends the partial and the full kv-blocks of q-block `qb` (ascending) to `partial` and `full`,
+    /// visiting only the kv-blocks inside the mask's key hull.
+    fn q_block_lists(
+        &self,
+        b: usize,
+        h: usize,
+        qb: usize,
+        partial: &mut Vec<i32>,
+        full: &mut Vec<i32>,
+    ) {
         let r0 = qb * self.q_block;
         let r1 = (r0 + self.q_block).min(self.q_len);
         let rows_cut = r0 + self.q_block > self.q_len;
@@ -285,7 +370,7 @@ impl Grid<'_> {
         let lo = lo.max(self.kv_offset);
         let hi = hi.min(self.kv_offset + self.kv_len as i64 - 1);
         if lo > hi {
-            return (partial, full);
+            return;
         }
         let first = ((lo - self.kv_offset) as usize / self.kv_block).min(self.nkb);
         let last = ((hi - self.kv_offset) as usize / self.kv_block).min(self.nkb - 1);
@@ -308,6 +393,60 @@ impl Grid<'_> {
                 _ => partial.push(kb as i32),
             }
         }
-        (partial, full)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(shape3: [usize; 3], rows: &[&[i32]]) -> BlockIndex {
+        let counts = rows.iter().map(|r| r.len() as i32).collect();
+        BlockIndex::from_chunks(shape3, counts, rows.iter().map(|r| r.to_vec()).collect())
+    }
+
+    #[test]
+    fn csr_rows_and_memory() {
+        let x = index([1, 2, 2], &[&[1, 3], &[], &[0, 1, 2], &[4]]);
+        assert_eq!(x.shape, [1, 2, 2, 3]);
+        assert_eq!(x.offsets, vec![0, 2, 2, 5, 6]);
+        assert_eq!(x.indices, vec![1, 3, 0, 1, 2, 4]);
+        assert_eq!(x.row(0, 0, 0), &[1, 3]);
+        assert_eq!(x.row(0, 0, 1), &[] as &[i32]);
+        assert_eq!(x.row(0, 1, 0), &[0, 1, 2]);
+        assert_eq!(x.row(0, 1, 1), &[4]);
+        assert_eq!(x.counts_shape(), [1, 2, 2]);
+        assert_eq!(
+            x.memory_bytes(),
+            (4 + 6) * 4 + 5 * std::mem::size_of::<usize>()
+        );
+        let t = threads::install(2, || x.transpose(5)).unwrap();
+        assert_eq!(t.shape, [1, 2, 5, 1]);
+        assert_eq!(t.counts, vec![0, 1, 0, 1, 0, 1, 1, 1, 0, 1]);
+        assert_eq!(t.row(0, 0, 1), &[0]);
+        assert_eq!(t.row(0, 0, 3), &[0]);
+        assert_eq!(t.row(0, 1, 0), &[0]);
+        assert_eq!(t.row(0, 1, 4), &[1]);
+        assert_eq!(threads::install(1, || t.transpose(2)).unwrap(), x);
+        let none = threads::install(1, || x.transpose(0)).unwrap();
+        assert_eq!((none.shape, none.offsets), ([1, 2, 0, 0], vec![0]));
+    }
+
+    #[test]
+    fn write_torch_order_puts_listed_blocks_first() {
+        let x = index([1, 1, 3], &[&[1, 3], &[], &[0, 1, 2, 3, 4]]);
+        let (mut counts, mut indices) = (vec![9; 3], vec![9; 15]);
+        x.write_torch_order(&mut counts, &mut indices, 5).unwrap();
+        assert_eq!(counts, vec![2, 0, 5]);
+        assert_eq!(indices, vec![1, 3, 0, 2, 4, 0, 1, 2, 3, 4, 0, 1, 2, 3, 4]);
+        // Wrong sizes and blocks outside 0..n are errors.
+        assert!(x
+            .write_torch_order(&mut counts, &mut indices[..14], 5)
+            .is_err());
+        let mut short = vec![0; 12];
+        assert!(x.write_torch_order(&mut counts, &mut short, 4).is_err());
+        let (mut c0, mut i0) = (vec![0; 3], Vec::new());
+        x.write_torch_order(&mut c0, &mut i0, 0).unwrap();
+        assert_eq!(c0, vec![2, 0, 5]);
     }
 }

@@ -25,3 +25,14 @@ def test_info_reports_version_isa_threads_and_registry() -> None:
 def test_demo_runs() -> None:
     out = _run("demo", "--length", "64")
     assert "sdpa" in out
+
+
+def test_show_mask_draws_the_mask_and_its_blocks(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = _run("show-mask", "sliding_window(2) & causal()", "--length", "6", "--block", "3")
+    lines = out.splitlines()
+    assert lines[2] == "0 ■⬚⬚⬚⬚⬚" and lines[7] == "5 ⬚⬚⬚⬚■■"
+    assert "blocks 3x3: 0 full, 3 partial, 1 empty of 4" in out
+    png = tmp_path / "mask.png"
+    out = _run("show-mask", "causal()", "--length", "4096", "--png", str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "(1024x1024)" in out

@@ -309,3 +309,44 @@ def test_large_structural_block_masks_never_build_dense_grids() -> None:
     n = length // 128
     assert torch.equal(causal.full_kv_num_blocks[0, 0], torch.arange(n, dtype=torch.int32))
     assert bool((causal.kv_num_blocks == 1).all())
+
+
+def test_document_ids_must_cover_the_grid() -> None:
+    docs = masks.document(torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(attnrs.ShapeError, match="seq_ids: expected ids for positions up to 9"):
+        attnrs.create_dense_mask(docs, 1, 1, 4, 4, q_offset=6)
+    with pytest.raises(attnrs.ShapeError, match="seq_ids"):
+        attnrs.create_block_mask(docs & masks.causal(), 1, None, 8, 10)
+    # Through a shift (what FlexAttention sees) the covered positions move too.
+    assert attnrs.create_dense_mask(docs.shifted(4, 4), 1, 1, 4, 4).all()
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: mu.sliding_window_causal_mask_function(4),
+        lambda: mu.sliding_window_bidirectional_mask_function(4),
+        lambda: mu.chunked_causal_mask_function(4, torch.zeros(2, dtype=torch.long)),
+        lambda: mu.padding_mask_function(torch.ones(2, 8, dtype=torch.bool)),
+        lambda: mu.packed_sequence_mask_function(torch.zeros(2, 8, dtype=torch.long)),
+        lambda: mu.add_offsets_to_mask_function(mu.causal_mask_function, 3, 1),
+        lambda: mu.or_masks(mu.causal_mask_function, mu.sliding_window_overlay(2)),
+        lambda: mu.and_masks(),
+    ],
+)
+def test_transformers_mask_functions_become_structural(factory: Callable[[], Any]) -> None:
+    recognized = masks.from_callable(factory())
+    assert recognized.is_structural, recognized
+
+
+def test_lookalike_closures_are_evaluated_not_trusted() -> None:
+    def sliding_window_overlay(sliding_window: int) -> Callable[..., Any]:
+        def inner_mask(b: Any, h: Any, q: Any, kv: Any) -> Any:  # same names, different meaning
+            return kv >= q - sliding_window
+
+        return inner_mask
+
+    impostor = masks.from_callable(sliding_window_overlay(2))
+    assert impostor.kind == "callable"
+    expected = torch.arange(6)[None, :] >= torch.arange(6)[:, None] - 2
+    assert torch.equal(attnrs.create_dense_mask(impostor, 1, 1, 6, 6)[0, 0], expected)

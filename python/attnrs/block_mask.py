@@ -16,7 +16,7 @@ from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
 
 from ._threads import num_threads
 from .errors import ArgumentError
-from .masks import Mask, MaskLike, _check_grid, from_callable
+from .masks import Mask, MaskLike, _check_grid, _check_tables, from_callable
 
 __all__ = ["BlockMask", "create_block_mask"]
 
@@ -144,6 +144,7 @@ def create_block_mask(
     mask = from_callable(mask)
     grid = _check_grid(B, H, Q_LEN, KV_LEN, q_offset, kv_offset)
     q_block, kv_block = _block_sizes(BLOCK_SIZE)
+    _check_tables(mask, grid)
     expr = mask._expr(grid)
     layout = expr.block_sparse(
         grid.batch, grid.heads, grid.q_len, grid.kv_len, grid.q_offset, grid.kv_offset, q_block, kv_block,

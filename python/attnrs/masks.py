@@ -459,6 +459,7 @@ def create_dense_mask(
     grid = _check_grid(B, H, Q_LEN, KV_LEN, q_offset, kv_offset)
     if dtype != torch.bool and not dtype.is_floating_point:
         raise DtypeError(f"dtype: expected torch.bool or a floating dtype, got {dtype}")
+    _check_tables(mask, grid)
     expr = mask._expr(grid)
     batch_out = grid.batch if expr.depends_on_batch() else 1
     heads_out = grid.heads if expr.depends_on_head() else 1
@@ -468,6 +469,25 @@ def create_dense_mask(
     if dtype != torch.bool:
         visible = torch.where(visible, torch.zeros((), dtype=dtype), torch.finfo(dtype).min)
     return visible.expand(grid.batch, -1, -1, -1)
+
+
+def _check_tables(mask: Mask, grid: _Grid) -> None:
+    """Document ids must cover every query and key position of the grid (transformers' packed masks assume
+    it); a shorter padding mask is fine (the missing keys are padding, as transformers pads it with False)."""
+    if mask.kind == "shift":
+        _check_tables(mask.children[0], grid.shifted(mask._params["q"], mask._params["kv"]))
+        return
+    if mask.kind == "document" and grid.q_len and grid.kv_len:
+        length = mask._params["table"].shape[1]
+        needed = max(grid.q_offset + grid.q_len, grid.kv_offset + grid.kv_len)
+        if min(grid.q_offset, grid.kv_offset) < 0 or needed > length:
+            raise ShapeError(
+                f"seq_ids: expected ids for positions up to {needed - 1} (queries {grid.q_offset}.."
+                f"{grid.q_offset + grid.q_len - 1}, keys {grid.kv_offset}..{grid.kv_offset + grid.kv_len - 1}), "
+                f"got {length} positions"
+            )
+    for child in mask.children:
+        _check_tables(child, grid)
 
 
 def _evaluate_callable(mask: Mask, grid: _Grid) -> Any:

@@ -203,6 +203,12 @@ proptest! {
         let mut out = vec![7u8; dense.len()];
         fill_dense(&c.expr, c.batch, c.heads, c.q_len, c.kv_len, c.q_offset, c.kv_offset, &mut out, 2).unwrap();
         prop_assert!(out.iter().zip(&dense).all(|(&o, &d)| o == u8::from(d)), "dense fill of {:?}", c.expr);
+        // (e) the flat program the attention operator receives decodes to the same mask.
+        let program = c.expr.encode();
+        let decoded = MaskExpr::decode(&program.program, &program.ints, &program.bytes).unwrap();
+        let mut again = vec![7u8; dense.len()];
+        fill_dense(&decoded, c.batch, c.heads, c.q_len, c.kv_len, c.q_offset, c.kv_offset, &mut again, 1).unwrap();
+        prop_assert_eq!(again, out);
     }
 
     #[test]

@@ -34,6 +34,7 @@
 
 mod eval;
 mod interval;
+mod program;
 mod tables;
 mod tiles;
 
@@ -44,6 +45,7 @@ use std::sync::Arc;
 use crate::block::BlockClass;
 use crate::{Error, Result};
 
+pub use program::MaskProgram;
 pub use tiles::PlacedMask;
 
 use eval::Scratch;
@@ -528,47 +530,9 @@ pub struct BitmapBuilder {
 impl BitmapBuilder {
     /// An all-false grid of `shape = [Bm, Hm, Qm, Km]` placed at `(q0, k0)`; `Bm, Hm >= 1`.
     pub fn new(shape: [usize; 4], q0: i64, k0: i64) -> Result<BitmapBuilder> {
-        let [bm, hm, qm, km] = shape;
-        if bm == 0 || hm == 0 {
-            return Err(Error::shape(
-                "bitmap",
-                "batch and head sizes of at least 1",
-                format!("{shape:?}"),
-            ));
-        }
-        let words_per_row = km.div_ceil(64);
-        let words = [bm, hm, qm, words_per_row]
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d));
-        let overflow = i64::try_from(qm)
-            .ok()
-            .and_then(|n| q0.checked_add(n))
-            .is_none()
-            || i64::try_from(km)
-                .ok()
-                .and_then(|n| k0.checked_add(n))
-                .is_none();
-        let words = match words {
-            Some(w) if !overflow => w,
-            _ => {
-                return Err(Error::shape(
-                    "bitmap",
-                    "a grid that fits in memory",
-                    format!("{shape:?}"),
-                ))
-            }
-        };
-        let table = BitmapTable {
-            batch: bm,
-            heads: hm,
-            rows: qm,
-            cols: km,
-            q0,
-            k0,
-            words_per_row,
-            bits: vec![0u64; words].into(),
-        };
-        Ok(BitmapBuilder { table })
+        Ok(BitmapBuilder {
+            table: BitmapTable::empty(shape, q0, k0)?,
+        })
     }
 
     /// Sets rows `q_start..` of batch `b`, head `h` from `values` (row-major, `Km` per row, nonzero =
@@ -635,6 +599,53 @@ fn pack_word(bytes: &[u8]) -> u64 {
         word |= u64::from(v != 0) << (done + j);
     }
     word
+}
+
+impl BitmapTable {
+    /// An all-false table of `shape = [Bm, Hm, Qm, Km]` placed at `(q0, k0)`; `Bm, Hm >= 1`.
+    pub(crate) fn empty(shape: [usize; 4], q0: i64, k0: i64) -> Result<BitmapTable> {
+        let [bm, hm, qm, km] = shape;
+        if bm == 0 || hm == 0 {
+            return Err(Error::shape(
+                "bitmap",
+                "batch and head sizes of at least 1",
+                format!("{shape:?}"),
+            ));
+        }
+        let words_per_row = km.div_ceil(64);
+        let words = [bm, hm, qm, words_per_row]
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        let overflow = i64::try_from(qm)
+            .ok()
+            .and_then(|n| q0.checked_add(n))
+            .is_none()
+            || i64::try_from(km)
+                .ok()
+                .and_then(|n| k0.checked_add(n))
+                .is_none();
+        let words = match words {
+            Some(w) if !overflow => w,
+            _ => {
+                return Err(Error::shape(
+                    "bitmap",
+                    "a grid that fits in memory",
+                    format!("{shape:?}"),
+                ))
+            }
+        };
+        let table = BitmapTable {
+            batch: bm,
+            heads: hm,
+            rows: qm,
+            cols: km,
+            q0,
+            k0,
+            words_per_row,
+            bits: vec![0u64; words].into(),
+        };
+        Ok(table)
+    }
 }
 
 impl fmt::Debug for BitmapTable {

@@ -5,6 +5,9 @@
 
 use std::ops::Range;
 
+use crate::tensor::{DType, TensorView};
+use crate::{Error, Result};
+
 /// How much of a rectangular tile of the (query, key) grid is visible.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BlockClass {
@@ -71,6 +74,120 @@ impl MaskTiles for CausalTiles {
     }
 }
 
+/// Visible where both masks are. Classes combine conservatively (two partial tiles stay partial even if
+/// their intersection is empty), which costs work but never correctness: a partial tile is filled exactly.
+#[derive(Clone, Copy)]
+pub struct BothTiles<'a> {
+    pub first: &'a dyn MaskTiles,
+    pub second: &'a dyn MaskTiles,
+}
+
+impl std::fmt::Debug for BothTiles<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BothTiles")
+    }
+}
+
+impl MaskTiles for BothTiles<'_> {
+    fn classify(&self, b: usize, h: usize, rows: Range<usize>, cols: Range<usize>) -> BlockClass {
+        match self.first.classify(b, h, rows.clone(), cols.clone()) {
+            BlockClass::Empty => BlockClass::Empty,
+            BlockClass::Full => self.second.classify(b, h, rows, cols),
+            BlockClass::Partial => match self.second.classify(b, h, rows, cols) {
+                BlockClass::Empty => BlockClass::Empty,
+                _ => BlockClass::Partial,
+            },
+        }
+    }
+    fn fill(&self, b: usize, h: usize, rows: Range<usize>, cols: Range<usize>, out: &mut [u8]) {
+        self.first.fill(b, h, rows.clone(), cols.clone(), out);
+        let mut other = vec![0u8; out.len()];
+        self.second.fill(b, h, rows, cols, &mut other);
+        out.iter_mut().zip(&other).for_each(|(o, x)| *o &= x);
+    }
+}
+
+/// A dense boolean mask tensor viewed as `[B, H, Q, K]` (broadcast dims have stride 0): tiles are classified by
+/// scanning them, which costs O(Q*K) reads in all, like the tensor itself.
+#[derive(Debug, Clone)]
+pub struct DenseTiles {
+    view: TensorView,
+}
+
+impl DenseTiles {
+    /// Wraps a bool (or uint8) view of shape `[B, H, Q, K]`.
+    pub fn new(view: TensorView) -> Result<DenseTiles> {
+        if !matches!(view.dtype(), DType::Bool | DType::U8) {
+            return Err(Error::dtype(
+                "attn_mask",
+                "torch.bool",
+                view.dtype().torch_name(),
+            ));
+        }
+        if view.ndim() != 4 {
+            return Err(Error::shape(
+                "attn_mask",
+                "a mask broadcast to [B, H, Q, K]",
+                format!("{:?}", view.shape()),
+            ));
+        }
+        Ok(DenseTiles { view })
+    }
+
+    /// Shape `[B, H, Q, K]` of the mask.
+    pub fn shape(&self) -> &[usize] {
+        self.view.shape()
+    }
+
+    #[inline]
+    fn row(
+        &self,
+        b: usize,
+        h: usize,
+        i: usize,
+        cols: Range<usize>,
+    ) -> impl Iterator<Item = u8> + '_ {
+        let s = self.view.strides();
+        let base = b as isize * s[0] + h as isize * s[1] + i as isize * s[2];
+        let ptr = self.view.as_ptr();
+        cols.map(move |j| {
+            // SAFETY: callers pass b, h, i, j inside the view's shape (the MaskTiles contract), so the offset
+            // addresses an element of the imported tensor, which outlives `self`.
+            unsafe { *ptr.offset(base + j as isize * s[3]) }
+        })
+    }
+}
+
+impl MaskTiles for DenseTiles {
+    fn classify(&self, b: usize, h: usize, rows: Range<usize>, cols: Range<usize>) -> BlockClass {
+        let (mut any, mut all) = (false, true);
+        for i in rows {
+            for v in self.row(b, h, i, cols.clone()) {
+                any |= v != 0;
+                all &= v != 0;
+            }
+            if any && !all {
+                return BlockClass::Partial;
+            }
+        }
+        if all {
+            BlockClass::Full
+        } else if any {
+            BlockClass::Partial
+        } else {
+            BlockClass::Empty
+        }
+    }
+    fn fill(&self, b: usize, h: usize, rows: Range<usize>, cols: Range<usize>, out: &mut [u8]) {
+        let width = cols.len();
+        for (i, dst) in rows.zip(out.chunks_exact_mut(width)) {
+            for (d, v) in dst.iter_mut().zip(self.row(b, h, i, cols.clone())) {
+                *d = u8::from(v != 0);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +214,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn dense_tiles_and_both() {
+        // A 1x1x3x4 mask broadcast over 2 heads (head stride 0).
+        let mut bits: Vec<u8> = vec![1, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0];
+        // SAFETY: the view addresses only the 12 bytes of `bits`.
+        let view = unsafe {
+            TensorView::new(
+                bits.as_mut_ptr(),
+                DType::Bool,
+                vec![1, 2, 3, 4],
+                vec![12, 0, 4, 1],
+            )
+        };
+        let dense = DenseTiles::new(view.unwrap()).unwrap();
+        assert_eq!(dense.classify(0, 1, 0..2, 0..2), BlockClass::Full);
+        assert_eq!(dense.classify(0, 1, 0..2, 0..4), BlockClass::Partial);
+        assert_eq!(dense.classify(0, 0, 2..3, 0..4), BlockClass::Empty);
+        let mut out = vec![9u8; 8];
+        dense.fill(0, 1, 0..2, 0..4, &mut out);
+        assert_eq!(out, [1, 1, 0, 0, 1, 1, 1, 1]);
+        let both = BothTiles {
+            first: &dense,
+            second: &CausalTiles { diagonal: 0 },
+        };
+        assert_eq!(both.classify(0, 0, 1..2, 0..4), BlockClass::Partial);
+        both.fill(0, 0, 1..2, 0..4, &mut out[..4]);
+        assert_eq!(&out[..4], [1, 1, 0, 0]);
+        assert_eq!(both.classify(0, 0, 2..3, 0..1), BlockClass::Empty);
     }
 }

@@ -161,8 +161,7 @@ impl MaskExpr {
                     ))
                 })
         };
-        loop {
-            let Ok(op) = next("") else { break };
+        while let Ok(op) = next("") {
             let node = match op {
                 FULL => MaskExpr::full(),
                 EMPTY => MaskExpr::empty(),

@@ -1,0 +1,298 @@
+"""``attnrs.attention``: scaled dot-product attention with masks as values, on a Rust CPU kernel.
+
+Layout and conventions follow ``torch.nn.functional.scaled_dot_product_attention``: ``query [B, H, Q, D]``,
+``key [B, Hkv, K, D]``, ``value [B, Hkv, K, Dv]``, GQA when ``H % Hkv == 0``, output ``[B, H, Q, Dv]``.
+
+Masks:
+
+* ``None``; ``is_causal=True`` is SDPA's top-left causal mask (``kv <= q`` on row/column indices);
+* an attnrs :class:`~attnrs.masks.Mask` or a plain ``mask_mod`` callable works on absolute positions and is
+  aligned bottom-right when ``Q != K`` (query ``i`` sits at position ``K - Q + i``, the KV-cache convention);
+* an :class:`attnrs.BlockMask` carries its own offsets and lengths, which must match the inputs exactly; a
+  torch ``BlockMask`` is honoured block by block with its ``mask_mod`` on partial blocks;
+* a dense bool (True = attend) or additive float tensor broadcastable to ``[B, H, Q, K]``.
+
+Rows that see no key give zeros (and a log-sum-exp of ``-inf``), never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
+
+from . import _attnrs
+from ._threads import num_threads
+from .block_mask import BlockMask
+from .errors import ArgumentError, DeviceError, DtypeError, ShapeError, UnsupportedError
+from .masks import Mask, _check_tables, _Grid, from_callable
+
+__all__ = ["BACKENDS", "attention"]
+
+BACKENDS = ("auto", "native", "sdpa", "flex", "math")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@dataclass
+class _ResolvedMask:
+    """A mask in the forms the kernels take: a structural mask placed on the grid, plus dense tensors."""
+
+    structural: Mask | None = None
+    q_offset: int = 0
+    kv_offset: int = 0
+    dense_bool: torch.Tensor | None = None  # [B, H, Q, K] view (stride 0 where broadcast)
+    bias: torch.Tensor | None = None  # additive float, [B, H, Q, K] view
+
+    def program(self, grid: _Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The structural mask as the flat tensors the custom operator takes (empty when there is none)."""
+        if self.structural is None:
+            empty = torch.empty(0, dtype=torch.int64)
+            return empty, empty, torch.empty(0, dtype=torch.uint8)
+        _check_tables(self.structural, grid)
+        program, ints, raw = self.structural._expr(grid).encode()
+        return (
+            torch.frombuffer(program, dtype=torch.int64) if program else torch.empty(0, dtype=torch.int64),
+            torch.frombuffer(ints, dtype=torch.int64) if ints else torch.empty(0, dtype=torch.int64),
+            torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8),
+        )
+
+
+def _check_inputs(query: Any, key: Any, value: Any) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise DtypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ShapeError(f"{name}: expected a 4-D tensor [B, H, S, D], got shape {list(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise DtypeError(f"{name}: expected float32, bfloat16, float16 or float64, got {t.dtype}")
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        raise DtypeError(
+            f"key/value: expected the query's dtype {query.dtype}, got key {key.dtype} and value {value.dtype}"
+        )
+    if key.device != query.device or value.device != query.device:
+        raise DeviceError(
+            f"key/value: expected the query's device {query.device}, got key on {key.device} and value on "
+            f"{value.device}"
+        )
+    b, h, _, d = query.shape
+    if key.shape[0] != b or value.shape[0] != b:
+        raise ShapeError(f"key/value: expected batch {b}, got key {key.shape[0]} and value {value.shape[0]}")
+    if key.shape[1] != value.shape[1] or key.shape[2] != value.shape[2]:
+        raise ShapeError(
+            f"value: expected the key's heads and length {list(key.shape[1:3])}, got {list(value.shape[1:3])}"
+        )
+    if key.shape[3] != d:
+        raise ShapeError(f"key: expected head dim {d} (the query's), got {key.shape[3]}")
+    if key.shape[1] == 0 or h % key.shape[1] != 0:
+        raise ShapeError(f"key: expected a head count dividing the query's {h} (GQA), got {key.shape[1]}")
+
+
+def _check_dense(mask: torch.Tensor, shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor:
+    if mask.device != device:
+        raise DeviceError(f"mask: expected a tensor on {device} (the query's device), got {mask.device}")
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise DtypeError(f"mask: expected a bool or floating tensor, got {mask.dtype}")
+    if mask.dim() > 4:
+        raise ShapeError(f"mask: expected a tensor broadcastable to {list(shape)}, got shape {list(mask.shape)}")
+    try:
+        broadcast = torch.broadcast_shapes(mask.shape, shape)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != torch.Size(shape):
+        raise ShapeError(f"mask: expected a tensor broadcastable to {list(shape)}, got shape {list(mask.shape)}")
+    return mask.expand(shape)
+
+
+def _block_mask_as_mask(block_mask: TorchBlockMask, batch: int, heads: int) -> Mask:
+    """A torch BlockMask as a Mask: full blocks visible, partial blocks through ``mask_mod``, others hidden."""
+    from torch.nn.attention.flex_attention import _ordered_to_dense  # type: ignore[attr-defined]
+
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    listed = block_mask.to_dense().bool()
+    full = (
+        _ordered_to_dense(block_mask.full_kv_num_blocks, block_mask.full_kv_indices).bool()
+        if block_mask.full_kv_num_blocks is not None
+        else torch.zeros_like(listed)
+    )
+
+    def lookup(table: torch.Tensor) -> Any:
+        def blocks(b: Any, h: Any, q: Any, kv: Any) -> Any:
+            rows = b if table.shape[0] > 1 else torch.zeros_like(b)
+            cols = h if table.shape[1] > 1 else torch.zeros_like(h)
+            return table[rows, cols, q // q_block, kv // kv_block]
+
+        return blocks
+
+    partial = from_callable(lookup(listed)) & from_callable(block_mask.mask_mod)
+    return from_callable(lookup(full)) | partial
+
+
+def _resolve_mask(
+    mask: Any, is_causal: bool, shape: tuple[int, int, int, int], device: torch.device
+) -> _ResolvedMask:
+    batch, heads, q_len, kv_len = shape
+    resolved = _ResolvedMask()
+    structural: Mask | None = None
+    if mask is None:
+        pass
+    elif isinstance(mask, torch.Tensor):
+        dense = _check_dense(mask, shape, device)
+        if dense.dtype == torch.bool:
+            resolved.dense_bool = dense
+        else:
+            resolved.bias = dense
+    elif isinstance(mask, TorchBlockMask):
+        if tuple(mask.seq_lengths) != (q_len, kv_len):
+            raise ShapeError(
+                f"mask: expected a BlockMask for Q={q_len}, K={kv_len}, got seq_lengths {tuple(mask.seq_lengths)}"
+            )
+        mb, mh = mask.shape[0], mask.shape[1]
+        if mb not in (1, batch) or mh not in (1, heads):
+            raise ShapeError(f"mask: expected a BlockMask for B={batch}, H={heads} (or 1), got B={mb}, H={mh}")
+        if isinstance(mask, BlockMask) and mask.attnrs_mask is not None:
+            structural, resolved.q_offset, resolved.kv_offset = mask.attnrs_mask, mask.q_offset, mask.kv_offset
+        else:
+            structural = _block_mask_as_mask(mask, batch, heads)
+    elif isinstance(mask, Mask) or callable(mask):
+        structural = from_callable(mask)
+        resolved.q_offset = kv_len - q_len  # bottom-right: the queries are the last Q positions
+    else:
+        raise DtypeError(
+            f"mask: expected None, an attnrs Mask, a mask_mod callable, a BlockMask or a tensor, got "
+            f"{type(mask).__name__}"
+        )
+    if is_causal:
+        # SDPA's top-left rule on row/column indices, whatever the offsets of the other mask.
+        causal = Mask("causal", {"offset": resolved.kv_offset - resolved.q_offset})
+        structural = causal if structural is None else structural & causal
+    resolved.structural = structural
+    return resolved
+
+
+def _check_scalars(query: torch.Tensor, scale: Any, softcap: Any, sinks: Any, dropout_p: Any) -> float:
+    if scale is None:
+        scale = query.shape[-1] ** -0.5 if query.shape[-1] else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ArgumentError(f"scale: expected a finite number, got {scale!r}")
+    if softcap is not None and (
+        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap)
+        or softcap <= 0
+    ):
+        raise ArgumentError(f"softcap: expected None or a positive finite number, got {softcap!r}")
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or not sinks.dtype.is_floating_point:
+            raise DtypeError(f"sinks: expected a floating tensor [H], got {getattr(sinks, 'dtype', type(sinks))}")
+        if sinks.shape != (query.shape[1],):
+            raise ShapeError(f"sinks: expected shape [{query.shape[1]}] (one per query head), got {list(sinks.shape)}")
+        if sinks.device != query.device:
+            raise DeviceError(f"sinks: expected a tensor on {query.device}, got {sinks.device}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ArgumentError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
+    if dropout_p > 0:
+        raise UnsupportedError(
+            "dropout_p > 0 is not supported yet: attention dropout comes with the CPU training work "
+            "(issue #5, Rust backward pass and dropout)"
+        )
+    return float(scale)
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: Any = None,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> Any:
+    """Attention over ``[B, H, S, D]`` tensors; see the module documentation for masks and alignment.
+
+    Args:
+        scale: multiplies ``Q Kᵀ`` (default ``D ** -0.5``).
+        softcap: ``s = softcap * tanh(s / softcap)`` after scaling, before the mask (Gemma 2).
+        sinks: ``[H]`` logits that join each row's softmax denominator only (GPT-OSS).
+        return_lse: also return the float32 log-sum-exp ``[B, H, Q]`` of each row.
+        backend: ``"auto"`` (the Rust kernel on CPU), ``"native"``, ``"sdpa"``, ``"flex"`` or ``"math"``.
+    """
+    _check_inputs(query, key, value)
+    scale = _check_scalars(query, scale, softcap, sinks, dropout_p)
+    if backend not in BACKENDS:
+        raise ArgumentError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    b, h, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    shape = (b, h, q_len, kv_len)
+    resolved = _resolve_mask(mask, bool(is_causal), shape, query.device)
+    if backend == "auto":
+        backend = "native" if query.device.type == "cpu" else "sdpa"
+    if backend == "native":
+        if query.device.type != "cpu":
+            raise DeviceError(f"query: the native backend runs on CPU, got a tensor on {query.device}")
+        grid = _Grid(b, h, q_len, kv_len, resolved.q_offset, resolved.kv_offset)
+        program, program_ints, program_bytes = resolved.program(grid)
+        out, lse = torch.ops.attnrs.attention(
+            query, key, value, resolved.dense_bool, resolved.bias, sinks, program, program_ints, program_bytes,
+            resolved.q_offset, resolved.kv_offset, scale, float(softcap or 0.0),
+        )
+        out = out.transpose(1, 2)
+    else:
+        from ._reference import torch_attention
+
+        out, lse = torch_attention(backend, query, key, value, resolved, shape, scale, softcap, sinks, return_lse)
+    return (out, lse) if return_lse else out
+
+
+@torch.library.custom_op("attnrs::attention", mutates_args=(), device_types="cpu")
+def _attention_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    dense_mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    sinks: torch.Tensor | None,
+    program: torch.Tensor,
+    program_ints: torch.Tensor,
+    program_bytes: torch.Tensor,
+    q_offset: int,
+    kv_offset: int,
+    scale: float,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Rust CPU kernel. Returns ``out`` laid out ``[B, Q, H, Dv]`` (contiguous) and the f32 LSE [B, H, Q]."""
+    b, h, q_len, _ = query.shape
+    out = torch.empty(b, q_len, h, value.shape[-1], dtype=query.dtype)
+    lse = torch.empty(b, h, q_len, dtype=torch.float32)
+    _attnrs.attention_forward(
+        query, key, value, out.transpose(1, 2), lse, dense_mask, bias, sinks, program, program_ints, program_bytes,
+        q_offset, kv_offset, scale, softcap, num_threads(),
+    )
+    return out, lse
+
+
+@_attention_op.register_fake
+def _(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    dense_mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    sinks: torch.Tensor | None,
+    program: torch.Tensor,
+    program_ints: torch.Tensor,
+    program_bytes: torch.Tensor,
+    q_offset: int,
+    kv_offset: int,
+    scale: float,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, q_len, _ = query.shape
+    out = query.new_empty(b, q_len, h, value.shape[-1])
+    lse = query.new_empty(b, h, q_len, dtype=torch.float32)
+    return out, lse

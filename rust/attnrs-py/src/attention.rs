@@ -1,0 +1,107 @@
+//! `attnrs._attnrs.attention_forward`: the CPU kernel behind `attnrs.attention`.
+//!
+//! Python validates and allocates (out, lse); this converts the tensors, decodes the structural mask
+//! program, releases the GIL and runs the kernel.
+
+use attnrs_core::block::{BothTiles, DenseTiles, MaskTiles, NoMask};
+use attnrs_core::kernel::{attention_forward as run_kernel, AttentionArgs};
+use attnrs_core::mask::{MaskExpr, PlacedMask};
+use attnrs_core::tensor::DType;
+use attnrs_core::Error;
+use pyo3::prelude::*;
+
+use crate::dlpack::{self, Imported};
+use crate::door::run_detached;
+use crate::errors::PyAttnrsError;
+
+fn optional(obj: Option<&Bound<'_, PyAny>>, arg: &str) -> PyResult<Option<Imported>> {
+    obj.filter(|o| !o.is_none()).map(|o| dlpack::import(o, arg)).transpose()
+}
+
+fn ints(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Vec<i64>> {
+    let t = dlpack::import(obj, arg)?;
+    if t.view.dtype() != DType::I64 {
+        return Err(PyAttnrsError(Error::dtype(arg, "torch.int64", t.view.dtype().torch_name())).into());
+    }
+    Ok(t.view.to_contiguous_bytes().chunks_exact(8).map(|c| i64::from_ne_bytes(c.try_into().unwrap_or([0; 8]))).collect())
+}
+
+/// Runs the CPU kernel: `out[B,H,Q,Dv]` (and `lse[B,H,Q]` f32 if given) from q, k, v.
+///
+/// The mask is the AND of: the structural mask encoded by `program` / `program_ints` / `program_bytes`
+/// (placed so that row `i` is position `q_offset + i`, column `j` position `kv_offset + j`; an empty
+/// program means none) and `dense_mask` (bool, viewed as `[B, H, Q, K]`). `bias` is an additive float
+/// tensor viewed as `[B, H, Q, K]`. `softcap <= 0` means none.
+#[pyfunction]
+#[pyo3(signature = (query, key, value, out, lse, dense_mask, bias, sinks, program, program_ints, program_bytes,
+                    q_offset, kv_offset, scale, softcap, num_threads))]
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(
+    py: Python<'_>,
+    query: &Bound<'_, PyAny>,
+    key: &Bound<'_, PyAny>,
+    value: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: Option<&Bound<'_, PyAny>>,
+    dense_mask: Option<&Bound<'_, PyAny>>,
+    bias: Option<&Bound<'_, PyAny>>,
+    sinks: Option<&Bound<'_, PyAny>>,
+    program: &Bound<'_, PyAny>,
+    program_ints: &Bound<'_, PyAny>,
+    program_bytes: &Bound<'_, PyAny>,
+    q_offset: i64,
+    kv_offset: i64,
+    scale: f64,
+    softcap: f64,
+    num_threads: usize,
+) -> PyResult<()> {
+    let query = dlpack::import(query, "query")?;
+    let key = dlpack::import(key, "key")?;
+    let value = dlpack::import(value, "value")?;
+    let out = dlpack::import_output(out, "out")?;
+    let lse = lse.filter(|o| !o.is_none()).map(|o| dlpack::import_output(o, "lse")).transpose()?;
+    let dense = optional(dense_mask, "attn_mask")?.map(|t| DenseTiles::new(t.view.clone()).map(|d| (d, t)));
+    let dense = dense.transpose().map_err(PyAttnrsError)?;
+    let bias = optional(bias, "attn_mask")?;
+    let sinks = optional(sinks, "sinks")?;
+    let program = ints(program, "program")?;
+    let expr = if program.is_empty() {
+        None
+    } else {
+        let table = ints(program_ints, "program_ints")?;
+        let bytes = dlpack::import(program_bytes, "program_bytes")?.view.to_contiguous_bytes();
+        Some(MaskExpr::decode(&program, &table, &bytes).map_err(PyAttnrsError)?)
+    };
+    run_detached(py, move || {
+        let placed = expr.map(|e| PlacedMask::new(e, q_offset, kv_offset));
+        let structural: Option<&dyn MaskTiles> = placed.as_ref().map(|p| p as &dyn MaskTiles);
+        let dense_tiles: Option<&dyn MaskTiles> = dense.as_ref().map(|(d, _)| d as &dyn MaskTiles);
+        let both;
+        let mask: &dyn MaskTiles = match (structural, dense_tiles) {
+            (Some(first), Some(second)) => {
+                both = BothTiles { first, second };
+                &both
+            }
+            (Some(m), None) | (None, Some(m)) => m,
+            (None, None) => &NoMask,
+        };
+        let scale = scale as f32;
+        if !scale.is_finite() {
+            return Err(Error::value("scale", "a finite number", scale.to_string()));
+        }
+        let args = AttentionArgs {
+            query: &query.view,
+            key: &key.view,
+            value: &value.view,
+            out: &out.view,
+            lse: lse.as_ref().map(|t| &t.view),
+            mask,
+            bias: bias.as_ref().map(|t| &t.view),
+            scale,
+            softcap: (softcap > 0.0).then_some(softcap as f32),
+            sinks: sinks.as_ref().map(|t| &t.view),
+            num_threads,
+        };
+        run_kernel(&args)
+    })
+}

@@ -84,10 +84,38 @@ macro_rules! impl_float {
     };
 }
 
-impl_float!(f32, DType::F32, |x| x, |x| x, |x: f32| x as f64, |x: f64| x as f32);
-impl_float!(f64, DType::F64, |x: f64| x as f32, |x: f32| x as f64, |x| x, |x| x);
-impl_float!(bf16, DType::BF16, bf16::to_f32, bf16::from_f32, bf16::to_f64, bf16::from_f64);
-impl_float!(f16, DType::F16, f16::to_f32, f16::from_f32, f16::to_f64, f16::from_f64);
+impl_float!(
+    f32,
+    DType::F32,
+    |x| x,
+    |x| x,
+    |x: f32| x as f64,
+    |x: f64| x as f32
+);
+impl_float!(
+    f64,
+    DType::F64,
+    |x: f64| x as f32,
+    |x: f32| x as f64,
+    |x| x,
+    |x| x
+);
+impl_float!(
+    bf16,
+    DType::BF16,
+    bf16::to_f32,
+    bf16::from_f32,
+    bf16::to_f64,
+    bf16::from_f64
+);
+impl_float!(
+    f16,
+    DType::F16,
+    f16::to_f32,
+    f16::from_f32,
+    f16::to_f64,
+    f16::from_f64
+);
 
 /// A strided view of memory owned elsewhere.
 ///
@@ -114,7 +142,12 @@ impl TensorView {
     /// Every element `ptr + dtype.size() * sum(i_d * strides[d])` for in-range indices must be valid to read
     /// (and to write, if the view is used as an output) while the view lives, and `ptr` must be aligned
     /// to `dtype.size()`. Strides must not be negative.
-    pub unsafe fn new(ptr: *mut u8, dtype: DType, shape: Vec<usize>, strides: Vec<isize>) -> Result<Self> {
+    pub unsafe fn new(
+        ptr: *mut u8,
+        dtype: DType,
+        shape: Vec<usize>,
+        strides: Vec<isize>,
+    ) -> Result<Self> {
         if shape.len() != strides.len() {
             return Err(Error::Internal(format!(
                 "shape has {} dims but strides have {}",
@@ -123,12 +156,21 @@ impl TensorView {
             )));
         }
         if let Some(s) = strides.iter().find(|s| **s < 0) {
-            return Err(Error::layout("tensor", "non-negative strides", format!("stride {s}")));
+            return Err(Error::layout(
+                "tensor",
+                "non-negative strides",
+                format!("stride {s}"),
+            ));
         }
         if ptr.is_null() && shape.iter().product::<usize>() != 0 {
             return Err(Error::layout("tensor", "a non-null data pointer", "null"));
         }
-        Ok(Self { ptr, dtype, shape, strides })
+        Ok(Self {
+            ptr,
+            dtype,
+            shape,
+            strides,
+        })
     }
 
     pub fn dtype(&self) -> DType {
@@ -167,7 +209,12 @@ impl TensorView {
         if self.numel() == 0 {
             return (self.ptr as usize, self.ptr as usize);
         }
-        let last: isize = self.shape.iter().zip(&self.strides).map(|(&n, &s)| (n as isize - 1) * s).sum();
+        let last: isize = self
+            .shape
+            .iter()
+            .zip(&self.strides)
+            .map(|(&n, &s)| (n as isize - 1) * s)
+            .sum();
         let lo = self.ptr as usize;
         (lo, lo + (last as usize + 1) * self.dtype.size())
     }
@@ -181,8 +228,13 @@ impl TensorView {
 
     /// True when two different indices may address the same element (stride 0 or interleaved strides).
     pub fn has_internal_overlap(&self) -> bool {
-        let mut dims: Vec<(usize, isize)> =
-            self.shape.iter().copied().zip(self.strides.iter().copied()).filter(|(n, _)| *n > 1).collect();
+        let mut dims: Vec<(usize, isize)> = self
+            .shape
+            .iter()
+            .copied()
+            .zip(self.strides.iter().copied())
+            .filter(|(n, _)| *n > 1)
+            .collect();
         dims.sort_by_key(|&(_, s)| s);
         let mut reach = 1isize; // elements covered by the dims seen so far
         for (n, s) in dims {
@@ -197,7 +249,11 @@ impl TensorView {
     /// Element offset of a multi-index.
     #[inline]
     fn offset(&self, index: &[usize]) -> isize {
-        index.iter().zip(&self.strides).map(|(&i, &s)| i as isize * s).sum()
+        index
+            .iter()
+            .zip(&self.strides)
+            .map(|(&i, &s)| i as isize * s)
+            .sum()
     }
 
     /// Calls `f(element_offset)` for every element in row-major order.
@@ -229,16 +285,32 @@ impl TensorView {
 /// The DLPack bridge tests use it to show that strides and offsets are honoured.
 pub fn strided_copy(src: &TensorView, dst: &TensorView) -> Result<()> {
     if src.dtype != dst.dtype {
-        return Err(Error::dtype("dst", src.dtype.torch_name(), dst.dtype.torch_name()));
+        return Err(Error::dtype(
+            "dst",
+            src.dtype.torch_name(),
+            dst.dtype.torch_name(),
+        ));
     }
     if src.shape != dst.shape {
-        return Err(Error::shape("dst", format!("shape {:?}", src.shape), format!("shape {:?}", dst.shape)));
+        return Err(Error::shape(
+            "dst",
+            format!("shape {:?}", src.shape),
+            format!("shape {:?}", dst.shape),
+        ));
     }
     if dst.has_internal_overlap() {
-        return Err(Error::layout("dst", "a tensor without stride-0 or overlapping dims", "an overlapping view"));
+        return Err(Error::layout(
+            "dst",
+            "a tensor without stride-0 or overlapping dims",
+            "an overlapping view",
+        ));
     }
     if src.overlaps(dst) {
-        return Err(Error::layout("dst", "memory disjoint from src", "a view aliasing src"));
+        return Err(Error::layout(
+            "dst",
+            "memory disjoint from src",
+            "a view aliasing src",
+        ));
     }
     let size = src.dtype.size() as isize;
     let mut offsets = Vec::with_capacity(src.numel());
@@ -286,8 +358,15 @@ mod tests {
 
     fn view(buf: &mut [f32], shape: &[usize], strides: &[isize]) -> TensorView {
         // SAFETY: every test below addresses only elements inside `buf`.
-        unsafe { TensorView::new(buf.as_mut_ptr().cast(), DType::F32, shape.to_vec(), strides.to_vec()) }
-            .unwrap()
+        unsafe {
+            TensorView::new(
+                buf.as_mut_ptr().cast(),
+                DType::F32,
+                shape.to_vec(),
+                strides.to_vec(),
+            )
+        }
+        .unwrap()
     }
 
     #[test]
@@ -317,7 +396,7 @@ mod tests {
 
     #[test]
     fn aliasing_is_detected() {
-        let mut buf = vec![0f32; 8];
+        let mut buf = [0f32; 8];
         let a = view(&mut buf[..4], &[4], &[1]);
         let b = view(&mut buf[2..], &[4], &[1]);
         assert!(a.overlaps(&b));

@@ -9,15 +9,35 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
     /// A tensor or a length has the wrong shape or size.
-    Shape { arg: String, expected: String, got: String },
+    Shape {
+        arg: String,
+        expected: String,
+        got: String,
+    },
     /// A tensor has an element type the operation does not accept.
-    Dtype { arg: String, expected: String, got: String },
+    Dtype {
+        arg: String,
+        expected: String,
+        got: String,
+    },
     /// A tensor lives on a device the operation cannot read.
-    Device { arg: String, expected: String, got: String },
+    Device {
+        arg: String,
+        expected: String,
+        got: String,
+    },
     /// Strides, offsets or memory overlap make a tensor unusable (e.g. an output aliasing an input).
-    Layout { arg: String, expected: String, got: String },
+    Layout {
+        arg: String,
+        expected: String,
+        got: String,
+    },
     /// A scalar argument lies outside its domain (a negative window, a non-finite scale, ...).
-    Value { arg: String, expected: String, got: String },
+    Value {
+        arg: String,
+        expected: String,
+        got: String,
+    },
     /// A registry lookup named something that is not registered.
     UnknownName { name: String, valid: Vec<String> },
     /// The request is valid but this build does not implement it.
@@ -28,24 +48,64 @@ pub enum Error {
 
 impl Error {
     /// A [`Error::Shape`] naming `arg`.
-    pub fn shape(arg: impl Into<String>, expected: impl Into<String>, got: impl Into<String>) -> Self {
-        Self::Shape { arg: arg.into(), expected: expected.into(), got: got.into() }
+    pub fn shape(
+        arg: impl Into<String>,
+        expected: impl Into<String>,
+        got: impl Into<String>,
+    ) -> Self {
+        Self::Shape {
+            arg: arg.into(),
+            expected: expected.into(),
+            got: got.into(),
+        }
     }
     /// A [`Error::Dtype`] naming `arg`.
-    pub fn dtype(arg: impl Into<String>, expected: impl Into<String>, got: impl Into<String>) -> Self {
-        Self::Dtype { arg: arg.into(), expected: expected.into(), got: got.into() }
+    pub fn dtype(
+        arg: impl Into<String>,
+        expected: impl Into<String>,
+        got: impl Into<String>,
+    ) -> Self {
+        Self::Dtype {
+            arg: arg.into(),
+            expected: expected.into(),
+            got: got.into(),
+        }
     }
     /// A [`Error::Device`] naming `arg`.
-    pub fn device(arg: impl Into<String>, expected: impl Into<String>, got: impl Into<String>) -> Self {
-        Self::Device { arg: arg.into(), expected: expected.into(), got: got.into() }
+    pub fn device(
+        arg: impl Into<String>,
+        expected: impl Into<String>,
+        got: impl Into<String>,
+    ) -> Self {
+        Self::Device {
+            arg: arg.into(),
+            expected: expected.into(),
+            got: got.into(),
+        }
     }
     /// A [`Error::Layout`] naming `arg`.
-    pub fn layout(arg: impl Into<String>, expected: impl Into<String>, got: impl Into<String>) -> Self {
-        Self::Layout { arg: arg.into(), expected: expected.into(), got: got.into() }
+    pub fn layout(
+        arg: impl Into<String>,
+        expected: impl Into<String>,
+        got: impl Into<String>,
+    ) -> Self {
+        Self::Layout {
+            arg: arg.into(),
+            expected: expected.into(),
+            got: got.into(),
+        }
     }
     /// A [`Error::Value`] naming `arg`.
-    pub fn value(arg: impl Into<String>, expected: impl Into<String>, got: impl Into<String>) -> Self {
-        Self::Value { arg: arg.into(), expected: expected.into(), got: got.into() }
+    pub fn value(
+        arg: impl Into<String>,
+        expected: impl Into<String>,
+        got: impl Into<String>,
+    ) -> Self {
+        Self::Value {
+            arg: arg.into(),
+            expected: expected.into(),
+            got: got.into(),
+        }
     }
 }
 
@@ -60,10 +120,16 @@ impl fmt::Display for Error {
                 write!(f, "{arg}: expected {expected}, got {got}")
             }
             Self::UnknownName { name, valid } => {
-                write!(f, "`{name}` is not registered; valid names are: {}", valid.join(", "))
+                write!(
+                    f,
+                    "`{name}` is not registered; valid names are: {}",
+                    valid.join(", ")
+                )
             }
             Self::Unsupported(what) => write!(f, "not supported: {what}"),
-            Self::Internal(what) => write!(f, "internal error in attnrs (please report it): {what}"),
+            Self::Internal(what) => {
+                write!(f, "internal error in attnrs (please report it): {what}")
+            }
         }
     }
 }
@@ -77,6 +143,9 @@ mod tests {
     #[test]
     fn messages_name_the_argument_and_both_sides() {
         let e = Error::shape("query", "a 4-D tensor [B, H, Q, D]", "shape [2, 3]");
-        assert_eq!(e.to_string(), "query: expected a 4-D tensor [B, H, Q, D], got shape [2, 3]");
+        assert_eq!(
+            e.to_string(),
+            "query: expected a 4-D tensor [B, H, Q, D], got shape [2, 3]"
+        );
     }
 }

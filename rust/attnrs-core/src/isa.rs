@@ -30,7 +30,11 @@ impl Isa {
             (self.fma, "fma"),
             (self.neon, "neon"),
         ];
-        table.iter().filter(|(on, _)| *on).map(|(_, name)| *name).collect()
+        table
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, name)| *name)
+            .collect()
     }
 
     /// The widest SIMD path the kernels will take on this CPU.
@@ -61,7 +65,10 @@ fn detect() -> Isa {
 
 #[cfg(target_arch = "aarch64")]
 fn detect() -> Isa {
-    Isa { neon: std::arch::is_aarch64_feature_detected!("neon"), ..Isa::default() }
+    Isa {
+        neon: std::arch::is_aarch64_feature_detected!("neon"),
+        ..Isa::default()
+    }
 }
 
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]

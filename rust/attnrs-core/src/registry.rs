@@ -79,7 +79,9 @@ pub struct Registry<V> {
 
 impl<V> Default for Registry<V> {
     fn default() -> Self {
-        Self { entries: RwLock::new(IndexMap::new()) }
+        Self {
+            entries: RwLock::new(IndexMap::new()),
+        }
     }
 }
 
@@ -132,7 +134,10 @@ impl<V: Clone> Registry<V> {
 
     /// `(name, entry)` pairs in insertion order (a snapshot).
     pub fn items(&self) -> Vec<(String, V)> {
-        self.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        self.read()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     pub fn clear(&self) {
@@ -145,7 +150,10 @@ impl<V: Clone> Registry<V> {
         entries
             .get(name)
             .cloned()
-            .ok_or_else(|| Error::UnknownName { name: name.to_owned(), valid: entries.keys().cloned().collect() })
+            .ok_or_else(|| Error::UnknownName {
+                name: name.to_owned(),
+                valid: entries.keys().cloned().collect(),
+            })
     }
 }
 

@@ -19,14 +19,21 @@ struct Pools {
 
 fn pools() -> &'static Mutex<Pools> {
     static POOLS: OnceLock<Mutex<Pools>> = OnceLock::new();
-    POOLS.get_or_init(|| Mutex::new(Pools { pid: std::process::id(), by_size: HashMap::new() }))
+    POOLS.get_or_init(|| {
+        Mutex::new(Pools {
+            pid: std::process::id(),
+            by_size: HashMap::new(),
+        })
+    })
 }
 
 /// The pool with `num_threads` workers (at least one), built on first use in this process.
 pub fn pool(num_threads: usize) -> Result<Arc<ThreadPool>> {
     let num_threads = num_threads.max(1);
     // A poisoned lock only means another thread panicked while holding it; the map is still valid.
-    let mut pools = pools().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut pools = pools()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let pid = std::process::id();
     if pools.pid != pid {
         // We are a forked child: the cached pools' threads live only in the parent.

@@ -173,7 +173,7 @@ pub(crate) struct Logits<A> {
 
 /// One online-softmax step for one row of one tile.
 ///
-/// `s` holds the raw scores of the tile's padded width; the first `n` are real. `bias` (length `n`) is added
+/// `s` holds the raw scores of the tile's padded width (a multiple of 16); the first `n` are real. `bias` (length `n`) is added
 /// and `vis` (length `n`, 0 = hidden) masks. `p` (the tile's padded width) receives `exp(s - m_new)` through
 /// `to_p`, with zeros beyond `n` and for hidden pairs. Returns `alpha`, the factor the caller must apply
 /// to the row's `O` (1 when nothing changed).
@@ -191,6 +191,7 @@ pub(crate) fn online_step<A: Acc, E: Copy>(
     to_p: impl Fn(A) -> E,
 ) -> A {
     let width = s.len();
+    debug_assert!(width % 16 == 0 && p.len() >= width);
     for x in s.iter_mut() {
         *x = *x * lg.scale;
     }
@@ -220,17 +221,15 @@ pub(crate) fn online_step<A: Acc, E: Copy>(
         p[..width].iter_mut().for_each(|x| *x = zero);
         return A::ONE;
     }
-    let alpha = if *m == m_new {
-        A::ONE
-    } else {
-        (*m - m_new).exp_nonpos()
-    };
+    let alpha = if *m == m_new { A::ONE } else { (*m - m_new).exp_nonpos() };
     let mut lanes = [A::ZERO; 16];
-    for (sc, pc) in s.chunks_mut(16).zip(p.chunks_mut(16)) {
-        for ((x, y), acc) in sc.iter().zip(pc.iter_mut()).zip(lanes.iter_mut()) {
-            let e = (*x - m_new).exp_nonpos();
-            *y = to_p(e);
-            *acc = *acc + e;
+    for (sc, pc) in s.chunks_exact(16).zip(p.chunks_exact_mut(16)) {
+        let sc: &[A; 16] = sc.try_into().expect("chunks of 16");
+        let pc: &mut [E; 16] = pc.try_into().expect("chunks of 16");
+        for i in 0..16 {
+            let e = (sc[i] - m_new).exp_nonpos();
+            pc[i] = to_p(e);
+            lanes[i] = lanes[i] + e;
         }
     }
     let sum = lanes.iter().fold(A::ZERO, |a, &b| a + b);
@@ -239,13 +238,14 @@ pub(crate) fn online_step<A: Acc, E: Copy>(
     alpha
 }
 
-/// Maximum over a slice, in 16 lanes so it vectorises.
+/// Maximum over a slice whose length is a multiple of 16, in 16 lanes so it vectorises.
 #[inline(always)]
 fn lane_max<A: Acc>(s: &[A]) -> A {
     let mut lanes = [A::NEG_INF; 16];
-    for c in s.chunks(16) {
-        for (acc, &x) in lanes.iter_mut().zip(c) {
-            *acc = acc.max(x);
+    for c in s.chunks_exact(16) {
+        let c: &[A; 16] = c.try_into().expect("chunks of 16");
+        for i in 0..16 {
+            lanes[i] = lanes[i].max(c[i]);
         }
     }
     lanes.iter().fold(A::NEG_INF, |a, &b| a.max(b))

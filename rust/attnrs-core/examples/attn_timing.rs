@@ -19,7 +19,12 @@ struct Window(usize);
 
 impl MaskTiles for Window {
     fn classify(&self, _: usize, _: usize, rows: Range<usize>, cols: Range<usize>) -> BlockClass {
-        let (r0, r1, c0, c1) = (rows.start as i64, rows.end as i64 - 1, cols.start as i64, cols.end as i64 - 1);
+        let (r0, r1, c0, c1) = (
+            rows.start as i64,
+            rows.end as i64 - 1,
+            cols.start as i64,
+            cols.end as i64 - 1,
+        );
         let w = self.0 as i64;
         if c0 > r1 || c1 <= r0 - w {
             BlockClass::Empty
@@ -70,7 +75,9 @@ fn tensor(store: &mut Vec<u16>, dtype: DType, shape: [usize; 4], seed: u64) -> T
     store.resize(words, 0);
     let mut s = seed;
     let mut rnd = move || {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     };
     match dtype {
@@ -81,9 +88,16 @@ fn tensor(store: &mut Vec<u16>, dtype: DType, shape: [usize; 4], seed: u64) -> T
                 c[1] = (b >> 16) as u16;
             }
         }
-        _ => store.iter_mut().for_each(|x| *x = bf16::from_f32(rnd()).to_bits()),
+        _ => store
+            .iter_mut()
+            .for_each(|x| *x = bf16::from_f32(rnd()).to_bits()),
     }
-    let strides = vec![(shape[1] * shape[2] * shape[3]) as isize, (shape[2] * shape[3]) as isize, shape[3] as isize, 1];
+    let strides = vec![
+        (shape[1] * shape[2] * shape[3]) as isize,
+        (shape[2] * shape[3]) as isize,
+        shape[3] as isize,
+        1,
+    ];
     // SAFETY: `store` holds exactly the elements of a contiguous tensor of `shape` and outlives the view (the
     // caller keeps it alive for the whole run).
     unsafe { TensorView::new(store.as_mut_ptr().cast(), dtype, shape.to_vec(), strides) }.unwrap()
@@ -102,7 +116,9 @@ struct Case {
 /// CPU seconds (user + system) this process has used, from `/proc/self/stat` (Linux; 0 elsewhere). Another
 /// job sharing the cores stretches wall time but not CPU time, so `cpu / threads` estimates the uncontended time.
 fn cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
     let after = stat.rsplit(')').next().unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
@@ -112,11 +128,19 @@ fn cpu_seconds() -> f64 {
 fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let opt = |flag: &str, default: usize| {
-        argv.iter().position(|a| a == flag).and_then(|i| argv.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+        argv.iter()
+            .position(|a| a == flag)
+            .and_then(|i| argv.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
     };
     let threads = opt("--threads", 2);
     let reps = opt("--reps", 3);
-    let filter = argv.iter().find(|a| !a.starts_with("--") && a.parse::<usize>().is_err()).cloned().unwrap_or_default();
+    let filter = argv
+        .iter()
+        .find(|a| !a.starts_with("--") && a.parse::<usize>().is_err())
+        .cloned()
+        .unwrap_or_default();
     let backend = match std::env::var("ATTNRS_BACKEND").as_deref() {
         Ok("portable") => Backend::Portable,
         Ok("avx2") => Backend::Avx2,
@@ -133,24 +157,67 @@ fn main() {
     for dtype in [DType::F32, DType::BF16] {
         let tag = if dtype == DType::F32 { "f32" } else { "bf16" };
         let causal = Box::new(CausalTiles { diagonal: 0 });
-        cases.push(Case { name: format!("causal L{l} {tag}"), dtype, q: l, k: l, mask: causal, pairs: causal_pairs });
-        cases.push(Case { name: format!("window512 L{l} {tag}"), dtype, q: l, k: l, mask: Box::new(Window(512)), pairs: window_pairs });
-        cases.push(Case { name: format!("8docs L{l} {tag}"), dtype, q: l, k: l, mask: Box::new(Documents(doc)), pairs: doc_pairs });
+        cases.push(Case {
+            name: format!("causal L{l} {tag}"),
+            dtype,
+            q: l,
+            k: l,
+            mask: causal,
+            pairs: causal_pairs,
+        });
+        cases.push(Case {
+            name: format!("window512 L{l} {tag}"),
+            dtype,
+            q: l,
+            k: l,
+            mask: Box::new(Window(512)),
+            pairs: window_pairs,
+        });
+        cases.push(Case {
+            name: format!("8docs L{l} {tag}"),
+            dtype,
+            q: l,
+            k: l,
+            mask: Box::new(Documents(doc)),
+            pairs: doc_pairs,
+        });
         for lk in [8192usize, 65536] {
-            cases.push(Case { name: format!("decode Q1 Lk{lk} {tag}"), dtype, q: 1, k: lk, mask: Box::new(NoMask), pairs: lk as f64 });
+            cases.push(Case {
+                name: format!("decode Q1 Lk{lk} {tag}"),
+                dtype,
+                q: 1,
+                k: lk,
+                mask: Box::new(NoMask),
+                pairs: lk as f64,
+            });
         }
     }
-    println!("B{b} H{h} Hkv{hkv} D{d}, {threads} threads, backend {:?}, best of {reps}", backend.resolve(DType::BF16).unwrap());
-    println!("{:<24} {:>10} {:>10} {:>10} {:>12}", "case", "ms", "GFLOP/s", "KV GB/s", "cpu-ms/thr");
+    println!(
+        "B{b} H{h} Hkv{hkv} D{d}, {threads} threads, backend {:?}, best of {reps}",
+        backend.resolve(DType::BF16).unwrap()
+    );
+    println!(
+        "{:<24} {:>10} {:>10} {:>10} {:>12}",
+        "case", "ms", "GFLOP/s", "KV GB/s", "cpu-ms/thr"
+    );
     for case in cases.iter().filter(|c| c.name.contains(&filter)) {
-        let (mut sq, mut sk, mut sv, mut so, mut sl) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut sq, mut sk, mut sv, mut so, mut sl) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let q = tensor(&mut sq, case.dtype, [b, h, case.q, d], 1);
         let k = tensor(&mut sk, case.dtype, [b, hkv, case.k, d], 2);
         let v = tensor(&mut sv, case.dtype, [b, hkv, case.k, d], 3);
         let out = tensor(&mut so, case.dtype, [b, h, case.q, d], 4);
         sl.resize(b * h * case.q * 2, 0u16);
         // SAFETY: `sl` holds b·h·q f32 values and outlives the view.
-        let lse = unsafe { TensorView::new(sl.as_mut_ptr().cast(), DType::F32, vec![b, h, case.q], vec![(h * case.q) as isize, case.q as isize, 1]) }.unwrap();
+        let lse = unsafe {
+            TensorView::new(
+                sl.as_mut_ptr().cast(),
+                DType::F32,
+                vec![b, h, case.q],
+                vec![(h * case.q) as isize, case.q as isize, 1],
+            )
+        }
+        .unwrap();
         let args = AttentionArgs {
             query: &q,
             key: &k,
@@ -175,7 +242,17 @@ fn main() {
         let cpu = (cpu_seconds() - cpu0) / reps.max(1) as f64 / threads as f64;
         let flops = 4.0 * (b * h * d) as f64 * case.pairs;
         let kv_bytes = (2 * b * hkv * case.k * d * case.dtype.size()) as f64;
-        let gbs = if case.q == 1 { format!("{:>10.1}", kv_bytes / best / 1e9) } else { format!("{:>10}", "-") };
-        println!("{:<24} {:>10.2} {:>10.1} {gbs} {:>12.1}", case.name, best * 1e3, flops / best / 1e9, cpu * 1e3);
+        let gbs = if case.q == 1 {
+            format!("{:>10.1}", kv_bytes / best / 1e9)
+        } else {
+            format!("{:>10}", "-")
+        };
+        println!(
+            "{:<24} {:>10.2} {:>10.1} {gbs} {:>12.1}",
+            case.name,
+            best * 1e3,
+            flops / best / 1e9,
+            cpu * 1e3
+        );
     }
 }

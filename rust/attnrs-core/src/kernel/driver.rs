@@ -78,6 +78,7 @@ struct Scratch<K: Kern> {
     vis: Vec<u8>,
     bias: Vec<K::A>,
     kv: Vec<K::E>,
+    stage: Vec<u32>,
 }
 
 impl<K: Kern> Scratch<K> {
@@ -93,6 +94,7 @@ impl<K: Kern> Scratch<K> {
             vis: vec![0; job.bq * BC],
             bias: vec![K::A::default(); BC],
             kv: Vec::new(),
+            stage: Vec::new(),
         }
     }
 }
@@ -109,7 +111,14 @@ enum KvSrc<'a, E> {
 /// Packs kv tile `t` of `(b, kvh)` into `dst` (`klen` of Kᵀ then `vlen` of V). Padding (d beyond D, columns
 /// beyond the tile, v columns beyond Dv) is written as zeros.
 #[inline(always)]
-fn pack_tile<K: Kern, T: Float>(job: &Job<T>, b: usize, kvh: usize, t: usize, dst: &mut [K::E]) {
+fn pack_tile<K: Kern, T: Float>(
+    job: &Job<T>,
+    b: usize,
+    kvh: usize,
+    t: usize,
+    dst: &mut [K::E],
+    stage: &mut Vec<u32>,
+) {
     let Dims {
         k: klen_total,
         d,
@@ -121,14 +130,47 @@ fn pack_tile<K: Kern, T: Float>(job: &Job<T>, b: usize, kvh: usize, t: usize, ds
     let n = (klen_total - c0).min(BC);
     let (kt, vt) = dst.split_at_mut(job.klen());
     let zero = K::E::default();
+    // Contiguous rows whose bits are the operand's pack by moving 32-bit units (no conversion).
+    let raw = K::RAW == Some(T::DTYPE) && std::mem::size_of::<K::E>() * pair == 4;
+    let tsize = std::mem::size_of::<T>() as isize;
     // Kᵀ: [dp / pair][BC][pair].
-    for c in 0..n {
-        // SAFETY: (b, kvh, c0 + c, 0) is in range of key; its row has D elements at stride st[3].
-        let row = unsafe { job.k.at(b, kvh, c0 + c, 0) };
-        for dd in 0..d {
-            // SAFETY: dd < D.
-            let x = unsafe { row.offset(dd as isize * job.k.st[3]).read() };
-            kt[((dd / pair) * BC + c) * pair + dd % pair] = K::load(x);
+    if raw && job.k.st[3] == 1 && d % pair == 0 && n > 0 {
+        // SAFETY: rows c0..c0+n of key are in range, each with D contiguous elements (D / pair units); `kt`
+        // holds dp / pair units of BC columns; the kernel's features were checked by `Backend::resolve`.
+        unsafe {
+            let src = job.k.at(b, kvh, c0, 0).cast::<u8>();
+            let row_bytes = job.k.st[2] * tsize;
+            let units = d / pair;
+            // Copy the rows to a contiguous stage first: a sequential read the prefetchers follow, after which
+            // the transposing gathers hit L1/L2 instead of 16 DRAM streams at once.
+            stage.resize(n * units, 0);
+            for c in 0..n {
+                let row = src.offset(c as isize * row_bytes);
+                std::ptr::copy_nonoverlapping(
+                    row,
+                    stage.as_mut_ptr().add(c * units).cast::<u8>(),
+                    units * 4,
+                );
+            }
+            let row_bytes = (units * 4) as isize;
+            K::transpose_units(
+                stage.as_ptr().cast(),
+                row_bytes,
+                n,
+                units,
+                kt.as_mut_ptr().cast(),
+                BC,
+            );
+        }
+    } else {
+        for c in 0..n {
+            // SAFETY: (b, kvh, c0 + c, 0) is in range of key; its row has D elements at stride st[3].
+            let row = unsafe { job.k.at(b, kvh, c0 + c, 0) };
+            for dd in 0..d {
+                // SAFETY: dd < D.
+                let x = unsafe { row.offset(dd as isize * job.k.st[3]).read() };
+                kt[((dd / pair) * BC + c) * pair + dd % pair] = K::load(x);
+            }
         }
     }
     for c in n..BC {
@@ -137,19 +179,59 @@ fn pack_tile<K: Kern, T: Float>(job: &Job<T>, b: usize, kvh: usize, t: usize, ds
         }
     }
     // V: [BC / pair][dvp][pair].
-    for c in 0..BC {
-        let (cp, ct) = (c / pair, c % pair);
-        if c < n {
-            // SAFETY: (b, kvh, c0 + c, 0) is in range of value; its row has Dv elements at stride st[3].
-            let row = unsafe { job.v.at(b, kvh, c0 + c, 0) };
-            for j in 0..dv {
-                // SAFETY: j < Dv.
-                let x = unsafe { row.offset(j as isize * job.v.st[3]).read() };
-                vt[(cp * job.dvp + j) * pair + ct] = K::load(x);
+    let vrow = |c: usize| -> Option<*const T> {
+        // SAFETY: (b, kvh, c0 + c, 0) is in range of value when c < n.
+        (c < n).then(|| unsafe { job.v.at(b, kvh, c0 + c, 0) } as *const T)
+    };
+    if raw && job.v.st[3] == 1 && pair == 1 {
+        for c in 0..BC {
+            let dst = &mut vt[c * job.dvp..c * job.dvp + dv];
+            match vrow(c) {
+                // SAFETY: the row holds Dv contiguous elements whose bits are `K::E` values (`raw`).
+                Some(row) => dst
+                    .copy_from_slice(unsafe { std::slice::from_raw_parts(row.cast::<K::E>(), dv) }),
+                None => dst.fill(zero),
             }
-        } else {
-            for j in 0..dv {
-                vt[(cp * job.dvp + j) * pair + ct] = zero;
+        }
+    } else if raw && job.v.st[3] == 1 {
+        // bf16 pairs: unit (cp, j) = v[2cp, j] | v[2cp + 1, j] << 16.
+        // SAFETY: rows hold Dv contiguous 16-bit elements.
+        let half =
+            |c: usize| vrow(c).map(|r| unsafe { std::slice::from_raw_parts(r.cast::<u16>(), dv) });
+        for cp in 0..BC / 2 {
+            let dst = vt[cp * job.dvp * 2..(cp * job.dvp + dv) * 2]
+                .as_mut_ptr()
+                .cast::<u32>();
+            let put = |j: usize, x: u32| {
+                // SAFETY: unit j < Dv of pair-row cp lies inside `vt` (sliced above); unaligned write.
+                unsafe { dst.add(j).write_unaligned(x) }
+            };
+            match (half(2 * cp), half(2 * cp + 1)) {
+                (Some(a), Some(bb)) => a
+                    .iter()
+                    .zip(bb)
+                    .enumerate()
+                    .for_each(|(j, (&x, &y))| put(j, x as u32 | (y as u32) << 16)),
+                (Some(a), None) => a.iter().enumerate().for_each(|(j, &x)| put(j, x as u32)),
+                _ => (0..dv).for_each(|j| put(j, 0)),
+            }
+        }
+    } else {
+        for c in 0..BC {
+            let (cp, ct) = (c / pair, c % pair);
+            match vrow(c) {
+                Some(row) => {
+                    for j in 0..dv {
+                        // SAFETY: j < Dv.
+                        let x = unsafe { row.offset(j as isize * job.v.st[3]).read() };
+                        vt[(cp * job.dvp + j) * pair + ct] = K::load(x);
+                    }
+                }
+                None => {
+                    for j in 0..dv {
+                        vt[(cp * job.dvp + j) * pair + ct] = zero;
+                    }
+                }
             }
         }
     }
@@ -214,7 +296,7 @@ fn item_body<K: Kern, T: Float>(
             }
             KvSrc::Stream => {
                 sc.kv.resize(job.klen() + job.vlen(), K::E::default());
-                pack_tile::<K, T>(job, b, kvh, t, &mut sc.kv);
+                pack_tile::<K, T>(job, b, kvh, t, &mut sc.kv, &mut sc.stage);
                 &sc.kv
             }
         };
@@ -360,7 +442,14 @@ trait Entry: Kern {
     );
     /// # Safety
     /// As for [`Entry::item`].
-    unsafe fn pack<T: Float>(job: &Job<T>, b: usize, kvh: usize, t: usize, dst: &mut [Self::E]);
+    unsafe fn pack<T: Float>(
+        job: &Job<T>,
+        b: usize,
+        kvh: usize,
+        t: usize,
+        dst: &mut [Self::E],
+        stage: &mut Vec<u32>,
+    );
 }
 
 macro_rules! entry {
@@ -393,13 +482,20 @@ macro_rules! entry {
                 // SAFETY: the caller guarantees the CPU has the features `go` is compiled for.
                 unsafe { go::<T>(job, b, kvh, q0, q1, tiles, src, sc) }
             }
-            unsafe fn pack<T: Float>(job: &Job<T>, b: usize, kvh: usize, t: usize, dst: &mut [Self::E]) {
+            unsafe fn pack<T: Float>(job: &Job<T>, b: usize, kvh: usize, t: usize, dst: &mut [Self::E], stage: &mut Vec<u32>) {
                 $(#[target_feature(enable = $feature)])?
-                unsafe fn go<T: Float>(job: &Job<T>, b: usize, kvh: usize, t: usize, dst: &mut [<$kern as Kern>::E]) {
-                    pack_tile::<$kern, T>(job, b, kvh, t, dst)
+                unsafe fn go<T: Float>(
+                    job: &Job<T>,
+                    b: usize,
+                    kvh: usize,
+                    t: usize,
+                    dst: &mut [<$kern as Kern>::E],
+                    stage: &mut Vec<u32>,
+                ) {
+                    pack_tile::<$kern, T>(job, b, kvh, t, dst, stage)
                 }
                 // SAFETY: as above.
-                unsafe { go::<T>(job, b, kvh, t, dst) }
+                unsafe { go::<T>(job, b, kvh, t, dst, stage) }
             }
         }
     };
@@ -503,14 +599,14 @@ fn prefill<K: Entry, T: Float>(job: &Job<T>) {
         packed.clear();
         packed.resize(group.len() * ntiles * tile_len, K::E::default());
         if tile_len > 0 {
-            packed
-                .par_chunks_mut(tile_len)
-                .enumerate()
-                .for_each(|(idx, dst)| {
+            packed.par_chunks_mut(tile_len).enumerate().for_each_init(
+                Vec::new,
+                |stage, (idx, dst)| {
                     let (b, kvh) = group[idx / ntiles];
                     // SAFETY: `K` was chosen by `Backend::resolve` for this CPU.
-                    unsafe { K::pack::<T>(job, b, kvh, idx % ntiles, dst) };
-                });
+                    unsafe { K::pack::<T>(job, b, kvh, idx % ntiles, dst, stage) };
+                },
+            );
         }
         let packed = &packed;
         // Largest blocks first (under a causal mask the last query blocks see the most keys).

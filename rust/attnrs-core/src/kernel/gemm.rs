@@ -6,7 +6,7 @@
 //! operand order of AVX-512 BF16's `vdpbf16ps`. A is row-major with each row's `k` (pairs) contiguous, so
 //! one broadcast feeds a whole row of accumulators. `n` is always a multiple of 16.
 
-use crate::tensor::Float;
+use crate::tensor::{DType, Float};
 
 use super::softmax::Acc;
 
@@ -18,8 +18,37 @@ pub(crate) trait Kern: Copy + Send + Sync + 'static {
     type E: Copy + Default + Send + Sync + 'static;
     /// k-elements per packed unit: 1, or 2 for bf16 pairs.
     const PAIR: usize;
+    /// The input dtype whose bits are exactly the packed operand's (`PAIR` of them make one 32-bit unit),
+    /// so contiguous rows of it pack by moving 32-bit units.
+    const RAW: Option<DType>;
     /// Converts an accumulator value (a probability) to an operand.
     fn to_e(x: Self::A) -> Self::E;
+    /// Transposes 32-bit units: `dst[u * ld + c] = unit u of row c` for `c < n`, `u < units`, where row `c`
+    /// starts `c * row_bytes` bytes after `src`.
+    ///
+    /// # Safety
+    /// Every unit read lies in readable memory, `dst` holds `(units - 1) * ld + n` units, `n <= ld`, and the
+    /// CPU has the kernel's target features.
+    #[inline(always)]
+    unsafe fn transpose_units(
+        src: *const u8,
+        row_bytes: isize,
+        n: usize,
+        units: usize,
+        dst: *mut u32,
+        ld: usize,
+    ) {
+        for c in 0..n {
+            // SAFETY: row c and its `units` units are readable; `u * ld + c` is inside `dst` (caller's promise).
+            unsafe {
+                let row = src.offset(c as isize * row_bytes).cast::<u32>();
+                for u in 0..units {
+                    dst.add(u * ld + c)
+                        .write_unaligned(row.add(u).read_unaligned());
+                }
+            }
+        }
+    }
     /// Converts an input element to an operand.
     fn load<T: Float>(x: T) -> Self::E;
     /// `C (+)= A·B` with `kp` packed units of k. Element `(i, p)` of A is at `a[i*lda + p*PAIR ..]`, element
@@ -51,6 +80,7 @@ impl<A: Acc> Kern for Portable<A> {
     type A = A;
     type E = A;
     const PAIR: usize = 1;
+    const RAW: Option<DType> = if A::IS_F32 { Some(DType::F32) } else { None };
     #[inline(always)]
     fn to_e(x: A) -> A {
         x
@@ -120,7 +150,93 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{bf16_bits, Kern};
-    use crate::tensor::Float;
+    use crate::tensor::{DType, Float};
+
+    /// [`Kern::transpose_units`] on AVX-512: 16×16 blocks of 32-bit units transposed in registers
+    /// (unpack 32, unpack 64, then two rounds of 128-bit lane shuffles); leftover rows and units one by one.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transpose16(
+        src: *const u8,
+        row_bytes: isize,
+        n: usize,
+        units: usize,
+        dst: *mut u32,
+        ld: usize,
+    ) {
+        let (full_rows, full_units) = (n / 16 * 16, units / 16 * 16);
+        for c0 in (0..full_rows).step_by(16) {
+            for u0 in (0..full_units).step_by(16) {
+                // SAFETY: rows c0..c0+16, units u0..u0+16 are readable; dst units (u0+k)*ld + c0.. +16 are
+                // inside `dst` (caller's promise).
+                unsafe {
+                    let r: [__m512i; 16] = std::array::from_fn(|i| {
+                        _mm512_loadu_si512(
+                            src.offset((c0 + i) as isize * row_bytes).add(4 * u0).cast(),
+                        )
+                    });
+                    let t: [__m512i; 16] = std::array::from_fn(|i| {
+                        let (a, b) = (r[i & !1], r[i | 1]);
+                        if i % 2 == 0 {
+                            _mm512_unpacklo_epi32(a, b)
+                        } else {
+                            _mm512_unpackhi_epi32(a, b)
+                        }
+                    });
+                    // u[4g + k]: lane L holds rows 4g..4g+4 at unit 4L + k.
+                    let u: [__m512i; 16] = std::array::from_fn(|i| {
+                        let (g, k) = (i / 4, i % 4);
+                        let (a, b) = (t[4 * g + k / 2], t[4 * g + 2 + k / 2]);
+                        if k % 2 == 0 {
+                            _mm512_unpacklo_epi64(a, b)
+                        } else {
+                            _mm512_unpackhi_epi64(a, b)
+                        }
+                    });
+                    for k in 0..4 {
+                        let v0 = _mm512_shuffle_i32x4::<0x44>(u[k], u[4 + k]);
+                        let v1 = _mm512_shuffle_i32x4::<0xEE>(u[k], u[4 + k]);
+                        let v2 = _mm512_shuffle_i32x4::<0x44>(u[8 + k], u[12 + k]);
+                        let v3 = _mm512_shuffle_i32x4::<0xEE>(u[8 + k], u[12 + k]);
+                        let out = [
+                            _mm512_shuffle_i32x4::<0x88>(v0, v2),
+                            _mm512_shuffle_i32x4::<0xDD>(v0, v2),
+                            _mm512_shuffle_i32x4::<0x88>(v1, v3),
+                            _mm512_shuffle_i32x4::<0xDD>(v1, v3),
+                        ];
+                        for (l, o) in out.iter().enumerate() {
+                            _mm512_storeu_si512(dst.add((u0 + 4 * l + k) * ld + c0).cast(), *o);
+                        }
+                    }
+                }
+            }
+            // SAFETY: leftover units of these rows, under the same promise.
+            unsafe { scalar_units(src, row_bytes, c0..c0 + 16, full_units..units, dst, ld) };
+        }
+        // SAFETY: leftover rows, under the same promise.
+        unsafe { scalar_units(src, row_bytes, full_rows..n, 0..units, dst, ld) };
+    }
+
+    /// Rows `rows` and units `units` of [`Kern::transpose_units`], one unit at a time.
+    #[inline(always)]
+    unsafe fn scalar_units(
+        src: *const u8,
+        row_bytes: isize,
+        rows: std::ops::Range<usize>,
+        units: std::ops::Range<usize>,
+        dst: *mut u32,
+        ld: usize,
+    ) {
+        for c in rows {
+            // SAFETY: caller's promise, as for `transpose16`.
+            unsafe {
+                let row = src.offset(c as isize * row_bytes).cast::<u32>();
+                for u in units.clone() {
+                    dst.add(u * ld + c)
+                        .write_unaligned(row.add(u).read_unaligned());
+                }
+            }
+        }
+    }
 
     /// Dispatches the runtime tile shape `(rows, vecs)` to a const-generic tile function.
     macro_rules! dispatch_tile {
@@ -190,6 +306,7 @@ mod x86 {
         type A = f32;
         type E = f32;
         const PAIR: usize = 1;
+        const RAW: Option<DType> = Some(DType::F32);
         #[inline(always)]
         fn to_e(x: f32) -> f32 {
             x
@@ -197,6 +314,18 @@ mod x86 {
         #[inline(always)]
         fn load<T: Float>(x: T) -> f32 {
             x.to_f32()
+        }
+        #[inline(always)]
+        unsafe fn transpose_units(
+            src: *const u8,
+            row_bytes: isize,
+            n: usize,
+            units: usize,
+            dst: *mut u32,
+            ld: usize,
+        ) {
+            // SAFETY: forwarded promise (this kernel only runs on CPUs with AVX-512F).
+            unsafe { transpose16(src, row_bytes, n, units, dst, ld) }
         }
         #[inline(always)]
         unsafe fn gemm(
@@ -283,9 +412,22 @@ mod x86 {
         type A = f32;
         type E = u16;
         const PAIR: usize = 2;
+        const RAW: Option<DType> = Some(DType::BF16);
         #[inline(always)]
         fn to_e(x: f32) -> u16 {
             bf16_bits(x)
+        }
+        #[inline(always)]
+        unsafe fn transpose_units(
+            src: *const u8,
+            row_bytes: isize,
+            n: usize,
+            units: usize,
+            dst: *mut u32,
+            ld: usize,
+        ) {
+            // SAFETY: forwarded promise (this kernel only runs on CPUs with AVX-512 BF16).
+            unsafe { transpose16(src, row_bytes, n, units, dst, ld) }
         }
         #[inline(always)]
         fn load<T: Float>(x: T) -> u16 {
@@ -374,6 +516,7 @@ mod x86 {
         type A = f32;
         type E = f32;
         const PAIR: usize = 1;
+        const RAW: Option<DType> = Some(DType::F32);
         #[inline(always)]
         fn to_e(x: f32) -> f32 {
             x

@@ -22,6 +22,8 @@ pub(crate) trait Acc:
     + Sub<Output = Self>
     + Mul<Output = Self>
 {
+    /// True for f32 (false for f64).
+    const IS_F32: bool;
     const ZERO: Self;
     const ONE: Self;
     const NEG_INF: Self;
@@ -39,6 +41,7 @@ pub(crate) trait Acc:
 }
 
 impl Acc for f32 {
+    const IS_F32: bool = true;
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const NEG_INF: Self = f32::NEG_INFINITY;
@@ -89,6 +92,7 @@ impl Acc for f32 {
 }
 
 impl Acc for f64 {
+    const IS_F32: bool = false;
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const NEG_INF: Self = f64::NEG_INFINITY;
@@ -221,7 +225,11 @@ pub(crate) fn online_step<A: Acc, E: Copy>(
         p[..width].iter_mut().for_each(|x| *x = zero);
         return A::ONE;
     }
-    let alpha = if *m == m_new { A::ONE } else { (*m - m_new).exp_nonpos() };
+    let alpha = if *m == m_new {
+        A::ONE
+    } else {
+        (*m - m_new).exp_nonpos()
+    };
     let mut lanes = [A::ZERO; 16];
     for (sc, pc) in s.chunks_exact(16).zip(p.chunks_exact_mut(16)) {
         let sc: &[A; 16] = sc.try_into().expect("chunks of 16");

@@ -42,6 +42,8 @@ enum Layout {
     Transposed,
     /// Rows padded: the last-but-one stride exceeds the row length.
     Padded,
+    /// The last two dims swapped in memory (the head dim is strided).
+    ColumnMajor,
     /// Dim 0 (or 1) broadcast with stride 0.
     Broadcast(usize),
 }
@@ -62,8 +64,10 @@ impl Buf {
     ) -> Buf {
         let n = shape.len();
         let mut order: Vec<usize> = (0..n).collect(); // outermost first
-        if let (Layout::Transposed, 4) = (layout, n) {
-            order = vec![0, 2, 1, 3];
+        match (layout, n) {
+            (Layout::Transposed, 4) => order = vec![0, 2, 1, 3],
+            (Layout::ColumnMajor, 4) => order = vec![0, 1, 3, 2],
+            _ => {}
         }
         let mut strides = vec![0isize; n];
         let mut acc = 1usize;
@@ -369,10 +373,11 @@ struct Case {
 }
 
 fn layout(rng: &mut Rng, broadcastable: bool) -> Layout {
-    match rng.below(if broadcastable { 5 } else { 3 }) {
+    match rng.below(if broadcastable { 6 } else { 4 }) {
         0 => Layout::Contiguous,
         1 => Layout::Transposed,
         2 => Layout::Padded,
+        3 => Layout::ColumnMajor,
         _ => Layout::Broadcast(rng.below(2)),
     }
 }

@@ -195,7 +195,7 @@ pub(crate) fn online_step<A: Acc, E: Copy>(
     to_p: impl Fn(A) -> E,
 ) -> A {
     let width = s.len();
-    debug_assert!(width % 16 == 0 && p.len() >= width);
+    debug_assert!(width.is_multiple_of(16) && p.len() >= width);
     for x in s.iter_mut() {
         *x = *x * lg.scale;
     }

@@ -2,7 +2,7 @@
 //!
 //! `cargo run --release -p attnrs-core --example attn_timing [-- FILTER] [--threads N] [--reps N]`
 //!
-//! Shapes: B1 H32 Hkv8 D128. Prefill L4096 causal (f32, bf16), sliding window 512, 8 packed documents;
+//! Shapes: B1 H32 Hkv8 D128. Prefill L4096 full, causal (f32, bf16), sliding window 512, 8 packed documents;
 //! decode Q=1 over Lk 8192 and 65536 without a mask. Prints the best time of several runs, useful GFLOP/s
 //! (4·B·H·D·visible pairs) and, for decode, the K+V bytes read per second.
 
@@ -156,6 +156,15 @@ fn main() {
     let mut cases = Vec::new();
     for dtype in [DType::F32, DType::BF16] {
         let tag = if dtype == DType::F32 { "f32" } else { "bf16" };
+        let full = (l * l) as f64;
+        cases.push(Case {
+            name: format!("full L{l} {tag}"),
+            dtype,
+            q: l,
+            k: l,
+            mask: Box::new(NoMask),
+            pairs: full,
+        });
         let causal = Box::new(CausalTiles { diagonal: 0 });
         cases.push(Case {
             name: format!("causal L{l} {tag}"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from . import errors, functions, mask_builders, masks
 from ._attnrs import __version__, cpu_features, simd_path
+from .attention import attention
 from ._threads import num_threads
 from .errors import (
     ArgumentError,
@@ -50,6 +51,7 @@ __all__ = [
     "UnknownNameError",
     "UnsupportedError",
     "__version__",
+    "attention",
     "cpu_features",
     "create_block_mask",
     "create_dense_mask",

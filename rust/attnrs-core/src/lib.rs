@@ -6,6 +6,7 @@
 pub mod block;
 pub mod error;
 pub mod isa;
+pub mod kernel;
 pub mod layout;
 pub mod mask;
 pub mod registry;

@@ -15,15 +15,26 @@ use crate::door::run_detached;
 use crate::errors::PyAttnrsError;
 
 fn optional(obj: Option<&Bound<'_, PyAny>>, arg: &str) -> PyResult<Option<Imported>> {
-    obj.filter(|o| !o.is_none()).map(|o| dlpack::import(o, arg)).transpose()
+    obj.filter(|o| !o.is_none())
+        .map(|o| dlpack::import(o, arg))
+        .transpose()
 }
 
 fn ints(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Vec<i64>> {
     let t = dlpack::import(obj, arg)?;
     if t.view.dtype() != DType::I64 {
-        return Err(PyAttnrsError(Error::dtype(arg, "torch.int64", t.view.dtype().torch_name())).into());
+        return Err(PyAttnrsError(Error::dtype(
+            arg,
+            "torch.int64",
+            t.view.dtype().torch_name(),
+        ))
+        .into());
     }
-    Ok(t.view.to_contiguous_bytes().chunks_exact(8).map(|c| i64::from_ne_bytes(c.try_into().unwrap_or([0; 8]))).collect())
+    Ok(t.view
+        .to_contiguous_bytes()
+        .chunks_exact(8)
+        .map(|c| i64::from_ne_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect())
 }
 
 /// Runs the CPU kernel: `out[B,H,Q,Dv]` (and `lse[B,H,Q]` f32 if given) from q, k, v.
@@ -59,8 +70,12 @@ pub fn attention_forward(
     let key = dlpack::import(key, "key")?;
     let value = dlpack::import(value, "value")?;
     let out = dlpack::import_output(out, "out")?;
-    let lse = lse.filter(|o| !o.is_none()).map(|o| dlpack::import_output(o, "lse")).transpose()?;
-    let dense = optional(dense_mask, "attn_mask")?.map(|t| DenseTiles::new(t.view.clone()).map(|d| (d, t)));
+    let lse = lse
+        .filter(|o| !o.is_none())
+        .map(|o| dlpack::import_output(o, "lse"))
+        .transpose()?;
+    let dense =
+        optional(dense_mask, "attn_mask")?.map(|t| DenseTiles::new(t.view.clone()).map(|d| (d, t)));
     let dense = dense.transpose().map_err(PyAttnrsError)?;
     let bias = optional(bias, "attn_mask")?;
     let sinks = optional(sinks, "sinks")?;
@@ -69,7 +84,9 @@ pub fn attention_forward(
         None
     } else {
         let table = ints(program_ints, "program_ints")?;
-        let bytes = dlpack::import(program_bytes, "program_bytes")?.view.to_contiguous_bytes();
+        let bytes = dlpack::import(program_bytes, "program_bytes")?
+            .view
+            .to_contiguous_bytes();
         Some(MaskExpr::decode(&program, &table, &bytes).map_err(PyAttnrsError)?)
     };
     run_detached(py, move || {

@@ -1,6 +1,7 @@
 //! `attnrs._attnrs`: the compiled half of attnrs. It converts Python arguments into plain Rust data,
 //! validates them, releases the GIL, calls `attnrs-core` and converts back. It holds no algorithm.
 
+mod attention;
 mod dlpack;
 mod door;
 mod errors;
@@ -18,6 +19,8 @@ mod _attnrs {
     use crate::dlpack;
     use crate::door::run_detached;
 
+    #[pymodule_export]
+    use crate::attention::attention_forward;
     #[pymodule_export]
     use crate::masks::{PyBitmapBuilder, PyBlockLayout, PyMaskExpr};
     #[pymodule_export]

@@ -1,0 +1,164 @@
+"""The torch backends of ``attnrs.attention``: ``sdpa``, ``flex`` and ``math``.
+
+They take the same resolved mask as the Rust kernel, so tests can force any of them and compare, and the
+CUDA path can delegate to torch. ``math`` is the plain formula (float32 accumulation for half types, float64
+for float64) and supports everything; ``sdpa`` and ``flex`` support what their torch functions support.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UnsupportedError
+from .masks import create_dense_mask
+
+if TYPE_CHECKING:
+    from .attention import _ResolvedMask
+
+
+def visibility(resolved: _ResolvedMask, shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor | None:
+    """The resolved mask's bool visibility broadcastable to [B, H, Q, K] (None: everything visible)."""
+    batch, heads, q_len, kv_len = shape
+    visible = None
+    if resolved.structural is not None:
+        visible = create_dense_mask(
+            resolved.structural, batch, heads, q_len, kv_len, q_offset=resolved.q_offset,
+            kv_offset=resolved.kv_offset,
+        ).to(device)
+    if resolved.dense_bool is not None:
+        visible = resolved.dense_bool if visible is None else visible & resolved.dense_bool
+    return visible
+
+
+def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.repeat_interleave(heads // x.shape[1], dim=1) if x.shape[1] != heads else x
+
+
+def math_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    visible: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: float,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The formula, written plainly: returns (out [B, H, Q, Dv], lse float32 [B, H, Q])."""
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    heads = query.shape[1]
+    q = query.to(compute)
+    k = _repeat_kv(key, heads).to(compute)
+    v = _repeat_kv(value, heads).to(compute)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if bias is not None:
+        scores = scores + bias.to(compute)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        sink_column = sinks.to(compute).reshape(1, heads, 1, 1).expand(*scores.shape[:-1], 1)
+        lse = torch.logsumexp(torch.cat([scores, sink_column], dim=-1), dim=-1)
+    else:
+        lse = torch.logsumexp(scores, dim=-1)
+    # Rows that see nothing have lse = -inf: their weights are 0 (not NaN).
+    weights = torch.exp(scores - lse[..., None].masked_fill(torch.isneginf(lse[..., None]), 0.0))
+    weights = weights.masked_fill(torch.isneginf(scores), 0.0)
+    out = torch.matmul(weights, v)
+    return out.to(query.dtype), lse.to(torch.float32)
+
+
+def torch_attention(
+    backend: str,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    resolved: _ResolvedMask,
+    shape: tuple[int, int, int, int],
+    scale: float,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if backend == "math":
+        visible = visibility(resolved, shape, query.device)
+        return math_attention(query, key, value, visible, resolved.bias, scale, softcap, sinks)
+    if backend == "sdpa":
+        for name, value_ in (("softcap", softcap), ("sinks", sinks)):
+            if value_ is not None:
+                raise UnsupportedError(f"{name}: torch's scaled_dot_product_attention has no {name}; use "
+                                       "backend='native', 'flex' or 'math'")
+        if return_lse:
+            raise UnsupportedError("return_lse: torch's scaled_dot_product_attention does not return it")
+        visible = visibility(resolved, shape, query.device)
+        attn_mask: torch.Tensor | None = visible
+        if resolved.bias is not None:
+            additive = resolved.bias.to(query.dtype)
+            attn_mask = additive if visible is None else additive.masked_fill(~visible, float("-inf"))
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, scale=scale, enable_gqa=key.shape[1] != query.shape[1]
+        )
+        if visible is not None:
+            out = out.masked_fill(~visible.any(-1, keepdim=True), 0.0)  # fully hidden rows are zeros
+        return out, None
+    if backend == "flex":
+        return _flex(query, key, value, resolved, shape, scale, softcap, sinks)
+    raise AssertionError(backend)
+
+
+def _flex(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    resolved: _ResolvedMask,
+    shape: tuple[int, int, int, int],
+    scale: float,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+
+    from .block_mask import create_block_mask
+    from .masks import from_callable
+
+    batch, heads, q_len, kv_len = shape
+    structural = resolved.structural
+    if resolved.dense_bool is not None:
+        dense = resolved.dense_bool
+
+        def dense_lookup(b: Any, h: Any, q: Any, kv: Any) -> Any:
+            return dense[b, h, q, kv]
+
+        lookup = from_callable(dense_lookup).shifted(-resolved.q_offset, -resolved.kv_offset)
+        structural = lookup if structural is None else structural & lookup
+    block_mask = None
+    if structural is not None:
+        block_mask = create_block_mask(structural, batch, heads, q_len, kv_len, q_offset=resolved.q_offset,
+                                       kv_offset=resolved.kv_offset)
+    bias = resolved.bias
+
+    def score_mod(score: Any, b: Any, h: Any, q: Any, kv: Any) -> Any:
+        if softcap is not None:
+            score = softcap * torch.tanh(score / softcap)
+        if bias is not None:
+            score = score + bias[b, h, q, kv]
+        return score
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "flex_attention called without torch.compile()"
+        out, aux = flex_attention(
+            query, key, value, score_mod=score_mod if softcap is not None or bias is not None else None,
+            block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != heads, return_aux=AuxRequest(lse=True),
+        )
+    lse = aux.lse.to(torch.float32)
+    if sinks is not None:
+        # Renormalise through the LSE: out * exp(lse - logaddexp(lse, sink)), as transformers does on GPU.
+        total = torch.logaddexp(lse, sinks.to(torch.float32).reshape(1, heads, 1))
+        out = (out.to(torch.float32) * torch.exp(lse - total)[..., None]).to(query.dtype)
+        lse = total
+    return out, lse

@@ -1,0 +1,346 @@
+//! The one online-softmax step every kernel variant shares, and the row finalisation / split merge.
+//!
+//! Per row the state is the running maximum `m`, the running denominator `l` (relative to `m`) and the
+//! accumulator row `O` (also relative to `m`). A tile turns raw scores into logits (scale, softcap, bias,
+//! mask), raises `m`, rescales `l` and `O` by `alpha = exp(m_old - m_new)`, and writes `P = exp(s - m_new)`
+//! for the `O += P·V` product. Everything here is plain Rust written to auto-vectorise: the driver inlines it
+//! into `#[target_feature]` functions so it is compiled for the ISA at hand.
+
+use std::ops::{Add, Mul, Sub};
+
+use crate::tensor::Float;
+
+/// The accumulator type: f32 (for f32, bf16 and f16 inputs) or f64 (for f64 inputs).
+pub(crate) trait Acc:
+    Copy
+    + Default
+    + Send
+    + Sync
+    + PartialOrd
+    + 'static
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+{
+    /// True for f32 (false for f64).
+    const IS_F32: bool;
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INF: Self;
+    fn from_f64(x: f64) -> Self;
+    fn to_f32(self) -> f32;
+    fn read<T: Float>(x: T) -> Self;
+    fn write<T: Float>(self) -> T;
+    /// `exp(x)` for `x <= 0` (and `-inf`, giving 0); f32 uses a vectorisable polynomial (rel. err. ~2e-7).
+    fn exp_nonpos(self) -> Self;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn tanh(self) -> Self;
+    fn recip(self) -> Self;
+    fn max(self, other: Self) -> Self;
+}
+
+impl Acc for f32 {
+    const IS_F32: bool = true;
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INF: Self = f32::NEG_INFINITY;
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn read<T: Float>(x: T) -> Self {
+        x.to_f32()
+    }
+    #[inline(always)]
+    fn write<T: Float>(self) -> T {
+        T::from_f32(self)
+    }
+    #[inline(always)]
+    fn exp_nonpos(self) -> Self {
+        exp_f32(self)
+    }
+    #[inline(always)]
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    #[inline(always)]
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+    #[inline(always)]
+    fn tanh(self) -> Self {
+        f32::tanh(self)
+    }
+    #[inline(always)]
+    fn recip(self) -> Self {
+        1.0 / self
+    }
+    #[inline(always)]
+    fn max(self, other: Self) -> Self {
+        if other > self {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+impl Acc for f64 {
+    const IS_F32: bool = false;
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INF: Self = f64::NEG_INFINITY;
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    #[inline(always)]
+    fn read<T: Float>(x: T) -> Self {
+        x.to_f64()
+    }
+    #[inline(always)]
+    fn write<T: Float>(self) -> T {
+        T::from_f64(self)
+    }
+    #[inline(always)]
+    fn exp_nonpos(self) -> Self {
+        f64::exp(self)
+    }
+    #[inline(always)]
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    #[inline(always)]
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+    #[inline(always)]
+    fn tanh(self) -> Self {
+        f64::tanh(self)
+    }
+    #[inline(always)]
+    fn recip(self) -> Self {
+        1.0 / self
+    }
+    #[inline(always)]
+    fn max(self, other: Self) -> Self {
+        if other > self {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+/// `exp(x)` for `x <= 0`, branch-free so loops over it vectorise. Cody-Waite: `x = n·ln2 + r` with an integer
+/// `n` (the exponent bits of the result) and `|r| <= ln2/2` (a degree-7 Taylor polynomial), `n·ln2` split into
+/// an exactly multiplied high part and a small low part. Inputs below `-87.3` (including `-inf`) give 0.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits
+    const LN2_HI: f32 = 0.693_359_4; // 0.693359375, 9 significant bits: n * LN2_HI is exact for |n| <= 127
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-88.0, 88.0); // NaN stays NaN
+    let z = x * std::f32::consts::LOG2_E + MAGIC; // |n| <= 127
+    let n = z - MAGIC;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    // The exponent field of 2^n is n + 127; n = -127 yields the bit pattern of 0.0.
+    let scale = f32::from_bits(z.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23);
+    p * scale
+}
+
+/// How a tile's logits are formed from its raw `q·k` scores.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Logits<A> {
+    pub scale: A,
+    /// `(c, 1/c)` of the softcap.
+    pub softcap: Option<(A, A)>,
+}
+
+/// One online-softmax step for one row of one tile.
+///
+/// `s` holds the raw scores of the tile's padded width (a multiple of 16); the first `n` are real. `bias` (length `n`) is added
+/// and `vis` (length `n`, 0 = hidden) masks. `p` (the tile's padded width) receives `exp(s - m_new)` through
+/// `to_p`, with zeros beyond `n` and for hidden pairs. Returns `alpha`, the factor the caller must apply
+/// to the row's `O` (1 when nothing changed).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn online_step<A: Acc, E: Copy>(
+    s: &mut [A],
+    n: usize,
+    lg: Logits<A>,
+    bias: Option<&[A]>,
+    vis: Option<&[u8]>,
+    m: &mut A,
+    l: &mut A,
+    p: &mut [E],
+    to_p: impl Fn(A) -> E,
+) -> A {
+    let width = s.len();
+    debug_assert!(width.is_multiple_of(16) && p.len() >= width);
+    for x in s.iter_mut() {
+        *x = *x * lg.scale;
+    }
+    if let Some((c, inv)) = lg.softcap {
+        for x in s[..n].iter_mut() {
+            *x = c * (*x * inv).tanh();
+        }
+    }
+    if let Some(bias) = bias {
+        for (x, &b) in s[..n].iter_mut().zip(bias) {
+            *x = *x + b;
+        }
+    }
+    if let Some(vis) = vis {
+        for (x, &v) in s[..n].iter_mut().zip(vis) {
+            *x = if v != 0 { *x } else { A::NEG_INF };
+        }
+    }
+    for x in s[n..].iter_mut() {
+        *x = A::NEG_INF;
+    }
+    let tile_max = lane_max(s);
+    let m_new = m.max(tile_max);
+    if m_new == A::NEG_INF {
+        // Nothing visible so far: P is zero and the state stays (-inf, 0, 0).
+        let zero = to_p(A::ZERO);
+        p[..width].iter_mut().for_each(|x| *x = zero);
+        return A::ONE;
+    }
+    let alpha = if *m == m_new {
+        A::ONE
+    } else {
+        (*m - m_new).exp_nonpos()
+    };
+    let mut lanes = [A::ZERO; 16];
+    for (sc, pc) in s.chunks_exact(16).zip(p.chunks_exact_mut(16)) {
+        let sc: &[A; 16] = sc.try_into().expect("chunks of 16");
+        let pc: &mut [E; 16] = pc.try_into().expect("chunks of 16");
+        for i in 0..16 {
+            let e = (sc[i] - m_new).exp_nonpos();
+            pc[i] = to_p(e);
+            lanes[i] = lanes[i] + e;
+        }
+    }
+    let sum = lanes.iter().fold(A::ZERO, |a, &b| a + b);
+    *l = *l * alpha + sum;
+    *m = m_new;
+    alpha
+}
+
+/// Maximum over a slice whose length is a multiple of 16, in 16 lanes so it vectorises.
+#[inline(always)]
+fn lane_max<A: Acc>(s: &[A]) -> A {
+    let mut lanes = [A::NEG_INF; 16];
+    for c in s.chunks_exact(16) {
+        let c: &[A; 16] = c.try_into().expect("chunks of 16");
+        for i in 0..16 {
+            lanes[i] = lanes[i].max(c[i]);
+        }
+    }
+    lanes.iter().fold(A::NEG_INF, |a, &b| a.max(b))
+}
+
+/// Multiplies a row by `alpha`.
+#[inline(always)]
+pub(crate) fn rescale<A: Acc>(o: &mut [A], alpha: A) {
+    for x in o.iter_mut() {
+        *x = *x * alpha;
+    }
+}
+
+/// The final state of one row: `(factor for O, lse)`. `O · factor` is the output row (0 for a row that saw
+/// nothing), `lse` includes the sink.
+#[inline(always)]
+pub(crate) fn finish<A: Acc>(m: A, l: A, sink: Option<A>) -> (A, A) {
+    match sink {
+        None if m == A::NEG_INF => (A::ZERO, A::NEG_INF),
+        None => (l.recip(), m + l.ln()),
+        Some(sink) if m == A::NEG_INF => (A::ZERO, sink),
+        Some(sink) => {
+            // den = l + exp(sink - m) may overflow to inf when the sink dominates: the output is then 0.
+            let den = l + (sink - m).exp();
+            let top = m.max(sink);
+            let lse = top + (l * (m - top).exp() + (sink - top).exp()).ln();
+            (den.recip(), lse)
+        }
+    }
+}
+
+/// Merges partial row states (same row, disjoint key ranges) into the first: `(m, l)` updated, `o` rows
+/// combined. `parts` yields `(m_i, l_i, O_i)`.
+#[inline(always)]
+pub(crate) fn merge_into<'a, A: Acc>(
+    parts: impl Iterator<Item = (A, A, &'a [A])> + Clone,
+    o: &mut [A],
+) -> (A, A) {
+    let m = parts.clone().fold(A::NEG_INF, |a, (mi, _, _)| a.max(mi));
+    o.iter_mut().for_each(|x| *x = A::ZERO);
+    if m == A::NEG_INF {
+        return (m, A::ZERO);
+    }
+    let mut l = A::ZERO;
+    for (mi, li, oi) in parts {
+        if mi == A::NEG_INF {
+            continue;
+        }
+        let w = (mi - m).exp_nonpos();
+        l = l + li * w;
+        for (x, &y) in o.iter_mut().zip(oi) {
+            *x = *x + y * w;
+        }
+    }
+    (m, l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_is_accurate_and_flushes() {
+        let mut worst = 0f64;
+        let mut x = -80.0f32;
+        while x <= 0.0 {
+            let got = exp_f32(x) as f64;
+            let want = (x as f64).exp();
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 1e-6, "relative error {worst}");
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(-1e30), 0.0);
+        assert_eq!(exp_f32(0.0), 1.0);
+    }
+
+    #[test]
+    fn finish_handles_empty_rows_and_sinks() {
+        assert_eq!(
+            finish(f32::NEG_INFINITY, 0.0, None),
+            (0.0, f32::NEG_INFINITY)
+        );
+        assert_eq!(finish(f32::NEG_INFINITY, 0.0, Some(1.5)), (0.0, 1.5));
+        let (f, lse) = finish(0.0f64, 2.0, Some(0.0));
+        assert!((f - 1.0 / 3.0).abs() < 1e-15 && (lse - 3f64.ln()).abs() < 1e-15);
+        let (f, _) = finish(-1e30f32, 1.0, Some(1e30));
+        assert_eq!(f, 0.0);
+    }
+}

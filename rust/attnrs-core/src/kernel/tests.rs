@@ -1,0 +1,828 @@
+//! The kernel against a naive f64 reference, on every path this CPU has.
+
+use std::ops::Range;
+
+use half::{bf16, f16};
+use proptest::prelude::*;
+
+use super::*;
+use crate::block::{BlockClass, CausalTiles, NoMask};
+use crate::tensor::Float;
+
+/// splitmix64: the test's own deterministic randomness, seeded by proptest.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn unif(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn range(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * self.unif()
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn chance(&mut self, p: f64) -> bool {
+        self.unif() < p
+    }
+}
+
+/// How a test tensor is laid out in memory.
+#[derive(Debug, Clone, Copy)]
+enum Layout {
+    Contiguous,
+    /// Stored as `[B, S, H, D]` and viewed as `[B, H, S, D]` (what Python passes for `[B, Q, H, D]` buffers).
+    Transposed,
+    /// Rows padded: the last-but-one stride exceeds the row length.
+    Padded,
+    /// The last two dims swapped in memory (the head dim is strided).
+    ColumnMajor,
+    /// Dim 0 (or 1) broadcast with stride 0.
+    Broadcast(usize),
+}
+
+/// Owned storage plus a strided view of it.
+struct Buf {
+    _store: Vec<u64>,
+    view: TensorView,
+}
+
+impl Buf {
+    fn new(
+        dtype: DType,
+        shape: &[usize],
+        layout: Layout,
+        rng: &mut Rng,
+        fill: &mut dyn FnMut(&mut Rng) -> f64,
+    ) -> Buf {
+        let n = shape.len();
+        let mut order: Vec<usize> = (0..n).collect(); // outermost first
+        match (layout, n) {
+            (Layout::Transposed, 4) => order = vec![0, 2, 1, 3],
+            (Layout::ColumnMajor, 4) => order = vec![0, 1, 3, 2],
+            _ => {}
+        }
+        let mut strides = vec![0isize; n];
+        let mut acc = 1usize;
+        for (pos, &dim) in order.iter().enumerate().rev() {
+            let broadcast = matches!(layout, Layout::Broadcast(d) if d == dim);
+            strides[dim] = if broadcast { 0 } else { acc as isize };
+            if !broadcast {
+                acc *= shape[dim];
+                if pos == n - 1 && matches!(layout, Layout::Padded) {
+                    acc += 3;
+                }
+            }
+        }
+        let elems = acc.max(1);
+        let mut store = vec![0u64; (elems * dtype.size()).div_ceil(8)];
+        let base = store.as_mut_ptr().cast::<u8>();
+        for i in 0..elems {
+            let x = fill(rng);
+            // SAFETY: `i < elems` and the store holds `elems` elements of `dtype`.
+            unsafe {
+                match dtype {
+                    DType::F32 => base.cast::<f32>().add(i).write(x as f32),
+                    DType::F64 => base.cast::<f64>().add(i).write(x),
+                    DType::BF16 => base.cast::<bf16>().add(i).write(bf16::from_f64(x)),
+                    _ => base.cast::<f16>().add(i).write(f16::from_f64(x)),
+                }
+            }
+        }
+        // SAFETY: every index in range addresses one of the `elems` elements (strides computed above).
+        let view = unsafe { TensorView::new(base, dtype, shape.to_vec(), strides) }.unwrap();
+        Buf {
+            _store: store,
+            view,
+        }
+    }
+
+    fn zeros(dtype: DType, shape: &[usize], layout: Layout, rng: &mut Rng) -> Buf {
+        Buf::new(dtype, shape, layout, rng, &mut |_| f64::NAN)
+    }
+
+    /// Element `idx` read through the view, as f64.
+    fn get(&self, idx: &[usize]) -> f64 {
+        let off: isize = idx
+            .iter()
+            .zip(self.view.strides())
+            .map(|(&i, &s)| i as isize * s)
+            .sum();
+        fn rd<T: Float>(p: *mut u8, off: isize) -> f64 {
+            // SAFETY: `off` is the offset of an in-range index of the view.
+            unsafe { p.cast::<T>().offset(off).read() }.to_f64()
+        }
+        match self.view.dtype() {
+            DType::F32 => rd::<f32>(self.view.as_ptr(), off),
+            DType::F64 => rd::<f64>(self.view.as_ptr(), off),
+            DType::BF16 => rd::<bf16>(self.view.as_ptr(), off),
+            _ => rd::<f16>(self.view.as_ptr(), off),
+        }
+    }
+}
+
+/// Random per-element visibility (per batch and head), some rows fully hidden.
+struct Bitmap {
+    h: usize,
+    q: usize,
+    k: usize,
+    bits: Vec<u8>,
+}
+
+impl Bitmap {
+    fn new(b: usize, h: usize, q: usize, k: usize, rng: &mut Rng) -> Bitmap {
+        let density = rng.range(0.05, 0.95);
+        let mut bits: Vec<u8> = (0..b * h * q * k)
+            .map(|_| u8::from(rng.chance(density)))
+            .collect();
+        for row in bits.chunks_mut(k.max(1)) {
+            if rng.chance(0.1) {
+                row.fill(0);
+            } else if rng.chance(0.1) {
+                row.fill(1);
+            }
+        }
+        Bitmap { h, q, k, bits }
+    }
+    fn at(&self, b: usize, h: usize, i: usize, j: usize) -> u8 {
+        self.bits[((b * self.h + h) * self.q + i) * self.k + j]
+    }
+}
+
+impl MaskTiles for Bitmap {
+    fn classify(&self, b: usize, h: usize, rows: Range<usize>, cols: Range<usize>) -> BlockClass {
+        let total = rows.len() * cols.len();
+        let seen: usize = rows
+            .flat_map(|i| cols.clone().map(move |j| (i, j)))
+            .map(|(i, j)| self.at(b, h, i, j) as usize)
+            .sum();
+        match seen {
+            0 => BlockClass::Empty,
+            s if s == total => BlockClass::Full,
+            _ => BlockClass::Partial,
+        }
+    }
+    fn fill(&self, b: usize, h: usize, rows: Range<usize>, cols: Range<usize>, out: &mut [u8]) {
+        let w = cols.len();
+        for (r, i) in rows.enumerate() {
+            for (c, j) in cols.clone().enumerate() {
+                out[r * w + c] = self.at(b, h, i, j);
+            }
+        }
+    }
+}
+
+fn visible(mask: &dyn MaskTiles, b: usize, h: usize, i: usize, j: usize) -> bool {
+    let mut v = [0u8];
+    mask.fill(b, h, i..i + 1, j..j + 1, &mut v);
+    v[0] != 0
+}
+
+struct Inputs {
+    q: Buf,
+    k: Buf,
+    v: Buf,
+    bias: Option<Buf>,
+    sinks: Option<Buf>,
+    scale: f32,
+    softcap: Option<f32>,
+}
+
+/// The definition, in f64, by straightforward loops: `(out [B,H,Q,Dv], lse [B,H,Q])`.
+fn reference(x: &Inputs, mask: &dyn MaskTiles) -> (Vec<f64>, Vec<f64>) {
+    let [b_, h_, q_, d] = x.q.view.shape().try_into().unwrap();
+    let [_, hkv, k_, _]: [usize; 4] = x.k.view.shape().try_into().unwrap();
+    let dv = x.v.view.shape()[3];
+    let g = h_ / hkv;
+    let mut out = vec![0.0; b_ * h_ * q_ * dv];
+    let mut lse = vec![0.0; b_ * h_ * q_];
+    let bias_at = |b: usize, h: usize, i: usize, j: usize| -> f64 {
+        let Some(bias) = &x.bias else { return 0.0 };
+        let sh = bias.view.shape();
+        let full = [b, h, i, j];
+        let idx: Vec<usize> = (0..sh.len())
+            .map(|t| {
+                if sh[t] == 1 {
+                    0
+                } else {
+                    full[4 - sh.len() + t]
+                }
+            })
+            .collect();
+        bias.get(&idx)
+    };
+    for b in 0..b_ {
+        for h in 0..h_ {
+            let sink = x.sinks.as_ref().map(|s| s.get(&[h]));
+            for i in 0..q_ {
+                let mut logits = Vec::new();
+                for j in 0..k_ {
+                    if !visible(mask, b, h, i, j) {
+                        continue;
+                    }
+                    let mut s: f64 = (0..d)
+                        .map(|t| x.q.get(&[b, h, i, t]) * x.k.get(&[b, h / g, j, t]))
+                        .sum();
+                    s *= x.scale as f64;
+                    if let Some(c) = x.softcap {
+                        s = c as f64 * (s / c as f64).tanh();
+                    }
+                    s += bias_at(b, h, i, j);
+                    if s > f64::NEG_INFINITY {
+                        logits.push((j, s));
+                    }
+                }
+                let top = logits
+                    .iter()
+                    .map(|p| p.1)
+                    .chain(sink)
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let row = (b * h_ + h) * q_ + i;
+                if top == f64::NEG_INFINITY {
+                    lse[row] = f64::NEG_INFINITY;
+                    continue;
+                }
+                let den: f64 = logits.iter().map(|p| (p.1 - top).exp()).sum::<f64>()
+                    + sink.map_or(0.0, |s| (s - top).exp());
+                lse[row] = top + den.ln();
+                for c in 0..dv {
+                    let num: f64 = logits
+                        .iter()
+                        .map(|&(j, s)| (s - top).exp() * x.v.get(&[b, h / g, j, c]))
+                        .sum();
+                    out[row * dv + c] = num / den;
+                }
+            }
+        }
+    }
+    (out, lse)
+}
+
+/// Runs the kernel on `backend` with `rows` query rows per item and checks it against the reference.
+#[allow(clippy::too_many_arguments)]
+fn check(
+    x: &Inputs,
+    mask: &dyn MaskTiles,
+    backend: Backend,
+    rows: usize,
+    threads: usize,
+    out_layout: Layout,
+    rng: &mut Rng,
+) {
+    let [b_, h_, q_, _] = x.q.view.shape().try_into().unwrap();
+    let dv = x.v.view.shape()[3];
+    let dtype = x.q.view.dtype();
+    let out = Buf::zeros(dtype, &[b_, h_, q_, dv], out_layout, rng);
+    let lse = Buf::zeros(DType::F32, &[b_, h_, q_], Layout::Contiguous, rng);
+    let args = AttentionArgs {
+        query: &x.q.view,
+        key: &x.k.view,
+        value: &x.v.view,
+        out: &out.view,
+        lse: Some(&lse.view),
+        mask,
+        bias: x.bias.as_ref().map(|t| &t.view),
+        scale: x.scale,
+        softcap: x.softcap,
+        sinks: x.sinks.as_ref().map(|t| &t.view),
+        num_threads: threads,
+    };
+    let plan = plan::Plan::new(&args).unwrap();
+    let resolved = backend.resolve(dtype).unwrap();
+    driver::run(&args, &plan, resolved, rows).unwrap();
+    let (want, want_lse) = reference(x, mask);
+    let vmax = (0..want.len())
+        .map(|i| want[i].abs())
+        .fold(1.0f64, f64::max);
+    let (otol, ltol) = match dtype {
+        DType::F64 => (1e-12, 1e-6), // lse is f32 whatever the inputs
+        DType::F32 => (2e-5, 2e-5),
+        DType::F16 => (3e-3, 2e-4),
+        _ => (2e-2, 2e-3),
+    };
+    let ctx = format!(
+        "backend {resolved:?} dtype {dtype:?} rows {rows} shape q{:?} k{:?} v{:?}",
+        x.q.view.shape(),
+        x.k.view.shape(),
+        x.v.view.shape()
+    );
+    for b in 0..b_ {
+        for h in 0..h_ {
+            for i in 0..q_ {
+                let row = (b * h_ + h) * q_ + i;
+                let got_lse = lse.get(&[b, h, i]);
+                let wl = want_lse[row];
+                let wl32 = wl as f32 as f64; // lse is stored as f32 (f64::MIN-sized logits round to -inf)
+                if wl32 == f64::NEG_INFINITY {
+                    assert_eq!(got_lse, f64::NEG_INFINITY, "{ctx}: lse of empty row {row}");
+                } else {
+                    assert!(
+                        (got_lse - wl32).abs() <= ltol * (1.0 + wl32.abs()),
+                        "{ctx}: lse row {row}: {got_lse} vs {wl}"
+                    );
+                }
+                for c in 0..dv {
+                    let got = out.get(&[b, h, i, c]);
+                    let w = want[row * dv + c];
+                    if wl == f64::NEG_INFINITY {
+                        assert_eq!(got, 0.0, "{ctx}: out of empty row {row}");
+                    }
+                    assert!(
+                        (got - w).abs() <= otol * vmax,
+                        "{ctx}: out[{b},{h},{i},{c}] = {got}, want {w}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Every path this CPU can run for `dtype`.
+fn backends(dtype: DType) -> Vec<Backend> {
+    let mut all = vec![Backend::Portable];
+    for b in [Backend::Avx2, Backend::Avx512, Backend::Avx512Bf16] {
+        if let Ok(r) = b.resolve(dtype) {
+            if !all.contains(&r) {
+                all.push(r);
+            }
+        }
+    }
+    all
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    seed: u64,
+    dtype: DType,
+    b: usize,
+    hkv: usize,
+    g: usize,
+    q: usize,
+    k: usize,
+    d: usize,
+    dv: usize,
+    mask: u8,
+    rows: usize,
+}
+
+fn layout(rng: &mut Rng, broadcastable: bool) -> Layout {
+    match rng.below(if broadcastable { 6 } else { 4 }) {
+        0 => Layout::Contiguous,
+        1 => Layout::Transposed,
+        2 => Layout::Padded,
+        3 => Layout::ColumnMajor,
+        _ => Layout::Broadcast(rng.below(2)),
+    }
+}
+
+fn run_case(c: &Case) {
+    let mut rng = Rng(c.seed);
+    let h = c.hkv * c.g;
+    let dt = c.dtype;
+    let mut unit = |r: &mut Rng| r.range(-1.0, 1.0);
+    // Broadcasting over batch or heads only makes sense where the size is > 1; stride 0 on K/V is legal.
+    let q = Buf::new(
+        dt,
+        &[c.b, h, c.q, c.d],
+        layout(&mut rng, true),
+        &mut Rng(c.seed ^ 1),
+        &mut unit,
+    );
+    let k = Buf::new(
+        dt,
+        &[c.b, c.hkv, c.k, c.d],
+        layout(&mut rng, true),
+        &mut Rng(c.seed ^ 2),
+        &mut unit,
+    );
+    let v = Buf::new(
+        dt,
+        &[c.b, c.hkv, c.k, c.dv],
+        layout(&mut rng, true),
+        &mut Rng(c.seed ^ 3),
+        &mut unit,
+    );
+    let bias = rng.chance(0.35).then(|| {
+        let shapes: [Vec<usize>; 4] = [
+            vec![c.b, h, c.q, c.k],
+            vec![1, 1, c.q, c.k],
+            vec![c.b, 1, 1, c.k],
+            vec![c.q, c.k],
+        ];
+        let shape = shapes[rng.below(4)].clone();
+        let bdt = if rng.chance(0.5) { dt } else { DType::F32 };
+        let min = match bdt {
+            DType::F64 => f64::MIN,
+            DType::F32 => f32::MIN as f64,
+            DType::BF16 => bf16::MIN.to_f64(),
+            _ => f16::MIN.to_f64(),
+        };
+        let huge = rng.chance(0.3);
+        Buf::new(
+            bdt,
+            &shape,
+            Layout::Contiguous,
+            &mut Rng(c.seed ^ 4),
+            &mut |r| {
+                if r.chance(0.1) {
+                    f64::NEG_INFINITY
+                } else if huge && r.chance(0.4) {
+                    min
+                } else {
+                    r.range(-2.0, 2.0)
+                }
+            },
+        )
+    });
+    let sinks = rng.chance(0.3).then(|| {
+        Buf::new(
+            DType::F32,
+            &[h],
+            Layout::Contiguous,
+            &mut Rng(c.seed ^ 5),
+            &mut |r| r.range(-2.0, 2.0),
+        )
+    });
+    let scale = (rng.range(0.5, 2.0) / (c.d.max(1) as f64).sqrt()) as f32;
+    let softcap = rng.chance(0.25).then(|| rng.range(0.5, 5.0) as f32);
+    let x = Inputs {
+        q,
+        k,
+        v,
+        bias,
+        sinks,
+        scale,
+        softcap,
+    };
+    let causal = CausalTiles {
+        diagonal: rng.below(11) as i64 - 5 + (c.k as i64 - c.q as i64) * (rng.below(2) as i64),
+    };
+    let bitmap = Bitmap::new(c.b, h, c.q, c.k, &mut rng);
+    let mask: &dyn MaskTiles = match c.mask {
+        0 => &NoMask,
+        1 => &causal,
+        _ => &bitmap,
+    };
+    let threads = 1 + rng.below(3);
+    let out_layout = layout(&mut rng, false);
+    for backend in backends(dt) {
+        check(&x, mask, backend, c.rows, threads, out_layout, &mut rng);
+    }
+}
+
+fn dtype_strategy() -> impl Strategy<Value = DType> {
+    prop_oneof![
+        Just(DType::F32),
+        Just(DType::BF16),
+        Just(DType::F16),
+        Just(DType::F64)
+    ]
+}
+
+fn head_dims() -> impl Strategy<Value = (usize, usize)> {
+    let d = prop_oneof![4 => Just(32usize), 3 => Just(64), 1 => Just(80), 1 => Just(96), 1 => Just(128), 1 => Just(256)];
+    (
+        d,
+        prop_oneof![3 => Just(0usize), 1 => Just(16), 1 => Just(24), 1 => Just(7)],
+    )
+        .prop_map(|(d, dv)| (d, if dv == 0 { d } else { dv }))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn forward_matches_reference(
+        seed in any::<u64>(),
+        dtype in dtype_strategy(),
+        b in 1usize..=2,
+        (hkv, g) in prop_oneof![Just((1usize, 1usize)), Just((1, 2)), Just((2, 2)), Just((1, 4)), Just((2, 1)), Just((1, 3))],
+        q in 1usize..70,
+        k in 1usize..70,
+        (d, dv) in head_dims(),
+        mask in 0u8..3,
+        rows in prop_oneof![Just(6usize), Just(13), Just(32), Just(96)],
+    ) {
+        run_case(&Case { seed, dtype, b, hkv, g, q, k, d, dv, mask, rows });
+    }
+
+    #[test]
+    fn decode_matches_reference(
+        seed in any::<u64>(),
+        dtype in dtype_strategy(),
+        (hkv, g) in prop_oneof![Just((1usize, 4usize)), Just((2, 2)), Just((1, 1))],
+        q in 1usize..=4,
+        k in prop_oneof![1usize..70, 120usize..700],
+        (d, dv) in head_dims(),
+        mask in 0u8..3,
+    ) {
+        run_case(&Case { seed, dtype, b: 1, hkv, g, q, k, d, dv, mask, rows: 96 });
+    }
+}
+
+#[test]
+fn odd_and_degenerate_sizes() {
+    for (q, k, d, dv) in [
+        (3, 0, 8, 8),
+        (2, 5, 1, 1),
+        (2, 5, 3, 5),
+        (130, 129, 16, 16),
+        (1, 1, 0, 4),
+    ] {
+        for dtype in [DType::F32, DType::BF16, DType::F64] {
+            for mask in [0u8, 1, 2] {
+                run_case(&Case {
+                    seed: (q * 1000 + k) as u64,
+                    dtype,
+                    b: 1,
+                    hkv: 1,
+                    g: 2,
+                    q,
+                    k,
+                    d,
+                    dv,
+                    mask,
+                    rows: 96,
+                });
+            }
+        }
+    }
+}
+
+fn f32_buf(shape: &[usize]) -> Buf {
+    Buf::new(
+        DType::F32,
+        shape,
+        Layout::Contiguous,
+        &mut Rng(7),
+        &mut |r| r.range(-1.0, 1.0),
+    )
+}
+
+#[test]
+fn errors_name_the_argument_and_never_panic() {
+    let q = f32_buf(&[1, 4, 3, 8]);
+    let k = f32_buf(&[1, 2, 5, 8]);
+    let v = f32_buf(&[1, 2, 5, 6]);
+    let out = f32_buf(&[1, 4, 3, 6]);
+    let lse = f32_buf(&[1, 4, 3]);
+    let base = AttentionArgs {
+        query: &q.view,
+        key: &k.view,
+        value: &v.view,
+        out: &out.view,
+        lse: Some(&lse.view),
+        mask: &NoMask,
+        bias: None,
+        scale: 0.3,
+        softcap: None,
+        sinks: None,
+        num_threads: 2,
+    };
+    attention_forward(&base).unwrap();
+    let arg_of = |r: Result<()>| match r.unwrap_err() {
+        Error::Shape { arg, .. }
+        | Error::Dtype { arg, .. }
+        | Error::Layout { arg, .. }
+        | Error::Value { arg, .. } => arg,
+        other => panic!("unexpected error {other}"),
+    };
+    let k3 = f32_buf(&[1, 3, 5, 8]);
+    assert_eq!(
+        arg_of(attention_forward(&AttentionArgs {
+            key: &k3.view,
+            ..base
+        })),
+        "key"
+    );
+    let q3 = f32_buf(&[4, 3, 8]);
+    assert_eq!(
+        arg_of(attention_forward(&AttentionArgs {
+            query: &q3.view,
+            ..base
+        })),
+        "query"
+    );
+    let kd = f32_buf(&[1, 2, 5, 7]);
+    assert_eq!(
+        arg_of(attention_forward(&AttentionArgs {
+            key: &kd.view,
+            ..base
+        })),
+        "key"
+    );
+    let kb = f32_buf(&[2, 2, 5, 8]);
+    assert_eq!(
+        arg_of(attention_forward(&AttentionArgs {
+            key: &kb.view,
+            ..base
+        })),
+        "key"
+    );
+    let vk = f32_buf(&[1, 2, 4, 6]);
+    assert_eq!(
+        arg_of(attention_forward(&AttentionArgs {
+            value: &vk.view,
+            ..base
+        })),
+        "value"
+    );
+    let ov = f32_buf(&[1, 4, 3, 5]);
+    assert_eq!(
+        arg_of(attention_forward(&AttentionArgs {
+            out: &ov.view,
+            ..base
+        })),
+        "out"
+    );
+    let vb = Buf::new(
+        DType::BF16,
+        &[1, 2, 5, 6],
+        Layout::Contiguous,
+        &mut Rng(1),
+        &mut |_| 0.0,
+    );
+    assert_eq!(
+        arg_of(attention_forward(&AttentionArgs {
+            value: &vb.view,
+            ..base
+        })),
+        "value"
+    );
+    let lb = Buf::new(
+        DType::F64,
+        &[1, 4, 3],
+        Layout::Contiguous,
+        &mut Rng(1),
+        &mut |_| 0.0,
+    );
+    assert_eq!(
+        arg_of(attention_forward(&AttentionArgs {
+            lse: Some(&lb.view),
+            ..base
+        })),
+        "lse"
+    );
+    let ls = f32_buf(&[1, 4, 2]);
+    assert_eq!(
+        arg_of(attention_forward(&AttentionArgs {
+            lse: Some(&ls.view),
+            ..base
+        })),
+        "lse"
+    );
+    let bias = f32_buf(&[2, 3, 5]);
+    assert_eq!(
+        arg_of(attention_forward(&AttentionArgs {
+            bias: Some(&bias.view),
+            ..base
+        })),
+        "bias"
+    );
+    let bias_ok = f32_buf(&[3, 1]);
+    attention_forward(&AttentionArgs {
+        bias: Some(&bias_ok.view),
+        ..base
+    })
+    .unwrap();
+    let sinks = f32_buf(&[2]);
+    assert_eq!(
+        arg_of(attention_forward(&AttentionArgs {
+            sinks: Some(&sinks.view),
+            ..base
+        })),
+        "sinks"
+    );
+    assert_eq!(
+        arg_of(attention_forward(&AttentionArgs {
+            scale: f32::NAN,
+            ..base
+        })),
+        "scale"
+    );
+    assert_eq!(
+        arg_of(attention_forward(&AttentionArgs {
+            softcap: Some(0.0),
+            ..base
+        })),
+        "softcap"
+    );
+    assert_eq!(
+        arg_of(attention_forward(&AttentionArgs {
+            softcap: Some(f32::INFINITY),
+            ..base
+        })),
+        "softcap"
+    );
+    // Outputs aliasing inputs or themselves.
+    assert_eq!(
+        arg_of(attention_forward(&AttentionArgs {
+            out: &q.view,
+            ..base
+        })),
+        "out"
+    );
+    let ob = Buf::new(
+        DType::F32,
+        &[1, 4, 3, 6],
+        Layout::Broadcast(1),
+        &mut Rng(1),
+        &mut |_| 0.0,
+    );
+    assert_eq!(
+        arg_of(attention_forward(&AttentionArgs {
+            out: &ob.view,
+            ..base
+        })),
+        "out"
+    );
+    // SAFETY: the view covers the first 12 elements of `out`'s storage, which is larger.
+    let lse_alias =
+        unsafe { TensorView::new(out.view.as_ptr(), DType::F32, vec![1, 4, 3], vec![12, 3, 1]) }
+            .unwrap();
+    assert_eq!(
+        arg_of(attention_forward(&AttentionArgs {
+            lse: Some(&lse_alias),
+            ..base
+        })),
+        "lse"
+    );
+    let qi = Buf::new(
+        DType::I32,
+        &[1, 4, 3, 8],
+        Layout::Contiguous,
+        &mut Rng(1),
+        &mut |_| 0.0,
+    );
+    assert!(matches!(
+        attention_forward(&AttentionArgs {
+            query: &qi.view,
+            ..base
+        }),
+        Err(Error::Dtype { .. })
+    ));
+    // Forcing a path the CPU lacks is an error, not a crash.
+    let isa = Isa::get();
+    if !isa.avx512f {
+        assert!(matches!(
+            attention_forward_with(&base, Backend::Avx512),
+            Err(Error::Unsupported(_))
+        ));
+    }
+}
+
+#[test]
+fn finfo_min_bias_row_is_the_mean_of_v_and_empty_rows_are_zero() {
+    let q = f32_buf(&[1, 1, 2, 4]);
+    let k = f32_buf(&[1, 1, 3, 4]);
+    let v = f32_buf(&[1, 1, 3, 2]);
+    let out = f32_buf(&[1, 1, 2, 2]);
+    let lse = f32_buf(&[1, 1, 2]);
+    // Row 0: every entry finfo.min (transformers' "masked"); row 1: every entry -inf.
+    let mut rows = [
+        f32::MIN,
+        f32::MIN,
+        f32::MIN,
+        f32::NEG_INFINITY,
+        f32::NEG_INFINITY,
+        f32::NEG_INFINITY,
+    ]
+    .into_iter();
+    let bias = Buf::new(
+        DType::F32,
+        &[2, 3],
+        Layout::Contiguous,
+        &mut Rng(0),
+        &mut |_| rows.next().unwrap() as f64,
+    );
+    let args = AttentionArgs {
+        query: &q.view,
+        key: &k.view,
+        value: &v.view,
+        out: &out.view,
+        lse: Some(&lse.view),
+        mask: &NoMask,
+        bias: Some(&bias.view),
+        scale: 1.0,
+        softcap: None,
+        sinks: None,
+        num_threads: 1,
+    };
+    for backend in backends(DType::F32) {
+        attention_forward_with(&args, backend).unwrap();
+        for c in 0..2 {
+            let mean = (0..3).map(|j| v.get(&[0, 0, j, c])).sum::<f64>() / 3.0;
+            assert!((out.get(&[0, 0, 0, c]) - mean).abs() < 1e-6);
+            assert_eq!(out.get(&[0, 0, 1, c]), 0.0);
+        }
+        assert_eq!(lse.get(&[0, 0, 1]), f64::NEG_INFINITY);
+        assert!(lse.get(&[0, 0, 0]).is_finite());
+    }
+}

@@ -139,7 +139,7 @@ unsafe fn view_of(t: &DLTensor, arg: &str) -> Result<TensorView, Error> {
         .map_err(|_| Error::layout(arg, "a byte offset", "overflow"))?;
     // SAFETY: `data + byte_offset` is the first element by the DLPack contract (the producer keeps it valid).
     let ptr = unsafe { t.data.cast::<u8>().add(offset) };
-    if ptr as usize % dtype.size() != 0 && shape.iter().product::<usize>() != 0 {
+    if !(ptr as usize).is_multiple_of(dtype.size()) && shape.iter().product::<usize>() != 0 {
         return Err(Error::layout(
             arg,
             format!("data aligned to {} bytes", dtype.size()),

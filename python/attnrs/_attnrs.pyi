@@ -4,6 +4,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, final
 
 __all__ = [
+    "attention_forward",
     "BitmapBuilder",
     "BlockLayout",
     "MaskExpr",
@@ -70,6 +71,7 @@ class MaskExpr:
     def depends_on_batch(self) -> bool: ...
     def depends_on_head(self) -> bool: ...
     def visible(self, b: int, h: int, q: int, k: int) -> bool: ...
+    def encode(self) -> tuple[bytearray, bytearray, bytearray]: ...
     def fill_dense(self, out: Any, q_offset: int, kv_offset: int, num_threads: int) -> None: ...
     def block_sparse(
         self,
@@ -109,6 +111,24 @@ class BlockLayout:
     def write(self, name: str, counts: Any, indices: Any) -> None: ...
     def write_counts(self, name: str, counts: Any) -> None: ...
 
+def attention_forward(
+    query: Any,
+    key: Any,
+    value: Any,
+    out: Any,
+    lse: Any | None,
+    dense_mask: Any | None,
+    bias: Any | None,
+    sinks: Any | None,
+    program: Any,
+    program_ints: Any,
+    program_bytes: Any,
+    q_offset: int,
+    kv_offset: int,
+    scale: float,
+    softcap: float,
+    num_threads: int,
+) -> None: ...
 def cpu_features() -> list[str]: ...
 def simd_path() -> str: ...
 def _strided_copy(src: Any, dst: Any) -> None: ...

@@ -149,7 +149,9 @@ def _flex(
             score = score + bias[b, h, q, kv]
         return score
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        # Eager flex_attention traces itself with dynamo; dynamic shapes turn the scale into a SymFloat that
+        # its kernel rejects (torch 2.15), so every shape gets its own static trace.
         warnings.simplefilter("ignore", UserWarning)  # "flex_attention called without torch.compile()"
         out, aux = flex_attention(
             query, key, value, score_mod=score_mod if softcap is not None or bias is not None else None,

@@ -106,17 +106,22 @@ def _check_dense(mask: torch.Tensor, shape: tuple[int, int, int, int], device: t
     return mask.expand(shape)
 
 
+def _listed_blocks(counts: torch.Tensor, indices: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """Bool [B, H, rows, n_cols]: the blocks each row lists (the first ``counts`` entries of ``indices``)."""
+    valid = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
+    dense = torch.zeros(*indices.shape[:-1], n_cols + 1, dtype=torch.bool, device=indices.device)
+    dense.scatter_(-1, torch.where(valid, indices.long(), n_cols), True)  # unlisted slots land in a spare column
+    return dense[..., :n_cols]
+
+
 def _block_mask_as_mask(block_mask: TorchBlockMask, batch: int, heads: int) -> Mask:
     """A torch BlockMask as a Mask: full blocks visible, partial blocks through ``mask_mod``, others hidden."""
-    from torch.nn.attention.flex_attention import _ordered_to_dense  # type: ignore[attr-defined]
-
     q_block, kv_block = block_mask.BLOCK_SIZE
-    listed = block_mask.to_dense().bool()
-    full = (
-        _ordered_to_dense(block_mask.full_kv_num_blocks, block_mask.full_kv_indices).bool()
-        if block_mask.full_kv_num_blocks is not None
-        else torch.zeros_like(listed)
-    )
+    n_cols = -(-block_mask.seq_lengths[1] // kv_block)
+    listed = _listed_blocks(block_mask.kv_num_blocks, block_mask.kv_indices, n_cols).cpu()
+    full = torch.zeros_like(listed)
+    if block_mask.full_kv_num_blocks is not None:
+        full = _listed_blocks(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, n_cols).cpu()
 
     def lookup(table: torch.Tensor) -> Any:
         def blocks(b: Any, h: Any, q: Any, kv: Any) -> Any:
@@ -170,6 +175,14 @@ def _resolve_mask(
         structural = causal if structural is None else structural & causal
     resolved.structural = structural
     return resolved
+
+
+@torch.compiler.disable
+def _program(resolved: _ResolvedMask, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, ...]:
+    """The mask program for the grid. Mask evaluation runs in Rust (and may call Python mask_mods), so under
+    torch.compile it stays outside the graph; the operator itself is traced."""
+    grid = _Grid(shape[0], shape[1], shape[2], shape[3], resolved.q_offset, resolved.kv_offset)
+    return resolved.program(grid)
 
 
 def _check_scalars(query: torch.Tensor, scale: Any, softcap: Any, sinks: Any, dropout_p: Any) -> float:
@@ -227,16 +240,14 @@ def attention(
     if backend not in BACKENDS:
         raise ArgumentError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     b, h, q_len, _ = query.shape
-    kv_len = key.shape[2]
-    shape = (b, h, q_len, kv_len)
+    shape = (b, h, q_len, key.shape[2])
     resolved = _resolve_mask(mask, bool(is_causal), shape, query.device)
     if backend == "auto":
         backend = "native" if query.device.type == "cpu" else "sdpa"
     if backend == "native":
         if query.device.type != "cpu":
             raise DeviceError(f"query: the native backend runs on CPU, got a tensor on {query.device}")
-        grid = _Grid(b, h, q_len, kv_len, resolved.q_offset, resolved.kv_offset)
-        program, program_ints, program_bytes = resolved.program(grid)
+        program, program_ints, program_bytes = _program(resolved, shape)
         out, lse = torch.ops.attnrs.attention(
             query, key, value, resolved.dense_bool, resolved.bias, sinks, program, program_ints, program_bytes,
             resolved.q_offset, resolved.kv_offset, scale, float(softcap or 0.0),

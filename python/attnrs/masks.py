@@ -168,13 +168,17 @@ class Mask:
             start = _per_batch(p["per_batch"], b, q)
             size = p["size"]
             return torch.div(kv - start, size, rounding_mode="floor") == torch.div(q - start, size, rounding_mode="floor")
-        if k == "padding":
+        if k == "padding":  # keys outside the table are padding, as in Rust
             table = p["table"].to(q.device)
-            return table[b if table.shape[0] > 1 else torch.zeros_like(b), kv]
-        if k == "document":
+            row = b if table.shape[0] > 1 else torch.zeros_like(b)
+            n = table.shape[1]
+            return table[row, kv.clamp(0, n - 1)] & (kv >= 0) & (kv < n)
+        if k == "document":  # positions outside the ids see nothing, as in Rust
             ids = p["table"].to(q.device)
             row = b if ids.shape[0] > 1 else torch.zeros_like(b)
-            return ids[row, q] == ids[row, kv]
+            n = ids.shape[1]
+            inside = (q >= 0) & (q < n) & (kv >= 0) & (kv < n)
+            return (ids[row, q.clamp(0, n - 1)] == ids[row, kv.clamp(0, n - 1)]) & inside
         if k == "prefix_lm":
             return (kv < _per_batch(p["per_batch"], b, q)) | (kv <= q)
         if k == "callable":
@@ -472,7 +476,7 @@ def create_dense_mask(
 
 
 def _check_tables(mask: Mask, grid: _Grid) -> None:
-    """Document ids must cover every query and key position of the grid (transformers' packed masks assume
+    """Document ids must reach the last query and key position of the grid (transformers' packed masks assume
     it); a shorter padding mask is fine (the missing keys are padding, as transformers pads it with False)."""
     if mask.kind == "shift":
         _check_tables(mask.children[0], grid.shifted(mask._params["q"], mask._params["kv"]))
@@ -480,7 +484,7 @@ def _check_tables(mask: Mask, grid: _Grid) -> None:
     if mask.kind == "document" and grid.q_len and grid.kv_len:
         length = mask._params["table"].shape[1]
         needed = max(grid.q_offset + grid.q_len, grid.kv_offset + grid.kv_len)
-        if min(grid.q_offset, grid.kv_offset) < 0 or needed > length:
+        if needed > length:  # positions before 0 (queries aligned bottom-right past the keys) see nothing
             raise ShapeError(
                 f"seq_ids: expected ids for positions up to {needed - 1} (queries {grid.q_offset}.."
                 f"{grid.q_offset + grid.q_len - 1}, keys {grid.kv_offset}..{grid.kv_offset + grid.kv_len - 1}), "

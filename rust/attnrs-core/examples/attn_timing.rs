@@ -235,7 +235,7 @@ fn main() {
             lse: Some(&lse),
             mask: case.mask.as_ref(),
             bias: None,
-            scale: 1.0 / (d as f32).sqrt(),
+            scale: 1.0 / (d as f64).sqrt(),
             softcap: None,
             sinks: None,
             num_threads: threads,

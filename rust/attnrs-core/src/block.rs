@@ -115,8 +115,9 @@ pub struct DenseTiles {
 }
 
 impl DenseTiles {
-    /// Wraps a bool (or uint8) view of shape `[B, H, Q, K]`.
-    pub fn new(view: TensorView) -> Result<DenseTiles> {
+    /// Wraps a bool (or uint8) view broadcastable to `shape = [B, H, Q, K]` (torch's rules: dims align to
+    /// the right, size-1 dims repeat), so every `(b, h, i, j)` inside `shape` addresses an element of `view`.
+    pub fn new(view: TensorView, shape: [usize; 4]) -> Result<DenseTiles> {
         if !matches!(view.dtype(), DType::Bool | DType::U8) {
             return Err(Error::dtype(
                 "attn_mask",
@@ -124,13 +125,41 @@ impl DenseTiles {
                 view.dtype().torch_name(),
             ));
         }
-        if view.ndim() != 4 {
+        let expected = || format!("a mask broadcastable to {shape:?}");
+        if view.ndim() > 4 {
             return Err(Error::shape(
                 "attn_mask",
-                "a mask broadcast to [B, H, Q, K]",
+                expected(),
                 format!("{:?}", view.shape()),
             ));
         }
+        let skip = 4 - view.ndim();
+        let mut strides = [0isize; 4];
+        for d in 0..4 {
+            if d < skip {
+                continue;
+            }
+            let (n, s) = (view.shape()[d - skip], view.strides()[d - skip]);
+            if n == shape[d] {
+                strides[d] = if n == 1 { 0 } else { s };
+            } else if n != 1 {
+                return Err(Error::shape(
+                    "attn_mask",
+                    expected(),
+                    format!("{:?}", view.shape()),
+                ));
+            }
+        }
+        // SAFETY: every index inside `shape` maps, through stride 0 on broadcast dims, to an index inside the
+        // original view's shape, so the new view addresses only elements the original one does.
+        let view = unsafe {
+            TensorView::new(
+                view.as_ptr(),
+                view.dtype(),
+                shape.to_vec(),
+                strides.to_vec(),
+            )
+        }?;
         Ok(DenseTiles { view })
     }
 
@@ -218,18 +247,16 @@ mod tests {
 
     #[test]
     fn dense_tiles_and_both() {
-        // A 1x1x3x4 mask broadcast over 2 heads (head stride 0).
+        // A 3x4 mask broadcast to 1x2x3x4.
         let mut bits: Vec<u8> = vec![1, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0];
         // SAFETY: the view addresses only the 12 bytes of `bits`.
-        let view = unsafe {
-            TensorView::new(
-                bits.as_mut_ptr(),
-                DType::Bool,
-                vec![1, 2, 3, 4],
-                vec![12, 0, 4, 1],
-            )
-        };
-        let dense = DenseTiles::new(view.unwrap()).unwrap();
+        let view =
+            unsafe { TensorView::new(bits.as_mut_ptr(), DType::Bool, vec![3, 4], vec![4, 1]) };
+        let dense = DenseTiles::new(view.unwrap(), [1, 2, 3, 4]).unwrap();
+        // SAFETY: as above.
+        let wrong =
+            unsafe { TensorView::new(bits.as_mut_ptr(), DType::Bool, vec![3, 4], vec![4, 1]) };
+        assert!(DenseTiles::new(wrong.unwrap(), [1, 2, 3, 5]).is_err());
         assert_eq!(dense.classify(0, 1, 0..2, 0..2), BlockClass::Full);
         assert_eq!(dense.classify(0, 1, 0..2, 0..4), BlockClass::Partial);
         assert_eq!(dense.classify(0, 0, 2..3, 0..4), BlockClass::Empty);

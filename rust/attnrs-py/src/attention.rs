@@ -74,9 +74,16 @@ pub fn attention_forward(
         .filter(|o| !o.is_none())
         .map(|o| dlpack::import_output(o, "lse"))
         .transpose()?;
-    let dense =
-        optional(dense_mask, "attn_mask")?.map(|t| DenseTiles::new(t.view.clone()).map(|d| (d, t)));
-    let dense = dense.transpose().map_err(PyAttnrsError)?;
+    let (q, k) = (query.view.shape(), key.view.shape());
+    if q.len() != 4 || k.len() != 4 {
+        let got = format!("query {q:?}, key {k:?}");
+        return Err(PyAttnrsError(Error::shape("query", "4-D query and key", got)).into());
+    }
+    let grid = [q[0], q[1], q[2], k[2]];
+    let dense = optional(dense_mask, "attn_mask")?
+        .map(|t| DenseTiles::new(t.view.clone(), grid).map(|d| (d, t)))
+        .transpose()
+        .map_err(PyAttnrsError)?;
     let bias = optional(bias, "attn_mask")?;
     let sinks = optional(sinks, "sinks")?;
     let program = ints(program, "program")?;
@@ -102,10 +109,6 @@ pub fn attention_forward(
             (Some(m), None) | (None, Some(m)) => m,
             (None, None) => &NoMask,
         };
-        let scale = scale as f32;
-        if !scale.is_finite() {
-            return Err(Error::value("scale", "a finite number", scale.to_string()));
-        }
         let args = AttentionArgs {
             query: &query.view,
             key: &key.view,
@@ -115,7 +118,7 @@ pub fn attention_forward(
             mask,
             bias: bias.as_ref().map(|t| &t.view),
             scale,
-            softcap: (softcap > 0.0).then_some(softcap as f32),
+            softcap: (softcap > 0.0).then_some(softcap),
             sinks: sinks.as_ref().map(|t| &t.view),
             num_threads,
         };

@@ -57,10 +57,10 @@ pub struct AttentionArgs<'a> {
     /// right; size-1 or stride-0 dims broadcast). It is simply added: `-inf` excludes a pair, a large finite
     /// negative (`finfo.min`) does not (like transformers' eager attention).
     pub bias: Option<&'a TensorView>,
-    /// Multiplies `Q·Kᵀ`; must be finite.
-    pub scale: f32,
+    /// Multiplies `Q·Kᵀ`; must be finite. (f64 so that the f64 path is exact; f32 paths round it once.)
+    pub scale: f64,
     /// `s = c * tanh(s / c)` after scaling, before bias and mask; `c` must be finite and positive.
-    pub softcap: Option<f32>,
+    pub softcap: Option<f64>,
     /// Optional `[H]` of any float dtype: `exp(sink_h)` joins each row's softmax denominator (GPT-OSS sinks).
     pub sinks: Option<&'a TensorView>,
     /// Worker threads (a private pool; 0 means 1).

@@ -184,8 +184,8 @@ impl Plan {
             },
             dtype,
             bias_strides,
-            scale: a.scale as f64,
-            softcap: a.softcap.map(|c| c as f64),
+            scale: a.scale,
+            softcap: a.softcap,
             threads: a.num_threads.max(1),
         })
     }

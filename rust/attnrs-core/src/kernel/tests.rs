@@ -289,8 +289,8 @@ fn check(
         lse: Some(&lse.view),
         mask,
         bias: x.bias.as_ref().map(|t| &t.view),
-        scale: x.scale,
-        softcap: x.softcap,
+        scale: f64::from(x.scale),
+        softcap: x.softcap.map(f64::from),
         sinks: x.sinks.as_ref().map(|t| &t.view),
         num_threads: threads,
     };
@@ -702,7 +702,7 @@ fn errors_name_the_argument_and_never_panic() {
     );
     assert_eq!(
         arg_of(attention_forward(&AttentionArgs {
-            scale: f32::NAN,
+            scale: f64::NAN,
             ..base
         })),
         "scale"
@@ -716,7 +716,7 @@ fn errors_name_the_argument_and_never_panic() {
     );
     assert_eq!(
         arg_of(attention_forward(&AttentionArgs {
-            softcap: Some(f32::INFINITY),
+            softcap: Some(f64::INFINITY),
             ..base
         })),
         "softcap"

@@ -1,0 +1,310 @@
+"""attnrs.attention against a float64 naive reference, torch SDPA and flex_attention, over hypothesis-generated
+shapes, masks, strides and options; plus opcheck, torch.compile and the errors bad input gets."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import attnrs
+from attnrs import masks
+
+HEAD_DIMS = [32, 64, 80, 96, 128, 256]
+
+
+def naive(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, scale: float | None = None, softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 attention written from the definition, one query row at a time (independent of attnrs)."""
+    q, k, v = q.double(), k.double(), v.double()
+    b_, h_, q_len, d = q.shape
+    group = h_ // k.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    out = torch.zeros(b_, h_, q_len, v.shape[-1], dtype=torch.float64)
+    lse = torch.full((b_, h_, q_len), float("-inf"), dtype=torch.float64)
+    for b in range(b_):
+        for h in range(h_):
+            kh, vh = k[b, h // group], v[b, h // group]
+            for i in range(q_len):
+                s = (kh @ q[b, h, i]) * scale
+                if softcap is not None:
+                    s = softcap * torch.tanh(s / softcap)
+                if bias is not None:
+                    s = s + bias[b, h, i].double()
+                keep = torch.ones_like(s, dtype=torch.bool) if visible is None else visible[b, h, i]
+                s = s[keep]
+                terms = s if sinks is None else torch.cat([s, sinks[h].double().reshape(1)])
+                if terms.numel() == 0 or bool(torch.isneginf(terms).all()):
+                    continue
+                lse[b, h, i] = torch.logsumexp(terms, 0)
+                out[b, h, i] = torch.exp(s - lse[b, h, i]) @ vh[keep]
+    return out, lse
+
+
+def dense_visibility(mask: Any, is_causal: bool, b: int, h: int, q_len: int, kv_len: int) -> torch.Tensor | None:
+    """Bool [B, H, Q, K] of what attnrs.attention documents for each mask form (bottom-right for Masks)."""
+    visible = None
+    if isinstance(mask, masks.Mask):
+        visible = attnrs.create_dense_mask(mask, b, h, q_len, kv_len, q_offset=kv_len - q_len).expand(b, h, -1, -1)
+    elif isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+        visible = mask.expand(b, h, q_len, kv_len)
+    elif isinstance(mask, attnrs.BlockMask):
+        visible = attnrs.create_dense_mask(mask.attnrs_mask, b, h, q_len, kv_len, q_offset=mask.q_offset,
+                                           kv_offset=mask.kv_offset).expand(b, h, -1, -1)
+    if is_causal:
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool).tril()
+        visible = causal.expand(b, h, -1, -1) if visible is None else visible & causal
+    return visible
+
+
+@st.composite
+def problems(draw: st.DrawFn, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    b = draw(st.integers(1, 2))
+    h_kv = draw(st.integers(1, 2))
+    h = h_kv * draw(st.sampled_from([1, 2, 3]))
+    q_len = draw(st.integers(1, 70))
+    kv_len = draw(st.integers(1 if q_len == 1 else q_len, 70)) if draw(st.booleans()) else draw(st.integers(1, 70))
+    d = draw(st.sampled_from(HEAD_DIMS))
+    dv = draw(st.sampled_from([d, 16, 48]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**20)))
+
+    def tensor(*shape: int) -> torch.Tensor:
+        x = torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+        layout = draw(st.sampled_from(["contiguous", "bshd", "sliced"]))
+        if layout == "bshd":  # the transformers layout: a transposed view of [B, S, H, D]
+            return x.transpose(1, 2).contiguous().transpose(1, 2)
+        if layout == "sliced":  # a view into a wider buffer
+            wide = torch.randn(shape[0], shape[1], shape[2], shape[3] + 8, generator=gen).to(dtype)
+            wide[..., 3 : 3 + shape[3]] = x
+            return wide[..., 3 : 3 + shape[3]]
+        return x
+
+    q, k, v = tensor(b, h, q_len, d), tensor(b, h_kv, kv_len, d), tensor(b, h_kv, kv_len, dv)
+    if draw(st.booleans()) and b > 1:  # stride-0 batch for k and v
+        k, v = k[:1].expand(b, -1, -1, -1), v[:1].expand(b, -1, -1, -1)
+    kind = draw(st.sampled_from(["none", "causal", "sliding", "document", "padding", "prefix", "composed",
+                                 "callable", "block", "dense_bool", "additive", "causal_and_dense"]))
+    mask: Any = None
+    is_causal = False
+    if kind == "causal":
+        is_causal = True
+    elif kind == "sliding":
+        mask = masks.sliding_window(draw(st.integers(1, 20)), causal=draw(st.booleans()))
+    elif kind == "document":
+        mask = masks.document(torch.randint(0, 3, (b, kv_len), generator=gen).sort(-1).values) & masks.causal()
+    elif kind == "padding":
+        valid = torch.rand(b, kv_len, generator=gen) > 0.3
+        mask = masks.padding(valid) & masks.causal()
+    elif kind == "prefix":
+        mask = masks.prefix_lm(torch.randint(0, kv_len + 1, (b,), generator=gen))
+    elif kind == "composed":
+        mask = (masks.sliding_window(5) | masks.chunked(4)) & ~masks.sliding_window(2, causal=False)
+    elif kind == "callable":
+        mask = masks.from_callable(lambda bb, hh, qq, kk: ((qq + 2 * kk + hh) % 3) != 0)
+    elif kind == "block":
+        mask = attnrs.create_block_mask(masks.causal(), b, None, q_len, kv_len, BLOCK_SIZE=16)
+    elif kind in ("dense_bool", "causal_and_dense"):
+        mask = torch.rand(b, 1, q_len, kv_len, generator=gen) > 0.4
+        is_causal = kind == "causal_and_dense"
+    elif kind == "additive":
+        bias = torch.randn(1, h, q_len, kv_len, generator=gen)
+        bias[torch.rand(bias.shape, generator=gen) > 0.8] = float("-inf")
+        mask = bias
+    softcap = draw(st.sampled_from([None, 5.0, 30.0]))
+    sinks = torch.randn(h, generator=gen) if draw(st.booleans()) else None
+    scale = draw(st.sampled_from([None, 0.1]))
+    return dict(q=q, k=k, v=v, mask=mask, is_causal=is_causal, softcap=softcap, sinks=sinks, scale=scale, kind=kind)
+
+
+def _reference(p: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v, mask = p["q"], p["k"], p["v"], p["mask"]
+    b, h, q_len, _ = q.shape
+    visible = dense_visibility(mask, p["is_causal"], b, h, q_len, k.shape[2])
+    bias = mask.expand(b, h, -1, -1) if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool else None
+    return naive(q, k, v, visible, bias, p["scale"], p["softcap"], p["sinks"])
+
+
+def _run(p: dict[str, Any], **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    return attnrs.attention(p["q"], p["k"], p["v"], p["mask"], is_causal=p["is_causal"], scale=p["scale"],
+                            softcap=p["softcap"], sinks=p["sinks"], return_lse=True, **kwargs)
+
+
+@given(problems())
+def test_float32_matches_the_float64_reference(p: dict[str, Any]) -> None:
+    out, lse = _run(p)
+    ref_out, ref_lse = _reference(p)
+    assert out.shape == ref_out.shape and out.dtype == torch.float32
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    scale = max(1.0, ref_out.abs().max().item())
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5 * scale)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], rtol=1e-5, atol=1e-5)
+    hidden = torch.isneginf(ref_lse)
+    assert bool((out[hidden] == 0).all()), "rows that see no key must be zeros"
+
+
+@given(problems(dtype=torch.float64))
+def test_float64_is_exact_to_rounding(p: dict[str, Any]) -> None:
+    out, lse = _run(p)
+    ref_out, ref_lse = _reference(p)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], rtol=1e-6, atol=1e-6)
+
+
+@given(problems(), st.sampled_from(["math", "flex"]))
+def test_torch_backends_agree_with_the_kernel(p: dict[str, Any], backend: str) -> None:
+    out, lse = _run(p)
+    other, other_lse = _run(p, backend=backend)
+    torch.testing.assert_close(other, out, rtol=1e-4, atol=1e-4)
+    finite = torch.isfinite(lse)
+    torch.testing.assert_close(other_lse[finite], lse[finite], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["causal", "dense", "none_gqa"])
+def test_half_precision_is_as_accurate_as_sdpa(dtype: torch.dtype, case: str) -> None:
+    """Our bf16/fp16 error against float64 is no larger than torch SDPA's on the same inputs (within 25%)."""
+    torch.manual_seed(0)
+    b, h, h_kv, q_len, kv_len, d = 2, 8, 2 if case == "none_gqa" else 8, 200, 200, 128
+    q = torch.randn(b, h, q_len, d).to(dtype)
+    k = torch.randn(b, h_kv, kv_len, d).to(dtype)
+    v = torch.randn(b, h_kv, kv_len, d).to(dtype)
+    mask = (torch.rand(b, 1, q_len, kv_len) > 0.3) | torch.eye(q_len, dtype=torch.bool) if case == "dense" else None
+    is_causal = case == "causal"
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, is_causal=is_causal,
+                                         enable_gqa=h != h_kv)
+    peer = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=h != h_kv)
+    ours = attnrs.attention(q, k, v, mask, is_causal=is_causal)
+    peer_error = (peer.double() - ref).abs().mean().item()
+    our_error = (ours.double() - ref).abs().mean().item()
+    assert our_error <= 1.25 * peer_error, (our_error, peer_error)
+    assert (ours.double() - ref).abs().max().item() <= 1.25 * (peer.double() - ref).abs().max().item() + 1e-3
+
+
+def test_matches_torch_sdpa_and_flex_on_shared_cases() -> None:
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 4, 96, 64), torch.randn(2, 2, 96, 64), torch.randn(2, 2, 96, 64)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(attnrs.attention(q, k, v, is_causal=True), expected, rtol=1e-5, atol=1e-5)
+    window = masks.sliding_window(16)
+    block_mask = torch.nn.attention.flex_attention.create_block_mask(window, 1, None, 96, 96, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        flex_out = torch.nn.attention.flex_attention.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    torch.testing.assert_close(attnrs.attention(q, k, v, window), flex_out, rtol=1e-5, atol=1e-5)
+    # A torch BlockMask (not ours) is honoured block by block.
+    torch.testing.assert_close(attnrs.attention(q, k, v, block_mask), flex_out, rtol=1e-5, atol=1e-5)
+
+
+def test_fully_masked_rows_are_zeros_not_nan() -> None:
+    q, k, v = torch.randn(1, 2, 4, 32), torch.randn(1, 2, 6, 32), torch.randn(1, 2, 6, 32)
+    mask = torch.ones(1, 1, 4, 6, dtype=torch.bool)
+    mask[..., 1, :] = False
+    out, lse = attnrs.attention(q, k, v, mask, return_lse=True)
+    assert bool((out[:, :, 1] == 0).all()) and bool(torch.isneginf(lse[:, :, 1]).all())
+    assert not torch.isnan(out).any()
+    # With sinks the row still has no value to average: zeros, and the LSE is the sink's.
+    sinks = torch.tensor([0.5, -1.0])
+    out, lse = attnrs.attention(q, k, v, mask, sinks=sinks, return_lse=True)
+    assert bool((out[:, :, 1] == 0).all())
+    torch.testing.assert_close(lse[0, :, 1], sinks)
+
+
+def test_opcheck() -> None:
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 9, 32), torch.randn(1, 2, 11, 32), torch.randn(1, 2, 11, 16)
+    empty_i, empty_b = torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.uint8)
+    program, ints, raw = masks.causal()._expr(None).encode()  # type: ignore[arg-type]
+    samples = [
+        (q, k, v, None, None, None, empty_i, empty_i, empty_b, 0, 0, 0.2, 0.0),
+        (q, k, v, torch.rand(1, 1, 9, 11) > 0.5, None, torch.randn(4), torch.frombuffer(program, dtype=torch.int64),
+         empty_i, empty_b, 2, 0, 0.2, 10.0),
+        (q.double(), k.double(), v.double(), None, torch.randn(1, 4, 9, 11), None, empty_i, empty_i, empty_b, 0, 0,
+         0.5, 0.0),
+    ]
+    for args in samples:
+        torch.library.opcheck(torch.ops.attnrs.attention.default, args)
+
+
+def test_torch_compile() -> None:
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 33, 32), torch.randn(1, 4, 33, 32), torch.randn(1, 4, 33, 32)
+    window = masks.sliding_window(8)
+
+    def f(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attnrs.attention(q * 2, k, v, is_causal=True) + attnrs.attention(q, k, v, window)
+
+    compiled = torch.compile(f)
+    torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
+
+
+def test_decode_with_a_long_cache() -> None:
+    """Q=1 against many keys (the split-KV path) for every mask form transformers uses in decode."""
+    torch.manual_seed(2)
+    q, k, v = torch.randn(2, 8, 1, 64), torch.randn(2, 2, 3000, 64), torch.randn(2, 2, 3000, 64)
+    valid = torch.ones(2, 3000, dtype=torch.bool)
+    valid[1, :700] = False
+    for mask in (None, masks.padding(valid), masks.sliding_window(512), valid[:, None, None, :]):
+        out, lse = attnrs.attention(q, k, v, mask, return_lse=True)
+        ref, ref_lse = naive(q, k, v, dense_visibility(mask, False, 2, 8, 1, 3000))
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_grad_inputs_are_accepted_in_no_grad_mode() -> None:
+    q = torch.randn(1, 2, 5, 16, requires_grad=True)
+    with torch.no_grad():
+        out = attnrs.attention(q, q, q)
+    assert out.shape == (1, 2, 5, 16)
+
+
+def _qkv(**shapes: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    qs = shapes.get("q", (1, 4, 8, 32))
+    ks = shapes.get("k", (1, 2, 8, 32))
+    vs = shapes.get("v", ks)
+    return torch.randn(*qs), torch.randn(*ks), torch.randn(*vs)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "words"),
+    [
+        (lambda: attnrs.attention(torch.randn(4, 8, 32), *_qkv()[1:]), attnrs.ShapeError, "query: expected a 4-D"),
+        (lambda: attnrs.attention(*_qkv(k=(2, 2, 8, 32))), attnrs.ShapeError, "batch"),
+        (lambda: attnrs.attention(*_qkv(v=(1, 2, 9, 32))), attnrs.ShapeError, "value"),
+        (lambda: attnrs.attention(*_qkv(k=(1, 2, 8, 16), v=(1, 2, 8, 32))), attnrs.ShapeError, "head dim"),
+        (lambda: attnrs.attention(*_qkv(k=(1, 3, 8, 32))), attnrs.ShapeError, "GQA"),
+        (lambda: attnrs.attention(_qkv()[0].double(), *_qkv()[1:]), attnrs.DtypeError, "dtype"),
+        (lambda: attnrs.attention(*_qkv(), torch.ones(1, 1, 8, 9, dtype=torch.bool)), attnrs.ShapeError,
+         "broadcastable"),
+        (lambda: attnrs.attention(*_qkv(), torch.ones(1, 1, 8, 8, dtype=torch.int32)), attnrs.DtypeError, "mask"),
+        (lambda: attnrs.attention(*_qkv(), "causal"), TypeError, "mask"),
+        (lambda: attnrs.attention(*_qkv(), sinks=torch.zeros(3)), attnrs.ShapeError, "sinks"),
+        (lambda: attnrs.attention(*_qkv(), scale=float("nan")), attnrs.ArgumentError, "scale"),
+        (lambda: attnrs.attention(*_qkv(), softcap=-1.0), ValueError, "softcap"),
+        (lambda: attnrs.attention(*_qkv(), dropout_p=0.1), NotImplementedError, "issue #5"),
+        (lambda: attnrs.attention(*_qkv(), backend="cuda-magic"), ValueError, "backend"),
+        (lambda: attnrs.attention(*(t.to("meta") for t in _qkv()), backend="native"), attnrs.DeviceError, "CPU"),
+        (lambda: attnrs.attention(*_qkv(), attnrs.create_block_mask(masks.causal(), 1, None, 8, 9)),
+         attnrs.ShapeError, "seq_lengths"),
+        (lambda: attnrs.attention(*_qkv(), softcap=1.0, backend="sdpa"), NotImplementedError, "softcap"),
+    ],
+)
+def test_bad_input_raises_typed_errors(call: Any, error: type, words: str) -> None:
+    with pytest.raises(error, match=words):
+        call()
+
+
+def test_scale_defaults_to_inverse_sqrt_head_dim() -> None:
+    q, k, v = _qkv()
+    torch.testing.assert_close(attnrs.attention(q, k, v), attnrs.attention(q, k, v, scale=1 / math.sqrt(32)))

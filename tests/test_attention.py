@@ -292,7 +292,8 @@ def _qkv(**shapes: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         (lambda: attnrs.attention(*_qkv(), sinks=torch.zeros(3)), attnrs.ShapeError, "sinks"),
         (lambda: attnrs.attention(*_qkv(), scale=float("nan")), attnrs.ArgumentError, "scale"),
         (lambda: attnrs.attention(*_qkv(), softcap=-1.0), ValueError, "softcap"),
-        (lambda: attnrs.attention(*_qkv(), dropout_p=0.1), NotImplementedError, "issue #5"),
+        (lambda: attnrs.attention(*_qkv(), dropout_p=0.1, backend="native"), NotImplementedError, "issue #5"),
+        (lambda: attnrs.attention(*_qkv(), dropout_p=1.5), ValueError, "dropout_p"),
         (lambda: attnrs.attention(*_qkv(), backend="cuda-magic"), ValueError, "backend"),
         (lambda: attnrs.attention(*(t.to("meta") for t in _qkv()), backend="native"), attnrs.DeviceError, "CPU"),
         (lambda: attnrs.attention(*_qkv(), attnrs.create_block_mask(masks.causal(), 1, None, 8, 9)),
@@ -308,3 +309,40 @@ def test_bad_input_raises_typed_errors(call: Any, error: type, words: str) -> No
 def test_scale_defaults_to_inverse_sqrt_head_dim() -> None:
     q, k, v = _qkv()
     torch.testing.assert_close(attnrs.attention(q, k, v), attnrs.attention(q, k, v, scale=1 / math.sqrt(32)))
+
+
+def test_dropout_keeps_the_expected_fraction_and_reproduces_under_manual_seed() -> None:
+    q, k, v = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16), torch.ones(1, 2, 64, 16)
+    torch.manual_seed(3)
+    first = attnrs.attention(q, k, v, dropout_p=0.25)
+    torch.manual_seed(3)
+    again = attnrs.attention(q, k, v, dropout_p=0.25)
+    assert torch.equal(first, again)
+    # With V = 1 every output is (sum of kept weights) / 0.75: its mean is 1 when a quarter is dropped.
+    assert abs(first.mean().item() - 1.0) < 0.05
+    assert not torch.equal(first, attnrs.attention(q, k, v))
+
+
+def test_gradients_flow_through_auto() -> None:
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 9, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 9, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 9, 16, dtype=torch.float64, requires_grad=True)
+    sinks = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    window = masks.sliding_window(4)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, s: attnrs.attention(q, k, v, window, sinks=s, softcap=3.0), (q, k, v, sinks)
+    )
+
+
+def test_dispatch_table_reasons() -> None:
+    from attnrs.attention import _resolve_mask
+    from attnrs.dispatch import choose_backend
+
+    q, k, v = _qkv()
+    resolved = _resolve_mask(None, True, (1, 4, 8, 8), q.device)
+    assert choose_backend(q, k, v, resolved, None, None, 0.0, False)[0] == "native"
+    assert choose_backend(q, k, v, resolved, None, None, 0.1, False)[0] == "math"
+    q.requires_grad_(True)
+    backend, reason = choose_backend(q, k, v, resolved, None, None, 0.0, False)
+    assert backend == "math" and "backward" in reason

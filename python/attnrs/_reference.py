@@ -47,8 +47,11 @@ def math_attention(
     scale: float,
     softcap: float | None,
     sinks: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The formula, written plainly: returns (out [B, H, Q, Dv], lse float32 [B, H, Q])."""
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """The formula, written plainly (and differentiably): returns (out [B, H, Q, Dv], lse float32 [B, H, Q]),
+    plus the attention weights [B, H, Q, K] when ``return_weights``."""
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
     heads = query.shape[1]
     q = query.to(compute)
@@ -69,7 +72,11 @@ def math_attention(
     # Rows that see nothing have lse = -inf: their weights are 0 (not NaN).
     weights = torch.exp(scores - lse[..., None].masked_fill(torch.isneginf(lse[..., None]), 0.0))
     weights = weights.masked_fill(torch.isneginf(scores), 0.0)
+    if dropout_p > 0:
+        weights = F.dropout(weights, p=dropout_p, training=True)
     out = torch.matmul(weights, v)
+    if return_weights:
+        return out.to(query.dtype), lse.to(torch.float32), weights.to(query.dtype)
     return out.to(query.dtype), lse.to(torch.float32)
 
 
@@ -84,10 +91,16 @@ def torch_attention(
     softcap: float | None,
     sinks: torch.Tensor | None,
     return_lse: bool,
+    dropout_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     if backend == "math":
         visible = visibility(resolved, shape, query.device)
-        return math_attention(query, key, value, visible, resolved.bias, scale, softcap, sinks)
+        out, lse = math_attention(query, key, value, visible, resolved.bias, scale, softcap, sinks, dropout_p)
+        return out, lse
+    if dropout_p > 0 and backend != "sdpa":
+        raise UnsupportedError(f"dropout_p > 0: backend {backend!r} has no dropout; use 'math' or 'sdpa'")
+    if backend == "flash":
+        return _flash(query, key, value, resolved, shape, scale, softcap, sinks, return_lse, dropout_p)
     if backend == "sdpa":
         for name, value_ in (("softcap", softcap), ("sinks", sinks)):
             if value_ is not None:
@@ -101,7 +114,8 @@ def torch_attention(
             additive = resolved.bias.to(query.dtype)
             attn_mask = additive if visible is None else additive.masked_fill(~visible, float("-inf"))
         out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask, scale=scale, enable_gqa=key.shape[1] != query.shape[1]
+            query, key, value, attn_mask=attn_mask, scale=scale, enable_gqa=key.shape[1] != query.shape[1],
+            dropout_p=dropout_p,
         )
         if visible is not None:
             out = out.masked_fill(~visible.any(-1, keepdim=True), 0.0)  # fully hidden rows are zeros
@@ -164,3 +178,34 @@ def _flex(
         out = (out.to(torch.float32) * torch.exp(lse - total)[..., None]).to(query.dtype)
         lse = total
     return out, lse
+
+
+def _flash(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    resolved: _ResolvedMask,
+    shape: tuple[int, int, int, int],
+    scale: float,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    return_lse: bool,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """flash-attn (CUDA, fp16/bf16) for the masks it expresses: none, or causal on a square grid."""
+    from flash_attn import flash_attn_func  # type: ignore[import-not-found]
+
+    from .dispatch import flash_reason
+
+    reason = flash_reason(query, key, value, resolved, sinks)
+    if reason is not None:
+        raise UnsupportedError(f"backend='flash': {reason}")
+    causal = resolved.structural is not None  # flash_reason admits only a top-left causal mask on Q == K
+    result = flash_attn_func(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), dropout_p=dropout_p,
+        softmax_scale=scale, causal=causal, softcap=softcap or 0.0, return_attn_probs=return_lse,
+    )
+    if return_lse:
+        out, lse, _ = result
+        return out.transpose(1, 2), lse.to(torch.float32)
+    return result.transpose(1, 2), None

@@ -32,7 +32,7 @@ from .masks import Mask, _check_tables, _Grid, from_callable
 
 __all__ = ["BACKENDS", "attention"]
 
-BACKENDS = ("auto", "native", "sdpa", "flex", "math")
+BACKENDS = ("auto", "native", "sdpa", "flex", "flash", "math")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -204,11 +204,6 @@ def _check_scalars(query: torch.Tensor, scale: Any, softcap: Any, sinks: Any, dr
             raise DeviceError(f"sinks: expected a tensor on {query.device}, got {sinks.device}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ArgumentError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
-    if dropout_p > 0:
-        raise UnsupportedError(
-            "dropout_p > 0 is not supported yet: attention dropout comes with the CPU training work "
-            "(issue #5, Rust backward pass and dropout)"
-        )
     return float(scale)
 
 
@@ -233,17 +228,40 @@ def attention(
         softcap: ``s = softcap * tanh(s / softcap)`` after scaling, before the mask (Gemma 2).
         sinks: ``[H]`` logits that join each row's softmax denominator only (GPT-OSS).
         return_lse: also return the float32 log-sum-exp ``[B, H, Q]`` of each row.
-        backend: ``"auto"`` (the Rust kernel on CPU), ``"native"``, ``"sdpa"``, ``"flex"`` or ``"math"``.
+        dropout_p: dropout on the attention weights (always applied when > 0, as SDPA does).
+        backend: ``"auto"`` (see :mod:`attnrs.dispatch`), ``"native"`` (the Rust CPU kernel), ``"sdpa"``,
+            ``"flex"``, ``"flash"`` (flash-attn, CUDA) or ``"math"`` (plain differentiable torch).
     """
     _check_inputs(query, key, value)
     scale = _check_scalars(query, scale, softcap, sinks, dropout_p)
     if backend not in BACKENDS:
         raise ArgumentError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    b, h, q_len, _ = query.shape
-    shape = (b, h, q_len, key.shape[2])
+    shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
     resolved = _resolve_mask(mask, bool(is_causal), shape, query.device)
+    out, lse = run_resolved(query, key, value, resolved, scale, softcap, sinks, dropout_p, backend, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def run_resolved(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    resolved: _ResolvedMask,
+    scale: float,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    dropout_p: float,
+    backend: str,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Runs attention on an already resolved mask with the chosen backend (``auto``: see :mod:`attnrs.dispatch`)."""
+    from .dispatch import choose_backend
+
+    shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
     if backend == "auto":
-        backend = "native" if query.device.type == "cpu" else "sdpa"
+        backend, _reason = choose_backend(query, key, value, resolved, softcap, sinks, dropout_p, return_lse)
+    elif dropout_p > 0 and backend == "native":
+        raise UnsupportedError("dropout_p > 0: the Rust kernel has no dropout yet (issue #5); use backend='math'")
     if backend == "native":
         if query.device.type != "cpu":
             raise DeviceError(f"query: the native backend runs on CPU, got a tensor on {query.device}")
@@ -252,12 +270,10 @@ def attention(
             query, key, value, resolved.dense_bool, resolved.bias, sinks, program, program_ints, program_bytes,
             resolved.q_offset, resolved.kv_offset, scale, float(softcap or 0.0),
         )
-        out = out.transpose(1, 2)
-    else:
-        from ._reference import torch_attention
+        return out.transpose(1, 2), lse
+    from ._reference import torch_attention
 
-        out, lse = torch_attention(backend, query, key, value, resolved, shape, scale, softcap, sinks, return_lse)
-    return (out, lse) if return_lse else out
+    return torch_attention(backend, query, key, value, resolved, shape, scale, softcap, sinks, return_lse, dropout_p)
 
 
 @torch.library.custom_op("attnrs::attention", mutates_args=(), device_types="cpu")

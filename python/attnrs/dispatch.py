@@ -1,0 +1,88 @@
+"""Which backend ``backend="auto"`` runs, and why.
+
+One table, read top to bottom; the first row whose condition holds wins:
+
+=====================  ==========================================================================  ============
+device                 condition                                                                   backend
+=====================  ==========================================================================  ============
+cpu                    dropout_p > 0 (the Rust kernel has no dropout yet)                          ``math``
+cpu                    gradients are needed (the Rust kernel has no backward yet)                  ``math``
+cpu                    otherwise                                                                   ``native``
+cuda                   flash-attn importable and the inputs fit it (see :func:`flash_reason`)      ``flash``
+cuda                   a structural mask (Mask / BlockMask) and no sinks, bias or dense mask       ``flex``
+cuda                   softcap or sinks (SDPA has neither)                                         ``math``
+cuda                   otherwise                                                                   ``sdpa``
+=====================  ==========================================================================  ============
+
+:func:`choose_backend` returns the backend with the reason; ``attnrs info`` prints this table.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .attention import _ResolvedMask
+
+__all__ = ["choose_backend", "flash_reason"]
+
+
+@functools.lru_cache(maxsize=1)
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def flash_reason(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, resolved: _ResolvedMask,
+    sinks: torch.Tensor | None,
+) -> str | None:
+    """Why flash-attn cannot run these inputs, or None when it can."""
+    if query.device.type != "cuda":
+        return "flash-attn runs on CUDA tensors"
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        return f"flash-attn takes float16/bfloat16, got {query.dtype}"
+    if query.shape[-1] > 256 or value.shape[-1] != query.shape[-1]:
+        return "flash-attn needs head dims <= 256 and Dv == D"
+    if sinks is not None or resolved.bias is not None or resolved.dense_bool is not None:
+        return "flash-attn has no sinks, additive bias or dense mask"
+    mask = resolved.structural
+    if mask is not None:
+        causal_top_left = mask.kind == "causal" and mask._params["offset"] == resolved.kv_offset - resolved.q_offset
+        if not (causal_top_left and query.shape[2] == key.shape[2]):
+            return "flash-attn expresses only no mask or causal on a square grid here"
+    return None
+
+
+def choose_backend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    resolved: _ResolvedMask,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    dropout_p: float,
+    return_lse: bool,
+) -> tuple[str, str]:
+    """(backend, reason) for ``backend="auto"``, following the table in the module documentation."""
+    if query.device.type == "cpu":
+        if dropout_p > 0:
+            return "math", "dropout_p > 0: the Rust kernel has no dropout yet (issue #5)"
+        if _needs_grad(query, key, value, sinks, resolved.bias):
+            return "math", "gradients are needed: the Rust kernel has no backward yet (issue #5)"
+        return "native", "CPU: the Rust kernel"
+    if flash_attn_available() and flash_reason(query, key, value, resolved, sinks) is None:
+        return "flash", "CUDA, fp16/bf16, a mask flash-attn expresses"
+    plain = sinks is None and resolved.bias is None and resolved.dense_bool is None
+    if resolved.structural is not None and plain and dropout_p == 0:
+        return "flex", "CUDA with a structural mask: flex_attention skips the empty blocks"
+    if softcap is not None or sinks is not None or (return_lse and dropout_p == 0):
+        return "math", "CUDA with softcap, sinks or a requested LSE, which SDPA lacks"
+    return "sdpa", "CUDA: torch SDPA with a dense mask"

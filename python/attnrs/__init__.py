@@ -70,6 +70,10 @@ AttentionMaskInterface.register("eager", mask_builders.eager_mask, capabilities=
 AttentionMaskInterface.register("flex_attention", mask_builders.flex_attention_mask, capabilities=_BLOCK_MASK)
 AttentionMaskInterface.register("attnrs", mask_builders.attnrs_mask, capabilities=_BLOCK_MASK)
 
+from .integrations import transformers as _transformers_integration  # noqa: E402  (needs the registries)
+
+_transformers_integration._register_in_attnrs()
+
 AttentionInterface.register(
     "sdpa",
     functions.sdpa_attention_forward,

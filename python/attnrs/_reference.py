@@ -209,3 +209,21 @@ def _flash(
         out, lse, _ = result
         return out.transpose(1, 2), lse.to(torch.float32)
     return result.transpose(1, 2), None
+
+
+def attention_with_weights(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    resolved: _ResolvedMask,
+    shape: tuple[int, int, int, int],
+    scale: float,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, weights [B, H, Q, K]) for ``output_attentions``: the weights must exist, so this is the math path."""
+    visible = visibility(resolved, shape, query.device)
+    out, _, weights = math_attention(query, key, value, visible, resolved.bias, scale, softcap, sinks, dropout_p,
+                                     return_weights=True)
+    return out, weights

@@ -1,0 +1,168 @@
+"""``attn_implementation="attnrs"`` for Hugging Face transformers.
+
+:func:`register` puts an attention function *and* its mask builder into transformers' global registries under
+the same name (a missing mask builder silently disables masking in transformers), after which
+``from_pretrained(..., attn_implementation="attnrs")``, ``set_attn_implementation("attnrs")`` and
+``config._attn_implementation = "attnrs"`` all work.
+
+:func:`attention_forward` honours everything transformers passes to an attention function (see
+shared/reference/transformers-attention.md §4): ``scaling``, ``dropout`` with ``module.training``, ``is_causal``
+(the keyword wins over ``module.is_causal``), ``sliding_window`` when the mask does not already encode it,
+``softcap``, ``s_aux`` and ``module.sinks``, ``position_bias``, ``output_attentions``, and packed sequences
+through ``cu_seq_lens_*`` or ``position_ids``; masks arrive as an attnrs/torch ``BlockMask``, dense bool (also
+stride-0 broadcasts), additive float or None. It returns ``(out [B, Q, H, Dv], weights | None)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
+
+from .. import masks as _masks
+from ..attention import _check_inputs, _check_scalars, _ResolvedMask, _resolve_mask, run_resolved
+from ..errors import DtypeError, ShapeError
+from ..mask_builders import attnrs_mask
+from ..registry import AttentionInterface, AttentionMaskInterface
+
+__all__ = ["attention_forward", "register"]
+
+# transformers treats names containing these specially (flash imports, sdpa checks, hub kernels).
+_RESERVED = ("flash", "sdpa", "flex_attention", "/", ":", "|")
+
+
+def _packed_document_ids(
+    batch: int, q_len: int, kv_len: int, cu_seq_lens_q: Any, cu_seq_lens_k: Any, position_ids: Any
+) -> torch.Tensor | None:
+    """Document ids [1, L] of a packed batch (B == 1, Q == K): from cu_seq_lens, else where position_ids restart."""
+    if batch != 1 or q_len != kv_len or q_len < 2:
+        return None
+    for cu in (cu_seq_lens_k, cu_seq_lens_q):
+        if isinstance(cu, torch.Tensor) and cu.numel() > 2 and int(cu[-1]) == kv_len:
+            starts = cu[1:-1].to("cpu", torch.int64)
+            return torch.bucketize(torch.arange(kv_len), starts, right=True)[None]
+    if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == q_len:
+        pos = position_ids.reshape(-1, q_len)[0].to("cpu", torch.int64)
+        restarts = torch.diff(pos) != 1
+        if bool(restarts.any()):
+            return torch.cat([torch.zeros(1, dtype=torch.int64), restarts.cumsum(0)])[None]
+    return None
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any = None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    is_causal: bool | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    position_bias: torch.Tensor | None = None,
+    output_attentions: bool = False,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The transformers attention-function contract on top of :func:`attnrs.attention`."""
+    _check_inputs(query, key, value)
+    batch, heads, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    shape = (batch, heads, q_len, kv_len)
+    sinks = s_aux if s_aux is not None else getattr(module, "sinks", None)
+    if sinks is not None and sinks.dim() != 1:
+        sinks = sinks.reshape(-1)
+    dropout_p = float(dropout) if getattr(module, "training", False) else 0.0
+    scale = _check_scalars(query, scaling, softcap, sinks, dropout_p)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    mask = attention_mask
+    if mask is not None and not isinstance(mask, (torch.Tensor, TorchBlockMask)):
+        raise DtypeError(
+            f"attention_mask: expected None, a BlockMask or a 4-D bool/float tensor, got {type(mask).__name__}"
+        )
+    if isinstance(mask, torch.Tensor) and not isinstance(mask, TorchBlockMask):
+        if mask.dim() != 4:
+            raise ShapeError(f"attention_mask: expected a 4-D mask [B, 1|H, Q, K], got shape {list(mask.shape)}")
+        if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+            raise DtypeError(f"attention_mask: expected a bool or floating mask, got {mask.dtype}")
+        if mask.shape[-1] != kv_len:  # e.g. a longer static-cache mask than the keys we received
+            mask = mask[..., -kv_len:] if mask.shape[-1] > kv_len else mask
+    resolved = _resolve_mask(mask, False, shape, query.device)
+    if mask is None:
+        resolved = _mask_for_none(resolved, shape, bool(causal), sliding_window, cu_seq_lens_q, cu_seq_lens_k,
+                                  position_ids)
+    if position_bias is not None:
+        bias = position_bias.expand(shape) if position_bias.dim() == 4 else position_bias
+        resolved.bias = bias if resolved.bias is None else resolved.bias + bias
+    if output_attentions:
+        from .._reference import attention_with_weights
+
+        out, weights = attention_with_weights(query, key, value, resolved, shape, scale, softcap, sinks, dropout_p)
+        return out.transpose(1, 2).contiguous(), weights
+    out, _ = run_resolved(query, key, value, resolved, scale, softcap, sinks, dropout_p, "auto", False)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _mask_for_none(
+    resolved: _ResolvedMask, shape: tuple[int, int, int, int], causal: bool, sliding_window: int | None,
+    cu_seq_lens_q: Any, cu_seq_lens_k: Any, position_ids: Any,
+) -> _ResolvedMask:
+    """transformers' meaning of ``attention_mask=None``: top-left causal when Q > 1 (this also hides the empty
+    slots of a static cache at prefill), plus what a mask builder would have encoded: packed documents that
+    transformers dropped because a cache exists, and a sliding window that is in reach."""
+    batch, _, q_len, kv_len = shape
+    parts: list[_masks.Mask] = []
+    # Positions: the queries are the last Q keys, except at a static-cache prefill (K > Q, top-left).
+    q_offset = 0 if (causal and q_len > 1) else kv_len - q_len
+    if causal and q_len > 1:
+        parts.append(_masks.causal())
+    if sliding_window is not None and kv_len > sliding_window:
+        parts.append(_masks.sliding_window(int(sliding_window), causal=False) if not causal
+                     else _masks.sliding_window_overlay(int(sliding_window)))
+    ids = _packed_document_ids(batch, q_len, kv_len, cu_seq_lens_q, cu_seq_lens_k, position_ids)
+    if ids is not None:
+        parts.append(_masks.document(ids))
+    if parts:
+        resolved.structural = _masks.and_masks(*parts)
+        resolved.q_offset, resolved.kv_offset = q_offset, 0
+    return resolved
+
+
+def register(name: str = "attnrs", function: Callable[..., Any] | None = None) -> str:
+    """Registers ``function`` (default: :func:`attention_forward`; any callable or entry of attnrs's
+    :class:`~attnrs.AttentionInterface`) with its mask builder in transformers' global registries.
+
+    Idempotent; returns the name. The mask builder is attnrs's ``"attnrs"`` builder (block masks that carry
+    the structure)."""
+    from transformers.masking_utils import AttentionMaskInterface as HFAttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface as HFAttentionInterface
+
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name: expected a non-empty str, got {name!r}")
+    reserved = [r for r in _RESERVED if r in name]
+    if reserved:
+        raise ValueError(
+            f"name: transformers treats names containing {reserved[0]!r} specially; choose another, e.g. 'attnrs'"
+        )
+    if function is None:
+        function = AttentionInterface()[name] if name in AttentionInterface() else attention_forward
+    if not callable(function):
+        raise TypeError(f"function: expected a callable attention function, got {type(function).__name__}")
+    HFAttentionInterface.register(name, function)
+    HFAttentionMaskInterface.register(name, attnrs_mask)
+    return name
+
+
+def _register_in_attnrs() -> None:
+    AttentionInterface.register(
+        "attnrs", attention_forward,
+        capabilities={"devices": ["cpu", "cuda"], "mask_kinds": ["none", "dense", "block_sparse", "expression"],
+                      "backward": True, "lse": True},
+    )
+    AttentionMaskInterface.register("attnrs", attnrs_mask)

@@ -95,8 +95,10 @@ def attention_forward(
             mask = mask[..., -kv_len:] if mask.shape[-1] > kv_len else mask
     resolved = _resolve_mask(mask, False, shape, query.device)
     if mask is None:
-        resolved = _mask_for_none(resolved, shape, bool(causal), sliding_window, cu_seq_lens_q, cu_seq_lens_k,
-                                  position_ids)
+        resolved = _mask_for_none(resolved, shape, bool(causal), sliding_window)
+    if mask is None or isinstance(mask, TorchBlockMask):
+        # A custom dense 4-D mask is the caller's whole intent; masks from builders and None are completed.
+        _keep_documents_apart(resolved, shape, cu_seq_lens_q, cu_seq_lens_k, position_ids)
     if position_bias is not None:
         bias = position_bias.expand(shape) if position_bias.dim() == 4 else position_bias
         resolved.bias = bias if resolved.bias is None else resolved.bias + bias
@@ -110,28 +112,42 @@ def attention_forward(
 
 
 def _mask_for_none(
-    resolved: _ResolvedMask, shape: tuple[int, int, int, int], causal: bool, sliding_window: int | None,
-    cu_seq_lens_q: Any, cu_seq_lens_k: Any, position_ids: Any,
+    resolved: _ResolvedMask, shape: tuple[int, int, int, int], causal: bool, sliding_window: int | None
 ) -> _ResolvedMask:
     """transformers' meaning of ``attention_mask=None``: top-left causal when Q > 1 (this also hides the empty
-    slots of a static cache at prefill), plus what a mask builder would have encoded: packed documents that
-    transformers dropped because a cache exists, and a sliding window that is in reach."""
-    batch, _, q_len, kv_len = shape
+    slots of a static cache at prefill), plus a sliding window a mask builder would have encoded if it is in
+    reach."""
+    _, _, q_len, kv_len = shape
     parts: list[_masks.Mask] = []
-    # Positions: the queries are the last Q keys, except at a static-cache prefill (K > Q, top-left).
-    q_offset = 0 if (causal and q_len > 1) else kv_len - q_len
     if causal and q_len > 1:
         parts.append(_masks.causal())
     if sliding_window is not None and kv_len > sliding_window:
-        parts.append(_masks.sliding_window(int(sliding_window), causal=False) if not causal
-                     else _masks.sliding_window_overlay(int(sliding_window)))
-    ids = _packed_document_ids(batch, q_len, kv_len, cu_seq_lens_q, cu_seq_lens_k, position_ids)
-    if ids is not None:
-        parts.append(_masks.document(ids))
+        window = int(sliding_window)
+        parts.append(_masks.sliding_window_overlay(window) if causal else _masks.sliding_window(window, causal=False))
     if parts:
         resolved.structural = _masks.and_masks(*parts)
-        resolved.q_offset, resolved.kv_offset = q_offset, 0
+        # The queries are the last Q keys, except at a static-cache prefill (K > Q, top-left).
+        resolved.q_offset = 0 if (causal and q_len > 1) else kv_len - q_len
+        resolved.kv_offset = 0
     return resolved
+
+
+def _keep_documents_apart(
+    resolved: _ResolvedMask, shape: tuple[int, int, int, int], cu_seq_lens_q: Any, cu_seq_lens_k: Any,
+    position_ids: Any,
+) -> None:
+    """Packed sequences (one row, documents told apart by cu_seq_lens or restarting position_ids) stay
+    isolated even when transformers dropped its packed mask because a cache exists."""
+    batch, _, q_len, kv_len = shape
+    ids = _packed_document_ids(batch, q_len, kv_len, cu_seq_lens_q, cu_seq_lens_k, position_ids)
+    if ids is None or (resolved.q_offset, resolved.kv_offset) != (0, 0) or _has_documents(resolved.structural):
+        return
+    documents = _masks.document(ids)
+    resolved.structural = documents if resolved.structural is None else resolved.structural & documents
+
+
+def _has_documents(mask: _masks.Mask | None) -> bool:
+    return mask is not None and (mask.kind == "document" or any(_has_documents(c) for c in mask.children))
 
 
 def register(name: str = "attnrs", function: Callable[..., Any] | None = None) -> str:

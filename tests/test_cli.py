@@ -22,9 +22,10 @@ def test_info_reports_version_isa_threads_and_registry() -> None:
     assert "sdpa" in out
 
 
-def test_demo_runs() -> None:
-    out = _run("demo", "--length", "64")
-    assert "sdpa" in out
+def test_demo_runs_the_model_with_attnrs_and_sdpa() -> None:
+    out = _run("demo", "--length", "48", "--batch", "2", "--new-tokens", "4", "--repeats", "1")
+    assert "generated tokens equal: True" in out
+    assert "attnrs" in out and "sdpa" in out
 
 
 def test_show_mask_draws_the_mask_and_its_blocks(tmp_path) -> None:  # type: ignore[no-untyped-def]

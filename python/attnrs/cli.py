@@ -35,31 +35,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """Runs each registered attention function on one input and compares it with the float64 eager reference."""
-    import attnrs
-    from attnrs.functions import eager_attention_forward
+    """A small embedded model with attn_implementation="attnrs" against "sdpa": parity and speed."""
+    from attnrs.demo import run_demo
 
-    torch.manual_seed(0)
-    b, h, h_kv, q_len, d = 2, 8, 2, args.length, 64
-    query = torch.randn(b, h, q_len, d)
-    key = torch.randn(b, h_kv, q_len, d)
-    value = torch.randn(b, h_kv, q_len, d)
-
-    class _Module(torch.nn.Module):
-        is_causal = True
-
-    module = _Module().eval()
-    reference, _ = eager_attention_forward(module, query.double(), key.double(), value.double(), None)
-    print(f"causal attention, B={b} H={h} H_kv={h_kv} L={q_len} D={d}, float32")
-    print(f"{'implementation':<18} {'max |diff| vs fp64':>20} {'ms':>10}")
-    for name in attnrs.ALL_ATTENTION_FUNCTIONS:
-        fn = attnrs.ALL_ATTENTION_FUNCTIONS[name]
-        start = time.perf_counter()
-        out, _ = fn(module, query, key, value, None, scaling=d**-0.5, dropout=0.0)
-        elapsed = (time.perf_counter() - start) * 1e3
-        diff = (out.double() - reference).abs().max().item()
-        print(f"{name:<18} {diff:>20.3e} {elapsed:>10.2f}")
-    return 0
+    return run_demo(family=args.family, length=args.length, batch=args.batch, new_tokens=args.new_tokens,
+                    dtype=args.dtype, repeats=args.repeats)
 
 
 def _cmd_show_mask(args: argparse.Namespace) -> int:
@@ -96,8 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attnrs", description="attnrs: pluggable, fast attention for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, CPU features, threads and registered functions").set_defaults(func=_cmd_info)
-    demo = sub.add_parser("demo", help="run the registered attention functions against a float64 reference")
-    demo.add_argument("--length", type=int, default=256, help="sequence length (default 256)")
+    demo = sub.add_parser("demo", help='a small model with attn_implementation="attnrs" vs "sdpa": parity, speed')
+    demo.add_argument("--family", default="llama", choices=["llama", "mistral", "qwen2", "gemma2"])
+    demo.add_argument("--length", type=int, default=512, help="prompt length (default 512)")
+    demo.add_argument("--batch", type=int, default=4, help="batch size, rows left-padded (default 4)")
+    demo.add_argument("--new-tokens", type=int, default=32, help="tokens to generate greedily (default 32)")
+    demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    demo.add_argument("--repeats", type=int, default=2, help="timed repeats after a warm-up (default 2)")
     demo.set_defaults(func=_cmd_demo)
     show = sub.add_parser(
         "show-mask",

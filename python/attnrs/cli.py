@@ -1,4 +1,4 @@
-"""``python -m attnrs`` / ``attnrs``: info, demo, show-mask."""
+"""``python -m attnrs`` / ``attnrs``: info, demo, bench, show-mask."""
 
 from __future__ import annotations
 
@@ -84,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     demo.add_argument("--repeats", type=int, default=2, help="timed repeats after a warm-up (default 2)")
     demo.set_defaults(func=_cmd_demo)
+    sub.add_parser("bench", help="attention benchmarks against SDPA, transformers and flex (see bench --help)")
     show = sub.add_parser(
         "show-mask",
         help="draw a mask and its block layout",
@@ -98,6 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("--block", type=int, default=4, help="block size of the layout drawing (default 4)")
     show.add_argument("--png", default=None, help="also write a PNG picture (block pixels for large masks)")
     show.set_defaults(func=_cmd_show_mask)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # the benchmark has its own flags (python -m attnrs bench --help)
+        from attnrs.bench import main as bench_main
+
+        bench_main(argv[1:])
+        return 0
     args = parser.parse_args(argv)
     return int(args.func(args))
 

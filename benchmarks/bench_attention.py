@@ -1,0 +1,11 @@
+"""attnrs.attention against torch SDPA, transformers' paths and compiled flex. See attnrs/bench.py for flags:
+
+    python benchmarks/bench_attention.py [--quick] [--backward] [--threads N]
+"""
+
+import sys
+
+from attnrs.bench import main
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

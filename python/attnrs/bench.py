@@ -1,0 +1,213 @@
+"""attnrs.attention against its peers on one machine, in one run: torch SDPA (is_causal and with a dense mask),
+transformers' sdpa and eager attention paths, and compiled flex_attention. Needs transformers.
+
+    python -m attnrs bench                                 # the issue's table, B1 H32 Hkv8 D128, 2 threads
+    python -m attnrs bench --quick                         # L 1024 instead of 4096, shorter decode
+    python -m attnrs bench --backward                      # forward + backward, L 2048 and 4096
+    python benchmarks/bench_attention.py [same flags]      # the same, from a checkout
+
+Reported: median milliseconds, useful GFLOP/s (4 * B * H * D * visible pairs per forward; x2.5 with backward),
+GB/s of K/V read for decode, and each peer's time divided by attnrs's (higher = attnrs faster). A 1-thread
+column repeats attnrs and SDPA with one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import attnrs
+from attnrs import masks
+
+B, H, H_KV, D = 1, 32, 8, 128
+
+
+def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+@dataclass
+class Case:
+    name: str
+    q_len: int
+    kv_len: int
+    dtype: torch.dtype
+    mask: masks.Mask | None  # None: causal through is_causal (or full for decode)
+    decode: bool = False
+    rows: list[tuple[str, float]] = field(default_factory=list)
+
+    def visible_pairs(self) -> int:
+        if self.decode:
+            return self.q_len * self.kv_len
+        if self.mask is None:
+            return self.q_len * (self.q_len + 1) // 2
+        dense = attnrs.create_dense_mask(self.mask, 1, 1, self.q_len, self.kv_len)
+        return int(dense.sum())
+
+
+def tensors(case: Case, requires_grad: bool = False) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, case.q_len, D, generator=gen).to(case.dtype)
+    k = torch.randn(B, H_KV, case.kv_len, D, generator=gen).to(case.dtype)
+    v = torch.randn(B, H_KV, case.kv_len, D, generator=gen).to(case.dtype)
+    return tuple(t.requires_grad_(requires_grad) for t in (q, k, v))
+
+
+def peers(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """name -> a zero-argument callable computing the same attention."""
+    from transformers import masking_utils as mu
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal = True
+    module.num_key_value_groups = H // H_KV
+    module.training = False
+    out: dict[str, Callable[[], Any]] = {}
+    if case.decode:
+        out["attnrs"] = lambda: attnrs.attention(q, k, v)
+        out["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        # transformers' decode formulation: the GQA group folded into the query length.
+        folded = q.view(B, H_KV, H // H_KV, D)
+        out["sdpa (GQA folded)"] = lambda: F.scaled_dot_product_attention(folded, k, v)
+        return out
+    mask = case.mask if case.mask is not None else masks.causal()
+    dense = attnrs.create_dense_mask(mask, 1, 1, case.q_len, case.kv_len)
+    out["attnrs"] = (lambda: attnrs.attention(q, k, v, is_causal=True)) if case.mask is None else (
+        lambda: attnrs.attention(q, k, v, case.mask))
+    if case.mask is None:
+        out["sdpa is_causal"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    out["sdpa dense mask"] = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
+    hf_mask = mu.sdpa_mask(batch_size=B, q_length=case.q_len, kv_length=case.kv_len, mask_function=mask,
+                           allow_is_causal_skip=case.mask is None)
+    out["transformers sdpa"] = lambda: sdpa_attention_forward(module, q, k, v, hf_mask, scaling=D**-0.5)
+    additive = torch.where(dense, 0.0, torch.finfo(q.dtype).min).to(q.dtype)
+    out["transformers eager"] = lambda: eager_attention_forward(module, q, k, v, additive, scaling=D**-0.5)
+    block_mask = attnrs.create_block_mask(mask, 1, None, case.q_len, case.kv_len)
+    flex = torch.compile(torch.nn.attention.flex_attention.flex_attention)
+    out["flex (compiled)"] = lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+    return out
+
+
+def run_forward(cases: list[Case], threads: int, repeats: int, one_thread: bool) -> None:
+    print(f"\nforward, B{B} H{H} Hkv{H_KV} D{D}, {threads} threads; median ms, GFLOP/s (useful), peer/attnrs")
+    for case in cases:
+        torch.set_num_threads(threads)
+        q, k, v = tensors(case)
+        flops = 4 * B * H * D * case.visible_pairs()
+        kv_bytes = 2 * B * H_KV * case.kv_len * D * q.element_size()
+        print(f"\n{case.name}")
+        results: dict[str, float] = {}
+        for name, fn in peers(case, q, k, v).items():
+            slow = name.startswith("transformers eager") or name.startswith("sdpa dense")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    if name.startswith("flex"):
+                        start = time.perf_counter()
+                        fn()
+                        print(f"  {'(flex compile + first call)':<24} {time.perf_counter() - start:>9.1f} s")
+                    results[name] = median_ms(fn, 1 if slow else repeats, 0 if slow else 1)
+                except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+                    print(f"  {name:<24} failed: {type(e).__name__}: {str(e)[:80]}")
+                    continue
+            ms = results[name]
+            extra = f"{kv_bytes / ms / 1e6:>8.1f} GB/s" if case.decode else f"{flops / ms / 1e6:>8.1f} GFLOP/s"
+            ratio = f"{ms / results['attnrs']:>7.2f}x" if name != "attnrs" else ""
+            print(f"  {name:<24} {ms:>10.2f} ms {extra} {ratio}", flush=True)
+        if one_thread:
+            torch.set_num_threads(1)
+            ours = median_ms(lambda: peers_one(case, q, k, v, "attnrs"), max(1, repeats // 2))
+            theirs = median_ms(lambda: peers_one(case, q, k, v, "sdpa"), max(1, repeats // 2))
+            print(f"  1 thread: attnrs {ours:.1f} ms, sdpa {theirs:.1f} ms, ratio {theirs / ours:.2f}x", flush=True)
+        torch.set_num_threads(threads)
+
+
+def peers_one(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, which: str) -> Any:
+    if which == "attnrs":
+        return attnrs.attention(q, k, v, case.mask, is_causal=case.mask is None and not case.decode)
+    if case.decode:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    if case.mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    dense = attnrs.create_dense_mask(case.mask, 1, 1, case.q_len, case.kv_len)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
+
+
+def run_backward(lengths: list[int], threads: int, repeats: int) -> None:
+    torch.set_num_threads(threads)
+    print(f"\nforward + backward, B{B} H{H} Hkv{H_KV} D{D}, {threads} threads; median ms, peer/attnrs")
+    for length in lengths:
+        for name, dtype, mask in (("causal fp32", torch.float32, None), ("causal bf16", torch.bfloat16, None),
+                                  ("sliding 512 fp32", torch.float32, masks.sliding_window(512))):
+            case = Case(f"{name} L{length}", length, length, dtype, mask)
+            q, k, v = tensors(case, requires_grad=True)
+            grad = torch.randn(B, H, length, D).to(dtype)
+
+            def step(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+                def run() -> None:
+                    q.grad = k.grad = v.grad = None
+                    fn().backward(grad)
+
+                return run
+
+            ours = median_ms(step(lambda: attnrs.attention(q, k, v, mask, is_causal=mask is None)), repeats)
+            line = f"  {case.name:<22} attnrs {ours:>9.1f} ms"
+            if mask is None:
+                sdpa = median_ms(step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                              enable_gqa=True)), repeats)
+                line += f" | sdpa is_causal {sdpa:>9.1f} ms {sdpa / ours:>6.2f}x"
+            else:
+                dense = attnrs.create_dense_mask(mask, 1, 1, length, length)
+                sdpa = median_ms(step(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense,
+                                                                              enable_gqa=True)), max(1, repeats // 2))
+                line += f" | sdpa dense mask {sdpa:>9.1f} ms {sdpa / ours:>6.2f}x"
+            print(line, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="attnrs bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="L 1024 and a short decode")
+    parser.add_argument("--backward", action="store_true", help="forward + backward instead of forward")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-one-thread", action="store_true", help="skip the 1-thread column")
+    args = parser.parse_args(argv)
+    print(f"attnrs {attnrs.__version__} ({attnrs.simd_path()}), torch {torch.__version__}")
+    if args.backward:
+        run_backward([1024] if args.quick else [2048, 4096], args.threads, max(1, args.repeats // 2))
+        return
+    length = 1024 if args.quick else 4096
+    ids = torch.arange(length) // (length // 8)
+    cases = [
+        Case(f"causal fp32 L{length}", length, length, torch.float32, None),
+        Case(f"causal bf16 L{length}", length, length, torch.bfloat16, None),
+        Case(f"sliding 512 fp32 L{length}", length, length, torch.float32, masks.sliding_window(512)),
+        Case(f"8 documents fp32 L{length}", length, length, torch.float32, masks.document(ids) & masks.causal()),
+    ]
+    for kv_len in ([8192] if args.quick else [8192, 65536]):
+        for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            cases.append(Case(f"decode {label} Q1 Lk{kv_len}", 1, kv_len, dtype, None, decode=True))
+    run_forward(cases, args.threads, args.repeats, not args.no_one_thread)
+
+
+if __name__ == "__main__":
+    main()

@@ -16,7 +16,6 @@ blocks, not with Q*K.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -573,10 +572,3 @@ def _as_bool_grid(out: Any, batch: int, heads: int, q: int, kv: int) -> torch.Te
         ) from None
     return out.to("cpu").contiguous()
 
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def _n_blocks(length: int, block: int) -> int:
-    return math.ceil(length / block) if length else 0

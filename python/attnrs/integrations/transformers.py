@@ -167,7 +167,7 @@ def register(name: str = "attnrs", function: Callable[..., Any] | None = None) -
             f"name: transformers treats names containing {reserved[0]!r} specially; choose another, e.g. 'attnrs'"
         )
     if function is None:
-        function = AttentionInterface()[name] if name in AttentionInterface() else attention_forward
+        function = AttentionInterface().get(name, attention_forward)
     if not callable(function):
         raise TypeError(f"function: expected a callable attention function, got {type(function).__name__}")
     HFAttentionInterface.register(name, function)

@@ -52,12 +52,18 @@ class _ResolvedMask:
             empty = torch.empty(0, dtype=torch.int64)
             return empty, empty, torch.empty(0, dtype=torch.uint8)
         _check_tables(self.structural, grid)
+        cached = self.structural._program
+        if cached is not None:  # structural masks encode the same on every grid (transformers reuses one per forward)
+            return cached
         program, ints, raw = self.structural._expr(grid).encode()
-        return (
+        encoded = (
             torch.frombuffer(program, dtype=torch.int64) if program else torch.empty(0, dtype=torch.int64),
             torch.frombuffer(ints, dtype=torch.int64) if ints else torch.empty(0, dtype=torch.int64),
             torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8),
         )
+        if self.structural.is_structural:
+            self.structural._program = encoded
+        return encoded
 
 
 def _check_inputs(query: Any, key: Any, value: Any) -> None:

@@ -50,13 +50,14 @@ _CALLABLE_CHUNK_ELEMENTS = 1 << 24
 class Mask:
     """An attention mask as a value. Build one with the functions of this module, not directly."""
 
-    __slots__ = ("_children", "_kind", "_params", "_rust")
+    __slots__ = ("_children", "_kind", "_params", "_program", "_rust")
 
     def __init__(self, kind: str, params: dict[str, Any] | None = None, children: Sequence[Mask] = ()) -> None:
         self._kind = kind
         self._params = dict(params or {})
         self._children = tuple(children)
         self._rust: Any = None  # the Rust expression, built on first use (never for callables)
+        self._program: Any = None  # its flat encoding for the attention operator, likewise
 
     # -- composition -------------------------------------------------------------------------------------------
     def __and__(self, other: MaskLike) -> Mask:

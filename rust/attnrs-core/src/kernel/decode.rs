@@ -19,6 +19,9 @@ use crate::tensor::{DType, Float};
 /// Most query rows (Q·G) one decode item takes; more go through the packed path.
 pub(super) const MAX_ROWS: usize = 32;
 
+/// How many tiles ahead K and V rows are prefetched.
+const AHEAD: usize = 1;
+
 /// Whether [`item`] can run this call: f32 accumulation, rows few enough, K and V contiguous along D.
 pub(super) fn applies<T: Float>(job: &Job<T>) -> bool {
     matches!(T::DTYPE, DType::F32 | DType::BF16 | DType::F16)
@@ -164,6 +167,38 @@ unsafe fn prefetch_row(p: *const u8, bytes: usize) {
     }
 }
 
+/// The K and V rows of a tile ahead, prefetched a few at a time while the current tile's dot products run.
+#[derive(Clone, Copy)]
+struct Prefetch {
+    k: *const u8,
+    v: *const u8,
+    kst: isize,
+    vst: isize,
+    /// Rows that exist.
+    n: usize,
+    kbytes: usize,
+    vbytes: usize,
+}
+
+impl Prefetch {
+    /// Prefetches rows `rows` (those below `n`) of K.
+    #[inline(always)]
+    fn k_rows(&self, rows: Range<usize>) {
+        for x in rows.start..rows.end.min(self.n) {
+            // SAFETY: prefetches never fault; the addresses are computed with wrapping arithmetic.
+            unsafe { prefetch_row(self.k.wrapping_offset(x as isize * self.kst), self.kbytes) };
+        }
+    }
+    /// Prefetches row `x` (if below `n`) of V.
+    #[inline(always)]
+    fn v_row(&self, x: usize) {
+        if x < self.n {
+            // SAFETY: as above.
+            unsafe { prefetch_row(self.v.wrapping_offset(x as isize * self.vst), self.vbytes) };
+        }
+    }
+}
+
 /// `S[r][j] = q_r · k_j` for rows `0..rpad` and keys `0..round_up(n, 4)` (keys past `n` repeat key `n - 1`).
 /// `pf`: the next tile's first key row and how many of its rows to prefetch.
 #[inline(always)]
@@ -177,7 +212,7 @@ unsafe fn qk<L: Lanes>(
     n: usize,
     d: usize,
     s: &mut [f32],
-    pf: (*const u8, usize),
+    pf: Prefetch,
 ) {
     let nvec = d.div_ceil(16);
     for j0 in (0..n).step_by(4) {
@@ -186,9 +221,7 @@ unsafe fn qk<L: Lanes>(
         unsafe {
             let rows: [*const u8; 4] =
                 std::array::from_fn(|x| k.offset((j0 + x).min(n - 1) as isize * kst));
-            for x in j0..(j0 + 4).min(pf.1) {
-                prefetch_row(pf.0.wrapping_offset(x as isize * kst), d * L::SIZE);
-            }
+            pf.k_rows(j0..j0 + 4);
             for rb in (0..rpad).step_by(4) {
                 let mut acc = [_mm512_setzero_ps(); 16];
                 for v in 0..nvec {
@@ -226,6 +259,7 @@ unsafe fn pv_cols<L: Lanes, const NV: usize>(
     o: &mut [f32],
     dvp: usize,
     v0: usize,
+    pf: Option<Prefetch>,
 ) {
     let masks: [__mmask16; NV] = std::array::from_fn(|x| lanes_mask(v0 + x, dv));
     for rb in (0..rpad).step_by(4) {
@@ -241,6 +275,9 @@ unsafe fn pv_cols<L: Lanes, const NV: usize>(
             }
             let pp = p.as_ptr().add(rb * BC);
             for j in 0..n {
+                if let (0, Some(pf)) = (rb, pf) {
+                    pf.v_row(j);
+                }
                 let vrow = v.offset(j as isize * vst).add(16 * v0 * L::SIZE);
                 let vv: [__m512; NV] =
                     std::array::from_fn(|x| L::load(vrow.add(16 * x * L::SIZE), masks[x]));
@@ -272,12 +309,8 @@ unsafe fn pv<L: Lanes>(
     dv: usize,
     o: &mut [f32],
     dvp: usize,
-    pf: (*const u8, usize),
+    pf: Prefetch,
 ) {
-    for x in 0..pf.1 {
-        // SAFETY: prefetches never fault.
-        unsafe { prefetch_row(pf.0.wrapping_offset(x as isize * vst), dv * L::SIZE) };
-    }
     let nvec = dvp / 16;
     let mut v0 = 0;
     while v0 < nvec {
@@ -285,10 +318,10 @@ unsafe fn pv<L: Lanes>(
         // SAFETY: forwarded; columns v0..v0+nv vectors lie inside dvp.
         unsafe {
             match nv {
-                1 => pv_cols::<L, 1>(p, rpad, v, vst, n, dv, o, dvp, v0),
-                2 => pv_cols::<L, 2>(p, rpad, v, vst, n, dv, o, dvp, v0),
-                3 => pv_cols::<L, 3>(p, rpad, v, vst, n, dv, o, dvp, v0),
-                _ => pv_cols::<L, 4>(p, rpad, v, vst, n, dv, o, dvp, v0),
+                1 => pv_cols::<L, 1>(p, rpad, v, vst, n, dv, o, dvp, v0, (v0 == 0).then_some(pf)),
+                2 => pv_cols::<L, 2>(p, rpad, v, vst, n, dv, o, dvp, v0, (v0 == 0).then_some(pf)),
+                3 => pv_cols::<L, 3>(p, rpad, v, vst, n, dv, o, dvp, v0, (v0 == 0).then_some(pf)),
+                _ => pv_cols::<L, 4>(p, rpad, v, vst, n, dv, o, dvp, v0, (v0 == 0).then_some(pf)),
             }
         }
         v0 += nv;
@@ -309,7 +342,7 @@ unsafe fn qk_bf16(
     n: usize,
     d: usize,
     s: &mut [f32],
-    pf: (*const u8, usize),
+    pf: Prefetch,
 ) {
     let nvec = d.div_ceil(32);
     for j0 in (0..n).step_by(4) {
@@ -318,9 +351,7 @@ unsafe fn qk_bf16(
         unsafe {
             let rows: [*const u8; 4] =
                 std::array::from_fn(|x| k.offset((j0 + x).min(n - 1) as isize * kst));
-            for x in j0..(j0 + 4).min(pf.1) {
-                prefetch_row(pf.0.wrapping_offset(x as isize * kst), d * 2);
-            }
+            pf.k_rows(j0..j0 + 4);
             for rb in (0..rpad).step_by(4) {
                 let mut acc = [_mm512_setzero_ps(); 16];
                 for v in 0..nvec {
@@ -376,6 +407,7 @@ unsafe fn pv_bf16_cols<const NC: usize>(
     o: &mut [f32],
     ld: usize,
     c0: usize,
+    pf: Option<Prefetch>,
 ) {
     let masks: [__mmask32; NC] = std::array::from_fn(|x| {
         let left = dv.saturating_sub(32 * (c0 + x)).min(32);
@@ -399,6 +431,10 @@ unsafe fn pv_bf16_cols<const NC: usize>(
             }
             let pp = pb.as_ptr().add(rb * BC);
             for j in (0..n).step_by(2) {
+                if let (0, Some(pf)) = (rb, pf) {
+                    pf.v_row(j);
+                    pf.v_row(j + 1);
+                }
                 let va = v.offset(j as isize * vst).add(64 * c0);
                 let vb = v.offset((j + 1).min(n - 1) as isize * vst).add(64 * c0);
                 let mut vv = [_mm512_setzero_si512(); 4];
@@ -442,12 +478,8 @@ unsafe fn pv_bf16(
     dv: usize,
     o: &mut [f32],
     ld: usize,
-    pf: (*const u8, usize),
+    pf: Prefetch,
 ) {
-    for x in 0..pf.1 {
-        // SAFETY: prefetches never fault.
-        unsafe { prefetch_row(pf.0.wrapping_offset(x as isize * vst), dv * 2) };
-    }
     let nc = ld / 32;
     let mut c0 = 0;
     while c0 < nc {
@@ -455,9 +487,9 @@ unsafe fn pv_bf16(
         // SAFETY: forwarded; chunks c0..c0+k lie inside ld.
         unsafe {
             if k == 2 {
-                pv_bf16_cols::<2>(pb, rpad, v, vst, n, dv, o, ld, c0);
+                pv_bf16_cols::<2>(pb, rpad, v, vst, n, dv, o, ld, c0, (c0 == 0).then_some(pf));
             } else {
-                pv_bf16_cols::<1>(pb, rpad, v, vst, n, dv, o, ld, c0);
+                pv_bf16_cols::<1>(pb, rpad, v, vst, n, dv, o, ld, c0, (c0 == 0).then_some(pf));
             }
         }
         c0 += k;
@@ -518,25 +550,30 @@ fn body<L: Lanes, T: Float, const DOT: bool>(
         if classes.iter().all(|c| *c == BlockClass::Empty) {
             continue;
         }
-        let next = (end.saturating_sub(c0 + BC)).min(BC);
+        let next = (end.saturating_sub(c0 + AHEAD * BC)).min(BC);
         // SAFETY: rows c0..c0+n of key and value are in range (n >= 1); the next tile's rows are only
         // prefetched (an address computation, never dereferenced) when they exist.
-        let (kp, vp, kn, vn) = unsafe {
-            let kp = job.k.at(b, kvh, c0, 0).cast::<u8>().cast_const();
-            let vp = job.v.at(b, kvh, c0, 0).cast::<u8>().cast_const();
+        let (kp, vp) = unsafe {
             (
-                kp,
-                vp,
-                kp.wrapping_offset(BC as isize * kst),
-                vp.wrapping_offset(BC as isize * vst),
+                job.k.at(b, kvh, c0, 0).cast::<u8>().cast_const(),
+                job.v.at(b, kvh, c0, 0).cast::<u8>().cast_const(),
             )
+        };
+        let pf = Prefetch {
+            k: kp.wrapping_offset((AHEAD * BC) as isize * kst),
+            v: vp.wrapping_offset((AHEAD * BC) as isize * vst),
+            kst,
+            vst,
+            n: next,
+            kbytes: d * L::SIZE,
+            vbytes: dv * L::SIZE,
         };
         // SAFETY: see `qk` / `qk_bf16`; `DOT` is only set on CPUs with AVX-512 BF16.
         unsafe {
             if DOT {
-                qk_bf16(&sc.qb, dpad, rpad, kp, kst, n, d, &mut sc.s, (kn, next));
+                qk_bf16(&sc.qb, dpad, rpad, kp, kst, n, d, &mut sc.s, pf);
             } else {
-                qk::<L>(&sc.qp, dpad, rpad, kp, kst, n, d, &mut sc.s, (kn, next));
+                qk::<L>(&sc.qp, dpad, rpad, kp, kst, n, d, &mut sc.s, pf);
             }
         }
         let st = Rows {
@@ -559,7 +596,7 @@ fn body<L: Lanes, T: Float, const DOT: bool>(
                 job, b, kvh, cells, &classes, lg, s, p, st, scratch, bf16_bits,
             );
             // SAFETY: see `pv_bf16`.
-            unsafe { pv_bf16(&sc.pb, rpad, vp, vst, n, dv, &mut sc.o, ld, (vn, next)) };
+            unsafe { pv_bf16(&sc.pb, rpad, vp, vst, n, dv, &mut sc.o, ld, pf) };
         } else {
             for (gi, &cls) in classes.iter().enumerate() {
                 if cls == BlockClass::Empty {
@@ -569,7 +606,7 @@ fn body<L: Lanes, T: Float, const DOT: bool>(
             let (s, p) = (&mut sc.s, &mut sc.p);
             softmax_tile(job, b, kvh, cells, &classes, lg, s, p, st, scratch, |x| x);
             // SAFETY: see `pv`.
-            unsafe { pv::<L>(&sc.p, rpad, vp, vst, n, dv, &mut sc.o, dvp, (vn, next)) };
+            unsafe { pv::<L>(&sc.p, rpad, vp, vst, n, dv, &mut sc.o, dvp, pf) };
         }
     }
     if DOT {

@@ -4,8 +4,10 @@
 //! handful of query rows that packing costs more than the products and keeps the memory system idle between
 //! tiles. Here `S = Q·Kᵀ` is a set of dot products along D read straight from K's rows (4 query rows × 4 keys
 //! of accumulators, reduced together by a transpose-add tree) and `O += P·V` reads V's rows once per 4 query
-//! rows; bf16 and f16 are widened to f32 on load, and the next tile's rows are prefetched. The online-softmax
-//! step is the one every variant shares ([`softmax_tile`]). Needs K and V rows contiguous along D.
+//! rows. bf16 on an AVX-512 BF16 CPU runs both products on `vdpbf16ps` (Q and P rounded to bf16, V rows
+//! interleaved pairwise); otherwise bf16 and f16 are widened to f32 on load. The next tile's K rows are
+//! prefetched into L2 a few at a time during `Q·Kᵀ`, its V rows during `P·V`. The online-softmax step is the
+//! one every variant shares ([`softmax_tile`]). Needs K and V rows contiguous along D.
 
 use std::arch::x86_64::*;
 use std::ops::Range;

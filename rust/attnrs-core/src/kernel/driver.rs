@@ -2,8 +2,9 @@
 //!
 //! Prefill (more than one query block per kv head): K and V of a group of kv heads are packed once into
 //! tiles, then every (kv head, query block) item runs over them in the private pool. Decode (a single query
-//! block per kv head): each item streams its kv tiles, packing each as it goes; when there are too few items
-//! to fill the threads, the kv length is split and the partial (m, l, O) are merged by log-sum-exp.
+//! block per kv head): on AVX-512 each item reads K and V rows in place ([`super::decode`]); elsewhere it
+//! streams its kv tiles, packing each as it goes. When there are too few items to fill the threads, the kv
+//! length is split and the partial (m, l, O) are merged by log-sum-exp.
 
 use std::ops::Range;
 

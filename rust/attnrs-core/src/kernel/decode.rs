@@ -43,7 +43,7 @@ pub(super) struct Scratch {
     /// P as bf16 bits (`vdpbf16ps` path).
     pb: Vec<u16>,
     /// O, `ld` per row: `dvp` (widening path) or `round_up(Dv, 32)` in the pair-interleaved column order of
-    /// [`pv_bf16`] until [`body_bf16`] puts it back at stride `dvp`.
+    /// [`pv_bf16`] until [`body`] puts it back at stride `dvp`.
     pub o: Vec<f32>,
     pub m: Vec<f32>,
     pub l: Vec<f32>,

@@ -3,8 +3,10 @@
 //! `cargo run --release -p attnrs-core --example attn_timing [-- FILTER] [--threads N] [--reps N]`
 //!
 //! Shapes: B1 H32 Hkv8 D128. Prefill L4096 full, causal (f32, bf16), sliding window 512, 8 packed documents;
-//! decode Q=1 over Lk 8192 and 65536 without a mask. Prints the best time of several runs, useful GFLOP/s
-//! (4·B·H·D·visible pairs) and, for decode, the K+V bytes read per second.
+//! decode Q=1 over Lk 8192 and 65536 without a mask. Prints the best and median wall time of several runs
+//! (at least `--reps`, more for short cases), useful GFLOP/s (4·B·H·D·visible pairs, at the best time), for
+//! decode the K+V bytes read per second, and the best and median CPU time per thread (the uncontended
+//! estimate when another job shares the cores) with the bandwidth at the best of those.
 
 use std::ops::Range;
 use std::time::Instant;
@@ -113,9 +115,20 @@ struct Case {
     pairs: f64,
 }
 
-/// CPU seconds (user + system) this process has used, from `/proc/self/stat` (Linux; 0 elsewhere). Another
-/// job sharing the cores stretches wall time but not CPU time, so `cpu / threads` estimates the uncontended time.
+/// CPU seconds this process has used: the sum over its threads of `/proc/self/task/*/schedstat` (ns
+/// resolution), else user + system from `/proc/self/stat` (10 ms ticks); 0 off Linux. Another job sharing the
+/// cores stretches wall time but not CPU time, so `cpu / threads` estimates the uncontended time.
 fn cpu_seconds() -> f64 {
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        let ns: u64 = tasks
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .sum();
+        if ns > 0 {
+            return ns as f64 * 1e-9;
+        }
+    }
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
         return 0.0;
     };
@@ -202,12 +215,12 @@ fn main() {
         }
     }
     println!(
-        "B{b} H{h} Hkv{hkv} D{d}, {threads} threads, backend {:?}, best of {reps}",
+        "B{b} H{h} Hkv{hkv} D{d}, {threads} threads, backend {:?}, at least {reps} runs",
         backend.resolve(DType::BF16).unwrap()
     );
     println!(
-        "{:<24} {:>10} {:>10} {:>10} {:>12}",
-        "case", "ms", "GFLOP/s", "KV GB/s", "cpu-ms/thr"
+        "{:<24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "case", "best ms", "med ms", "GFLOP/s", "KV GB/s", "cpu/thr", "cpu med", "cpu GB/s"
     );
     for case in cases.iter().filter(|c| c.name.contains(&filter)) {
         let (mut sq, mut sk, mut sv, mut so, mut sl) =
@@ -241,27 +254,42 @@ fn main() {
             num_threads: threads,
         };
         attention_forward_with(&args, backend).unwrap(); // warm-up (pools, page faults)
-        let mut best = f64::INFINITY;
-        let cpu0 = cpu_seconds();
-        for _ in 0..reps.max(1) {
-            let t = Instant::now();
+                                                         // Short cases repeat more, so that each is timed over at least ~0.3 s in all.
+        let t = Instant::now();
+        attention_forward_with(&args, backend).unwrap();
+        let once = t.elapsed().as_secs_f64();
+        let reps = reps.max(1).max((0.3 / once) as usize).min(200);
+        let mut walls = Vec::new();
+        let mut cpus = Vec::new();
+        for _ in 0..reps {
+            let (t, c) = (Instant::now(), cpu_seconds());
             attention_forward_with(&args, backend).unwrap();
-            best = best.min(t.elapsed().as_secs_f64());
+            walls.push(t.elapsed().as_secs_f64());
+            cpus.push((cpu_seconds() - c) / threads as f64);
         }
-        let cpu = (cpu_seconds() - cpu0) / reps.max(1) as f64 / threads as f64;
+        walls.sort_by(f64::total_cmp);
+        cpus.sort_by(f64::total_cmp);
+        let (best, median) = (walls[0], walls[reps / 2]);
+        let (cpu, cpu_med) = (cpus[0], cpus[reps / 2]);
         let flops = 4.0 * (b * h * d) as f64 * case.pairs;
         let kv_bytes = (2 * b * hkv * case.k * d * case.dtype.size()) as f64;
-        let gbs = if case.q == 1 {
-            format!("{:>10.1}", kv_bytes / best / 1e9)
-        } else {
-            format!("{:>10}", "-")
+        let gbs = |t: f64| {
+            if case.q == 1 {
+                format!("{:>9.1}", kv_bytes / t / 1e9)
+            } else {
+                format!("{:>9}", "-")
+            }
         };
         println!(
-            "{:<24} {:>10.2} {:>10.1} {gbs} {:>12.1}",
+            "{:<24} {:>9.2} {:>9.2} {:>9.1} {} {:>9.2} {:>9.2} {}",
             case.name,
             best * 1e3,
+            median * 1e3,
             flops / best / 1e9,
-            cpu * 1e3
+            gbs(best),
+            cpu * 1e3,
+            cpu_med * 1e3,
+            gbs(cpu),
         );
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! Prefill (more than one query block per kv head): K and V of a group of kv heads are packed once into
 //! tiles, then every (kv head, query block) item runs over them in the private pool. Decode (a single query
-//! block per kv head): each item streams its kv tiles, packing each as it goes; when there are too few items
-//! to fill the threads, the kv length is split and the partial (m, l, O) are merged by log-sum-exp.
+//! block per kv head): on AVX-512 each item reads K and V rows in place ([`super::decode`]); elsewhere it
+//! streams its kv tiles, packing each as it goes. When there are too few items to fill the threads, the kv
+//! length is split and the partial (m, l, O) are merged by log-sum-exp.
 
 use std::ops::Range;
 
@@ -19,34 +20,34 @@ use crate::tensor::{DType, Float};
 use crate::{threads, Result};
 
 /// Key/value columns per tile.
-const BC: usize = 64;
+pub(super) const BC: usize = 64;
 /// Query rows (all heads of a GQA group together) per work item, aimed for.
 pub(crate) const ROWS: usize = 96;
 /// Bytes of packed K/V held at once by the prefill path.
 const PACK_BUDGET: usize = 64 << 20;
 
-fn round_up(x: usize, m: usize) -> usize {
+pub(super) fn round_up(x: usize, m: usize) -> usize {
     x.div_ceil(m) * m
 }
 
 /// One call, typed: raw strided views plus the scalars.
 pub(crate) struct Job<'a, T> {
-    dims: Dims,
-    q: Strided<T>,
-    k: Strided<T>,
-    v: Strided<T>,
-    out: Strided<T>,
-    lse: Option<Strided<f32>>,
-    bias: Option<BiasRef>,
-    sinks: Option<Vec<f64>>,
-    mask: &'a dyn MaskTiles,
-    scale: f64,
-    softcap: Option<f64>,
+    pub(super) dims: Dims,
+    pub(super) q: Strided<T>,
+    pub(super) k: Strided<T>,
+    pub(super) v: Strided<T>,
+    pub(super) out: Strided<T>,
+    pub(super) lse: Option<Strided<f32>>,
+    pub(super) bias: Option<BiasRef>,
+    pub(super) sinks: Option<Vec<f64>>,
+    pub(super) mask: &'a dyn MaskTiles,
+    pub(super) scale: f64,
+    pub(super) softcap: Option<f64>,
     /// Query rows per block (per head).
-    bq: usize,
+    pub(super) bq: usize,
     /// Packed row lengths: D rounded up to 2, Dv rounded up to 16.
-    dp: usize,
-    dvp: usize,
+    pub(super) dp: usize,
+    pub(super) dvp: usize,
 }
 
 impl<T> Job<'_, T> {
@@ -330,44 +331,24 @@ fn item_body<K: Kern, T: Float>(
                 );
             }
         }
-        for (gi, &cls) in classes.iter().enumerate() {
-            if cls == BlockClass::Empty {
-                continue;
-            }
-            let h = kvh * g + gi;
-            let vis = if cls == BlockClass::Partial {
-                job.mask
-                    .fill(b, h, q0..q1, c0..c0 + n, &mut sc.vis[..bq * n]);
-                true
-            } else {
-                false
-            };
-            for i in 0..bq {
-                let r = gi * bq + i;
-                if let Some(bias) = &job.bias {
-                    // SAFETY: (b, h, q0 + i) and columns c0..c0+n are in range of [B, H, Q, K].
-                    unsafe { bias.row(b, h, q0 + i, c0, &mut sc.bias[..n], K::A::from_f64) };
-                }
-                let alpha = online_step(
-                    &mut sc.s[r * BC..r * BC + nw],
-                    n,
-                    lg,
-                    job.bias.as_ref().map(|_| &sc.bias[..n]),
-                    if vis {
-                        Some(&sc.vis[i * n..(i + 1) * n])
-                    } else {
-                        None
-                    },
-                    &mut sc.m[r],
-                    &mut sc.l[r],
-                    &mut sc.p[r * BC..r * BC + nw],
-                    K::to_e,
-                );
-                if alpha != K::A::ONE {
-                    rescale(&mut sc.o[r * dvp..(r + 1) * dvp], alpha);
-                }
-            }
-        }
+        softmax_tile(
+            job,
+            b,
+            kvh,
+            (q0..q1, c0..c0 + n),
+            &classes,
+            lg,
+            &mut sc.s,
+            &mut sc.p,
+            Rows {
+                m: &mut sc.m,
+                l: &mut sc.l,
+                o: &mut sc.o,
+                ld: dvp,
+            },
+            (&mut sc.vis, &mut sc.bias),
+            K::to_e,
+        );
         for &(r0, m) in &spans {
             // SAFETY: rows r0..r0+m of P (BC each, the first n.div_ceil(pair)·pair written), the V tile's
             // n.div_ceil(pair) pair-rows of dvp columns, and rows of O (dvp each) are inside their buffers.
@@ -384,6 +365,72 @@ fn item_body<K: Kern, T: Float>(
                     dvp,
                     true,
                 );
+            }
+        }
+    }
+}
+
+/// The softmax state of an item's rows: `m`, `l` (one per row) and `O` (`dvp` per row).
+pub(super) struct Rows<'a, A> {
+    pub m: &'a mut [A],
+    pub l: &'a mut [A],
+    pub o: &'a mut [A],
+    /// Elements per row of `o`.
+    pub ld: usize,
+}
+
+/// The online-softmax step of one kv tile (`cells` = query rows × key columns) for the rows of every head of
+/// the group whose class is not empty: bias and mask applied, `m` and `l` updated, `O` rescaled, `P` written.
+/// `s` and `p` hold the rows of the group (`r = gi * bq + i`) at stride [`BC`]; `scratch` is (visibility
+/// bytes, one bias row).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn softmax_tile<A: Acc, E: Copy, T>(
+    job: &Job<T>,
+    b: usize,
+    kvh: usize,
+    cells: (Range<usize>, Range<usize>),
+    classes: &[BlockClass],
+    lg: Logits<A>,
+    s: &mut [A],
+    p: &mut [E],
+    st: Rows<'_, A>,
+    scratch: (&mut [u8], &mut [A]),
+    to_e: impl Fn(A) -> E + Copy,
+) {
+    let (rows, cols) = cells;
+    let (q0, bq, c0, n) = (rows.start, rows.len(), cols.start, cols.len());
+    let (g, nw) = (job.dims.g, round_up(n, 16));
+    let (vis, bias) = scratch;
+    for (gi, &cls) in classes.iter().enumerate() {
+        if cls == BlockClass::Empty {
+            continue;
+        }
+        let h = kvh * g + gi;
+        let partial = cls == BlockClass::Partial;
+        if partial {
+            job.mask
+                .fill(b, h, rows.clone(), cols.clone(), &mut vis[..bq * n]);
+        }
+        for i in 0..bq {
+            let r = gi * bq + i;
+            if let Some(bref) = &job.bias {
+                // SAFETY: (b, h, q0 + i) and columns c0..c0+n are in range of [B, H, Q, K].
+                unsafe { bref.row(b, h, q0 + i, c0, &mut bias[..n], A::from_f64) };
+            }
+            let alpha = online_step(
+                &mut s[r * BC..r * BC + nw],
+                n,
+                lg,
+                job.bias.as_ref().map(|_| &bias[..n]),
+                partial.then(|| &vis[i * n..(i + 1) * n]),
+                &mut st.m[r],
+                &mut st.l[r],
+                &mut p[r * BC..r * BC + nw],
+                to_e,
+            );
+            if alpha != A::ONE {
+                rescale(&mut st.o[r * st.ld..(r + 1) * st.ld], alpha);
             }
         }
     }
@@ -636,64 +683,97 @@ fn prefill<K: Entry, T: Float>(job: &Job<T>) {
     }
 }
 
+/// An item's final or partial row state `(m, l, O)`.
+trait State<A> {
+    fn state(&self) -> (&[A], &[A], &[A]);
+}
+
+impl<K: Kern> State<K::A> for Scratch<K> {
+    fn state(&self) -> (&[K::A], &[K::A], &[K::A]) {
+        (&self.m, &self.l, &self.o)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl State<f32> for super::decode::Scratch {
+    fn state(&self) -> (&[f32], &[f32], &[f32]) {
+        (&self.m, &self.l, &self.o)
+    }
+}
+
 fn decode<K: Entry, T: Float>(job: &Job<T>, threads: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if K::AVX512 && super::decode::applies(job) {
+        // bf16 pairs: the AVX-512 BF16 kernel, whose CPU has `vdpbf16ps`.
+        let dot = K::PAIR == 2;
+        let scratch = || super::decode::Scratch::new(job, dot);
+        // SAFETY: `K::AVX512` says `Backend::resolve` found AVX-512F/BW/VL (and BF16 when `dot`) on this CPU;
+        // `applies` holds; the scratch was made with the same `dot`.
+        let run = |sc: &mut _, b, kvh, tiles| unsafe {
+            super::decode::item::<T>(job, b, kvh, tiles, sc, dot)
+        };
+        return split_kv::<f32, T, _>(job, threads, scratch, run);
+    }
+    let q = job.dims.q;
+    // SAFETY: `K` was chosen by `Backend::resolve` for this CPU.
+    let run = |sc: &mut Scratch<K>, b, kvh, tiles| unsafe {
+        K::item::<T>(job, b, kvh, 0, q, tiles, KvSrc::Stream, sc)
+    };
+    split_kv::<K::A, T, _>(job, threads, || Scratch::<K>::new(job), run);
+}
+
+/// Runs every (batch, kv head) over all its kv tiles, splitting the tiles into pieces merged by log-sum-exp
+/// when there are too few heads to keep the threads busy. `run(scratch, b, kvh, tiles)` leaves the rows'
+/// state in the scratch.
+fn split_kv<A: Acc, T: Float, S: State<A>>(
+    job: &Job<T>,
+    threads: usize,
+    scratch: impl Fn() -> S + Sync + Send,
+    run: impl Fn(&mut S, usize, usize, Range<usize>) + Sync + Send,
+) {
     let Dims {
         b: nb, hkv, q, g, ..
     } = job.dims;
     let ntiles = job.ntiles();
     let heads = nb * hkv;
+    let dvp = job.dvp;
     // Enough pieces to keep every thread busy, none shorter than two tiles.
     let splits = (4 * threads).div_ceil(heads).clamp(1, (ntiles / 2).max(1));
+    let rows = g * q;
     if splits == 1 {
-        (0..heads).into_par_iter().for_each_init(
-            || Scratch::<K>::new(job),
-            |sc, idx| {
+        (0..heads)
+            .into_par_iter()
+            .for_each_init(&scratch, |sc, idx| {
                 let (b, kvh) = (idx / hkv, idx % hkv);
-                // SAFETY: `K` was chosen by `Backend::resolve` for this CPU.
-                unsafe { K::item::<T>(job, b, kvh, 0, q, 0..ntiles, KvSrc::Stream, sc) };
-                let rows = g * q;
-                write_rows(
-                    job,
-                    b,
-                    kvh,
-                    0,
-                    q,
-                    &sc.m[..rows],
-                    &sc.l[..rows],
-                    &sc.o[..rows * job.dvp],
-                );
-            },
-        );
+                run(sc, b, kvh, 0..ntiles);
+                let (m, l, o) = sc.state();
+                write_rows(job, b, kvh, 0, q, &m[..rows], &l[..rows], &o[..rows * dvp]);
+            });
         return;
     }
-    let rows = g * q;
     let per = ntiles.div_ceil(splits);
     // Partial states, one per (head, split): m, l and O of every row.
-    let parts: Vec<Partial<K::A>> = (0..heads * splits)
+    let parts: Vec<Partial<A>> = (0..heads * splits)
         .into_par_iter()
-        .map_init(
-            || Scratch::<K>::new(job),
-            |sc, idx| {
-                let (head, s) = (idx / splits, idx % splits);
-                let (b, kvh) = (head / hkv, head % hkv);
-                let tiles = (s * per).min(ntiles)..((s + 1) * per).min(ntiles);
-                // SAFETY: as above.
-                unsafe { K::item::<T>(job, b, kvh, 0, q, tiles, KvSrc::Stream, sc) };
-                (
-                    sc.m[..rows].to_vec(),
-                    sc.l[..rows].to_vec(),
-                    sc.o[..rows * job.dvp].to_vec(),
-                )
-            },
-        )
+        .map_init(&scratch, |sc, idx| {
+            let (head, s) = (idx / splits, idx % splits);
+            let (b, kvh) = (head / hkv, head % hkv);
+            let tiles = (s * per).min(ntiles)..((s + 1) * per).min(ntiles);
+            run(sc, b, kvh, tiles);
+            let (m, l, o) = sc.state();
+            (
+                m[..rows].to_vec(),
+                l[..rows].to_vec(),
+                o[..rows * dvp].to_vec(),
+            )
+        })
         .collect();
     (0..heads).into_par_iter().for_each(|head| {
         let (b, kvh) = (head / hkv, head % hkv);
         let mine = &parts[head * splits..(head + 1) * splits];
-        let dvp = job.dvp;
-        let mut m = vec![K::A::NEG_INF; rows];
-        let mut l = vec![K::A::ZERO; rows];
-        let mut o = vec![K::A::ZERO; rows * dvp];
+        let mut m = vec![A::NEG_INF; rows];
+        let mut l = vec![A::ZERO; rows];
+        let mut o = vec![A::ZERO; rows * dvp];
         for r in 0..rows {
             let it = mine
                 .iter()

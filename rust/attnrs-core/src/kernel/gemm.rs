@@ -21,6 +21,8 @@ pub(crate) trait Kern: Copy + Send + Sync + 'static {
     /// The input dtype whose bits are exactly the packed operand's (`PAIR` of them make one 32-bit unit),
     /// so contiguous rows of it pack by moving 32-bit units.
     const RAW: Option<DType>;
+    /// The CPU runs AVX-512F/BW/VL, so decode may use the in-place kernels of [`super::decode`].
+    const AVX512: bool = false;
     /// Converts an accumulator value (a probability) to an operand.
     fn to_e(x: Self::A) -> Self::E;
     /// Transposes 32-bit units: `dst[u * ld + c] = unit u of row c` for `c < n`, `u < units`, where row `c`
@@ -307,6 +309,7 @@ mod x86 {
         type E = f32;
         const PAIR: usize = 1;
         const RAW: Option<DType> = Some(DType::F32);
+        const AVX512: bool = true;
         #[inline(always)]
         fn to_e(x: f32) -> f32 {
             x
@@ -413,6 +416,7 @@ mod x86 {
         type E = u16;
         const PAIR: usize = 2;
         const RAW: Option<DType> = Some(DType::BF16);
+        const AVX512: bool = true;
         #[inline(always)]
         fn to_e(x: f32) -> u16 {
             bf16_bits(x)

@@ -24,6 +24,8 @@
 //! (`vdpbf16ps` for both products when the inputs are bf16), AVX2+FMA, and a portable path that is correct
 //! everywhere. The CPU is inspected once ([`Isa::get`]); [`attention_forward_with`] forces a path (tests).
 
+#[cfg(target_arch = "x86_64")]
+mod decode;
 mod driver;
 mod gemm;
 mod plan;

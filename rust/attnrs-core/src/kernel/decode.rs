@@ -1,0 +1,697 @@
+//! Decode on AVX-512: the few query rows of a GQA group against K and V read where they lie.
+//!
+//! The prefill path packs each K/V tile (Kᵀ transposed, V re-laid) for its register-blocked products; with a
+//! handful of query rows that packing costs more than the products and keeps the memory system idle between
+//! tiles. Here `S = Q·Kᵀ` is a set of dot products along D read straight from K's rows (4 query rows × 4 keys
+//! of accumulators, reduced together by a transpose-add tree) and `O += P·V` reads V's rows once per 4 query
+//! rows. bf16 on an AVX-512 BF16 CPU runs both products on `vdpbf16ps` (Q and P rounded to bf16, V rows
+//! interleaved pairwise); otherwise bf16 and f16 are widened to f32 on load. The next tile's K rows are
+//! prefetched into L2 a few at a time during `Q·Kᵀ`, its V rows during `P·V`. The online-softmax step is the
+//! one every variant shares ([`softmax_tile`]). Needs K and V rows contiguous along D.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::driver::{round_up, softmax_tile, Job, Rows, BC};
+use super::gemm::bf16_bits;
+use super::softmax::Logits;
+use crate::block::BlockClass;
+use crate::tensor::{DType, Float};
+
+/// Most query rows (Q·G) one decode item takes; more go through the packed path.
+pub(super) const MAX_ROWS: usize = 32;
+
+/// How many tiles ahead K and V rows are prefetched.
+const AHEAD: usize = 1;
+
+/// Whether [`item`] can run this call: f32 accumulation, rows few enough, K and V contiguous along D.
+pub(super) fn applies<T: Float>(job: &Job<T>) -> bool {
+    matches!(T::DTYPE, DType::F32 | DType::BF16 | DType::F16)
+        && job.dims.g * job.dims.q <= MAX_ROWS
+        && (job.k.st[3] == 1 || job.dims.d <= 1)
+        && (job.v.st[3] == 1 || job.dims.dv <= 1)
+}
+
+/// Per-item buffers; rows padded to a multiple of 4 (the padding rows of Q and P stay zero).
+pub(super) struct Scratch {
+    /// Query rows as f32, `round_up(D, 16)` each (widening path).
+    qp: Vec<f32>,
+    /// Query rows as bf16 bits, `round_up(D, 32)` each (`vdpbf16ps` path).
+    qb: Vec<u16>,
+    s: Vec<f32>,
+    p: Vec<f32>,
+    /// P as bf16 bits (`vdpbf16ps` path).
+    pb: Vec<u16>,
+    /// O, `ld` per row: `dvp` (widening path) or `round_up(Dv, 32)` in the pair-interleaved column order of
+    /// [`pv_bf16`] until [`body`] puts it back at stride `dvp`.
+    pub o: Vec<f32>,
+    pub m: Vec<f32>,
+    pub l: Vec<f32>,
+    vis: Vec<u8>,
+    bias: Vec<f32>,
+}
+
+impl Scratch {
+    /// Buffers for `job`; `dot` selects the `vdpbf16ps` path (bf16 inputs on an AVX-512 BF16 CPU).
+    pub fn new<T>(job: &Job<T>, dot: bool) -> Scratch {
+        let rows = job.dims.g * job.dims.q;
+        let rpad = round_up(rows, 4);
+        let (d, dv) = (job.dims.d, job.dims.dv);
+        Scratch {
+            qp: vec![0.0; if dot { 0 } else { rpad * round_up(d, 16) }],
+            qb: vec![0; if dot { rpad * round_up(d, 32) } else { 0 }],
+            s: vec![0.0; rpad * BC],
+            p: vec![0.0; if dot { 0 } else { rpad * BC }],
+            pb: vec![0; if dot { rpad * BC } else { 0 }],
+            o: vec![0.0; rpad * job.dvp.max(if dot { round_up(dv, 32) } else { 0 })],
+            m: vec![0.0; rows],
+            l: vec![0.0; rows],
+            vis: vec![0; job.dims.q * BC],
+            bias: vec![0.0; BC],
+        }
+    }
+}
+
+/// Loads 16 elements of one input dtype as f32; lanes outside `mask` read nothing and are 0.
+trait Lanes {
+    /// Bytes per element.
+    const SIZE: usize;
+    /// # Safety
+    /// The lanes in `mask` address readable elements; the CPU has AVX-512F/BW/VL.
+    unsafe fn load(p: *const u8, mask: __mmask16) -> __m512;
+}
+
+struct F32s;
+struct Bf16s;
+struct F16s;
+
+impl Lanes for F32s {
+    const SIZE: usize = 4;
+    #[inline(always)]
+    unsafe fn load(p: *const u8, mask: __mmask16) -> __m512 {
+        // SAFETY: the caller's promise; masked-off lanes are not accessed.
+        unsafe { _mm512_maskz_loadu_ps(mask, p.cast()) }
+    }
+}
+
+impl Lanes for Bf16s {
+    const SIZE: usize = 2;
+    #[inline(always)]
+    unsafe fn load(p: *const u8, mask: __mmask16) -> __m512 {
+        // SAFETY: as above; a bf16 is the upper half of the f32 with the same value.
+        unsafe {
+            let h = _mm256_maskz_loadu_epi16(mask, p.cast());
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+    }
+}
+
+impl Lanes for F16s {
+    const SIZE: usize = 2;
+    #[inline(always)]
+    unsafe fn load(p: *const u8, mask: __mmask16) -> __m512 {
+        // SAFETY: as above.
+        unsafe { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p.cast())) }
+    }
+}
+
+/// The lanes of vector `v` (16 elements from `16 * v`) that lie inside a row of `len` elements.
+#[inline(always)]
+fn lanes_mask(v: usize, len: usize) -> __mmask16 {
+    let left = len.saturating_sub(16 * v).min(16);
+    ((1u32 << left) - 1) as __mmask16
+}
+
+/// Sums each of 16 vectors: lane `i` of the result is the sum of the lanes of `x[i]`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn reduce16(x: &[__m512; 16]) -> __m512 {
+    // Per 128-bit segment: [a0+a2, b0+b2, a1+a3, b1+b3] for each pair (a, b).
+    let mut t = [_mm512_setzero_ps(); 8];
+    for (i, y) in t.iter_mut().enumerate() {
+        let (a, b) = (x[2 * i], x[2 * i + 1]);
+        *y = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    }
+    // Per segment: the partials of 4 consecutive vectors.
+    let mut u = [_mm512_setzero_ps(); 4];
+    for (i, y) in u.iter_mut().enumerate() {
+        let (a, b) = (_mm512_castps_pd(t[2 * i]), _mm512_castps_pd(t[2 * i + 1]));
+        *y = _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)),
+        );
+    }
+    // Sum the segments pairwise, then again: segment s ends holding the sums of vectors 4s..4s+4.
+    let (a, b) = (u[0], u[1]);
+    let w0 = _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0x88>(a, b),
+        _mm512_shuffle_f32x4::<0xDD>(a, b),
+    );
+    let (a, b) = (u[2], u[3]);
+    let w1 = _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0x88>(a, b),
+        _mm512_shuffle_f32x4::<0xDD>(a, b),
+    );
+    _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0x88>(w0, w1),
+        _mm512_shuffle_f32x4::<0xDD>(w0, w1),
+    )
+}
+
+/// Issues L2 prefetches for the `bytes` bytes from `p`.
+#[inline(always)]
+unsafe fn prefetch_row(p: *const u8, bytes: usize) {
+    let mut off = 0;
+    while off < bytes {
+        // SAFETY: a prefetch never faults; `wrapping_add` keeps the address computation defined.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(off).cast()) };
+        off += 64;
+    }
+}
+
+/// The K and V rows of a tile ahead, prefetched a few at a time while the current tile's dot products run.
+#[derive(Clone, Copy)]
+struct Prefetch {
+    k: *const u8,
+    v: *const u8,
+    kst: isize,
+    vst: isize,
+    /// Rows that exist.
+    n: usize,
+    kbytes: usize,
+    vbytes: usize,
+}
+
+impl Prefetch {
+    /// Prefetches rows `rows` (those below `n`) of K.
+    #[inline(always)]
+    fn k_rows(&self, rows: Range<usize>) {
+        for x in rows.start..rows.end.min(self.n) {
+            // SAFETY: prefetches never fault; the addresses are computed with wrapping arithmetic.
+            unsafe { prefetch_row(self.k.wrapping_offset(x as isize * self.kst), self.kbytes) };
+        }
+    }
+    /// Prefetches row `x` (if below `n`) of V.
+    #[inline(always)]
+    fn v_row(&self, x: usize) {
+        if x < self.n {
+            // SAFETY: as above.
+            unsafe { prefetch_row(self.v.wrapping_offset(x as isize * self.vst), self.vbytes) };
+        }
+    }
+}
+
+/// `S[r][j] = q_r · k_j` for rows `0..rpad` and keys `0..round_up(n, 4)` (keys past `n` repeat key `n - 1`).
+/// `pf`: the next tile's first key row and how many of its rows to prefetch.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn qk<L: Lanes>(
+    qp: &[f32],
+    dpad: usize,
+    rpad: usize,
+    k: *const u8,
+    kst: isize,
+    n: usize,
+    d: usize,
+    s: &mut [f32],
+    pf: Prefetch,
+) {
+    let nvec = d.div_ceil(16);
+    for j0 in (0..n).step_by(4) {
+        // SAFETY: rows j < n of the tile are in range of key, each with D contiguous elements; masked loads
+        // read only those; Q rows `rpad` × `dpad` and S rows `rpad` × BC (j0 + 4 <= BC) are in the buffers.
+        unsafe {
+            let rows: [*const u8; 4] =
+                std::array::from_fn(|x| k.offset((j0 + x).min(n - 1) as isize * kst));
+            pf.k_rows(j0..j0 + 4);
+            for rb in (0..rpad).step_by(4) {
+                let mut acc = [_mm512_setzero_ps(); 16];
+                for v in 0..nvec {
+                    let mask = lanes_mask(v, d);
+                    let kv: [__m512; 4] =
+                        std::array::from_fn(|x| L::load(rows[x].add(16 * v * L::SIZE), mask));
+                    for r in 0..4 {
+                        let qv = _mm512_loadu_ps(qp.as_ptr().add((rb + r) * dpad + 16 * v));
+                        for x in 0..4 {
+                            acc[4 * r + x] = _mm512_fmadd_ps(qv, kv[x], acc[4 * r + x]);
+                        }
+                    }
+                }
+                let sums = reduce16(&acc);
+                let sp = s.as_mut_ptr().add(rb * BC + j0);
+                _mm_storeu_ps(sp, _mm512_extractf32x4_ps::<0>(sums));
+                _mm_storeu_ps(sp.add(BC), _mm512_extractf32x4_ps::<1>(sums));
+                _mm_storeu_ps(sp.add(2 * BC), _mm512_extractf32x4_ps::<2>(sums));
+                _mm_storeu_ps(sp.add(3 * BC), _mm512_extractf32x4_ps::<3>(sums));
+            }
+        }
+    }
+}
+
+/// `O[r] += Σ_j P[r][j] v_j` for rows `0..rpad`, over `NV` vectors of columns from vector `v0`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pv_cols<L: Lanes, const NV: usize>(
+    p: &[f32],
+    rpad: usize,
+    v: *const u8,
+    vst: isize,
+    n: usize,
+    dv: usize,
+    o: &mut [f32],
+    dvp: usize,
+    v0: usize,
+    pf: Option<Prefetch>,
+) {
+    let masks: [__mmask16; NV] = std::array::from_fn(|x| lanes_mask(v0 + x, dv));
+    for rb in (0..rpad).step_by(4) {
+        // SAFETY: O rows rb..rb+4 hold dvp >= 16 (v0 + NV) columns; V rows j < n hold Dv contiguous elements
+        // (masked loads read only those); P rows hold BC >= n columns.
+        unsafe {
+            let op = o.as_mut_ptr().add(rb * dvp + 16 * v0);
+            let mut acc = [[_mm512_setzero_ps(); NV]; 4];
+            for (r, row) in acc.iter_mut().enumerate() {
+                for (x, a) in row.iter_mut().enumerate() {
+                    *a = _mm512_loadu_ps(op.add(r * dvp + 16 * x));
+                }
+            }
+            let pp = p.as_ptr().add(rb * BC);
+            for j in 0..n {
+                if let (0, Some(pf)) = (rb, pf) {
+                    pf.v_row(j);
+                }
+                let vrow = v.offset(j as isize * vst).add(16 * v0 * L::SIZE);
+                let vv: [__m512; NV] =
+                    std::array::from_fn(|x| L::load(vrow.add(16 * x * L::SIZE), masks[x]));
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let pb = _mm512_set1_ps(*pp.add(r * BC + j));
+                    for (a, &y) in row.iter_mut().zip(&vv) {
+                        *a = _mm512_fmadd_ps(pb, y, *a);
+                    }
+                }
+            }
+            for (r, row) in acc.iter().enumerate() {
+                for (x, a) in row.iter().enumerate() {
+                    _mm512_storeu_ps(op.add(r * dvp + 16 * x), *a);
+                }
+            }
+        }
+    }
+}
+
+/// `O += P·V` over the tile's `n` keys, prefetching the next tile's V rows (`pf` as for [`qk`]).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pv<L: Lanes>(
+    p: &[f32],
+    rpad: usize,
+    v: *const u8,
+    vst: isize,
+    n: usize,
+    dv: usize,
+    o: &mut [f32],
+    dvp: usize,
+    pf: Prefetch,
+) {
+    let nvec = dvp / 16;
+    let mut v0 = 0;
+    while v0 < nvec {
+        let nv = (nvec - v0).min(4);
+        // SAFETY: forwarded; columns v0..v0+nv vectors lie inside dvp.
+        unsafe {
+            match nv {
+                1 => pv_cols::<L, 1>(p, rpad, v, vst, n, dv, o, dvp, v0, (v0 == 0).then_some(pf)),
+                2 => pv_cols::<L, 2>(p, rpad, v, vst, n, dv, o, dvp, v0, (v0 == 0).then_some(pf)),
+                3 => pv_cols::<L, 3>(p, rpad, v, vst, n, dv, o, dvp, v0, (v0 == 0).then_some(pf)),
+                _ => pv_cols::<L, 4>(p, rpad, v, vst, n, dv, o, dvp, v0, (v0 == 0).then_some(pf)),
+            }
+        }
+        v0 += nv;
+    }
+}
+
+/// `S[r][j] = q_r · k_j` with `vdpbf16ps` on bf16 rows (Q as bf16 bits, `dpad` = D rounded up to 32 each),
+/// otherwise as [`qk`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn qk_bf16(
+    qb: &[u16],
+    dpad: usize,
+    rpad: usize,
+    k: *const u8,
+    kst: isize,
+    n: usize,
+    d: usize,
+    s: &mut [f32],
+    pf: Prefetch,
+) {
+    let nvec = d.div_ceil(32);
+    for j0 in (0..n).step_by(4) {
+        // SAFETY: as in `qk`, with 32 bf16 lanes per vector (masked to the row's D elements). The transmutes
+        // reinterpret 512 bits of bf16 pairs as the `__m512bh` the dot product takes.
+        unsafe {
+            let rows: [*const u8; 4] =
+                std::array::from_fn(|x| k.offset((j0 + x).min(n - 1) as isize * kst));
+            pf.k_rows(j0..j0 + 4);
+            for rb in (0..rpad).step_by(4) {
+                let mut acc = [_mm512_setzero_ps(); 16];
+                for v in 0..nvec {
+                    let left = d - 32 * v;
+                    let mask: __mmask32 = if left >= 32 { !0 } else { (1u32 << left) - 1 };
+                    let kv: [__m512bh; 4] = std::array::from_fn(|x| {
+                        std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(
+                            mask,
+                            rows[x].add(64 * v).cast(),
+                        ))
+                    });
+                    for r in 0..4 {
+                        let qv = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                            qb.as_ptr().add((rb + r) * dpad + 32 * v).cast(),
+                        ));
+                        for x in 0..4 {
+                            acc[4 * r + x] = _mm512_dpbf16_ps(acc[4 * r + x], qv, kv[x]);
+                        }
+                    }
+                }
+                let sums = reduce16(&acc);
+                let sp = s.as_mut_ptr().add(rb * BC + j0);
+                _mm_storeu_ps(sp, _mm512_extractf32x4_ps::<0>(sums));
+                _mm_storeu_ps(sp.add(BC), _mm512_extractf32x4_ps::<1>(sums));
+                _mm_storeu_ps(sp.add(2 * BC), _mm512_extractf32x4_ps::<2>(sums));
+                _mm_storeu_ps(sp.add(3 * BC), _mm512_extractf32x4_ps::<3>(sums));
+            }
+        }
+    }
+}
+
+/// Column `c` (of a 32-column chunk) that lane `k` of the chunk's two accumulators holds in [`pv_bf16`]:
+/// interleaving two rows 16 bits at a time pairs columns 0-3, 8-11, .. (low) and 4-7, 12-15, .. (high).
+#[inline(always)]
+fn interleaved_col(k: usize) -> usize {
+    let (hi, k) = (k / 16, k % 16);
+    8 * (k / 4) + 4 * hi + k % 4
+}
+
+/// `O[r] += Σ_j P[r][j] v_j` with `vdpbf16ps` over key pairs, for rows `0..rpad` and `NC` chunks of 32
+/// columns from chunk `c0`. P holds bf16 bits (`BC` per row); O is in the interleaved order of
+/// [`interleaved_col`], `ld` per row.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pv_bf16_cols<const NC: usize>(
+    pb: &[u16],
+    rpad: usize,
+    v: *const u8,
+    vst: isize,
+    n: usize,
+    dv: usize,
+    o: &mut [f32],
+    ld: usize,
+    c0: usize,
+    pf: Option<Prefetch>,
+) {
+    let masks: [__mmask32; NC] = std::array::from_fn(|x| {
+        let left = dv.saturating_sub(32 * (c0 + x)).min(32);
+        if left == 32 {
+            !0
+        } else {
+            (1u32 << left) - 1
+        }
+    });
+    for rb in (0..rpad).step_by(4) {
+        // SAFETY: O rows rb..rb+4 hold ld >= 32 (c0 + NC) columns; V rows j < n hold Dv contiguous elements
+        // (masked loads read only those; the missing partner of an odd last key is zero, as is its P);
+        // P rows hold BC >= round_up(n, 2) bf16 values. Transmutes as in `qk_bf16`.
+        unsafe {
+            let op = o.as_mut_ptr().add(rb * ld + 32 * c0);
+            let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+            for (r, row) in acc.iter_mut().enumerate() {
+                for (x, a) in row.iter_mut().take(2 * NC).enumerate() {
+                    *a = _mm512_loadu_ps(op.add(r * ld + 16 * x));
+                }
+            }
+            let pp = pb.as_ptr().add(rb * BC);
+            for j in (0..n).step_by(2) {
+                if let (0, Some(pf)) = (rb, pf) {
+                    pf.v_row(j);
+                    pf.v_row(j + 1);
+                }
+                let va = v.offset(j as isize * vst).add(64 * c0);
+                let vb = v.offset((j + 1).min(n - 1) as isize * vst).add(64 * c0);
+                let mut vv = [_mm512_setzero_si512(); 4];
+                for x in 0..NC {
+                    let a = _mm512_maskz_loadu_epi16(masks[x], va.add(64 * x).cast());
+                    let b = if j + 1 < n {
+                        _mm512_maskz_loadu_epi16(masks[x], vb.add(64 * x).cast())
+                    } else {
+                        _mm512_setzero_si512()
+                    };
+                    vv[2 * x] = _mm512_unpacklo_epi16(a, b);
+                    vv[2 * x + 1] = _mm512_unpackhi_epi16(a, b);
+                }
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let pair = pp.add(r * BC + j).cast::<i32>().read_unaligned();
+                    let pv = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pair));
+                    for (a, &y) in row.iter_mut().zip(&vv).take(2 * NC) {
+                        *a = _mm512_dpbf16_ps(*a, pv, std::mem::transmute::<__m512i, __m512bh>(y));
+                    }
+                }
+            }
+            for (r, row) in acc.iter().enumerate() {
+                for (x, a) in row.iter().take(2 * NC).enumerate() {
+                    _mm512_storeu_ps(op.add(r * ld + 16 * x), *a);
+                }
+            }
+        }
+    }
+}
+
+/// `O += P·V` with `vdpbf16ps` (see [`pv_bf16_cols`]), prefetching the next tile's V rows.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pv_bf16(
+    pb: &[u16],
+    rpad: usize,
+    v: *const u8,
+    vst: isize,
+    n: usize,
+    dv: usize,
+    o: &mut [f32],
+    ld: usize,
+    pf: Prefetch,
+) {
+    let nc = ld / 32;
+    let mut c0 = 0;
+    while c0 < nc {
+        let k = (nc - c0).min(2);
+        // SAFETY: forwarded; chunks c0..c0+k lie inside ld.
+        unsafe {
+            if k == 2 {
+                pv_bf16_cols::<2>(pb, rpad, v, vst, n, dv, o, ld, c0, (c0 == 0).then_some(pf));
+            } else {
+                pv_bf16_cols::<1>(pb, rpad, v, vst, n, dv, o, ld, c0, (c0 == 0).then_some(pf));
+            }
+        }
+        c0 += k;
+    }
+}
+
+/// Runs all `Q·G` rows of `(b, kvh)` over kv tiles `tiles`, leaving `(m, l, O)` in the scratch (O at stride
+/// `dvp`). `DOT`: bf16 inputs through `vdpbf16ps` (then `L` is [`Bf16s`]); else widened to f32.
+#[inline(always)]
+fn body<L: Lanes, T: Float, const DOT: bool>(
+    job: &Job<T>,
+    b: usize,
+    kvh: usize,
+    tiles: Range<usize>,
+    sc: &mut Scratch,
+) {
+    let dims = job.dims;
+    let (g, q, d, dv, dvp) = (dims.g, dims.q, dims.d, dims.dv, job.dvp);
+    let rows = g * q;
+    let dpad = round_up(d, if DOT { 32 } else { 16 });
+    let ld = if DOT { round_up(dv, 32) } else { dvp };
+    let rpad = round_up(rows, 4);
+    for gi in 0..g {
+        for i in 0..q {
+            let r = gi * q + i;
+            // SAFETY: (b, kvh * g + gi, i, 0) is in range of query; its row has D elements at stride st[3].
+            let row = unsafe { job.q.at(b, kvh * g + gi, i, 0) };
+            for dd in 0..d {
+                // SAFETY: dd < D.
+                let x = unsafe { row.offset(dd as isize * job.q.st[3]).read() }.to_f32();
+                if DOT {
+                    sc.qb[r * dpad + dd] = bf16_bits(x);
+                } else {
+                    sc.qp[r * dpad + dd] = x;
+                }
+            }
+        }
+    }
+    sc.m.fill(f32::NEG_INFINITY);
+    sc.l.fill(0.0);
+    sc.o.fill(0.0);
+    let lg = Logits {
+        scale: job.scale as f32,
+        softcap: job.softcap.map(|c| (c as f32, (1.0 / c) as f32)),
+    };
+    let mut classes = vec![BlockClass::Empty; g];
+    let (kst, vst) = (
+        job.k.st[2] * L::SIZE as isize,
+        job.v.st[2] * L::SIZE as isize,
+    );
+    let end = (tiles.end * BC).min(dims.k);
+    for t in tiles {
+        let c0 = t * BC;
+        let n = (dims.k - c0).min(BC);
+        for (gi, cls) in classes.iter_mut().enumerate() {
+            *cls = job.mask.classify(b, kvh * g + gi, 0..q, c0..c0 + n);
+        }
+        if classes.iter().all(|c| *c == BlockClass::Empty) {
+            continue;
+        }
+        let next = (end.saturating_sub(c0 + AHEAD * BC)).min(BC);
+        // SAFETY: rows c0..c0+n of key and value are in range (n >= 1); the next tile's rows are only
+        // prefetched (an address computation, never dereferenced) when they exist.
+        let (kp, vp) = unsafe {
+            (
+                job.k.at(b, kvh, c0, 0).cast::<u8>().cast_const(),
+                job.v.at(b, kvh, c0, 0).cast::<u8>().cast_const(),
+            )
+        };
+        let pf = Prefetch {
+            k: kp.wrapping_offset((AHEAD * BC) as isize * kst),
+            v: vp.wrapping_offset((AHEAD * BC) as isize * vst),
+            kst,
+            vst,
+            n: next,
+            kbytes: d * L::SIZE,
+            vbytes: dv * L::SIZE,
+        };
+        // SAFETY: see `qk` / `qk_bf16`; `DOT` is only set on CPUs with AVX-512 BF16.
+        unsafe {
+            if DOT {
+                qk_bf16(&sc.qb, dpad, rpad, kp, kst, n, d, &mut sc.s, pf);
+            } else {
+                qk::<L>(&sc.qp, dpad, rpad, kp, kst, n, d, &mut sc.s, pf);
+            }
+        }
+        let st = Rows {
+            m: &mut sc.m,
+            l: &mut sc.l,
+            o: &mut sc.o,
+            ld,
+        };
+        let cells = (0..q, c0..c0 + n);
+        let scratch = (&mut sc.vis[..], &mut sc.bias[..]);
+        if DOT {
+            for (gi, &cls) in classes.iter().enumerate() {
+                if cls == BlockClass::Empty {
+                    // This head's rows take nothing from the tile.
+                    sc.pb[gi * q * BC..(gi + 1) * q * BC].fill(0);
+                }
+            }
+            let (s, p) = (&mut sc.s, &mut sc.pb);
+            softmax_tile(
+                job, b, kvh, cells, &classes, lg, s, p, st, scratch, bf16_bits,
+            );
+            // SAFETY: see `pv_bf16`.
+            unsafe { pv_bf16(&sc.pb, rpad, vp, vst, n, dv, &mut sc.o, ld, pf) };
+        } else {
+            for (gi, &cls) in classes.iter().enumerate() {
+                if cls == BlockClass::Empty {
+                    sc.p[gi * q * BC..(gi + 1) * q * BC].fill(0.0);
+                }
+            }
+            let (s, p) = (&mut sc.s, &mut sc.p);
+            softmax_tile(job, b, kvh, cells, &classes, lg, s, p, st, scratch, |x| x);
+            // SAFETY: see `pv`.
+            unsafe { pv::<L>(&sc.p, rpad, vp, vst, n, dv, &mut sc.o, dvp, pf) };
+        }
+    }
+    if DOT {
+        // Back to natural column order at stride dvp (<= ld, so rows move towards the front in order).
+        let mut row = vec![0.0f32; ld];
+        for r in 0..rows {
+            for (k, &x) in sc.o[r * ld..(r + 1) * ld].iter().enumerate() {
+                row[32 * (k / 32) + interleaved_col(k % 32)] = x;
+            }
+            sc.o[r * dvp..r * dvp + dv].copy_from_slice(&row[..dv]);
+        }
+    }
+}
+
+/// Runs the rows of `(b, kvh)` over kv tiles `tiles` (see [`body`]); `dot` as for [`Scratch::new`].
+///
+/// # Safety
+/// The CPU must have AVX-512F, BW and VL (and AVX2, FMA), and AVX-512 BF16 when `dot`; [`applies`] must
+/// hold for `job`; `sc` was made for `job` with the same `dot`.
+pub(super) unsafe fn item<T: Float>(
+    job: &Job<T>,
+    b: usize,
+    kvh: usize,
+    tiles: Range<usize>,
+    sc: &mut Scratch,
+    dot: bool,
+) {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn go<L: Lanes, T: Float>(
+        job: &Job<T>,
+        b: usize,
+        kvh: usize,
+        tiles: Range<usize>,
+        sc: &mut Scratch,
+    ) {
+        body::<L, T, false>(job, b, kvh, tiles, sc)
+    }
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
+    unsafe fn dot_bf16<T: Float>(
+        job: &Job<T>,
+        b: usize,
+        kvh: usize,
+        tiles: Range<usize>,
+        sc: &mut Scratch,
+    ) {
+        body::<Bf16s, T, true>(job, b, kvh, tiles, sc)
+    }
+    // SAFETY: the caller guarantees the features; the element type matches `T::DTYPE`.
+    unsafe {
+        match T::DTYPE {
+            DType::BF16 if dot => dot_bf16::<T>(job, b, kvh, tiles, sc),
+            DType::F32 => go::<F32s, T>(job, b, kvh, tiles, sc),
+            DType::BF16 => go::<Bf16s, T>(job, b, kvh, tiles, sc),
+            _ => go::<F16s, T>(job, b, kvh, tiles, sc),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reduce16_sums_each_vector() {
+        if !crate::isa::Isa::get().avx512f {
+            return;
+        }
+        #[target_feature(enable = "avx512f")]
+        unsafe fn go() -> [f32; 16] {
+            let x: [__m512; 16] = std::array::from_fn(|i| {
+                let v: [f32; 16] = std::array::from_fn(|l| (i * 100 + l) as f32);
+                // SAFETY: v holds 16 floats.
+                unsafe { _mm512_loadu_ps(v.as_ptr()) }
+            });
+            let mut out = [0f32; 16];
+            // SAFETY: AVX-512F is present; out holds 16 floats.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), reduce16(&x)) };
+            out
+        }
+        // SAFETY: checked above.
+        let out = unsafe { go() };
+        for (i, &s) in out.iter().enumerate() {
+            assert_eq!(s, (i * 1600 + 120) as f32, "lane {i}: {out:?}");
+        }
+    }
+}

@@ -334,4 +334,4 @@ def test_the_gil_is_released_during_a_native_call() -> None:
         stop.set()
         thread.join()
     # With the GIL held for the whole call the counter could only move at the edges of the call.
-    assert during > 10_000, during
+    assert during > 1_000, during

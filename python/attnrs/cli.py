@@ -14,6 +14,7 @@ import torch
 def _cmd_info(args: argparse.Namespace) -> int:
     import attnrs
 
+    attnrs.load_plugins()  # so that their attention functions are listed too
     print(f"attnrs {attnrs.__version__} (torch {torch.__version__}, python {platform.python_version()})")
     print(f"cpu: {platform.machine()}, features: {', '.join(attnrs.cpu_features()) or 'none'}")
     print(f"simd path: {attnrs.simd_path()}")

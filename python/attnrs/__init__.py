@@ -8,9 +8,10 @@ The compiled module ``attnrs._attnrs`` is private; everything public is re-expor
 
 from __future__ import annotations
 
-from . import errors, functions, mask_builders, masks
+from . import errors, functions, mask_builders, masks, plugins
 from ._attnrs import __version__, cpu_features, simd_path
 from .attention import attention
+from .plugins import load_plugins, native_kernels, plugin_errors, register_native
 from ._threads import num_threads
 from .errors import (
     ArgumentError,
@@ -59,7 +60,12 @@ __all__ = [
     "functions",
     "mask_builders",
     "masks",
+    "load_plugins",
+    "native_kernels",
     "num_threads",
+    "plugin_errors",
+    "plugins",
+    "register_native",
     "simd_path",
 ]
 

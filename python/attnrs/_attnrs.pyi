@@ -5,6 +5,12 @@ from typing import Any, final
 
 __all__ = [
     "attention_forward",
+    "native_attention_forward",
+    "native_info",
+    "native_kernels",
+    "register_native",
+    "remove_native",
+    "_test_capsule",
     "BitmapBuilder",
     "BlockLayout",
     "MaskExpr",
@@ -129,6 +135,30 @@ def attention_forward(
     softcap: float,
     num_threads: int,
 ) -> None: ...
+def native_attention_forward(
+    name: str,
+    query: Any,
+    key: Any,
+    value: Any,
+    out: Any,
+    lse: Any | None,
+    dense_mask: Any | None,
+    bias: Any | None,
+    sinks: Any | None,
+    program: Any,
+    program_ints: Any,
+    program_bytes: Any,
+    q_offset: int,
+    kv_offset: int,
+    scale: float,
+    softcap: float,
+    num_threads: int,
+) -> None: ...
+def register_native(name: str, capsule: Any) -> None: ...
+def native_kernels() -> list[str]: ...
+def native_info(name: str) -> dict[str, Any]: ...
+def remove_native(name: str) -> bool: ...
+def _test_capsule(kind: str) -> Any: ...
 def cpu_features() -> list[str]: ...
 def simd_path() -> str: ...
 def _strided_copy(src: Any, dst: Any) -> None: ...

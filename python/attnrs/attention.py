@@ -30,7 +30,7 @@ from .block_mask import BlockMask
 from .errors import ArgumentError, DeviceError, DtypeError, ShapeError, UnsupportedError
 from .masks import Mask, _check_tables, _Grid, from_callable
 
-__all__ = ["BACKENDS", "attention"]
+__all__ = ["BACKENDS", "attention", "check_backend"]
 
 BACKENDS = ("auto", "native", "sdpa", "flex", "flash", "math")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -236,16 +236,63 @@ def attention(
         return_lse: also return the float32 log-sum-exp ``[B, H, Q]`` of each row.
         dropout_p: dropout on the attention weights (always applied when > 0, as SDPA does).
         backend: ``"auto"`` (see :mod:`attnrs.dispatch`), ``"native"`` (the Rust CPU kernel), ``"sdpa"``,
-            ``"flex"``, ``"flash"`` (flash-attn, CUDA) or ``"math"`` (plain differentiable torch).
+            ``"flex"``, ``"flash"`` (flash-attn, CUDA), ``"math"`` (plain differentiable torch), or the name of a
+            registered native kernel (:func:`attnrs.register_native`, installed plugins, ``"attnrs"``: the
+            built-in kernel through the kernel table).
     """
     _check_inputs(query, key, value)
     scale = _check_scalars(query, scale, softcap, sinks, dropout_p)
-    if backend not in BACKENDS:
-        raise ArgumentError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
     resolved = _resolve_mask(mask, bool(is_causal), shape, query.device)
     out, lse = run_resolved(query, key, value, resolved, scale, softcap, sinks, dropout_p, backend, return_lse)
     return (out, lse) if return_lse else out
+
+
+def check_backend(backend: Any) -> None:
+    """Raises ArgumentError unless ``backend`` is one of :data:`BACKENDS` or a registered native kernel (installed
+    plugins are loaded the first time an unknown name is asked for)."""
+    from .plugins import is_native
+
+    if isinstance(backend, str) and (backend in BACKENDS or is_native(backend)):
+        return
+    raise ArgumentError(
+        f"backend: expected one of {BACKENDS} or a registered native kernel {_attnrs.native_kernels()}, got "
+        f"{backend!r}"
+    )
+
+
+def _run_kernel(
+    name: str,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    resolved: _ResolvedMask,
+    scale: float,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    dropout_p: float,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Runs the registered native kernel ``name`` (forward only)."""
+    from .dispatch import _needs_grad
+
+    if dropout_p > 0:
+        raise UnsupportedError(f"dropout_p > 0: native kernel {name!r} has no dropout; use backend='math'")
+    if _needs_grad(query, key, value, sinks, resolved.bias):
+        raise UnsupportedError(
+            f"native kernel {name!r}: gradients through plugin kernels are not supported yet; run under "
+            "torch.no_grad() / torch.inference_mode(), or use backend='auto'"
+        )
+    if query.device.type != "cpu":
+        raise DeviceError(f"query: native kernel {name!r} gets CPU tensors from attnrs, got a tensor on {query.device}")
+    shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    program, program_ints, program_bytes = _program(resolved, shape)
+    out, lse = torch.ops.attnrs.native_attention(
+        name, query, key, value, resolved.dense_bool, resolved.bias, sinks, program, program_ints, program_bytes,
+        resolved.q_offset, resolved.kv_offset, scale, float(softcap or 0.0), return_lse,
+    )
+    return out.transpose(1, 2), (lse if return_lse else None)
 
 
 def run_resolved(
@@ -264,6 +311,10 @@ def run_resolved(
     from .dispatch import choose_backend
 
     shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    if backend not in BACKENDS:
+        check_backend(backend)
+        return _run_kernel(name=backend, query=query, key=key, value=value, resolved=resolved, scale=scale,
+                           softcap=softcap, sinks=sinks, dropout_p=dropout_p, return_lse=return_lse)
     if backend == "auto":
         backend, _reason = choose_backend(query, key, value, resolved, softcap, sinks, dropout_p, return_lse)
     elif dropout_p > 0 and backend == "native":
@@ -324,6 +375,60 @@ def _(
     kv_offset: int,
     scale: float,
     softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, q_len, _ = query.shape
+    out = query.new_empty(b, q_len, h, value.shape[-1])
+    lse = query.new_empty(b, h, q_len, dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("attnrs::native_attention", mutates_args=(), device_types="cpu")
+def _native_attention_op(
+    name: str,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    dense_mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    sinks: torch.Tensor | None,
+    program: torch.Tensor,
+    program_ints: torch.Tensor,
+    program_bytes: torch.Tensor,
+    q_offset: int,
+    kv_offset: int,
+    scale: float,
+    softcap: float,
+    want_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A registered native kernel by name. Returns ``out`` laid out ``[B, Q, H, Dv]`` and the f32 LSE [B, H, Q]
+    (left unwritten when ``want_lse`` is False: kernels without an LSE are not asked for one)."""
+    b, h, q_len, _ = query.shape
+    out = torch.empty(b, q_len, h, value.shape[-1], dtype=query.dtype)
+    lse = torch.empty(b, h, q_len, dtype=torch.float32)
+    _attnrs.native_attention_forward(
+        name, query, key, value, out.transpose(1, 2), lse if want_lse else None, dense_mask, bias, sinks, program,
+        program_ints, program_bytes, q_offset, kv_offset, scale, softcap, num_threads(),
+    )
+    return out, lse
+
+
+@_native_attention_op.register_fake
+def _(
+    name: str,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    dense_mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    sinks: torch.Tensor | None,
+    program: torch.Tensor,
+    program_ints: torch.Tensor,
+    program_bytes: torch.Tensor,
+    q_offset: int,
+    kv_offset: int,
+    scale: float,
+    softcap: float,
+    want_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, q_len, _ = query.shape
     out = query.new_empty(b, q_len, h, value.shape[-1])

@@ -13,6 +13,7 @@ import torch
 def _cmd_info(args: argparse.Namespace) -> int:
     import attnrs
 
+    attnrs.load_plugins()  # so that their attention functions are listed too
     print(f"attnrs {attnrs.__version__} (torch {torch.__version__}, python {platform.python_version()})")
     print(f"cpu: {platform.machine()}, features: {', '.join(attnrs.cpu_features()) or 'none'}")
     print(f"simd path: {attnrs.simd_path()}")
@@ -30,6 +31,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
             if caps:
                 shown = ", ".join(f"{k}={v}" for k, v in caps.items() if v not in ([], None))
                 print(f"  {'':<18} {shown}")
+    print("native kernels (attnrs.register_native, plugins of the 'attnrs.kernels' entry-point group):")
+    for name, info in attnrs.native_kernels().items():
+        print(f"  {name:<18} {info['origin']}")
+        shown = ", ".join(f"{k}={v}" for k, v in info.items() if k != "origin" and v not in ([], None))
+        print(f"  {'':<18} {shown}")
+    for name, reason in attnrs.plugin_errors().items():
+        print(f"  {name:<18} failed to load: {reason}")
     return 0
 
 

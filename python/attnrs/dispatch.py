@@ -14,7 +14,9 @@ cuda                   softcap or sinks (SDPA has neither)                      
 cuda                   otherwise                                                                   ``sdpa``
 =====================  ==========================================================================  ============
 
-:func:`choose_backend` returns the backend with the reason; ``attnrs info`` prints this table.
+:func:`choose_backend` returns the backend with the reason; ``attnrs info`` prints this table. A backend given by
+name never goes through this table: ``backend="<name>"`` of a registered native kernel (the built-in ``"attnrs"``,
+:func:`attnrs.register_native`, installed plugins) runs that kernel, forward only, on CPU tensors.
 """
 
 from __future__ import annotations

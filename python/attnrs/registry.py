@@ -117,6 +117,17 @@ class AttentionInterface(GeneralInterface):
 
     _global_mapping: ClassVar[Registry] = Registry()
 
+    def __getitem__(self, key: str) -> Callable[..., Any]:
+        try:
+            return super().__getitem__(key)
+        except KeyError:
+            # Installed kernel plugins register themselves here; they are loaded at the first miss.
+            from .plugins import _load_once
+
+            if not _load_once():
+                raise
+        return super().__getitem__(key)
+
     def get_interface(self, attn_implementation: str | None, default: Callable[..., Any]) -> Callable[..., Any]:
         """The function for ``attn_implementation``, validated exactly as transformers does."""
         if attn_implementation is None:

@@ -22,12 +22,12 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
 
 from .. import masks as _masks
-from ..attention import _check_inputs, _check_scalars, _ResolvedMask, _resolve_mask, run_resolved
+from ..attention import _check_inputs, _check_scalars, _ResolvedMask, _resolve_mask, check_backend, run_resolved
 from ..errors import DtypeError, ShapeError
 from ..mask_builders import attnrs_mask
 from ..registry import AttentionInterface, AttentionMaskInterface
 
-__all__ = ["attention_forward", "register"]
+__all__ = ["attention_forward", "attention_function", "register"]
 
 # transformers treats names containing these specially (flash imports, sdpa checks, hub kernels).
 _RESERVED = ("flash", "sdpa", "flex_attention", "/", ":", "|")
@@ -68,9 +68,13 @@ def attention_forward(
     cu_seq_lens_q: torch.Tensor | None = None,
     cu_seq_lens_k: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    backend: str = "auto",
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The transformers attention-function contract on top of :func:`attnrs.attention`."""
+    """The transformers attention-function contract on top of :func:`attnrs.attention`.
+
+    ``backend`` is attnrs's, not a transformers keyword: ``"auto"`` or any backend :func:`attnrs.attention`
+    takes, including the name of a registered native kernel (see :func:`attention_function`)."""
     _check_inputs(query, key, value)
     batch, heads, q_len, _ = query.shape
     kv_len = key.shape[2]
@@ -107,8 +111,25 @@ def attention_forward(
 
         out, weights = attention_with_weights(query, key, value, resolved, shape, scale, softcap, sinks, dropout_p)
         return out.transpose(1, 2).contiguous(), weights
-    out, _ = run_resolved(query, key, value, resolved, scale, softcap, sinks, dropout_p, "auto", False)
+    out, _ = run_resolved(query, key, value, resolved, scale, softcap, sinks, dropout_p, backend, False)
     return out.transpose(1, 2).contiguous(), None
+
+
+def attention_function(backend: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
+    """:func:`attention_forward` bound to ``backend`` (e.g. a native kernel's name): an attention function with
+    the transformers signature, for :func:`register` or ``AttentionInterface``. Only the per-call argument
+    handling runs in Python; the kernel runs in native code with the GIL released."""
+    check_backend(backend)
+
+    def forward(
+        module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        attention_mask: Any = None, **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return attention_forward(module, query, key, value, attention_mask, backend=backend, **kwargs)
+
+    forward.__name__ = forward.__qualname__ = f"attention_forward_{backend}"
+    forward.__doc__ = f"attnrs attention with backend={backend!r} (transformers attention-function signature)."
+    return forward
 
 
 def _mask_for_none(
@@ -153,6 +174,9 @@ def _has_documents(mask: _masks.Mask | None) -> bool:
 def register(name: str = "attnrs", function: Callable[..., Any] | None = None) -> str:
     """Registers ``function`` (default: :func:`attention_forward`; any callable or entry of attnrs's
     :class:`~attnrs.AttentionInterface`) with its mask builder in transformers' global registries.
+
+    With ``function=None`` and a ``name`` that attnrs's ``AttentionInterface`` holds (a native kernel registered
+    with :func:`attnrs.register_native` or found as a plugin), that entry is used: ``register("example")``.
 
     Idempotent; returns the name. The mask builder is attnrs's ``"attnrs"`` builder (block masks that carry
     the structure)."""

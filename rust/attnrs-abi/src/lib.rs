@@ -3,6 +3,11 @@
 //! Everything here is `#[repr(C)]` and dependency-free, so a kernel crate can depend on it without pulling
 //! in attnrs. The tensor structs follow DLPack (dlpack.h, v1.x) field for field; attnrs also uses them to
 //! import torch tensors. The layout is append-only: new fields go at the end and older readers check sizes.
+//!
+//! The kernel half (a versioned table, [`AttnKernelV1`], that a plugin publishes in a Python capsule named
+//! [`KERNEL_CAPSULE_NAME`]) is described in the [`kernel`](crate::AttnKernelV1) items: the argument struct
+//! [`AttnArgsV1`], the mask callbacks [`AttnMaskV1`], the status codes in [`status`] and the panic guard
+//! [`guard`] with its macros [`forward_fn!`] and [`backward_fn!`].
 
 #![allow(non_camel_case_types)]
 
@@ -103,6 +108,9 @@ pub const DLPACK_FLAG_BITMASK_IS_COPIED: u64 = 1 << 1;
 
 /// A borrowed, NUL-terminated UTF-8 string, used in names and messages.
 pub type CStr = *const c_char;
+
+mod kernel;
+pub use kernel::*;
 
 #[cfg(test)]
 mod tests {

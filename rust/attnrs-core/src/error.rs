@@ -44,6 +44,12 @@ pub enum Error {
     Unsupported(String),
     /// An invariant of attnrs itself broke; reported instead of panicking.
     Internal(String),
+    /// A registered native kernel (a plugin) reported a failure: its ABI status code and message.
+    Kernel {
+        kernel: String,
+        status: i32,
+        message: String,
+    },
 }
 
 impl Error {
@@ -130,6 +136,9 @@ impl fmt::Display for Error {
             Self::Internal(what) => {
                 write!(f, "internal error in attnrs (please report it): {what}")
             }
+            Self::Kernel {
+                kernel, message, ..
+            } => write!(f, "kernel '{kernel}' failed: {message}"),
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod isa;
 pub mod kernel;
 pub mod layout;
 pub mod mask;
+pub mod plugin;
 pub mod registry;
 pub mod tensor;
 pub mod threads;

@@ -4,11 +4,18 @@
 //! and one local `Registry` per instance; this type is the storage of both. Order is insertion order, and
 //! re-assigning an existing name keeps its place, exactly as a `dict` does, so iteration over a registry
 //! matches transformers' `GeneralInterface` element for element.
+//!
+//! Native kernels live in one more `Registry`, process-wide: [`kernels`] maps names to [`AttentionKernel`]s.
+//! Rust code linked with attnrs-core adds its own with [`register_kernel`]; kernels from other shared
+//! libraries arrive through the C ABI ([`crate::plugin::AbiKernel`]); the built-in CPU kernel is registered
+//! the same way under [`BUILTIN_KERNEL`]. [`run_kernel`] checks a call against the kernel's declared
+//! capabilities before running it, so a kernel never sees an input it did not declare.
 
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use indexmap::IndexMap;
 
+use crate::kernel::AttentionArgs;
 use crate::tensor::DType;
 use crate::{Error, Result};
 
@@ -61,6 +68,164 @@ impl Capabilities {
     pub fn supports_dtype(&self, dtype: DType) -> bool {
         self.dtypes.is_empty() || self.dtypes.contains(&dtype)
     }
+}
+
+/// Optional inputs a native kernel handles beyond q, k, v, out, a mask and (see [`Capabilities::lse`]) lse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KernelFeatures {
+    /// `softcap` (logit capping).
+    pub softcap: bool,
+    /// `sinks` (per-head logits in the softmax denominator).
+    pub sinks: bool,
+    /// An additive `bias`.
+    pub bias: bool,
+    /// Fewer kv heads than query heads.
+    pub gqa: bool,
+}
+
+impl KernelFeatures {
+    /// Every feature.
+    pub const ALL: KernelFeatures = KernelFeatures {
+        softcap: true,
+        sinks: true,
+        bias: true,
+        gqa: true,
+    };
+}
+
+/// A native attention kernel: computes [`AttentionArgs`] (the contract of [`crate::kernel`]) into `out`.
+///
+/// `forward` may be called from many threads at once. It is only called with inputs the kernel declared
+/// ([`run_kernel`] checks dtypes, lse, masks and [`KernelFeatures`] first).
+pub trait AttentionKernel: Send + Sync + std::fmt::Debug {
+    /// Devices, dtypes, mask kinds, backward and lse.
+    fn capabilities(&self) -> &Capabilities;
+    /// Optional inputs it handles.
+    fn features(&self) -> KernelFeatures;
+    /// Where it comes from, for messages and `attnrs info` ("built in", "plugin 'x' (ABI v1)").
+    fn origin(&self) -> String;
+    /// Runs one call.
+    fn forward(&self, args: &AttentionArgs<'_>) -> Result<()>;
+}
+
+/// A shared handle to a registered kernel.
+pub type KernelRef = Arc<dyn AttentionKernel>;
+
+/// The name of the built-in CPU kernel in [`kernels`].
+pub const BUILTIN_KERNEL: &str = "attnrs";
+
+/// The built-in CPU kernel ([`crate::kernel::attention_forward`]) as a registry entry.
+#[derive(Debug)]
+struct CpuKernel {
+    capabilities: Capabilities,
+}
+
+impl AttentionKernel for CpuKernel {
+    fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
+    }
+    fn features(&self) -> KernelFeatures {
+        KernelFeatures::ALL
+    }
+    fn origin(&self) -> String {
+        "built in (the attnrs CPU kernel)".to_owned()
+    }
+    fn forward(&self, args: &AttentionArgs<'_>) -> Result<()> {
+        crate::kernel::attention_forward(args)
+    }
+}
+
+/// The process-wide table of native kernels, created with the built-in CPU kernel under [`BUILTIN_KERNEL`].
+pub fn kernels() -> &'static Registry<KernelRef> {
+    static KERNELS: OnceLock<Registry<KernelRef>> = OnceLock::new();
+    KERNELS.get_or_init(|| {
+        let registry: Registry<KernelRef> = Registry::new();
+        let builtin = CpuKernel {
+            capabilities: Capabilities {
+                devices: vec!["cpu".to_owned()],
+                dtypes: vec![DType::F32, DType::BF16, DType::F16, DType::F64],
+                mask_kinds: vec![
+                    MaskKind::None,
+                    MaskKind::Dense,
+                    MaskKind::BlockSparse,
+                    MaskKind::Expression,
+                ],
+                backward: false,
+                lse: true,
+            },
+        };
+        // The name is a non-empty literal, so insertion cannot fail.
+        let _ = registry.insert(BUILTIN_KERNEL, Arc::new(builtin));
+        registry
+    })
+}
+
+/// Registers (or replaces) the native kernel `name`; returns the previous one.
+pub fn register_kernel(name: &str, kernel: KernelRef) -> Result<Option<KernelRef>> {
+    kernels().insert(name, kernel)
+}
+
+/// Checks that `kernel` declared everything this call needs. `masked` says whether a mask may hide pairs
+/// (the call's [`MaskTiles`](crate::block::MaskTiles) alone cannot tell).
+pub fn check_call(
+    name: &str,
+    kernel: &dyn AttentionKernel,
+    args: &AttentionArgs<'_>,
+    masked: bool,
+) -> Result<()> {
+    let caps = kernel.capabilities();
+    let features = kernel.features();
+    let refuse = |what: String| Err(Error::Unsupported(format!("kernel '{name}' {what}")));
+    if !caps.supports_device("cpu") {
+        return refuse(format!(
+            "runs on {:?}, and attnrs passes it CPU tensors only",
+            caps.devices
+        ));
+    }
+    let dtype = args.query.dtype();
+    if !caps.supports_dtype(dtype) {
+        let listed: Vec<_> = caps.dtypes.iter().map(|d| d.torch_name()).collect();
+        return refuse(format!(
+            "takes {listed:?}, got {} inputs",
+            dtype.torch_name()
+        ));
+    }
+    let masks_ok = caps.mask_kinds.is_empty()
+        || caps.mask_kinds.iter().any(|k| {
+            matches!(
+                k,
+                MaskKind::Dense | MaskKind::BlockSparse | MaskKind::Expression
+            )
+        });
+    if masked && !masks_ok {
+        return refuse("takes no masks, and this call has one".to_owned());
+    }
+    if args.lse.is_some() && !caps.lse {
+        return refuse("does not compute the log-sum-exp (return_lse=True)".to_owned());
+    }
+    let optional = [
+        (args.softcap.is_some() && !features.softcap, "softcap"),
+        (args.sinks.is_some() && !features.sinks, "sinks"),
+        (
+            args.bias.is_some() && !features.bias,
+            "an additive mask or bias",
+        ),
+        (
+            args.query.shape().get(1) != args.key.shape().get(1) && !features.gqa,
+            "fewer kv heads than query heads (GQA)",
+        ),
+    ];
+    if let Some((_, what)) = optional.iter().find(|(needed, _)| *needed) {
+        return refuse(format!("does not support {what}"));
+    }
+    Ok(())
+}
+
+/// Looks `name` up in [`kernels`], checks the call against its capabilities ([`check_call`]) and runs it.
+pub fn run_kernel(name: &str, args: &AttentionArgs<'_>, masked: bool) -> Result<()> {
+    let kernel = kernels().lookup(name)?;
+    check_call(name, kernel.as_ref(), args, masked)?;
+    kernel.forward(args)
 }
 
 /// Checks that `name` can be a registry key.

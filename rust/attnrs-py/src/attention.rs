@@ -6,6 +6,7 @@
 use attnrs_core::block::{BothTiles, DenseTiles, MaskTiles, NoMask};
 use attnrs_core::kernel::{attention_forward as run_kernel, AttentionArgs};
 use attnrs_core::mask::{MaskExpr, PlacedMask};
+use attnrs_core::registry::{check_call, kernels};
 use attnrs_core::tensor::DType;
 use attnrs_core::Error;
 use pyo3::prelude::*;
@@ -37,6 +38,137 @@ fn ints(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Vec<i64>> {
         .collect())
 }
 
+/// The tensors and mask of one call, imported and checked, ready to run without the GIL.
+struct Prepared {
+    query: Imported,
+    key: Imported,
+    value: Imported,
+    out: Imported,
+    lse: Option<Imported>,
+    dense: Option<(DenseTiles, Imported)>,
+    bias: Option<Imported>,
+    sinks: Option<Imported>,
+    expr: Option<MaskExpr>,
+    q_offset: i64,
+    kv_offset: i64,
+    scale: f64,
+    softcap: f64,
+    num_threads: usize,
+}
+
+impl Prepared {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        query: &Bound<'_, PyAny>,
+        key: &Bound<'_, PyAny>,
+        value: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyAny>,
+        lse: Option<&Bound<'_, PyAny>>,
+        dense_mask: Option<&Bound<'_, PyAny>>,
+        bias: Option<&Bound<'_, PyAny>>,
+        sinks: Option<&Bound<'_, PyAny>>,
+        program: &Bound<'_, PyAny>,
+        program_ints: &Bound<'_, PyAny>,
+        program_bytes: &Bound<'_, PyAny>,
+        q_offset: i64,
+        kv_offset: i64,
+        scale: f64,
+        softcap: f64,
+        num_threads: usize,
+    ) -> PyResult<Prepared> {
+        let query = dlpack::import(query, "query")?;
+        let key = dlpack::import(key, "key")?;
+        let value = dlpack::import(value, "value")?;
+        let out = dlpack::import_output(out, "out")?;
+        let lse = lse
+            .filter(|o| !o.is_none())
+            .map(|o| dlpack::import_output(o, "lse"))
+            .transpose()?;
+        let (q, k) = (query.view.shape(), key.view.shape());
+        if q.len() != 4 || k.len() != 4 {
+            let got = format!("query {q:?}, key {k:?}");
+            return Err(PyAttnrsError(Error::shape("query", "4-D query and key", got)).into());
+        }
+        let grid = [q[0], q[1], q[2], k[2]];
+        let dense = optional(dense_mask, "attn_mask")?
+            .map(|t| DenseTiles::new(t.view.clone(), grid).map(|d| (d, t)))
+            .transpose()
+            .map_err(PyAttnrsError)?;
+        let bias = optional(bias, "attn_mask")?;
+        let sinks = optional(sinks, "sinks")?;
+        let program = ints(program, "program")?;
+        let expr = if program.is_empty() {
+            None
+        } else {
+            let table = ints(program_ints, "program_ints")?;
+            let bytes = dlpack::import(program_bytes, "program_bytes")?
+                .view
+                .to_contiguous_bytes();
+            Some(MaskExpr::decode(&program, &table, &bytes).map_err(PyAttnrsError)?)
+        };
+        Ok(Prepared {
+            query,
+            key,
+            value,
+            out,
+            lse,
+            dense,
+            bias,
+            sinks,
+            expr,
+            q_offset,
+            kv_offset,
+            scale,
+            softcap,
+            num_threads,
+        })
+    }
+
+    /// Whether a mask may hide pairs.
+    fn masked(&self) -> bool {
+        self.expr.is_some() || self.dense.is_some()
+    }
+
+    /// Runs `kernel` on the call with the GIL released.
+    fn run(
+        self,
+        py: Python<'_>,
+        kernel: impl FnOnce(&AttentionArgs) -> attnrs_core::Result<()> + Send,
+    ) -> PyResult<()> {
+        run_detached(py, move || {
+            let placed = self
+                .expr
+                .map(|e| PlacedMask::new(e, self.q_offset, self.kv_offset));
+            let structural: Option<&dyn MaskTiles> = placed.as_ref().map(|p| p as &dyn MaskTiles);
+            let dense_tiles: Option<&dyn MaskTiles> =
+                self.dense.as_ref().map(|(d, _)| d as &dyn MaskTiles);
+            let both;
+            let mask: &dyn MaskTiles = match (structural, dense_tiles) {
+                (Some(first), Some(second)) => {
+                    both = BothTiles { first, second };
+                    &both
+                }
+                (Some(m), None) | (None, Some(m)) => m,
+                (None, None) => &NoMask,
+            };
+            let args = AttentionArgs {
+                query: &self.query.view,
+                key: &self.key.view,
+                value: &self.value.view,
+                out: &self.out.view,
+                lse: self.lse.as_ref().map(|t| &t.view),
+                mask,
+                bias: self.bias.as_ref().map(|t| &t.view),
+                scale: self.scale,
+                softcap: (self.softcap > 0.0).then_some(self.softcap),
+                sinks: self.sinks.as_ref().map(|t| &t.view),
+                num_threads: self.num_threads,
+            };
+            kernel(&args)
+        })
+    }
+}
+
 /// Runs the CPU kernel: `out[B,H,Q,Dv]` (and `lse[B,H,Q]` f32 if given) from q, k, v.
 ///
 /// The mask is the AND of: the structural mask encoded by `program` / `program_ints` / `program_bytes`
@@ -66,62 +198,76 @@ pub fn attention_forward(
     softcap: f64,
     num_threads: usize,
 ) -> PyResult<()> {
-    let query = dlpack::import(query, "query")?;
-    let key = dlpack::import(key, "key")?;
-    let value = dlpack::import(value, "value")?;
-    let out = dlpack::import_output(out, "out")?;
-    let lse = lse
-        .filter(|o| !o.is_none())
-        .map(|o| dlpack::import_output(o, "lse"))
-        .transpose()?;
-    let (q, k) = (query.view.shape(), key.view.shape());
-    if q.len() != 4 || k.len() != 4 {
-        let got = format!("query {q:?}, key {k:?}");
-        return Err(PyAttnrsError(Error::shape("query", "4-D query and key", got)).into());
-    }
-    let grid = [q[0], q[1], q[2], k[2]];
-    let dense = optional(dense_mask, "attn_mask")?
-        .map(|t| DenseTiles::new(t.view.clone(), grid).map(|d| (d, t)))
-        .transpose()
-        .map_err(PyAttnrsError)?;
-    let bias = optional(bias, "attn_mask")?;
-    let sinks = optional(sinks, "sinks")?;
-    let program = ints(program, "program")?;
-    let expr = if program.is_empty() {
-        None
-    } else {
-        let table = ints(program_ints, "program_ints")?;
-        let bytes = dlpack::import(program_bytes, "program_bytes")?
-            .view
-            .to_contiguous_bytes();
-        Some(MaskExpr::decode(&program, &table, &bytes).map_err(PyAttnrsError)?)
-    };
-    run_detached(py, move || {
-        let placed = expr.map(|e| PlacedMask::new(e, q_offset, kv_offset));
-        let structural: Option<&dyn MaskTiles> = placed.as_ref().map(|p| p as &dyn MaskTiles);
-        let dense_tiles: Option<&dyn MaskTiles> = dense.as_ref().map(|(d, _)| d as &dyn MaskTiles);
-        let both;
-        let mask: &dyn MaskTiles = match (structural, dense_tiles) {
-            (Some(first), Some(second)) => {
-                both = BothTiles { first, second };
-                &both
-            }
-            (Some(m), None) | (None, Some(m)) => m,
-            (None, None) => &NoMask,
-        };
-        let args = AttentionArgs {
-            query: &query.view,
-            key: &key.view,
-            value: &value.view,
-            out: &out.view,
-            lse: lse.as_ref().map(|t| &t.view),
-            mask,
-            bias: bias.as_ref().map(|t| &t.view),
-            scale,
-            softcap: (softcap > 0.0).then_some(softcap),
-            sinks: sinks.as_ref().map(|t| &t.view),
-            num_threads,
-        };
-        run_kernel(&args)
+    let call = Prepared::new(
+        query,
+        key,
+        value,
+        out,
+        lse,
+        dense_mask,
+        bias,
+        sinks,
+        program,
+        program_ints,
+        program_bytes,
+        q_offset,
+        kv_offset,
+        scale,
+        softcap,
+        num_threads,
+    )?;
+    call.run(py, run_kernel)
+}
+
+/// [`attention_forward`] on the registered native kernel `name` (the built-in "attnrs" or a plugin). The
+/// call is checked against the kernel's declared capabilities first, then runs with the GIL released.
+#[pyfunction]
+#[pyo3(signature = (name, query, key, value, out, lse, dense_mask, bias, sinks, program, program_ints,
+                    program_bytes, q_offset, kv_offset, scale, softcap, num_threads))]
+#[allow(clippy::too_many_arguments)]
+pub fn native_attention_forward(
+    py: Python<'_>,
+    name: &str,
+    query: &Bound<'_, PyAny>,
+    key: &Bound<'_, PyAny>,
+    value: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: Option<&Bound<'_, PyAny>>,
+    dense_mask: Option<&Bound<'_, PyAny>>,
+    bias: Option<&Bound<'_, PyAny>>,
+    sinks: Option<&Bound<'_, PyAny>>,
+    program: &Bound<'_, PyAny>,
+    program_ints: &Bound<'_, PyAny>,
+    program_bytes: &Bound<'_, PyAny>,
+    q_offset: i64,
+    kv_offset: i64,
+    scale: f64,
+    softcap: f64,
+    num_threads: usize,
+) -> PyResult<()> {
+    let kernel = kernels().lookup(name).map_err(PyAttnrsError)?;
+    let call = Prepared::new(
+        query,
+        key,
+        value,
+        out,
+        lse,
+        dense_mask,
+        bias,
+        sinks,
+        program,
+        program_ints,
+        program_bytes,
+        q_offset,
+        kv_offset,
+        scale,
+        softcap,
+        num_threads,
+    )?;
+    let masked = call.masked();
+    let name = name.to_owned();
+    call.run(py, move |args| {
+        check_call(&name, kernel.as_ref(), args, masked)?;
+        kernel.forward(args)
     })
 }

@@ -64,6 +64,11 @@ pub fn to_pyerr(py: Python<'_>, e: &Error) -> PyErr {
         Error::UnknownName { .. } => unknown_name_error(py),
         Error::Unsupported(_) => unsupported_error(py),
         Error::Internal(_) => internal_error(py),
+        Error::Kernel { status, .. } => match *status {
+            attnrs_abi::status::INVALID_ARGUMENT => argument_error(py),
+            attnrs_abi::status::UNSUPPORTED => unsupported_error(py),
+            _ => internal_error(py),
+        },
     };
     PyErr::from_type(class, message)
 }

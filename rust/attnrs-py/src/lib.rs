@@ -6,6 +6,7 @@ mod dlpack;
 mod door;
 mod errors;
 mod masks;
+mod native;
 mod registry;
 
 use pyo3::prelude::*;
@@ -20,9 +21,13 @@ mod _attnrs {
     use crate::door::run_detached;
 
     #[pymodule_export]
-    use crate::attention::attention_forward;
+    use crate::attention::{attention_forward, native_attention_forward};
     #[pymodule_export]
     use crate::masks::{PyBitmapBuilder, PyBlockLayout, PyMaskExpr};
+    #[pymodule_export]
+    use crate::native::{
+        _test_capsule, native_info, native_kernels, register_native, remove_native,
+    };
     #[pymodule_export]
     use crate::registry::PyRegistry;
 

@@ -16,19 +16,30 @@
 //! ```
 //!
 //! How it runs (flash-attention 2, without atomics): `P` is recomputed tile by tile from the saved
-//! log-sum-exp. A first pass has one work item per (batch, kv head, kv tile): it owns the rows of dK and dV
-//! (and the columns of `grad_bias`) of that tile, and walks the query tiles of every head of the GQA group
-//! that the mask does not classify [`BlockClass::Empty`]. A second pass has one work item per (batch, query
-//! head, query tile): it owns those rows of dQ and walks the kv tiles. Every output element is written by
-//! exactly one item, and every sum runs in a fixed order that depends on neither the thread count nor the
-//! scheduling, so gradients are bitwise reproducible (gradient checkpointing relies on it).
+//! log-sum-exp. Work items are (batch, kv head, kv tiles): an item owns the rows of dK and dV (and the columns
+//! of `grad_bias`) of its kv tiles and walks the query tiles of every head of the GQA group that the mask does
+//! not classify [`BlockClass::Empty`]. dQ is formed one of two ways, chosen from the shapes alone:
+//!
+//! - split (the default when it fits 256 MiB): item `(chunk, b, kvh)` takes kv tiles `kb ≡ chunk (mod P)`
+//!   (`P <= 4`; interleaved so causal work is balanced) and also adds `dS·K` into its own partial dQ; the `P`
+//!   partials are then summed in chunk order. Five products per tile pair.
+//! - two-pass (when the partials would not fit): items `(b, kv head, kv tile)` form dK/dV only, then items
+//!   `(b, query head, query tile)` recompute `P` and `dS` and form dQ. Seven products per tile pair, no
+//!   extra memory.
+//!
+//! Every output element is written by exactly one item, and every sum runs in a fixed order that depends on
+//! neither the thread count nor the scheduling, so gradients are bitwise reproducible (gradient
+//! checkpointing relies on it).
 //!
 //! Rows whose lse is `-inf` (they saw no key and have no sink) contribute nothing; no `exp(-inf - -inf)`
 //! is ever formed. Dtypes: f32, bf16 and f16 accumulate in f32; f64 computes in f64 throughout and, because
 //! the lse is saved as f32, recomputes each row's normaliser in f64 first (the f32 lse would cap the f64
 //! gradients' accuracy at ~1e-7). Rows whose saved lse is huge (|lse| >= 1024: in practice rows whose every
-//! logit is ~`finfo.min`, where an f32 lse cannot give `P` back) are recomputed the same way. ISA: the same generic loops are compiled for AVX-512F and AVX2+FMA (with fused
-//! multiply-adds) and portably, dispatched once per call from [`Backend::resolve`].
+//! logit is ~`finfo.min`, where an f32 lse cannot give `P` back) are recomputed the same way.
+//!
+//! ISA: the same generic loops (a 4-row register-blocked product, a vectorisable `exp`) are compiled for
+//! AVX-512F and AVX2+FMA (with fused multiply-adds) and portably; the path is picked once per call from
+//! [`Backend::resolve`] and [`Isa::get`]. Different paths round differently (FMA); one path is reproducible.
 
 use std::ops::{Add, Div, Mul, Sub};
 
@@ -118,6 +129,15 @@ pub fn attention_backward(args: &AttentionGradArgs) -> Result<()> {
 
 /// [`attention_backward`] on a chosen [`Backend`] (AVX-512 BF16 runs the AVX-512F loops).
 pub fn attention_backward_with(args: &AttentionGradArgs, backend: Backend) -> Result<()> {
+    backward_with(args, backend, DqPath::Auto)
+}
+
+/// [`attention_backward_with`] with a chosen [`DqPath`] (tests run both).
+pub(crate) fn backward_with(
+    args: &AttentionGradArgs,
+    backend: Backend,
+    strategy: DqPath,
+) -> Result<()> {
     let checked = validate(args)?;
     let isa = Isa::get();
     let simd = match backend.resolve(checked.dtype)? {
@@ -126,10 +146,10 @@ pub fn attention_backward_with(args: &AttentionGradArgs, backend: Backend) -> Re
         _ => Simd::Portable,
     };
     match checked.dtype {
-        DType::F64 => run::<f64, f64>(args, &checked, Simd::Portable),
-        DType::F32 => run::<f32, f32>(args, &checked, simd),
-        DType::BF16 => run::<bf16, f32>(args, &checked, simd),
-        _ => run::<f16, f32>(args, &checked, simd),
+        DType::F64 => run::<f64, f64>(args, &checked, Simd::Portable, strategy),
+        DType::F32 => run::<f32, f32>(args, &checked, simd, strategy),
+        DType::BF16 => run::<bf16, f32>(args, &checked, simd, strategy),
+        _ => run::<f16, f32>(args, &checked, simd, strategy),
     }
 }
 
@@ -969,7 +989,8 @@ fn tile<T, A: Real, const FMA: bool>(
     }
 }
 
-/// First pass: dK and dV of kv tile `kb` of `(b, kvh)`, over every query tile of every head of the group.
+/// dK and dV of kv tile `kb` of `(b, kvh)`, over every query tile of every head of the group. With `dq`
+/// (`[G][Q][dp]`, this group's rows of one partial dQ), also adds this kv tile's share of dQ into it.
 #[inline(always)]
 fn kv_body<T: Float, A: Real, const FMA: bool>(
     job: &Job<T, A>,
@@ -977,6 +998,7 @@ fn kv_body<T: Float, A: Real, const FMA: bool>(
     b: usize,
     kvh: usize,
     kb: usize,
+    mut dq: Option<&mut [A]>,
 ) {
     let Dims { g, q, k, d, dv, .. } = job.dims;
     let (dp, dvp) = (job.dp, job.dvp);
@@ -984,6 +1006,9 @@ fn kv_body<T: Float, A: Real, const FMA: bool>(
     let n = (k - c0).min(BK);
     pack_t(&job.k, b, kvh, c0, n, d, &mut sc.kt);
     pack_t(&job.v, b, kvh, c0, n, dv, &mut sc.vt);
+    if dq.is_some() {
+        pack_rows(&job.k, b, kvh, c0, n, d, dp, &mut sc.kr);
+    }
     sc.acc_k[..BK * dp].fill(A::ZERO);
     sc.acc_v[..BK * dvp].fill(A::ZERO);
     for gi in 0..g {
@@ -1011,6 +1036,11 @@ fn kv_body<T: Float, A: Real, const FMA: bool>(
             // dV[c] += Σ_r P[r][c] dO[r];  dK[c] += Σ_r dS[r][c] Q[r]  (scale applied at the end).
             gemm::<A, FMA>(n, dvp, m, &sc.p, 1, BK, &sc.dop, dvp, &mut sc.acc_v, dvp);
             gemm::<A, FMA>(n, dp, m, &sc.ds, 1, BK, &sc.qp, dp, &mut sc.acc_k, dp);
+            if let Some(dq) = dq.as_deref_mut() {
+                // dQ[r] += Σ_c dS[r][c] K[c]  (scale applied by the reduction).
+                let rows = &mut dq[(gi * q + q0) * dp..];
+                gemm::<A, FMA>(m, dp, n, &sc.ds, BK, 1, &sc.kr, dp, rows, dp);
+            }
         }
     }
     // SAFETY: rows c0..c0 + n of (b, kvh) are in range and belong to this item alone.
@@ -1069,8 +1099,15 @@ enum Simd {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-fn kv_avx512<T: Float, A: Real>(j: &Job<T, A>, sc: &mut Scratch<A>, b: usize, h: usize, t: usize) {
-    kv_body::<T, A, true>(j, sc, b, h, t)
+fn kv_avx512<T: Float, A: Real>(
+    j: &Job<T, A>,
+    sc: &mut Scratch<A>,
+    b: usize,
+    h: usize,
+    t: usize,
+    dq: Option<&mut [A]>,
+) {
+    kv_body::<T, A, true>(j, sc, b, h, t, dq)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1081,8 +1118,15 @@ fn q_avx512<T: Float, A: Real>(j: &Job<T, A>, sc: &mut Scratch<A>, b: usize, h: 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn kv_avx2<T: Float, A: Real>(j: &Job<T, A>, sc: &mut Scratch<A>, b: usize, h: usize, t: usize) {
-    kv_body::<T, A, true>(j, sc, b, h, t)
+fn kv_avx2<T: Float, A: Real>(
+    j: &Job<T, A>,
+    sc: &mut Scratch<A>,
+    b: usize,
+    h: usize,
+    t: usize,
+    dq: Option<&mut [A]>,
+) {
+    kv_body::<T, A, true>(j, sc, b, h, t, dq)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1098,15 +1142,16 @@ fn kv_item<T: Float, A: Real>(
     b: usize,
     kvh: usize,
     kb: usize,
+    dq: Option<&mut [A]>,
 ) {
     match simd {
         // SAFETY: `Simd::Avx512` is only chosen when `Isa::get` found AVX-512F, AVX2 and FMA.
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 => unsafe { kv_avx512(job, sc, b, kvh, kb) },
+        Simd::Avx512 => unsafe { kv_avx512(job, sc, b, kvh, kb, dq) },
         // SAFETY: `Simd::Avx2` is only chosen when `Isa::get` found AVX2 and FMA.
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => unsafe { kv_avx2(job, sc, b, kvh, kb) },
-        _ => kv_body::<T, A, false>(job, sc, b, kvh, kb),
+        Simd::Avx2 => unsafe { kv_avx2(job, sc, b, kvh, kb, dq) },
+        _ => kv_body::<T, A, false>(job, sc, b, kvh, kb, dq),
     }
 }
 
@@ -1245,7 +1290,40 @@ fn row_stats<T: Float, A: Real>(
     }
 }
 
-fn run<T: Float, A: Real>(args: &AttentionGradArgs, chk: &Checked, simd: Simd) -> Result<()> {
+/// How dQ is formed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(test), allow(dead_code))] // the forced paths are for tests
+pub(crate) enum DqPath {
+    /// [`DqPath::Split`] when the partial dQs fit [`SPLIT_BUDGET`], else [`DqPath::TwoPass`]; decided by
+    /// the shapes alone, so the result never depends on the thread count.
+    Auto,
+    /// A second pass over query tiles recomputes `P` and `dS` (no extra memory, two more products).
+    TwoPass,
+    /// The kv pass also forms dQ, into this many partial buffers summed in a fixed order.
+    Split(usize),
+}
+
+/// Bytes the partial dQs of [`DqPath::Split`] may take.
+const SPLIT_BUDGET: usize = 256 << 20;
+/// Most partial dQs: `B · Hkv · SPLIT_MAX` items run in parallel (more would use more memory).
+const SPLIT_MAX: usize = 4;
+
+/// The number of partial dQs [`DqPath::Auto`] uses, or `None` for the two-pass path.
+fn split_chunks(dims: &Dims, dp: usize, elem: usize, nkb: usize) -> Option<usize> {
+    let bytes = dims.b * dims.h * dims.q * dp * elem;
+    if bytes == 0 || nkb == 0 {
+        return None;
+    }
+    let chunks = (SPLIT_BUDGET / bytes).min(SPLIT_MAX).min(nkb);
+    (chunks >= 1).then_some(chunks)
+}
+
+fn run<T: Float, A: Real>(
+    args: &AttentionGradArgs,
+    chk: &Checked,
+    simd: Simd,
+    strategy: DqPath,
+) -> Result<()> {
     let dims = chk.dims;
     let mut job = Job::<T, A> {
         dims,
@@ -1315,11 +1393,46 @@ fn run<T: Float, A: Real>(args: &AttentionGradArgs, chk: &Checked, simd: Simd) -
             }
         }
         let nkb = job.nkb();
+        let chunks = match strategy {
+            DqPath::Auto => split_chunks(&dims, job.dp, std::mem::size_of::<A>(), nkb),
+            DqPath::TwoPass => None,
+            DqPath::Split(p) => Some(p.clamp(1, nkb.max(1))),
+        };
+        let per = dims.g * q * job.dp; // one group's rows of one partial dQ
+        if let Some(chunks) = chunks.filter(|_| per > 0 && nkb > 0) {
+            // One pass: item (chunk, b, kvh) owns kv tiles kb ≡ chunk (mod chunks) (interleaved, so causal
+            // work is balanced) and its own partial dQ; the partials are summed in chunk order.
+            let mut part = vec![A::ZERO; chunks * nb * hkv * per];
+            part.par_chunks_mut(per).enumerate().for_each_init(
+                || Scratch::new(job),
+                |sc, (idx, dq)| {
+                    let (chunk, bh) = (idx / (nb * hkv), idx % (nb * hkv));
+                    for kb in (chunk..nkb).step_by(chunks) {
+                        kv_item(simd, job, sc, bh / hkv, bh % hkv, kb, Some(&mut *dq));
+                    }
+                },
+            );
+            let part = &part;
+            (0..nb * h).into_par_iter().for_each(|bh| {
+                let (b, hh) = (bh / h, bh % h);
+                let (kvh, gi) = (hh / dims.g, hh % dims.g);
+                let mut acc = vec![A::ZERO; q * job.dp];
+                for chunk in 0..chunks {
+                    let base = ((chunk * nb + b) * hkv + kvh) * per + gi * q * job.dp;
+                    for (x, &y) in acc.iter_mut().zip(&part[base..base + q * job.dp]) {
+                        *x = *x + y;
+                    }
+                }
+                // SAFETY: rows 0..Q of (b, hh) are in range and belong to this item alone.
+                unsafe { write_rows(&job.dq, b, hh, 0, q, dims.d, &acc, job.dp, job.scale) };
+            });
+            return;
+        }
         (0..nb * hkv * nkb).into_par_iter().for_each_init(
             || Scratch::new(job),
             |sc, idx| {
                 let (bh, kb) = (idx / nkb, idx % nkb);
-                kv_item(simd, job, sc, bh / hkv, bh % hkv, kb);
+                kv_item(simd, job, sc, bh / hkv, bh % hkv, kb, None);
             },
         );
         let nqb = job.nqb();

@@ -540,7 +540,13 @@ struct Got {
 }
 
 /// Runs the backward with out / lse from the reference forward (rounded as the forward would store them).
-fn run_backward(s: &Setup, backend: Backend, threads: usize, with_bias_grad: bool) -> Got {
+fn run_backward(
+    s: &Setup,
+    backend: Backend,
+    strategy: DqPath,
+    threads: usize,
+    with_bias_grad: bool,
+) -> Got {
     let p = &s.p;
     let [nb, h, hkv, nq, nk, d, dv, _] = p.dims;
     let dt = p.dtype;
@@ -585,7 +591,7 @@ fn run_backward(s: &Setup, backend: Backend, threads: usize, with_bias_grad: boo
         grad_bias: with_bias_grad.then_some(&gb.view),
         num_threads: threads,
     };
-    attention_backward_with(&args, backend).unwrap();
+    backward_with(&args, backend, strategy).unwrap();
     Got {
         dq: gq.values(),
         dk: gk.values(),
@@ -625,6 +631,9 @@ fn assert_close(name: &str, got: &[f64], want: &[f64], tol: f64, ctx: &str) {
     }
 }
 
+/// Both ways of forming dQ: a second pass, one partial, several partials (clamped to the kv tiles).
+const STRATEGIES: [DqPath; 3] = [DqPath::TwoPass, DqPath::Split(1), DqPath::Split(3)];
+
 /// Every backend this CPU can run for `dtype`.
 fn backends(dtype: DType) -> Vec<Backend> {
     let mut all = vec![Backend::Portable];
@@ -643,10 +652,13 @@ fn check_case(c: &Case) {
     let want = s.p.grads();
     let tol = tolerance(c.dtype);
     let threads = 1 + (c.seed % 3) as usize;
-    for backend in backends(c.dtype) {
-        let got = run_backward(&s, backend, threads, true);
+    let runs = backends(c.dtype)
+        .into_iter()
+        .flat_map(|b| STRATEGIES.map(|s| (b, s)));
+    for (backend, strategy) in runs {
+        let got = run_backward(&s, backend, strategy, threads, true);
         let ctx = format!(
-            "{c:?} backend {backend:?} bias {:?} sinks {} softcap {:?} layouts {:?}/{:?}",
+            "{c:?} backend {backend:?} {strategy:?} bias {:?} sinks {} softcap {:?} layouts {:?}/{:?}",
             s.p.bias.as_ref().map(|b| (&b.0, b.2)),
             s.p.sinks.is_some(),
             s.p.softcap,
@@ -749,7 +761,7 @@ fn finite_differences_agree_with_the_kernel() {
             DType::F64,
         ));
         s.layouts = [Layout::Contiguous; 5];
-        let got = run_backward(&s, Backend::Portable, 1, true);
+        let got = run_backward(&s, Backend::Portable, DqPath::Auto, 1, true);
         let loss = |p: &Problem| -> f64 {
             let (out, _) = p.forward();
             out.iter().zip(&p.dout).map(|(o, g)| o * g).sum()
@@ -812,10 +824,13 @@ fn gradients_are_bitwise_identical_across_runs_and_threads() {
         });
         s.p.softcap = Some(3.0);
         s.p.sinks = Some(vec![0.5, -1.0, 0.0, 1.0]);
-        for backend in backends(dtype) {
-            let first = run_backward(&s, backend, 1, true);
+        let runs = backends(dtype)
+            .into_iter()
+            .flat_map(|b| [DqPath::Auto, DqPath::TwoPass, DqPath::Split(2)].map(|s| (b, s)));
+        for (backend, strategy) in runs {
+            let first = run_backward(&s, backend, strategy, 1, true);
             for threads in [2, 1, 3] {
-                let again = run_backward(&s, backend, threads, true);
+                let again = run_backward(&s, backend, strategy, threads, true);
                 let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 for (a, b) in [
                     (&first.dq, &again.dq),
@@ -824,7 +839,11 @@ fn gradients_are_bitwise_identical_across_runs_and_threads() {
                     (&first.dsinks, &again.dsinks),
                     (&first.dbias, &again.dbias),
                 ] {
-                    assert_eq!(bits(a), bits(b), "{dtype:?} {backend:?} threads {threads}");
+                    assert_eq!(
+                        bits(a),
+                        bits(b),
+                        "{dtype:?} {backend:?} {strategy:?} threads {threads}"
+                    );
                 }
             }
         }
@@ -948,8 +967,11 @@ fn empty_rows_huge_bias_rows_and_empty_dims() {
     ));
     s.p.sinks = None;
     s.p.softcap = None;
-    for backend in backends(DType::F32) {
-        let got = run_backward(&s, backend, 1, true);
+    for (backend, strategy) in backends(DType::F32)
+        .into_iter()
+        .flat_map(|b| STRATEGIES.map(|s| (b, s)))
+    {
+        let got = run_backward(&s, backend, strategy, 1, true);
         let want = s.p.grads();
         assert_close("dq", &got.dq, &want.dq, 1e-5, "huge rows");
         assert_close("dk", &got.dk, &want.dk, 1e-5, "huge rows");
@@ -971,9 +993,11 @@ fn empty_rows_huge_bias_rows_and_empty_dims() {
             dv: 3,
             mask: 0,
         });
-        let got = run_backward(&s, Backend::Auto, 2, true);
-        for v in [&got.dq, &got.dk, &got.dv] {
-            assert!(v.iter().all(|&x| x == 0.0), "q {q} k {k}: {v:?}");
+        for strategy in STRATEGIES {
+            let got = run_backward(&s, Backend::Auto, strategy, 2, true);
+            for v in [&got.dq, &got.dk, &got.dv] {
+                assert!(v.iter().all(|&x| x == 0.0), "q {q} k {k}: {v:?}");
+            }
         }
     }
 }

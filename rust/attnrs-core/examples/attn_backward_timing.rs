@@ -43,6 +43,18 @@ fn tensor(store: &mut Vec<u32>, dtype: DType, shape: &[usize], seed: u64) -> Ten
     unsafe { TensorView::new(store.as_mut_ptr().cast(), dtype, shape.to_vec(), strides) }.unwrap()
 }
 
+/// CPU seconds (user + system) this process has used, from `/proc/self/stat` (Linux; 0 elsewhere). Another
+/// job sharing the cores stretches wall time but not CPU time, so `cpu / threads` estimates the uncontended time.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0 // utime, stime (fields 14, 15) in USER_HZ = 100
+}
+
 fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let opt = |flag: &str, default: usize| {
@@ -119,14 +131,18 @@ fn main() {
         num_threads: threads,
     };
     let (mut best_f, mut best_b) = (f64::INFINITY, f64::INFINITY);
+    let (mut cpu_f, mut cpu_b) = (0.0, 0.0);
     for _ in 0..reps {
-        let t = Instant::now();
+        let (t, c) = (Instant::now(), cpu_seconds());
         attention_forward(&fwd).unwrap();
         best_f = best_f.min(t.elapsed().as_secs_f64());
-        let t = Instant::now();
+        cpu_f += cpu_seconds() - c;
+        let (t, c) = (Instant::now(), cpu_seconds());
         attention_backward(&bwd).unwrap();
         best_b = best_b.min(t.elapsed().as_secs_f64());
+        cpu_b += cpu_seconds() - c;
     }
+    let per_thread = |cpu: f64| cpu / reps as f64 / threads as f64 * 1e3;
     let flops = 10.0 * (b * h * d) as f64 * pairs;
     println!(
         "B{b} H{h} Hkv{hkv} D{d} L{l} {} {dtype:?}, {threads} threads, best of {reps}",
@@ -138,5 +154,10 @@ fn main() {
         best_b * 1e3,
         flops / best_b / 1e9,
         (best_f + best_b) * 1e3
+    );
+    println!(
+        "cpu-ms per thread (uncontended estimate): forward {:.1}, backward {:.1}",
+        per_thread(cpu_f),
+        per_thread(cpu_b)
     );
 }

@@ -24,6 +24,7 @@
 //! (`vdpbf16ps` for both products when the inputs are bf16), AVX2+FMA, and a portable path that is correct
 //! everywhere. The CPU is inspected once ([`Isa::get`]); [`attention_forward_with`] forces a path (tests).
 
+mod backward;
 #[cfg(target_arch = "x86_64")]
 mod decode;
 mod driver;
@@ -33,6 +34,8 @@ mod softmax;
 
 #[cfg(test)]
 mod tests;
+
+pub use backward::{attention_backward, attention_backward_with, AttentionGradArgs};
 
 use crate::block::MaskTiles;
 use crate::isa::Isa;

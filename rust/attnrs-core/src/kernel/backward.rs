@@ -1,0 +1,1452 @@
+//! The backward pass of the CPU attention kernel: gradients of [`super::attention_forward`]'s output with
+//! respect to query, key, value (and optionally sinks and an additive bias).
+//!
+//! With the forward's definitions (see the module docs of [`super`]), `x_ij` the final logit of a visible
+//! pair (scaled, soft-capped, biased) and `P_ij = exp(x_ij - lse_i)`:
+//!
+//! ```text
+//! Δ_i        = Σ_c dO_ic · O_ic
+//! dV_j      += Σ_i P_ij dO_i                                 (summed over the query heads of the GQA group)
+//! dP_ij      = dO_i · V_j
+//! dX_ij      = P_ij (dP_ij - Δ_i)                            (= dL/dbias_ij: `grad_bias`)
+//! dS_ij      = dX_ij · (1 - t_ij²)   where t = tanh(scale·q·k / c)   (softcap; dS = dX without it)
+//! dQ_i       = scale · Σ_j dS_ij K_j
+//! dK_j      += scale · Σ_i dS_ij Q_i
+//! dsink_h    = -Σ_{b,i} exp(sink_h - lse_bhi) · Δ_bhi
+//! ```
+//!
+//! How it runs (flash-attention 2, without atomics): `P` is recomputed tile by tile from the saved
+//! log-sum-exp. Work items are (batch, kv head, kv tiles): an item owns the rows of dK and dV (and the columns
+//! of `grad_bias`) of its kv tiles and walks the query tiles of every head of the GQA group that the mask does
+//! not classify [`BlockClass::Empty`]. dQ is formed one of two ways, chosen from the shapes alone:
+//!
+//! - split (the default when it fits 256 MiB): item `(chunk, b, kvh)` takes kv tiles `kb ≡ chunk (mod P)`
+//!   (`P <= 4`; interleaved so causal work is balanced) and also adds `dS·K` into its own partial dQ; the `P`
+//!   partials are then summed in chunk order. Five products per tile pair.
+//! - two-pass (when the partials would not fit): items `(b, kv head, kv tile)` form dK/dV only, then items
+//!   `(b, query head, query tile)` recompute `P` and `dS` and form dQ. Seven products per tile pair, no
+//!   extra memory.
+//!
+//! Every output element is written by exactly one item, and every sum runs in a fixed order that depends on
+//! neither the thread count nor the scheduling, so gradients are bitwise reproducible (gradient
+//! checkpointing relies on it).
+//!
+//! Rows whose lse is `-inf` (they saw no key and have no sink) contribute nothing; no `exp(-inf - -inf)`
+//! is ever formed. Dtypes: f32, bf16 and f16 accumulate in f32; f64 computes in f64 throughout and, because
+//! the lse is saved as f32, recomputes each row's normaliser in f64 first (the f32 lse would cap the f64
+//! gradients' accuracy at ~1e-7). Rows whose saved lse is huge (|lse| >= 1024: in practice rows whose every
+//! logit is ~`finfo.min`, where an f32 lse cannot give `P` back) are recomputed the same way.
+//!
+//! ISA: the same generic loops (a 4-row register-blocked product, a vectorisable `exp`) are compiled for
+//! AVX-512F and AVX2+FMA (with fused multiply-adds) and portably; the path is picked once per call from
+//! [`Backend::resolve`] and [`Isa::get`]. Different paths round differently (FMA); one path is reproducible.
+
+use std::ops::{Add, Div, Mul, Sub};
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use super::plan::{read_sinks, BiasRef, Dims, Strided};
+use super::Backend;
+use crate::block::{BlockClass, MaskTiles};
+use crate::isa::Isa;
+use crate::tensor::{DType, Float, TensorView};
+use crate::{threads, Error, Result};
+
+/// Key columns per tile.
+const BK: usize = 64;
+/// Query rows per tile (per head).
+const BQ: usize = 64;
+
+/// Everything one backward call reads and writes. Inputs are as for [`super::AttentionArgs`].
+pub struct AttentionGradArgs<'a> {
+    /// `[B, H, Q, D]`, any non-negative strides (stride 0 allowed).
+    pub query: &'a TensorView,
+    /// `[B, Hkv, K, D]`, any strides; `H % Hkv == 0`.
+    pub key: &'a TensorView,
+    /// `[B, Hkv, K, Dv]`, any strides.
+    pub value: &'a TensorView,
+    /// The forward output `[B, H, Q, Dv]`, any strides.
+    pub out: &'a TensorView,
+    /// `dL/dout`, `[B, H, Q, Dv]`, any strides.
+    pub grad_out: &'a TensorView,
+    /// f32 `[B, H, Q]`: the forward's log-sum-exp (sink included); `-inf` for rows that saw no key.
+    /// (f64 inputs recompute it in f64 and only check its shape.)
+    pub lse: &'a TensorView,
+    /// The forward's mask.
+    pub mask: &'a dyn MaskTiles,
+    /// The forward's additive bias (any float dtype, broadcastable to `[B, H, Q, K]`).
+    pub bias: Option<&'a TensorView>,
+    /// The forward's scale (finite).
+    pub scale: f64,
+    /// The forward's softcap (finite, positive).
+    pub softcap: Option<f64>,
+    /// The forward's sinks, `[H]`, any float dtype.
+    pub sinks: Option<&'a TensorView>,
+    /// `dL/dquery`, `[B, H, Q, D]`, same dtype as query, written.
+    pub grad_query: &'a TensorView,
+    /// `dL/dkey`, `[B, Hkv, K, D]`, written (GQA: summed over the group's query heads).
+    pub grad_key: &'a TensorView,
+    /// `dL/dvalue`, `[B, Hkv, K, Dv]`, written.
+    pub grad_value: &'a TensorView,
+    /// `dL/dsinks`, `[H]`, any float dtype, written; only with `sinks`.
+    pub grad_sinks: Option<&'a TensorView>,
+    /// `dL/dx` for every `(b, h, i, j)`, dense `[B, H, Q, K]`, any float dtype, written: the gradient of an
+    /// additive bias before any broadcast reduction (0 where the mask hides a pair or the row saw no key).
+    pub grad_bias: Option<&'a TensorView>,
+    /// Worker threads (a private pool; 0 means 1). The result does not depend on it.
+    pub num_threads: usize,
+}
+
+impl std::fmt::Debug for AttentionGradArgs<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shape = |t: Option<&TensorView>| t.map(|t| t.shape().to_vec());
+        f.debug_struct("AttentionGradArgs")
+            .field("query", &self.query.shape())
+            .field("key", &self.key.shape())
+            .field("value", &self.value.shape())
+            .field("out", &self.out.shape())
+            .field("grad_out", &self.grad_out.shape())
+            .field("lse", &self.lse.shape())
+            .field("bias", &shape(self.bias))
+            .field("scale", &self.scale)
+            .field("softcap", &self.softcap)
+            .field("sinks", &shape(self.sinks))
+            .field("grad_sinks", &shape(self.grad_sinks))
+            .field("grad_bias", &shape(self.grad_bias))
+            .field("num_threads", &self.num_threads)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Computes the gradients (see the module docs) into `grad_query`, `grad_key`, `grad_value` (and
+/// `grad_sinks`, `grad_bias` when given), on the best path for this CPU.
+///
+/// Every argument is validated first; a bad one yields an [`Error`] naming it and nothing is written.
+pub fn attention_backward(args: &AttentionGradArgs) -> Result<()> {
+    attention_backward_with(args, Backend::Auto)
+}
+
+/// [`attention_backward`] on a chosen [`Backend`] (AVX-512 BF16 runs the AVX-512F loops).
+pub fn attention_backward_with(args: &AttentionGradArgs, backend: Backend) -> Result<()> {
+    backward_with(args, backend, DqPath::Auto)
+}
+
+/// [`attention_backward_with`] with a chosen [`DqPath`] (tests run both).
+pub(crate) fn backward_with(
+    args: &AttentionGradArgs,
+    backend: Backend,
+    strategy: DqPath,
+) -> Result<()> {
+    let checked = validate(args)?;
+    let isa = Isa::get();
+    let simd = match backend.resolve(checked.dtype)? {
+        Backend::Avx512 | Backend::Avx512Bf16 if isa.avx512f && isa.avx2 && isa.fma => Simd::Avx512,
+        Backend::Avx512 | Backend::Avx512Bf16 | Backend::Avx2 if isa.avx2 && isa.fma => Simd::Avx2,
+        _ => Simd::Portable,
+    };
+    match checked.dtype {
+        DType::F64 => run::<f64, f64>(args, &checked, Simd::Portable, strategy),
+        DType::F32 => run::<f32, f32>(args, &checked, simd, strategy),
+        DType::BF16 => run::<bf16, f32>(args, &checked, simd, strategy),
+        _ => run::<f16, f32>(args, &checked, simd, strategy),
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Validation
+
+/// A validated call.
+#[derive(Debug, Clone)]
+struct Checked {
+    dims: Dims,
+    dtype: DType,
+    bias_strides: Option<[isize; 4]>,
+    threads: usize,
+}
+
+fn shape_str(v: &TensorView) -> String {
+    format!("shape {:?}", v.shape())
+}
+
+fn four(v: &TensorView, arg: &str, layout: &str) -> Result<[usize; 4]> {
+    match v.shape() {
+        &[a, b, c, d] => Ok([a, b, c, d]),
+        _ => Err(Error::shape(
+            arg,
+            format!("a 4-D tensor {layout}"),
+            shape_str(v),
+        )),
+    }
+}
+
+fn expect_shape(v: &TensorView, arg: &str, want: &[usize], layout: &str) -> Result<()> {
+    if v.shape() == want {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            arg,
+            format!("shape {want:?} ({layout})"),
+            shape_str(v),
+        ))
+    }
+}
+
+fn expect_float(v: &TensorView, arg: &str) -> Result<()> {
+    if v.dtype().is_float() {
+        Ok(())
+    } else {
+        Err(Error::dtype(
+            arg,
+            "float32, bfloat16, float16 or float64",
+            v.dtype().torch_name(),
+        ))
+    }
+}
+
+/// Strides that read `bias` as a `[B, H, Q, K]` tensor (torch broadcasting: dims align right, size 1 repeats).
+fn broadcast_strides(bias: &TensorView, target: [usize; 4]) -> Result<[isize; 4]> {
+    let n = bias.ndim();
+    let expected = || format!("a shape broadcastable to {target:?} ([B, H, Q, K])");
+    if n > 4 {
+        return Err(Error::shape("bias", expected(), shape_str(bias)));
+    }
+    let mut strides = [0isize; 4];
+    for i in 0..n {
+        let t = 4 - n + i;
+        let size = bias.shape()[i];
+        if size == target[t] {
+            strides[t] = if size == 1 { 0 } else { bias.strides()[i] };
+        } else if size != 1 {
+            return Err(Error::shape("bias", expected(), shape_str(bias)));
+        }
+    }
+    Ok(strides)
+}
+
+fn validate(a: &AttentionGradArgs) -> Result<Checked> {
+    let [b, h, q, d] = four(a.query, "query", "[B, H, Q, D]")?;
+    let [kb, hkv, k, kd] = four(a.key, "key", "[B, Hkv, K, D]")?;
+    four(a.value, "value", "[B, Hkv, K, Dv]")?;
+    let dv = a.value.shape()[3];
+    if kb != b || kd != d {
+        return Err(Error::shape(
+            "key",
+            format!("shape [{b}, Hkv, K, {d}] (batch and head dim of query)"),
+            shape_str(a.key),
+        ));
+    }
+    if hkv == 0 && h > 0 {
+        return Err(Error::shape(
+            "key",
+            "at least one kv head",
+            shape_str(a.key),
+        ));
+    }
+    if hkv > 0 && h % hkv != 0 {
+        return Err(Error::shape(
+            "key",
+            format!("a number of kv heads dividing the {h} query heads"),
+            format!("{hkv} kv heads"),
+        ));
+    }
+    expect_shape(a.value, "value", &[b, hkv, k, dv], "[B, Hkv, K, Dv]")?;
+    expect_shape(a.out, "out", &[b, h, q, dv], "[B, H, Q, Dv]")?;
+    expect_shape(a.grad_out, "grad_out", &[b, h, q, dv], "[B, H, Q, Dv]")?;
+    expect_shape(a.lse, "lse", &[b, h, q], "[B, H, Q]")?;
+    expect_shape(a.grad_query, "grad_query", &[b, h, q, d], "[B, H, Q, D]")?;
+    expect_shape(a.grad_key, "grad_key", &[b, hkv, k, d], "[B, Hkv, K, D]")?;
+    expect_shape(
+        a.grad_value,
+        "grad_value",
+        &[b, hkv, k, dv],
+        "[B, Hkv, K, Dv]",
+    )?;
+    let dtype = a.query.dtype();
+    expect_float(a.query, "query")?;
+    for (arg, t) in [
+        ("key", a.key),
+        ("value", a.value),
+        ("out", a.out),
+        ("grad_out", a.grad_out),
+        ("grad_query", a.grad_query),
+        ("grad_key", a.grad_key),
+        ("grad_value", a.grad_value),
+    ] {
+        if t.dtype() != dtype {
+            return Err(Error::dtype(
+                arg,
+                format!("{} like query", dtype.torch_name()),
+                t.dtype().torch_name(),
+            ));
+        }
+    }
+    if a.lse.dtype() != DType::F32 {
+        return Err(Error::dtype(
+            "lse",
+            DType::F32.torch_name(),
+            a.lse.dtype().torch_name(),
+        ));
+    }
+    let bias_strides = match a.bias {
+        None => None,
+        Some(bias) => {
+            expect_float(bias, "bias")?;
+            Some(broadcast_strides(bias, [b, h, q, k])?)
+        }
+    };
+    if let Some(sinks) = a.sinks {
+        expect_float(sinks, "sinks")?;
+        expect_shape(sinks, "sinks", &[h], "one per query head")?;
+    }
+    if let Some(gs) = a.grad_sinks {
+        if a.sinks.is_none() {
+            return Err(Error::value(
+                "grad_sinks",
+                "None when sinks is None",
+                "a tensor",
+            ));
+        }
+        expect_float(gs, "grad_sinks")?;
+        expect_shape(gs, "grad_sinks", &[h], "one per query head")?;
+    }
+    if let Some(gb) = a.grad_bias {
+        expect_float(gb, "grad_bias")?;
+        expect_shape(gb, "grad_bias", &[b, h, q, k], "[B, H, Q, K]")?;
+    }
+    if !a.scale.is_finite() {
+        return Err(Error::value(
+            "scale",
+            "a finite number",
+            format!("{}", a.scale),
+        ));
+    }
+    if let Some(c) = a.softcap {
+        if !(c.is_finite() && c > 0.0) {
+            return Err(Error::value(
+                "softcap",
+                "a finite positive number",
+                format!("{c}"),
+            ));
+        }
+    }
+    check_outputs(a)?;
+    Ok(Checked {
+        dims: Dims {
+            b,
+            h,
+            hkv,
+            g: h.checked_div(hkv).unwrap_or(1),
+            q,
+            k,
+            d,
+            dv,
+        },
+        dtype,
+        bias_strides,
+        threads: a.num_threads.max(1),
+    })
+}
+
+/// The gradients must not alias themselves, each other, or anything the call reads.
+fn check_outputs(a: &AttentionGradArgs) -> Result<()> {
+    let mut inputs: Vec<(&str, &TensorView)> = vec![
+        ("query", a.query),
+        ("key", a.key),
+        ("value", a.value),
+        ("out", a.out),
+        ("grad_out", a.grad_out),
+        ("lse", a.lse),
+    ];
+    inputs.extend(a.bias.map(|t| ("bias", t)));
+    inputs.extend(a.sinks.map(|t| ("sinks", t)));
+    let mut outputs = vec![
+        ("grad_query", a.grad_query),
+        ("grad_key", a.grad_key),
+        ("grad_value", a.grad_value),
+    ];
+    outputs.extend(a.grad_sinks.map(|t| ("grad_sinks", t)));
+    outputs.extend(a.grad_bias.map(|t| ("grad_bias", t)));
+    for (i, (name, o)) in outputs.iter().enumerate() {
+        if o.numel() == 0 {
+            continue; // nothing is written
+        }
+        if o.has_internal_overlap() {
+            return Err(Error::layout(
+                *name,
+                "a writable view whose elements do not overlap",
+                "an overlapping view",
+            ));
+        }
+        for (other, t) in inputs.iter().chain(&outputs[..i]) {
+            if o.overlaps(t) {
+                return Err(Error::layout(
+                    *name,
+                    format!("memory disjoint from {other}"),
+                    format!("a view aliasing {other}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Arithmetic
+
+/// The accumulator type: f32 (for f32, bf16 and f16 inputs) or f64.
+trait Real:
+    Copy
+    + Default
+    + Send
+    + Sync
+    + PartialOrd
+    + 'static
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INF: Self;
+    /// Recompute every row's softmax normaliser in this precision instead of trusting the saved f32 lse.
+    const RECOMPUTE_LSE: bool;
+    fn from_f64(x: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn read<T: Float>(x: T) -> Self;
+    fn write<T: Float>(self) -> T;
+    /// `exp(x)`; exact to a few ulps for `x <= ~0`, and 0 for `-inf`.
+    fn exp(self) -> Self;
+    fn tanh(self) -> Self;
+    /// `self * a + b`, rounded once.
+    fn mul_add(self, a: Self, b: Self) -> Self;
+    fn is_finite(self) -> bool;
+    fn max(self, other: Self) -> Self {
+        if other > self {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+impl Real for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INF: Self = f32::NEG_INFINITY;
+    const RECOMPUTE_LSE: bool = false;
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn read<T: Float>(x: T) -> Self {
+        x.to_f32()
+    }
+    #[inline(always)]
+    fn write<T: Float>(self) -> T {
+        T::from_f32(self)
+    }
+    #[inline(always)]
+    fn exp(self) -> Self {
+        exp_f32(self)
+    }
+    #[inline(always)]
+    fn tanh(self) -> Self {
+        f32::tanh(self)
+    }
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f32::mul_add(self, a, b)
+    }
+    #[inline(always)]
+    fn is_finite(self) -> bool {
+        f32::is_finite(self)
+    }
+}
+
+impl Real for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INF: Self = f64::NEG_INFINITY;
+    const RECOMPUTE_LSE: bool = true;
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn read<T: Float>(x: T) -> Self {
+        x.to_f64()
+    }
+    #[inline(always)]
+    fn write<T: Float>(self) -> T {
+        T::from_f64(self)
+    }
+    #[inline(always)]
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    #[inline(always)]
+    fn tanh(self) -> Self {
+        f64::tanh(self)
+    }
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f64::mul_add(self, a, b)
+    }
+    #[inline(always)]
+    fn is_finite(self) -> bool {
+        f64::is_finite(self)
+    }
+}
+
+/// `exp(x)`, branch-free so loops over it vectorise (a copy of the forward's `softmax::exp_f32`, kept here so
+/// the two kernels can evolve independently). Cody-Waite reduction `x = n·ln2 + r`, a degree-7 polynomial for
+/// `exp(r)`; inputs below `-87.3` (including `-inf`) give 0, inputs are clamped to `[-88, 88]`.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-88.0, 88.0);
+    let z = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = z - MAGIC;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    let scale = f32::from_bits(z.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23);
+    p * scale
+}
+
+#[inline(always)]
+fn madd<A: Real, const FMA: bool>(acc: A, a: A, b: A) -> A {
+    if FMA {
+        a.mul_add(b, acc)
+    } else {
+        acc + a * b
+    }
+}
+
+/// `c[i*ldc + j] += Σ_k a[i*ars + k*acs] · b[k*ldb + j]` for `i < m`, `j < n`, `k < kd`; `n % 16 == 0`.
+///
+/// Each element of `c` is summed in order of `k`, whatever the blocking, so the result depends only on the
+/// operands (not on how the caller tiles or threads).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn gemm<A: Real, const FMA: bool>(
+    m: usize,
+    n: usize,
+    kd: usize,
+    a: &[A],
+    ars: usize,
+    acs: usize,
+    b: &[A],
+    ldb: usize,
+    c: &mut [A],
+    ldc: usize,
+) {
+    debug_assert!(n.is_multiple_of(16));
+    let mut j = 0;
+    while j < n {
+        let rest = n - j;
+        let (bj, cj) = (&b[j..], &mut c[j..]);
+        if rest >= 64 {
+            gemm_cols::<A, FMA, 64>(m, kd, a, ars, acs, bj, ldb, cj, ldc);
+            j += 64;
+        } else if rest >= 32 {
+            gemm_cols::<A, FMA, 32>(m, kd, a, ars, acs, bj, ldb, cj, ldc);
+            j += 32;
+        } else {
+            gemm_cols::<A, FMA, 16>(m, kd, a, ars, acs, bj, ldb, cj, ldc);
+            j += 16;
+        }
+    }
+}
+
+/// [`gemm`] on `W` columns: four rows at a time, accumulators held across the `k` loop.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn gemm_cols<A: Real, const FMA: bool, const W: usize>(
+    m: usize,
+    kd: usize,
+    a: &[A],
+    ars: usize,
+    acs: usize,
+    b: &[A],
+    ldb: usize,
+    c: &mut [A],
+    ldc: usize,
+) {
+    let mut i = 0;
+    while i + 4 <= m {
+        let mut acc = [[A::ZERO; W]; 4];
+        for (r, row) in acc.iter_mut().enumerate() {
+            row.copy_from_slice(&c[(i + r) * ldc..(i + r) * ldc + W]);
+        }
+        for k in 0..kd {
+            let brow = &b[k * ldb..k * ldb + W];
+            for (r, row) in acc.iter_mut().enumerate() {
+                let av = a[(i + r) * ars + k * acs];
+                for (x, &bv) in row.iter_mut().zip(brow) {
+                    *x = madd::<A, FMA>(*x, av, bv);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            c[(i + r) * ldc..(i + r) * ldc + W].copy_from_slice(row);
+        }
+        i += 4;
+    }
+    while i < m {
+        let mut acc = [A::ZERO; W];
+        acc.copy_from_slice(&c[i * ldc..i * ldc + W]);
+        for k in 0..kd {
+            let brow = &b[k * ldb..k * ldb + W];
+            let av = a[i * ars + k * acs];
+            for (x, &bv) in acc.iter_mut().zip(brow) {
+                *x = madd::<A, FMA>(*x, av, bv);
+            }
+        }
+        c[i * ldc..i * ldc + W].copy_from_slice(&acc);
+        i += 1;
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// The job
+
+/// A written view of any float dtype (`grad_bias`, `grad_sinks`), up to four dims.
+#[derive(Debug, Clone, Copy)]
+struct AnyOut {
+    ptr: *mut u8,
+    dtype: DType,
+    st: [isize; 4],
+}
+
+// SAFETY: an address plus strides of a validated output view; items write disjoint elements.
+unsafe impl Send for AnyOut {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for AnyOut {}
+
+impl AnyOut {
+    fn of(v: &TensorView) -> Self {
+        let mut st = [0isize; 4];
+        for (s, &v) in st.iter_mut().zip(v.strides()) {
+            *s = v;
+        }
+        AnyOut {
+            ptr: v.as_ptr(),
+            dtype: v.dtype(),
+            st,
+        }
+    }
+
+    /// Writes `src[j]` to element `[i0, i1, i2, i3 + j]`.
+    ///
+    /// # Safety
+    /// Every index written must be in range of the view, and no other thread may write those elements.
+    #[inline(always)]
+    unsafe fn write_row<A: Real>(&self, idx: [usize; 4], src: &[A]) {
+        #[inline(always)]
+        unsafe fn go<T: Float, A: Real>(p: &AnyOut, base: isize, src: &[A]) {
+            let ptr = p.ptr as *mut T;
+            for (j, &x) in src.iter().enumerate() {
+                // SAFETY: in range by the caller's promise.
+                unsafe {
+                    ptr.offset(base + j as isize * p.st[3])
+                        .write(T::from_f64(x.to_f64()))
+                };
+            }
+        }
+        let base: isize = idx
+            .iter()
+            .zip(&self.st)
+            .map(|(&i, &s)| i as isize * s)
+            .sum();
+        // SAFETY: forwarded caller promise; the dtype matches the pointer's element type.
+        unsafe {
+            match self.dtype {
+                DType::F32 => go::<f32, A>(self, base, src),
+                DType::F64 => go::<f64, A>(self, base, src),
+                DType::BF16 => go::<bf16, A>(self, base, src),
+                _ => go::<f16, A>(self, base, src),
+            }
+        }
+    }
+}
+
+/// One call, typed.
+struct Job<'a, T, A> {
+    dims: Dims,
+    q: Strided<T>,
+    k: Strided<T>,
+    v: Strided<T>,
+    out: Strided<T>,
+    dout: Strided<T>,
+    lse_in: Strided<f32>,
+    dq: Strided<T>,
+    dk: Strided<T>,
+    dv: Strided<T>,
+    bias: Option<BiasRef>,
+    grad_bias: Option<AnyOut>,
+    sinks: Option<Vec<f64>>,
+    mask: &'a dyn MaskTiles,
+    scale: A,
+    /// `(c, 1/c)`.
+    softcap: Option<(A, A)>,
+    /// Per row `(b * H + h) * Q + i`: `P_ij = exp(x_ij - shift_i) · norm_i` (`shift = lse`, `norm = 1` from
+    /// the saved lse; `(max, 1 / sum)` where it was recomputed); a non-finite shift means the row saw nothing.
+    shift: Vec<A>,
+    norm: Vec<A>,
+    /// Per row: `Δ = dO · O`.
+    delta: Vec<A>,
+    /// D and Dv rounded up to 16 (packed row lengths).
+    dp: usize,
+    dvp: usize,
+}
+
+impl<T, A> Job<'_, T, A> {
+    fn row(&self, b: usize, h: usize, i: usize) -> usize {
+        (b * self.dims.h + h) * self.dims.q + i
+    }
+    fn nqb(&self) -> usize {
+        self.dims.q.div_ceil(BQ)
+    }
+    fn nkb(&self) -> usize {
+        self.dims.k.div_ceil(BK)
+    }
+}
+
+/// Per-item buffers (packed operands are A-typed and zero-padded to the packed widths).
+struct Scratch<A> {
+    /// Query rows `[BQ][dp]`.
+    qp: Vec<A>,
+    /// dO rows `[BQ][dvp]`.
+    dop: Vec<A>,
+    /// Kᵀ `[D][BK]`.
+    kt: Vec<A>,
+    /// Vᵀ `[Dv][BK]`.
+    vt: Vec<A>,
+    /// K rows `[BK][dp]`.
+    kr: Vec<A>,
+    /// Logits, then P, `[BQ][BK]`.
+    p: Vec<A>,
+    /// dP, then dS, `[BQ][BK]`.
+    ds: Vec<A>,
+    /// Softcap derivative `1 - t²`, `[BQ][BK]`.
+    g: Vec<A>,
+    /// Visibility of a partial tile, `[m][n]`.
+    vis: Vec<u8>,
+    /// One bias row, `[BK]`.
+    brow: Vec<A>,
+    /// dK `[BK][dp]` (first pass) or dQ `[BQ][dp]` (second pass).
+    acc_k: Vec<A>,
+    /// dV `[BK][dvp]`.
+    acc_v: Vec<A>,
+    zeros: Vec<A>,
+}
+
+impl<A: Real> Scratch<A> {
+    fn new<T>(job: &Job<T, A>) -> Self {
+        let Dims { d, dv, .. } = job.dims;
+        let (dp, dvp) = (job.dp, job.dvp);
+        Scratch {
+            qp: vec![A::ZERO; BQ * dp],
+            dop: vec![A::ZERO; BQ * dvp],
+            kt: vec![A::ZERO; d * BK],
+            vt: vec![A::ZERO; dv * BK],
+            kr: vec![A::ZERO; BK * dp],
+            p: vec![A::ZERO; BQ * BK],
+            ds: vec![A::ZERO; BQ * BK],
+            g: vec![A::ZERO; BQ * BK],
+            vis: vec![0; BQ * BK],
+            brow: vec![A::ZERO; BK],
+            acc_k: vec![A::ZERO; BK.max(BQ) * dp],
+            acc_v: vec![A::ZERO; BK * dvp],
+            zeros: vec![A::ZERO; BK],
+        }
+    }
+}
+
+/// `dst[r * ld + c] = src[b, h, r0 + r, c]` for `r < rows`, `c < width`, zeros for `width <= c < ld`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pack_rows<T: Float, A: Real>(
+    src: &Strided<T>,
+    b: usize,
+    h: usize,
+    r0: usize,
+    rows: usize,
+    width: usize,
+    ld: usize,
+    dst: &mut [A],
+) {
+    for r in 0..rows {
+        let out = &mut dst[r * ld..(r + 1) * ld];
+        if width > 0 {
+            // SAFETY: (b, h, r0 + r, 0) is in range (callers pass rows inside the dim) and width > 0.
+            let p = unsafe { src.at(b, h, r0 + r, 0) };
+            for (c, x) in out[..width].iter_mut().enumerate() {
+                // SAFETY: c < width, the size of the last dim.
+                *x = A::read(unsafe { p.offset(c as isize * src.st[3]).read() });
+            }
+        }
+        out[width..].fill(A::ZERO);
+    }
+}
+
+/// `dst[c' * BK + c] = src[b, h, c0 + c, c']` for `c < n`, `c' < width`; zeros for `n <= c < BK`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pack_t<T: Float, A: Real>(
+    src: &Strided<T>,
+    b: usize,
+    h: usize,
+    c0: usize,
+    n: usize,
+    width: usize,
+    dst: &mut [A],
+) {
+    if width == 0 {
+        return;
+    }
+    for c in 0..n {
+        // SAFETY: (b, h, c0 + c, 0) is in range: c0 + c < K and width > 0.
+        let p = unsafe { src.at(b, h, c0 + c, 0) };
+        for e in 0..width {
+            // SAFETY: e < width, the size of the last dim.
+            dst[e * BK + c] = A::read(unsafe { p.offset(e as isize * src.st[3]).read() });
+        }
+    }
+    if n < BK {
+        for e in 0..width {
+            dst[e * BK + n..(e + 1) * BK].fill(A::ZERO);
+        }
+    }
+}
+
+/// Writes `src[r * ld + c] * factor` to `dst[b, h, r0 + r, c]` for `r < rows`, `c < width`.
+///
+/// # Safety
+/// The rows must be in range of `dst` and written by no other thread.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn write_rows<T: Float, A: Real>(
+    dst: &Strided<T>,
+    b: usize,
+    h: usize,
+    r0: usize,
+    rows: usize,
+    width: usize,
+    src: &[A],
+    ld: usize,
+    factor: A,
+) {
+    if width == 0 {
+        return;
+    }
+    for r in 0..rows {
+        // SAFETY: in range by the caller's promise; the view has no internal overlap (validated), so these
+        // elements belong to this item alone.
+        unsafe {
+            let p = dst.at(b, h, r0 + r, 0);
+            for (c, &x) in src[r * ld..r * ld + width].iter().enumerate() {
+                p.offset(c as isize * dst.st[3])
+                    .write((x * factor).write::<T>());
+            }
+        }
+    }
+}
+
+/// Turns the raw scores `q·k` in `p` (rows `q0..q0+m` of head `h`, kv tile `c0..c0+n`) into final logits:
+/// scale, softcap (its derivative `1 - t²` into `g`), bias, and `-inf` for hidden pairs and padding columns.
+/// `vis` must hold the tile's visibility when `cls` is partial.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn logits<T, A: Real>(
+    job: &Job<T, A>,
+    p: &mut [A],
+    g: &mut [A],
+    vis: &[u8],
+    brow: &mut [A],
+    b: usize,
+    h: usize,
+    q0: usize,
+    m: usize,
+    c0: usize,
+    n: usize,
+    cls: BlockClass,
+) {
+    for r in 0..m {
+        let x = &mut p[r * BK..(r + 1) * BK];
+        let scale = job.scale;
+        x.iter_mut().for_each(|v| *v = *v * scale);
+        if let Some((c, ic)) = job.softcap {
+            for (v, gg) in x.iter_mut().zip(&mut g[r * BK..(r + 1) * BK]) {
+                let t = (*v * ic).tanh();
+                *v = c * t;
+                *gg = A::ONE - t * t;
+            }
+        }
+        if let Some(bias) = &job.bias {
+            // SAFETY: (b, h, q0 + r) is in range of [B, H, Q] and c0 + n <= K.
+            unsafe { bias.row(b, h, q0 + r, c0, &mut brow[..n], A::from_f64) };
+            for (v, &bv) in x[..n].iter_mut().zip(&brow[..n]) {
+                *v = *v + bv;
+            }
+        }
+        if cls == BlockClass::Partial {
+            for (v, &seen) in x[..n].iter_mut().zip(&vis[r * n..(r + 1) * n]) {
+                if seen == 0 {
+                    *v = A::NEG_INF;
+                }
+            }
+        }
+        x[n..].fill(A::NEG_INF);
+    }
+}
+
+/// Recomputes `P` and `dS` of one (query tile, kv tile) pair into `sc.p` and `sc.ds` from the packed `qp`,
+/// `dop`, `kt`, `vt` (and `vis` for a partial tile); writes the tile of `grad_bias` when `write_bias`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn tile<T, A: Real, const FMA: bool>(
+    job: &Job<T, A>,
+    sc: &mut Scratch<A>,
+    b: usize,
+    h: usize,
+    q0: usize,
+    m: usize,
+    c0: usize,
+    n: usize,
+    cls: BlockClass,
+    write_bias: bool,
+) {
+    let Dims { d, dv, .. } = job.dims;
+    let (dp, dvp) = (job.dp, job.dvp);
+    let Scratch {
+        qp,
+        dop,
+        kt,
+        vt,
+        p,
+        ds,
+        g,
+        vis,
+        brow,
+        ..
+    } = sc;
+    let p = &mut p[..m * BK];
+    p.fill(A::ZERO);
+    gemm::<A, FMA>(m, BK, d, qp, dp, 1, kt, BK, p, BK);
+    logits(job, p, g, vis, brow, b, h, q0, m, c0, n, cls);
+    for r in 0..m {
+        let row = job.row(b, h, q0 + r);
+        let (shift, norm) = (job.shift[row], job.norm[row]);
+        let x = &mut p[r * BK..(r + 1) * BK];
+        if shift.is_finite() {
+            x.iter_mut().for_each(|v| *v = (*v - shift).exp() * norm);
+        } else {
+            x.fill(A::ZERO);
+        }
+    }
+    let ds = &mut ds[..m * BK];
+    ds.fill(A::ZERO);
+    gemm::<A, FMA>(m, BK, dv, dop, dvp, 1, vt, BK, ds, BK);
+    for r in 0..m {
+        let delta = job.delta[job.row(b, h, q0 + r)];
+        let pr = &p[r * BK..(r + 1) * BK];
+        let dr = &mut ds[r * BK..(r + 1) * BK];
+        for (x, &pv) in dr.iter_mut().zip(pr) {
+            *x = pv * (*x - delta);
+        }
+        if write_bias {
+            if let Some(gb) = &job.grad_bias {
+                // SAFETY: (b, h, q0 + r, c0..c0 + n) is in range; this kv tile's columns belong to this item.
+                unsafe { gb.write_row([b, h, q0 + r, c0], &dr[..n]) };
+            }
+        }
+        if job.softcap.is_some() {
+            for (x, &gv) in dr.iter_mut().zip(&g[r * BK..(r + 1) * BK]) {
+                *x = *x * gv;
+            }
+        }
+    }
+}
+
+/// dK and dV of kv tile `kb` of `(b, kvh)`, over every query tile of every head of the group. With `dq`
+/// (`[G][Q][dp]`, this group's rows of one partial dQ), also adds this kv tile's share of dQ into it.
+#[inline(always)]
+fn kv_body<T: Float, A: Real, const FMA: bool>(
+    job: &Job<T, A>,
+    sc: &mut Scratch<A>,
+    b: usize,
+    kvh: usize,
+    kb: usize,
+    mut dq: Option<&mut [A]>,
+) {
+    let Dims { g, q, k, d, dv, .. } = job.dims;
+    let (dp, dvp) = (job.dp, job.dvp);
+    let c0 = kb * BK;
+    let n = (k - c0).min(BK);
+    pack_t(&job.k, b, kvh, c0, n, d, &mut sc.kt);
+    pack_t(&job.v, b, kvh, c0, n, dv, &mut sc.vt);
+    if dq.is_some() {
+        pack_rows(&job.k, b, kvh, c0, n, d, dp, &mut sc.kr);
+    }
+    sc.acc_k[..BK * dp].fill(A::ZERO);
+    sc.acc_v[..BK * dvp].fill(A::ZERO);
+    for gi in 0..g {
+        let h = kvh * g + gi;
+        for qb in 0..job.nqb() {
+            let q0 = qb * BQ;
+            let m = (q - q0).min(BQ);
+            let cls = job.mask.classify(b, h, q0..q0 + m, c0..c0 + n);
+            if cls == BlockClass::Empty {
+                if let Some(gb) = &job.grad_bias {
+                    for r in 0..m {
+                        // SAFETY: in range; this kv tile's columns belong to this item.
+                        unsafe { gb.write_row([b, h, q0 + r, c0], &sc.zeros[..n]) };
+                    }
+                }
+                continue;
+            }
+            pack_rows(&job.q, b, h, q0, m, d, dp, &mut sc.qp);
+            pack_rows(&job.dout, b, h, q0, m, dv, dvp, &mut sc.dop);
+            if cls == BlockClass::Partial {
+                job.mask
+                    .fill(b, h, q0..q0 + m, c0..c0 + n, &mut sc.vis[..m * n]);
+            }
+            tile::<T, A, FMA>(job, sc, b, h, q0, m, c0, n, cls, true);
+            // dV[c] += Σ_r P[r][c] dO[r];  dK[c] += Σ_r dS[r][c] Q[r]  (scale applied at the end).
+            gemm::<A, FMA>(n, dvp, m, &sc.p, 1, BK, &sc.dop, dvp, &mut sc.acc_v, dvp);
+            gemm::<A, FMA>(n, dp, m, &sc.ds, 1, BK, &sc.qp, dp, &mut sc.acc_k, dp);
+            if let Some(dq) = dq.as_deref_mut() {
+                // dQ[r] += Σ_c dS[r][c] K[c]  (scale applied by the reduction).
+                let rows = &mut dq[(gi * q + q0) * dp..];
+                gemm::<A, FMA>(m, dp, n, &sc.ds, BK, 1, &sc.kr, dp, rows, dp);
+            }
+        }
+    }
+    // SAFETY: rows c0..c0 + n of (b, kvh) are in range and belong to this item alone.
+    unsafe {
+        write_rows(&job.dk, b, kvh, c0, n, d, &sc.acc_k, dp, job.scale);
+        write_rows(&job.dv, b, kvh, c0, n, dv, &sc.acc_v, dvp, A::ONE);
+    }
+}
+
+/// Second pass: dQ of query tile `qb` of `(b, h)`, over every kv tile.
+#[inline(always)]
+fn q_body<T: Float, A: Real, const FMA: bool>(
+    job: &Job<T, A>,
+    sc: &mut Scratch<A>,
+    b: usize,
+    h: usize,
+    qb: usize,
+) {
+    let Dims { g, q, k, d, dv, .. } = job.dims;
+    let (dp, dvp) = (job.dp, job.dvp);
+    let kvh = h / g;
+    let q0 = qb * BQ;
+    let m = (q - q0).min(BQ);
+    pack_rows(&job.q, b, h, q0, m, d, dp, &mut sc.qp);
+    pack_rows(&job.dout, b, h, q0, m, dv, dvp, &mut sc.dop);
+    sc.acc_k[..BQ * dp].fill(A::ZERO);
+    for kb in 0..job.nkb() {
+        let c0 = kb * BK;
+        let n = (k - c0).min(BK);
+        let cls = job.mask.classify(b, h, q0..q0 + m, c0..c0 + n);
+        if cls == BlockClass::Empty {
+            continue;
+        }
+        pack_t(&job.k, b, kvh, c0, n, d, &mut sc.kt);
+        pack_t(&job.v, b, kvh, c0, n, dv, &mut sc.vt);
+        pack_rows(&job.k, b, kvh, c0, n, d, dp, &mut sc.kr);
+        if cls == BlockClass::Partial {
+            job.mask
+                .fill(b, h, q0..q0 + m, c0..c0 + n, &mut sc.vis[..m * n]);
+        }
+        tile::<T, A, FMA>(job, sc, b, h, q0, m, c0, n, cls, false);
+        // dQ[r] += Σ_c dS[r][c] K[c]  (scale applied at the end).
+        gemm::<A, FMA>(m, dp, n, &sc.ds, BK, 1, &sc.kr, dp, &mut sc.acc_k, dp);
+    }
+    // SAFETY: rows q0..q0 + m of (b, h) are in range and belong to this item alone.
+    unsafe { write_rows(&job.dq, b, h, q0, m, d, &sc.acc_k, dp, job.scale) };
+}
+
+/// Which compilation of the item bodies to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Simd {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn kv_avx512<T: Float, A: Real>(
+    j: &Job<T, A>,
+    sc: &mut Scratch<A>,
+    b: usize,
+    h: usize,
+    t: usize,
+    dq: Option<&mut [A]>,
+) {
+    kv_body::<T, A, true>(j, sc, b, h, t, dq)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn q_avx512<T: Float, A: Real>(j: &Job<T, A>, sc: &mut Scratch<A>, b: usize, h: usize, t: usize) {
+    q_body::<T, A, true>(j, sc, b, h, t)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn kv_avx2<T: Float, A: Real>(
+    j: &Job<T, A>,
+    sc: &mut Scratch<A>,
+    b: usize,
+    h: usize,
+    t: usize,
+    dq: Option<&mut [A]>,
+) {
+    kv_body::<T, A, true>(j, sc, b, h, t, dq)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn q_avx2<T: Float, A: Real>(j: &Job<T, A>, sc: &mut Scratch<A>, b: usize, h: usize, t: usize) {
+    q_body::<T, A, true>(j, sc, b, h, t)
+}
+
+fn kv_item<T: Float, A: Real>(
+    simd: Simd,
+    job: &Job<T, A>,
+    sc: &mut Scratch<A>,
+    b: usize,
+    kvh: usize,
+    kb: usize,
+    dq: Option<&mut [A]>,
+) {
+    match simd {
+        // SAFETY: `Simd::Avx512` is only chosen when `Isa::get` found AVX-512F, AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { kv_avx512(job, sc, b, kvh, kb, dq) },
+        // SAFETY: `Simd::Avx2` is only chosen when `Isa::get` found AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { kv_avx2(job, sc, b, kvh, kb, dq) },
+        _ => kv_body::<T, A, false>(job, sc, b, kvh, kb, dq),
+    }
+}
+
+fn q_item<T: Float, A: Real>(
+    simd: Simd,
+    job: &Job<T, A>,
+    sc: &mut Scratch<A>,
+    b: usize,
+    h: usize,
+    qb: usize,
+) {
+    match simd {
+        // SAFETY: as in `kv_item`.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { q_avx512(job, sc, b, h, qb) },
+        // SAFETY: as in `kv_item`.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { q_avx2(job, sc, b, h, qb) },
+        _ => q_body::<T, A, false>(job, sc, b, h, qb),
+    }
+}
+
+/// Saved lse values at least this large in magnitude are too coarse in f32 to recover `P` from (their ulp
+/// is 2^-13 or more): such rows (in practice, rows whose every logit is ~`finfo.min`) are recomputed.
+const LSE_RECOMPUTE: f32 = 1024.0;
+
+/// `Δ` of every row of `(b, h)`, and how to form its `P` (see [`Job::shift`]): from the saved lse, or, for
+/// f64 inputs and rows whose saved lse is too coarse, recomputed as `(max, 1 / sum)` in `A`.
+fn row_stats<T: Float, A: Real>(
+    job: &Job<T, A>,
+    sc: &mut Scratch<A>,
+    b: usize,
+    h: usize,
+    shift: &mut [A],
+    norm: &mut [A],
+    delta: &mut [A],
+) {
+    let Dims { q, k, d, dv, g, .. } = job.dims;
+    let mut redo = vec![A::RECOMPUTE_LSE; q];
+    for i in 0..q {
+        let mut acc = A::ZERO;
+        for c in 0..dv {
+            // SAFETY: (b, h, i, c) is in range of out and grad_out.
+            let (o, go) = unsafe {
+                (
+                    job.out.at(b, h, i, c).read(),
+                    job.dout.at(b, h, i, c).read(),
+                )
+            };
+            acc = acc + A::read(o) * A::read(go);
+        }
+        delta[i] = acc;
+        // SAFETY: (b, h, i) is in range of lse (its fourth stride is 0).
+        let l = unsafe { job.lse_in.at(b, h, i, 0).read() };
+        shift[i] = A::from_f64(f64::from(l));
+        norm[i] = A::ONE;
+        redo[i] |= l.is_finite() && l.abs() >= LSE_RECOMPUTE;
+    }
+    // Online (max, sum) over the visible logits, then the sink.
+    let (dp, kvh) = (job.dp, h / g);
+    for qb in 0..job.nqb() {
+        let q0 = qb * BQ;
+        let m = (q - q0).min(BQ);
+        if !redo[q0..q0 + m].contains(&true) {
+            continue;
+        }
+        pack_rows(&job.q, b, h, q0, m, d, dp, &mut sc.qp);
+        let mut mx = [A::NEG_INF; BQ];
+        let mut sum = [A::ZERO; BQ];
+        for kb in 0..job.nkb() {
+            let c0 = kb * BK;
+            let n = (k - c0).min(BK);
+            let cls = job.mask.classify(b, h, q0..q0 + m, c0..c0 + n);
+            if cls == BlockClass::Empty {
+                continue;
+            }
+            pack_t(&job.k, b, kvh, c0, n, d, &mut sc.kt);
+            if cls == BlockClass::Partial {
+                job.mask
+                    .fill(b, h, q0..q0 + m, c0..c0 + n, &mut sc.vis[..m * n]);
+            }
+            let p = &mut sc.p[..m * BK];
+            p.fill(A::ZERO);
+            gemm::<A, false>(m, BK, d, &sc.qp, dp, 1, &sc.kt, BK, p, BK);
+            logits(
+                job,
+                p,
+                &mut sc.g,
+                &sc.vis,
+                &mut sc.brow,
+                b,
+                h,
+                q0,
+                m,
+                c0,
+                n,
+                cls,
+            );
+            for r in 0..m {
+                let x = &p[r * BK..(r + 1) * BK];
+                let top = x.iter().fold(A::NEG_INF, |a, &v| a.max(v));
+                if top == A::NEG_INF {
+                    continue;
+                }
+                let new = mx[r].max(top);
+                let mut s = if mx[r] == A::NEG_INF {
+                    A::ZERO
+                } else {
+                    sum[r] * (mx[r] - new).exp()
+                };
+                for &v in x {
+                    s = s + (v - new).exp();
+                }
+                (mx[r], sum[r]) = (new, s);
+            }
+        }
+        let sink = job.sinks.as_ref().map(|s| A::from_f64(s[h]));
+        for r in (0..m).filter(|&r| redo[q0 + r]) {
+            let (mut top, mut s) = (mx[r], sum[r]);
+            if let Some(sk) = sink.filter(|&sk| sk > A::NEG_INF) {
+                let new = top.max(sk);
+                let kept = if top == A::NEG_INF {
+                    A::ZERO
+                } else {
+                    s * (top - new).exp()
+                };
+                (top, s) = (new, kept + (sk - new).exp());
+            }
+            shift[q0 + r] = top;
+            norm[q0 + r] = if top == A::NEG_INF {
+                A::ONE
+            } else {
+                A::ONE / s
+            };
+        }
+    }
+}
+
+/// How dQ is formed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(test), allow(dead_code))] // the forced paths are for tests
+pub(crate) enum DqPath {
+    /// [`DqPath::Split`] when the partial dQs fit [`SPLIT_BUDGET`], else [`DqPath::TwoPass`]; decided by
+    /// the shapes alone, so the result never depends on the thread count.
+    Auto,
+    /// A second pass over query tiles recomputes `P` and `dS` (no extra memory, two more products).
+    TwoPass,
+    /// The kv pass also forms dQ, into this many partial buffers summed in a fixed order.
+    Split(usize),
+}
+
+/// Bytes the partial dQs of [`DqPath::Split`] may take.
+const SPLIT_BUDGET: usize = 256 << 20;
+/// Most partial dQs: `B · Hkv · SPLIT_MAX` items run in parallel (more would use more memory).
+const SPLIT_MAX: usize = 4;
+
+/// The number of partial dQs [`DqPath::Auto`] uses, or `None` for the two-pass path.
+fn split_chunks(dims: &Dims, dp: usize, elem: usize, nkb: usize) -> Option<usize> {
+    let bytes = dims.b * dims.h * dims.q * dp * elem;
+    if bytes == 0 || nkb == 0 {
+        return None;
+    }
+    let chunks = (SPLIT_BUDGET / bytes).min(SPLIT_MAX).min(nkb);
+    (chunks >= 1).then_some(chunks)
+}
+
+fn run<T: Float, A: Real>(
+    args: &AttentionGradArgs,
+    chk: &Checked,
+    simd: Simd,
+    strategy: DqPath,
+) -> Result<()> {
+    let dims = chk.dims;
+    let mut job = Job::<T, A> {
+        dims,
+        q: Strided::of(args.query),
+        k: Strided::of(args.key),
+        v: Strided::of(args.value),
+        out: Strided::of(args.out),
+        dout: Strided::of(args.grad_out),
+        lse_in: Strided::of(args.lse),
+        dq: Strided::of(args.grad_query),
+        dk: Strided::of(args.grad_key),
+        dv: Strided::of(args.grad_value),
+        bias: args.bias.zip(chk.bias_strides).map(|(t, st)| BiasRef {
+            ptr: t.as_ptr(),
+            dtype: t.dtype(),
+            st,
+        }),
+        grad_bias: args.grad_bias.map(AnyOut::of),
+        sinks: args.sinks.map(read_sinks),
+        mask: args.mask,
+        scale: A::from_f64(args.scale),
+        softcap: args.softcap.map(|c| (A::from_f64(c), A::from_f64(1.0 / c))),
+        shift: Vec::new(),
+        norm: Vec::new(),
+        delta: Vec::new(),
+        dp: dims.d.div_ceil(16) * 16,
+        dvp: dims.dv.div_ceil(16) * 16,
+    };
+    let Dims {
+        b: nb, h, hkv, q, ..
+    } = dims;
+    threads::install(chk.threads, || {
+        let rows = nb * h * q;
+        let mut shift = vec![A::ZERO; rows];
+        let mut norm = vec![A::ZERO; rows];
+        let mut delta = vec![A::ZERO; rows];
+        if q > 0 {
+            shift
+                .par_chunks_mut(q)
+                .zip(norm.par_chunks_mut(q))
+                .zip(delta.par_chunks_mut(q))
+                .enumerate()
+                .for_each_init(
+                    || Scratch::new(&job),
+                    |sc, (bh, ((s, nm), dl))| row_stats(&job, sc, bh / h, bh % h, s, nm, dl),
+                );
+        }
+        (job.shift, job.norm, job.delta) = (shift, norm, delta);
+        let job = &job;
+        if let (Some(gs), Some(sinks)) = (args.grad_sinks.map(AnyOut::of), &job.sinks) {
+            for (hh, &sink) in sinks.iter().enumerate() {
+                let mut acc = 0.0f64;
+                for b in 0..nb {
+                    for i in 0..q {
+                        let row = job.row(b, hh, i);
+                        let shift = job.shift[row].to_f64();
+                        if shift.is_finite() {
+                            acc += (sink - shift).exp()
+                                * job.norm[row].to_f64()
+                                * job.delta[row].to_f64();
+                        }
+                    }
+                }
+                let grad = if acc == 0.0 { 0.0 } else { -acc };
+                // SAFETY: hh < H, the only dim of grad_sinks; this thread is its only writer.
+                unsafe { gs.write_row([hh, 0, 0, 0], &[grad]) };
+            }
+        }
+        let nkb = job.nkb();
+        let chunks = match strategy {
+            DqPath::Auto => split_chunks(&dims, job.dp, std::mem::size_of::<A>(), nkb),
+            DqPath::TwoPass => None,
+            DqPath::Split(p) => Some(p.clamp(1, nkb.max(1))),
+        };
+        let per = dims.g * q * job.dp; // one group's rows of one partial dQ
+        if let Some(chunks) = chunks.filter(|_| per > 0 && nkb > 0) {
+            // One pass: item (chunk, b, kvh) owns kv tiles kb ≡ chunk (mod chunks) (interleaved, so causal
+            // work is balanced) and its own partial dQ; the partials are summed in chunk order.
+            let mut part = vec![A::ZERO; chunks * nb * hkv * per];
+            part.par_chunks_mut(per).enumerate().for_each_init(
+                || Scratch::new(job),
+                |sc, (idx, dq)| {
+                    let (chunk, bh) = (idx / (nb * hkv), idx % (nb * hkv));
+                    for kb in (chunk..nkb).step_by(chunks) {
+                        kv_item(simd, job, sc, bh / hkv, bh % hkv, kb, Some(&mut *dq));
+                    }
+                },
+            );
+            let part = &part;
+            (0..nb * h).into_par_iter().for_each(|bh| {
+                let (b, hh) = (bh / h, bh % h);
+                let (kvh, gi) = (hh / dims.g, hh % dims.g);
+                let mut acc = vec![A::ZERO; q * job.dp];
+                for chunk in 0..chunks {
+                    let base = ((chunk * nb + b) * hkv + kvh) * per + gi * q * job.dp;
+                    for (x, &y) in acc.iter_mut().zip(&part[base..base + q * job.dp]) {
+                        *x = *x + y;
+                    }
+                }
+                // SAFETY: rows 0..Q of (b, hh) are in range and belong to this item alone.
+                unsafe { write_rows(&job.dq, b, hh, 0, q, dims.d, &acc, job.dp, job.scale) };
+            });
+            return;
+        }
+        (0..nb * hkv * nkb).into_par_iter().for_each_init(
+            || Scratch::new(job),
+            |sc, idx| {
+                let (bh, kb) = (idx / nkb, idx % nkb);
+                kv_item(simd, job, sc, bh / hkv, bh % hkv, kb, None);
+            },
+        );
+        let nqb = job.nqb();
+        // Largest first: under a causal mask the last query tiles see the most keys.
+        (0..nb * h * nqb).into_par_iter().for_each_init(
+            || Scratch::new(job),
+            |sc, idx| {
+                let (bh, qb) = (idx / nqb, nqb - 1 - idx % nqb);
+                q_item(simd, job, sc, bh / h, bh % h, qb);
+            },
+        );
+    })
+}
+
+#[cfg(test)]
+#[path = "backward_tests.rs"]
+mod tests;

@@ -343,6 +343,135 @@ def test_dispatch_table_reasons() -> None:
     resolved = _resolve_mask(None, True, (1, 4, 8, 8), q.device)
     assert choose_backend(q, k, v, resolved, None, None, 0.0, False)[0] == "native"
     assert choose_backend(q, k, v, resolved, None, None, 0.1, False)[0] == "math"
-    q.requires_grad_(True)
-    backend, reason = choose_backend(q, k, v, resolved, None, None, 0.0, False)
-    assert backend == "math" and "backward" in reason
+    q.requires_grad_(True)  # the Rust kernel has a backward: gradients do not change the choice
+    assert choose_backend(q, k, v, resolved, None, None, 0.0, False)[0] == "native"
+
+
+def _grad_problem(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(4)
+    q = torch.randn(2, 4, 37, 32, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 2, 41, 32, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, 2, 41, 24, dtype=dtype, requires_grad=True)
+    return q, k, v
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(is_causal=True),
+        dict(mask="sliding"),
+        dict(mask="document", softcap=4.0),
+        dict(mask="dense", sinks=True),
+        dict(mask="bias"),
+        dict(mask="padding", sinks=True, softcap=2.0),
+    ],
+    ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_gradcheck_in_float64(options: dict[str, Any]) -> None:
+    """torch.autograd.gradcheck of the Rust backward on small shapes, across mask kinds, softcap, sinks, GQA."""
+    torch.manual_seed(5)
+    q = torch.randn(1, 4, 7, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 9, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 9, 6, dtype=torch.float64, requires_grad=True)
+    extra: list[torch.Tensor] = []
+    kind = options.get("mask")
+    mask: Any = None
+    if kind == "sliding":
+        mask = masks.sliding_window(3)
+    elif kind == "document":
+        mask = masks.document(torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2])) & masks.causal()
+    elif kind == "dense":
+        mask = torch.rand(1, 1, 7, 9) > 0.4
+        mask[..., 2, :] = False  # a row that sees nothing
+    elif kind == "padding":
+        valid = torch.tensor([[False, False, True, True, True, True, True, True, True]])
+        mask = masks.padding(valid) & masks.causal()
+    elif kind == "bias":
+        bias = torch.randn(1, 4, 7, 9, dtype=torch.float64, requires_grad=True)
+        extra.append(bias)
+    sinks = torch.randn(4, dtype=torch.float64, requires_grad=True) if options.get("sinks") else None
+    if sinks is not None:
+        extra.append(sinks)
+
+    def f(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        m = rest[0] if kind == "bias" else mask
+        s = rest[-1] if sinks is not None else None
+        return attnrs.attention(q, k, v, m, is_causal=options.get("is_causal", False), softcap=options.get("softcap"),
+                                sinks=s, backend="native")
+
+    assert torch.autograd.gradcheck(f, (q, k, v, *extra))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_match_sdpa(dtype: torch.dtype) -> None:
+    q, k, v = _grad_problem(dtype)
+    grad = torch.randn(2, 4, 37, 24, dtype=dtype)
+    window = torch.ones(37, 41, dtype=torch.bool).tril(diagonal=4) & ~torch.ones(37, 41, dtype=torch.bool).tril(-9)
+    attnrs.attention(q, k, v, window).backward(grad)
+    ours = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    F.scaled_dot_product_attention(q, k, v, attn_mask=window, enable_gqa=True).backward(grad)
+    theirs = [t.grad for t in (q, k, v)]
+    # Reference in float64 to judge both: ours must be no further from it than SDPA is (plus a margin).
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    F.scaled_dot_product_attention(q64, k64, v64, attn_mask=window, enable_gqa=True).backward(grad.double())
+    for mine, peer, ref in zip(ours, theirs, (q64.grad, k64.grad, v64.grad)):
+        our_error = (mine.double() - ref).abs().max().item()
+        peer_error = (peer.double() - ref).abs().max().item()
+        assert our_error <= 1.5 * peer_error + (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_gradients_are_deterministic() -> None:
+    q, k, v = _grad_problem(torch.float32)
+    results = []
+    for threads in ("1", "2", "2"):
+        for t in (q, k, v):
+            t.grad = None
+        import os
+
+        os.environ["ATTNRS_NUM_THREADS"] = threads
+        try:
+            attnrs.attention(q, k, v, masks.sliding_window(9)).sum().backward()
+        finally:
+            del os.environ["ATTNRS_NUM_THREADS"]
+        results.append([t.grad.clone() for t in (q, k, v)])
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_fully_masked_rows_have_no_nan_gradients() -> None:
+    q, k, v = _grad_problem(torch.float32)
+    mask = torch.ones(1, 1, 37, 41, dtype=torch.bool)
+    mask[..., :5, :] = False
+    attnrs.attention(q, k, v, mask).sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert bool((q.grad[:, :, :5] == 0).all())
+
+
+def test_opcheck_with_gradients() -> None:
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 9, 16, requires_grad=True)
+    k = torch.randn(1, 2, 11, 16, requires_grad=True)
+    v = torch.randn(1, 2, 11, 8, requires_grad=True)
+    sinks = torch.randn(4, requires_grad=True)
+    empty_i, empty_b = torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.uint8)
+    args = (q, k, v, None, None, sinks, empty_i, empty_i, empty_b, 0, 0, 0.25, 0.0)
+    with warnings.catch_warnings():
+        # opcheck itself reads .grad of non-leaf tensors it creates (a torch-internal warning).
+        warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+        torch.library.opcheck(torch.ops.attnrs.attention.default, args)
+
+
+def test_gradcheck_through_the_returned_lse() -> None:
+    torch.manual_seed(6)
+    q = torch.randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 6, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 6, 4, dtype=torch.float64, requires_grad=True)
+    sinks = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    window = masks.sliding_window(3)
+    # The LSE is float32 even for float64 inputs, so the finite differences take a larger step.
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, s: attnrs.attention(q, k, v, window, sinks=s, softcap=2.0, return_lse=True), (q, k, v, sinks),
+        eps=1e-3, atol=2e-3, rtol=1e-3,
+    )

@@ -4,6 +4,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, final
 
 __all__ = [
+    "attention_backward",
     "attention_forward",
     "native_attention_forward",
     "native_info",
@@ -117,6 +118,31 @@ class BlockLayout:
     def write(self, name: str, counts: Any, indices: Any) -> None: ...
     def write_counts(self, name: str, counts: Any) -> None: ...
 
+def attention_backward(
+    query: Any,
+    key: Any,
+    value: Any,
+    out: Any,
+    grad_out: Any,
+    lse: Any,
+    dense_mask: Any | None,
+    bias: Any | None,
+    sinks: Any | None,
+    program: Any,
+    program_ints: Any,
+    program_bytes: Any,
+    q_offset: int,
+    kv_offset: int,
+    scale: float,
+    softcap: float,
+    grad_query: Any,
+    grad_key: Any,
+    grad_value: Any,
+    grad_sinks: Any | None,
+    grad_bias: Any | None,
+    grad_lse: Any | None,
+    num_threads: int,
+) -> None: ...
 def attention_forward(
     query: Any,
     key: Any,

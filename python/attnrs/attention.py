@@ -382,6 +382,100 @@ def _(
     return out, lse
 
 
+@torch.library.custom_op("attnrs::attention_backward", mutates_args=(), device_types="cpu")
+def _attention_backward_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    dense_mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    sinks: torch.Tensor | None,
+    program: torch.Tensor,
+    program_ints: torch.Tensor,
+    program_bytes: torch.Tensor,
+    q_offset: int,
+    kv_offset: int,
+    scale: float,
+    softcap: float,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    want_sinks: bool,
+    want_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Rust backward. ``out``/``grad_out`` are laid out [B, Q, H, Dv] like the forward's output. Returns
+    (dq, dk, dv, dsinks f32 [H] or empty, dbias f32 [B, H, Q, K] or empty)."""
+    grad_query = torch.empty(query.shape, dtype=query.dtype)
+    grad_key = torch.empty(key.shape, dtype=key.dtype)
+    grad_value = torch.empty(value.shape, dtype=value.dtype)
+    grad_sinks = torch.empty(query.shape[1] if want_sinks else 0, dtype=torch.float32)
+    b, h, q_len, _ = query.shape
+    grad_bias = torch.empty((b, h, q_len, key.shape[2]) if want_bias else (0,), dtype=torch.float32)
+    _attnrs.attention_backward(
+        query, key, value, out.transpose(1, 2), grad_out.transpose(1, 2), lse, dense_mask, bias, sinks, program,
+        program_ints, program_bytes, q_offset, kv_offset, scale, softcap, grad_query, grad_key, grad_value,
+        grad_sinks if want_sinks else None, grad_bias if want_bias else None, grad_lse, num_threads(),
+    )
+    return grad_query, grad_key, grad_value, grad_sinks, grad_bias
+
+
+@_attention_backward_op.register_fake
+def _(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    dense_mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    sinks: torch.Tensor | None,
+    program: torch.Tensor,
+    program_ints: torch.Tensor,
+    program_bytes: torch.Tensor,
+    q_offset: int,
+    kv_offset: int,
+    scale: float,
+    softcap: float,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    want_sinks: bool,
+    want_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, h, q_len, _ = query.shape
+    return (
+        torch.empty_like(query), torch.empty_like(key), torch.empty_like(value),
+        query.new_empty(h if want_sinks else 0, dtype=torch.float32),
+        query.new_empty((b, h, q_len, key.shape[2]) if want_bias else (0,), dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    (query, key, value, dense_mask, bias, sinks, program, program_ints, program_bytes, q_offset, kv_offset, scale,
+     softcap) = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, dense_mask, bias, sinks, program, program_ints, program_bytes, out, lse)
+    ctx.params = (q_offset, kv_offset, scale, softcap)
+
+
+def _backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple[Any, ...]:
+    query, key, value, dense_mask, bias, sinks, program, program_ints, program_bytes, out, lse = ctx.saved_tensors
+    want_bias, want_sinks = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
+    dq, dk, dv, dsinks, dbias = torch.ops.attnrs.attention_backward(
+        query, key, value, dense_mask, bias, sinks, program, program_ints, program_bytes, *ctx.params, out, lse,
+        grad_out, grad_lse, bool(want_sinks), bool(want_bias),
+    )
+    return (
+        dq, dk, dv, None,
+        dbias.to(bias.dtype) if want_bias else None,
+        dsinks.to(sinks.dtype) if want_sinks else None,
+        None, None, None, None, None, None, None,
+    )
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 @torch.library.custom_op("attnrs::native_attention", mutates_args=(), device_types="cpu")
 def _native_attention_op(
     name: str,

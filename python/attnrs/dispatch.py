@@ -6,7 +6,6 @@ One table, read top to bottom; the first row whose condition holds wins:
 device                 condition                                                                   backend
 =====================  ==========================================================================  ============
 cpu                    dropout_p > 0 (the Rust kernel has no dropout yet)                          ``math``
-cpu                    gradients are needed (the Rust kernel has no backward yet)                  ``math``
 cpu                    otherwise                                                                   ``native``
 cuda                   flash-attn importable and the inputs fit it (see :func:`flash_reason`)      ``flash``
 cuda                   a structural mask (Mask / BlockMask) and no sinks, bias or dense mask       ``flex``
@@ -77,8 +76,6 @@ def choose_backend(
     if query.device.type == "cpu":
         if dropout_p > 0:
             return "math", "dropout_p > 0: the Rust kernel has no dropout yet (issue #5)"
-        if _needs_grad(query, key, value, sinks, resolved.bias):
-            return "math", "gradients are needed: the Rust kernel has no backward yet (issue #5)"
         return "native", "CPU: the Rust kernel"
     if flash_attn_available() and flash_reason(query, key, value, resolved, sinks) is None:
         return "flash", "CUDA, fp16/bf16, a mask flash-attn expresses"

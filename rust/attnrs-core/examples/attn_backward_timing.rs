@@ -112,6 +112,7 @@ fn main() {
         num_threads: threads,
     };
     let bwd = AttentionGradArgs {
+        grad_lse: None,
         query: &q,
         key: &k,
         value: &v,

@@ -4,7 +4,10 @@
 //! program, releases the GIL and runs the kernel.
 
 use attnrs_core::block::{BothTiles, DenseTiles, MaskTiles, NoMask};
-use attnrs_core::kernel::{attention_forward as run_kernel, AttentionArgs};
+use attnrs_core::kernel::{
+    attention_backward as run_backward, attention_forward as run_kernel, AttentionArgs,
+    AttentionGradArgs,
+};
 use attnrs_core::mask::{MaskExpr, PlacedMask};
 use attnrs_core::registry::{check_call, kernels};
 use attnrs_core::tensor::DType;
@@ -269,5 +272,96 @@ pub fn native_attention_forward(
     call.run(py, move |args| {
         check_call(&name, kernel.as_ref(), args, masked)?;
         kernel.forward(args)
+    })
+}
+
+/// Gradients of [`attention_forward`]: writes `grad_query`, `grad_key`, `grad_value` (and `grad_sinks` f32 [H],
+/// `grad_bias` f32 [B,H,Q,K] when given) from the forward's inputs, its `out` and `lse`, and `grad_out`.
+/// Deterministic: the same inputs give bitwise the same gradients on every run and thread count.
+#[pyfunction]
+#[pyo3(signature = (query, key, value, out, grad_out, lse, dense_mask, bias, sinks, program, program_ints,
+                    program_bytes, q_offset, kv_offset, scale, softcap, grad_query, grad_key, grad_value,
+                    grad_sinks, grad_bias, grad_lse, num_threads))]
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    py: Python<'_>,
+    query: &Bound<'_, PyAny>,
+    key: &Bound<'_, PyAny>,
+    value: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    grad_out: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    dense_mask: Option<&Bound<'_, PyAny>>,
+    bias: Option<&Bound<'_, PyAny>>,
+    sinks: Option<&Bound<'_, PyAny>>,
+    program: &Bound<'_, PyAny>,
+    program_ints: &Bound<'_, PyAny>,
+    program_bytes: &Bound<'_, PyAny>,
+    q_offset: i64,
+    kv_offset: i64,
+    scale: f64,
+    softcap: f64,
+    grad_query: &Bound<'_, PyAny>,
+    grad_key: &Bound<'_, PyAny>,
+    grad_value: &Bound<'_, PyAny>,
+    grad_sinks: Option<&Bound<'_, PyAny>>,
+    grad_bias: Option<&Bound<'_, PyAny>>,
+    grad_lse: Option<&Bound<'_, PyAny>>,
+    num_threads: usize,
+) -> PyResult<()> {
+    let call = Prepared::new(
+        query,
+        key,
+        value,
+        out,
+        Some(lse),
+        dense_mask,
+        bias,
+        sinks,
+        program,
+        program_ints,
+        program_bytes,
+        q_offset,
+        kv_offset,
+        scale,
+        softcap,
+        num_threads,
+    )?;
+    let grad_out = dlpack::import(grad_out, "grad_out")?;
+    let grad_query = dlpack::import_output(grad_query, "grad_query")?;
+    let grad_key = dlpack::import_output(grad_key, "grad_key")?;
+    let grad_value = dlpack::import_output(grad_value, "grad_value")?;
+    let output = |obj: Option<&Bound<'_, PyAny>>, arg: &str| {
+        obj.filter(|o| !o.is_none())
+            .map(|o| dlpack::import_output(o, arg))
+            .transpose()
+    };
+    let grad_sinks = output(grad_sinks, "grad_sinks")?;
+    let grad_bias = output(grad_bias, "grad_bias")?;
+    let grad_lse = optional(grad_lse, "grad_lse")?;
+    call.run(py, move |args| {
+        let lse = args
+            .lse
+            .ok_or_else(|| Error::Internal("the backward needs the forward's lse".into()))?;
+        run_backward(&AttentionGradArgs {
+            query: args.query,
+            key: args.key,
+            value: args.value,
+            out: args.out,
+            grad_out: &grad_out.view,
+            lse,
+            mask: args.mask,
+            bias: args.bias,
+            scale: args.scale,
+            softcap: args.softcap,
+            sinks: args.sinks,
+            grad_query: &grad_query.view,
+            grad_key: &grad_key.view,
+            grad_value: &grad_value.view,
+            grad_sinks: grad_sinks.as_ref().map(|t| &t.view),
+            grad_bias: grad_bias.as_ref().map(|t| &t.view),
+            grad_lse: grad_lse.as_ref().map(|t| &t.view),
+            num_threads: args.num_threads,
+        })
     })
 }

@@ -5,7 +5,7 @@
 //! pair (scaled, soft-capped, biased) and `P_ij = exp(x_ij - lse_i)`:
 //!
 //! ```text
-//! Δ_i        = Σ_c dO_ic · O_ic
+//! Δ_i        = Σ_c dO_ic · O_ic - dlse_i                       (dlse: the gradient of the returned lse, if any)
 //! dV_j      += Σ_i P_ij dO_i                                 (summed over the query heads of the GQA group)
 //! dP_ij      = dO_i · V_j
 //! dX_ij      = P_ij (dP_ij - Δ_i)                            (= dL/dbias_ij: `grad_bias`)
@@ -91,6 +91,9 @@ pub struct AttentionGradArgs<'a> {
     pub grad_value: &'a TensorView,
     /// `dL/dsinks`, `[H]`, any float dtype, written; only with `sinks`.
     pub grad_sinks: Option<&'a TensorView>,
+    /// Optional f32 `[B, H, Q]`: the gradient of the forward's returned log-sum-exp. Since
+    /// `dlse_i / dx_ij = P_ij`, it enters as `Δ_i - dlse_i` everywhere `Δ` does.
+    pub grad_lse: Option<&'a TensorView>,
     /// `dL/dx` for every `(b, h, i, j)`, dense `[B, H, Q, K]`, any float dtype, written: the gradient of an
     /// additive bias before any broadcast reduction (0 where the mask hides a pair or the row saw no key).
     pub grad_bias: Option<&'a TensorView>,
@@ -254,6 +257,16 @@ fn validate(a: &AttentionGradArgs) -> Result<Checked> {
     expect_shape(a.out, "out", &[b, h, q, dv], "[B, H, Q, Dv]")?;
     expect_shape(a.grad_out, "grad_out", &[b, h, q, dv], "[B, H, Q, Dv]")?;
     expect_shape(a.lse, "lse", &[b, h, q], "[B, H, Q]")?;
+    if let Some(g) = a.grad_lse {
+        expect_shape(g, "grad_lse", &[b, h, q], "[B, H, Q]")?;
+        if g.dtype() != DType::F32 {
+            return Err(Error::dtype(
+                "grad_lse",
+                DType::F32.torch_name(),
+                g.dtype().torch_name(),
+            ));
+        }
+    }
     expect_shape(a.grad_query, "grad_query", &[b, h, q, d], "[B, H, Q, D]")?;
     expect_shape(a.grad_key, "grad_key", &[b, hkv, k, d], "[B, Hkv, K, D]")?;
     expect_shape(
@@ -359,6 +372,7 @@ fn check_outputs(a: &AttentionGradArgs) -> Result<()> {
         ("lse", a.lse),
     ];
     inputs.extend(a.bias.map(|t| ("bias", t)));
+    inputs.extend(a.grad_lse.map(|t| ("grad_lse", t)));
     inputs.extend(a.sinks.map(|t| ("sinks", t)));
     let mut outputs = vec![
         ("grad_query", a.grad_query),
@@ -699,6 +713,7 @@ struct Job<'a, T, A> {
     out: Strided<T>,
     dout: Strided<T>,
     lse_in: Strided<f32>,
+    grad_lse: Option<Strided<f32>>,
     dq: Strided<T>,
     dk: Strided<T>,
     dv: Strided<T>,
@@ -1203,6 +1218,10 @@ fn row_stats<T: Float, A: Real>(
             };
             acc = acc + A::read(o) * A::read(go);
         }
+        if let Some(g) = &job.grad_lse {
+            // SAFETY: (b, h, i) is in range of grad_lse (checked [B, H, Q]; its fourth stride is 0).
+            acc = acc - A::from_f64(f64::from(unsafe { g.at(b, h, i, 0).read() }));
+        }
         delta[i] = acc;
         // SAFETY: (b, h, i) is in range of lse (its fourth stride is 0).
         let l = unsafe { job.lse_in.at(b, h, i, 0).read() };
@@ -1333,6 +1352,7 @@ fn run<T: Float, A: Real>(
         out: Strided::of(args.out),
         dout: Strided::of(args.grad_out),
         lse_in: Strided::of(args.lse),
+        grad_lse: args.grad_lse.map(Strided::of),
         dq: Strided::of(args.grad_query),
         dk: Strided::of(args.grad_key),
         dv: Strided::of(args.grad_value),

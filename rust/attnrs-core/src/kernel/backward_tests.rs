@@ -573,6 +573,7 @@ fn run_backward(
     let gs = Buf::nan(gdt, &[h], Layout::Contiguous);
     let gb = Buf::nan(gdt, &[nb, h, nq, nk], Layout::Contiguous);
     let args = AttentionGradArgs {
+        grad_lse: None,
         query: &qb.view,
         key: &kb.view,
         value: &vb.view,
@@ -904,6 +905,7 @@ fn forward_then_backward_matches_reference() {
         let gv = Buf::nan(DType::F32, &[nb, hkv, nk, dv], Layout::Padded);
         let gs = Buf::nan(DType::BF16, &[h], Layout::Contiguous);
         attention_backward(&AttentionGradArgs {
+            grad_lse: None,
             query: &qb.view,
             key: &kb.view,
             value: &vb.view,
@@ -1021,6 +1023,7 @@ fn errors_name_the_argument_and_never_panic() {
     let gv = f32_buf(&[1, 2, 5, 6]);
     let sinks = f32_buf(&[4]);
     let base = AttentionGradArgs {
+        grad_lse: None,
         query: &q.view,
         key: &k.view,
         value: &v.view,

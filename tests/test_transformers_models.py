@@ -262,3 +262,25 @@ def test_unexpected_masks_raise_typed_errors() -> None:
         attention_forward(module, q, k, v, "causal")
     out, weights = attention_forward(module, q, k, v, None, unknown_kwarg=1)  # unknown kwargs are ignored
     assert out.shape == (1, 3, 2, 8) and weights is None
+
+
+def test_twenty_training_steps_track_sdpa() -> None:
+    """A tiny Llama trained for 20 AdamW steps with attnrs and with sdpa: the loss curves agree."""
+    family = FAMILIES[0]
+    gen = torch.Generator().manual_seed(7)
+    batches = [torch.randint(1, 100, (2, 16), generator=gen) for _ in range(4)]
+    curves = {}
+    for impl in ("sdpa", "attnrs"):
+        model = build(family, impl).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses = []
+        for step in range(20):
+            ids = batches[step % len(batches)]
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        curves[impl] = torch.tensor(losses)
+    assert curves["attnrs"][-1] < curves["attnrs"][0] - 0.5, "the model learns"
+    torch.testing.assert_close(curves["attnrs"], curves["sdpa"], rtol=1e-3, atol=1e-3)

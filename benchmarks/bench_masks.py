@@ -10,9 +10,7 @@ first-call time is reported apart. Peak extra memory at 128k is measured in a fr
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -25,22 +23,11 @@ from torch.nn.attention.flex_attention import create_block_mask as torch_create_
 
 import attnrs
 from attnrs import masks
+from attnrs.bench import median_ms
 
 WINDOW = 512
 DOCUMENTS = 8
 LEFT_PAD = 1000
-
-
-def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def cases(length: int) -> dict[str, tuple[int, masks.Mask, Callable[..., Any]]]:
@@ -75,12 +62,12 @@ def bench_block_masks(lengths: list[int], eager_budget_gib: float) -> list[dict[
     for length in lengths:
         for name, (batch, ours, mod) in cases(length).items():
             row: dict[str, Any] = {"mask": name, "L": length}
-            row["attnrs_ms"] = _median_ms(lambda: attnrs.create_block_mask(ours, batch, None, length, length), 7)
+            row["attnrs_ms"] = median_ms(lambda: attnrs.create_block_mask(ours, batch, None, length, length), 7)
             # torch eager materialises [B, 1, L, L] bools plus block sums: about 10 GiB per batch row at 32k.
             eager_gib = batch * 10 * (length / 32768) ** 2
             if eager_gib <= eager_budget_gib:
                 repeats = 3 if length <= 16384 else 1
-                row["torch_eager_ms"] = _median_ms(
+                row["torch_eager_ms"] = median_ms(
                     lambda: torch_create_block_mask(mod, batch, None, length, length, device="cpu"), repeats,
                     warmup=1 if length <= 16384 else 0,
                 )
@@ -88,7 +75,7 @@ def bench_block_masks(lengths: list[int], eager_budget_gib: float) -> list[dict[
             start = time.perf_counter()
             compiled(mod, batch, None, length, length, "cpu")
             row["torch_compile_first_s"] = time.perf_counter() - start
-            row["torch_compiled_ms"] = _median_ms(lambda: compiled(mod, batch, None, length, length, "cpu"), 3, 0)
+            row["torch_compiled_ms"] = median_ms(lambda: compiled(mod, batch, None, length, length, "cpu"), 3, 0)
             rows.append(row)
             _print_block_row(row)
     return rows
@@ -151,10 +138,10 @@ def bench_dense(lengths: list[int]) -> list[dict[str, Any]]:
         valid[0, :LEFT_PAD] = False
         kwargs = dict(batch_size=2, q_length=length, kv_length=length, attention_mask=valid,
                       mask_function=mu.causal_mask_function, allow_is_causal_skip=False)
-        ours_ms = _median_ms(lambda: attnrs.create_dense_mask(masks.causal() & masks.padding(valid), 2, 1, length,
+        ours_ms = median_ms(lambda: attnrs.create_dense_mask(masks.causal() & masks.padding(valid), 2, 1, length,
                                                               length), 5)
-        via_builder_ms = _median_ms(lambda: attnrs.mask_builders.sdpa_mask(**kwargs), 5)
-        theirs_ms = _median_ms(lambda: mu.sdpa_mask(**kwargs), 5)
+        via_builder_ms = median_ms(lambda: attnrs.mask_builders.sdpa_mask(**kwargs), 5)
+        theirs_ms = median_ms(lambda: mu.sdpa_mask(**kwargs), 5)
         rows.append({"L": length, "attnrs_ms": ours_ms, "attnrs_builder_ms": via_builder_ms,
                      "transformers_ms": theirs_ms})
         print(f"padding+causal B=2 {length:>7} {ours_ms:>10.1f} {via_builder_ms:>14.1f} {theirs_ms:>14.1f} "

@@ -327,22 +327,7 @@ fn validate(a: &AttentionGradArgs) -> Result<Checked> {
         expect_float(gb, "grad_bias")?;
         expect_shape(gb, "grad_bias", &[b, h, q, k], "[B, H, Q, K]")?;
     }
-    if !a.scale.is_finite() {
-        return Err(Error::value(
-            "scale",
-            "a finite number",
-            format!("{}", a.scale),
-        ));
-    }
-    if let Some(c) = a.softcap {
-        if !(c.is_finite() && c > 0.0) {
-            return Err(Error::value(
-                "softcap",
-                "a finite positive number",
-                format!("{c}"),
-            ));
-        }
-    }
+    super::plan::check_scale_softcap(a.scale, a.softcap)?;
     check_outputs(a)?;
     Ok(Checked {
         dims: Dims {

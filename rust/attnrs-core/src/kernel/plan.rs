@@ -154,22 +154,7 @@ impl Plan {
                 ));
             }
         }
-        if !a.scale.is_finite() {
-            return Err(Error::value(
-                "scale",
-                "a finite number",
-                format!("{}", a.scale),
-            ));
-        }
-        if let Some(c) = a.softcap {
-            if !(c.is_finite() && c > 0.0) {
-                return Err(Error::value(
-                    "softcap",
-                    "a finite positive number",
-                    format!("{c}"),
-                ));
-            }
-        }
+        check_scale_softcap(a.scale, a.softcap)?;
         check_outputs(a)?;
         Ok(Plan {
             dims: Dims {
@@ -362,5 +347,20 @@ pub(crate) fn read_sinks(sinks: &TensorView) -> Vec<f64> {
         DType::F64 => go::<f64>(sinks),
         DType::BF16 => go::<half::bf16>(sinks),
         _ => go::<half::f16>(sinks),
+    }
+}
+
+/// `scale` must be finite and `softcap`, if any, finite and positive (shared by the forward and backward).
+pub(crate) fn check_scale_softcap(scale: f64, softcap: Option<f64>) -> Result<()> {
+    if !scale.is_finite() {
+        return Err(Error::value("scale", "a finite number", format!("{scale}")));
+    }
+    match softcap {
+        Some(c) if !(c.is_finite() && c > 0.0) => Err(Error::value(
+            "softcap",
+            "a finite positive number",
+            format!("{c}"),
+        )),
+        _ => Ok(()),
     }
 }

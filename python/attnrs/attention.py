@@ -308,9 +308,11 @@ def run_resolved(
     return_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Runs attention on an already resolved mask with the chosen backend (``auto``: see :mod:`attnrs.dispatch`)."""
-    from .dispatch import choose_backend
+    from .dispatch import _needs_grad, choose_backend
 
     shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    if backend == "attnrs" and _needs_grad(query, key, value, sinks, resolved.bias):
+        backend = "native"  # the built-in kernel's backward is wired through autograd on the "native" operator
     if backend not in BACKENDS:
         check_backend(backend)
         return _run_kernel(name=backend, query=query, key=key, value=value, resolved=resolved, scale=scale,

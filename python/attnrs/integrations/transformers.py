@@ -25,7 +25,7 @@ from .. import masks as _masks
 from ..attention import _check_inputs, _check_scalars, _ResolvedMask, _resolve_mask, check_backend, run_resolved
 from ..errors import DtypeError, ShapeError
 from ..mask_builders import attnrs_mask
-from ..registry import AttentionInterface, AttentionMaskInterface
+from ..registry import AttentionInterface
 
 __all__ = ["attention_forward", "attention_function", "register"]
 
@@ -205,4 +205,3 @@ def _register_in_attnrs() -> None:
         capabilities={"devices": ["cpu", "cuda"], "mask_kinds": ["none", "dense", "block_sparse", "expression"],
                       "backward": True, "lse": True},
     )
-    AttentionMaskInterface.register("attnrs", attnrs_mask)

@@ -8,46 +8,8 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::block::{CausalTiles, NoMask};
+use crate::kernel::test_support::{layout, Layout, Rng};
 use crate::kernel::{attention_forward, AttentionArgs};
-
-/// splitmix64: the tests' own deterministic randomness, seeded by proptest.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn unif(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn range(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * self.unif()
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn chance(&mut self, p: f64) -> bool {
-        self.unif() < p
-    }
-}
-
-/// How a test tensor is laid out in memory.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Layout {
-    Contiguous,
-    /// Stored as `[B, S, H, D]`, viewed as `[B, H, S, D]`.
-    Transposed,
-    /// Rows padded: the last-but-one stride exceeds the row length.
-    Padded,
-    /// The last two dims swapped in memory.
-    ColumnMajor,
-    /// Dim 0 or 1 broadcast with stride 0.
-    Broadcast(usize),
-}
 
 fn round_to(dtype: DType, x: f64) -> f64 {
     match dtype {
@@ -406,16 +368,6 @@ struct Case {
     d: usize,
     dv: usize,
     mask: u8,
-}
-
-fn layout(rng: &mut Rng, broadcastable: bool) -> Layout {
-    match rng.below(if broadcastable { 6 } else { 4 }) {
-        0 => Layout::Contiguous,
-        1 => Layout::Transposed,
-        2 => Layout::Padded,
-        3 => Layout::ColumnMajor,
-        _ => Layout::Broadcast(rng.below(2)),
-    }
 }
 
 /// A problem plus the kernel-facing tensors and mask.

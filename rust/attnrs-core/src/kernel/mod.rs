@@ -33,6 +33,8 @@ mod plan;
 mod softmax;
 
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;
 
 pub use backward::{attention_backward, attention_backward_with, AttentionGradArgs};

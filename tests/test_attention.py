@@ -227,11 +227,12 @@ def test_opcheck() -> None:
     empty_i, empty_b = torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.uint8)
     program, ints, raw = masks.causal()._expr(None).encode()  # type: ignore[arg-type]
     samples = [
-        (q, k, v, None, None, None, empty_i, empty_i, empty_b, 0, 0, 0.2, 0.0),
+        (q, k, v, None, None, None, empty_i, empty_i, empty_b, 0, 0, 0.2, 0.0, 0.0, None),
         (q, k, v, torch.rand(1, 1, 9, 11) > 0.5, None, torch.randn(4), torch.frombuffer(program, dtype=torch.int64),
-         empty_i, empty_b, 2, 0, 0.2, 10.0),
+         empty_i, empty_b, 2, 0, 0.2, 10.0, 0.0, None),
         (q.double(), k.double(), v.double(), None, torch.randn(1, 4, 9, 11), None, empty_i, empty_i, empty_b, 0, 0,
-         0.5, 0.0),
+         0.5, 0.0, 0.0, None),
+        (q, k, v, None, None, None, empty_i, empty_i, empty_b, 0, 0, 0.2, 0.0, 0.3, torch.tensor(12345)),
     ]
     for args in samples:
         torch.library.opcheck(torch.ops.attnrs.attention.default, args)
@@ -292,7 +293,6 @@ def _qkv(**shapes: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         (lambda: attnrs.attention(*_qkv(), sinks=torch.zeros(3)), attnrs.ShapeError, "sinks"),
         (lambda: attnrs.attention(*_qkv(), scale=float("nan")), attnrs.ArgumentError, "scale"),
         (lambda: attnrs.attention(*_qkv(), softcap=-1.0), ValueError, "softcap"),
-        (lambda: attnrs.attention(*_qkv(), dropout_p=0.1, backend="native"), NotImplementedError, "issue #5"),
         (lambda: attnrs.attention(*_qkv(), dropout_p=1.5), ValueError, "dropout_p"),
         (lambda: attnrs.attention(*_qkv(), backend="cuda-magic"), ValueError, "backend"),
         (lambda: attnrs.attention(*(t.to("meta") for t in _qkv()), backend="native"), attnrs.DeviceError, "CPU"),
@@ -323,6 +323,100 @@ def test_dropout_keeps_the_expected_fraction_and_reproduces_under_manual_seed() 
     assert not torch.equal(first, attnrs.attention(q, k, v))
 
 
+def test_dropout_keep_rate_is_one_minus_p_and_seeds_differ() -> None:
+    from attnrs.attention import dropout_keep_pattern
+
+    shape = (2, 4, 96, 128)
+    n = 2 * 4 * 96 * 128
+    for p in (0.1, 0.5, 0.9):
+        kept = dropout_keep_pattern(shape, p, 2024).double().mean().item()
+        assert abs(kept - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n), (p, kept)
+    a, b = dropout_keep_pattern(shape, 0.5, 1), dropout_keep_pattern(shape, 0.5, 2)
+    assert torch.equal(a, dropout_keep_pattern(shape, 0.5, 1)) and not torch.equal(a, b)
+    # Neighbouring pairs are independent: P(both kept) = (1 - p)^2 along rows and along columns.
+    for both in ((a[..., 1:] & a[..., :-1]), (a[..., 1:, :] & a[..., :-1, :])):
+        assert abs(both.double().mean().item() - 0.25) < 0.01
+
+
+def _dropout_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None, p: float, seed: torch.Tensor,
+    sinks: torch.Tensor | None = None, softcap: float | None = None,
+) -> torch.Tensor:
+    """Float64 differentiable attention with the kernel's keep pattern applied to the weights (torch ops only)."""
+    b, h, q_len, d = q.shape
+    group = h // k.shape[1]
+    kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = (q @ kk.transpose(-1, -2)) * d**-0.5
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if visible is not None:
+        s = s.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.reshape(1, h, 1, 1).expand(b, h, q_len, 1)], dim=-1)
+    w = torch.softmax(s, dim=-1).nan_to_num(0.0)[..., : k.shape[2]]
+    from attnrs.attention import dropout_keep_pattern
+
+    keep = dropout_keep_pattern((b, h, q_len, k.shape[2]), p, seed)
+    return (w * keep / (1 - p)) @ vv
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_dropout_forward_and_gradients_match_the_reference_with_the_same_pattern(dtype: torch.dtype) -> None:
+    from attnrs.attention import draw_dropout_seed
+
+    torch.manual_seed(8)
+    q = torch.randn(2, 4, 70, 32, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 2, 75, 32, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, 2, 75, 16, dtype=dtype, requires_grad=True)
+    sinks = torch.randn(4, dtype=dtype, requires_grad=True)
+    grad = torch.randn(2, 4, 70, 16, dtype=dtype)
+    window = masks.sliding_window(20)
+    torch.manual_seed(21)
+    out = attnrs.attention(q, k, v, window, sinks=sinks, softcap=5.0, dropout_p=0.3)
+    out.backward(grad)
+    torch.manual_seed(21)
+    seed = draw_dropout_seed()  # the seed attention drew
+    visible = attnrs.create_dense_mask(window, 2, 4, 70, 75, q_offset=5)
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v, sinks)]
+    want = _dropout_reference(*leaves[:3], visible, 0.3, seed, sinks=leaves[3], softcap=5.0)
+    want.backward(grad.double())
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+    for name, got, ref in zip("qkv", (q.grad, k.grad, v.grad, sinks.grad), leaves):
+        torch.testing.assert_close(got.double(), ref.grad, atol=tol * 4, rtol=tol * 4, msg=f"grad {name}")
+
+
+def test_gradcheck_with_dropout_in_float64() -> None:
+    torch.manual_seed(5)
+    q = torch.randn(1, 4, 7, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 9, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 9, 6, dtype=torch.float64, requires_grad=True)
+    sinks = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def f(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(0)  # the same pattern on every evaluation gradcheck makes
+        return attnrs.attention(q, k, v, masks.causal(), sinks=s, dropout_p=0.4, backend="native")
+
+    assert torch.autograd.gradcheck(f, (q, k, v, sinks))
+
+
+def test_dropout_gradients_reproduce_under_manual_seed() -> None:
+    q, k, v = _grad_problem(torch.float32)
+    results = []
+    for _ in range(2):
+        for t in (q, k, v):
+            t.grad = None
+        torch.manual_seed(11)
+        attnrs.attention(q, k, v, is_causal=True, dropout_p=0.2).sum().backward()
+        results.append([t.grad.clone() for t in (q, k, v)])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    for t in (q, k, v):
+        t.grad = None
+    torch.manual_seed(12)
+    attnrs.attention(q, k, v, is_causal=True, dropout_p=0.2).sum().backward()
+    assert not torch.equal(q.grad, results[0][0])
+
+
 def test_gradients_flow_through_auto() -> None:
     torch.manual_seed(0)
     q = torch.randn(1, 4, 9, 16, dtype=torch.float64, requires_grad=True)
@@ -342,7 +436,7 @@ def test_dispatch_table_reasons() -> None:
     q, k, v = _qkv()
     resolved = _resolve_mask(None, True, (1, 4, 8, 8), q.device)
     assert choose_backend(q, k, v, resolved, None, None, 0.0, False)[0] == "native"
-    assert choose_backend(q, k, v, resolved, None, None, 0.1, False)[0] == "math"
+    assert choose_backend(q, k, v, resolved, None, None, 0.1, False)[0] == "native"
     q.requires_grad_(True)  # the Rust kernel has a backward: gradients do not change the choice
     assert choose_backend(q, k, v, resolved, None, None, 0.0, False)[0] == "native"
 
@@ -456,11 +550,12 @@ def test_opcheck_with_gradients() -> None:
     v = torch.randn(1, 2, 11, 8, requires_grad=True)
     sinks = torch.randn(4, requires_grad=True)
     empty_i, empty_b = torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.uint8)
-    args = (q, k, v, None, None, sinks, empty_i, empty_i, empty_b, 0, 0, 0.25, 0.0)
-    with warnings.catch_warnings():
-        # opcheck itself reads .grad of non-leaf tensors it creates (a torch-internal warning).
-        warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
-        torch.library.opcheck(torch.ops.attnrs.attention.default, args)
+    for dropout in ((0.0, None), (0.2, torch.tensor(77))):
+        args = (q, k, v, None, None, sinks, empty_i, empty_i, empty_b, 0, 0, 0.25, 0.0, *dropout)
+        with warnings.catch_warnings():
+            # opcheck itself reads .grad of non-leaf tensors it creates (a torch-internal warning).
+            warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+            torch.library.opcheck(torch.ops.attnrs.attention.default, args)
 
 
 def test_gradcheck_through_the_returned_lse() -> None:

@@ -6,6 +6,7 @@ from typing import Any, final
 __all__ = [
     "attention_backward",
     "attention_forward",
+    "dropout_keep_pattern",
     "native_attention_forward",
     "native_info",
     "native_kernels",
@@ -142,6 +143,8 @@ def attention_backward(
     grad_bias: Any | None,
     grad_lse: Any | None,
     num_threads: int,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
 ) -> None: ...
 def attention_forward(
     query: Any,
@@ -160,7 +163,10 @@ def attention_forward(
     scale: float,
     softcap: float,
     num_threads: int,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
 ) -> None: ...
+def dropout_keep_pattern(out: Any, dropout_p: float, dropout_seed: int) -> None: ...
 def native_attention_forward(
     name: str,
     query: Any,

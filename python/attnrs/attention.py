@@ -234,7 +234,10 @@ def attention(
         softcap: ``s = softcap * tanh(s / softcap)`` after scaling, before the mask (Gemma 2).
         sinks: ``[H]`` logits that join each row's softmax denominator only (GPT-OSS).
         return_lse: also return the float32 log-sum-exp ``[B, H, Q]`` of each row.
-        dropout_p: dropout on the attention weights (always applied when > 0, as SDPA does).
+        dropout_p: dropout on the attention weights (always applied when > 0, as SDPA does). On CPU the Rust
+            kernel drops with a counter-based generator seeded by one draw from torch's default generator
+            (:func:`draw_dropout_seed`), so ``torch.manual_seed`` reproduces a run and the backward regenerates
+            the forward's pattern (see :func:`dropout_keep_pattern`).
         backend: ``"auto"`` (see :mod:`attnrs.dispatch`), ``"native"`` (the Rust CPU kernel), ``"sdpa"``,
             ``"flex"``, ``"flash"`` (flash-attn, CUDA), ``"math"`` (plain differentiable torch), or the name of a
             registered native kernel (:func:`attnrs.register_native`, installed plugins, ``"attnrs"``: the
@@ -278,7 +281,7 @@ def _run_kernel(
     from .dispatch import _needs_grad
 
     if dropout_p > 0:
-        raise UnsupportedError(f"dropout_p > 0: native kernel {name!r} has no dropout; use backend='math'")
+        raise UnsupportedError(f"dropout_p > 0: native kernel {name!r} has no dropout; use backend='native'")
     if _needs_grad(query, key, value, sinks, resolved.bias):
         raise UnsupportedError(
             f"native kernel {name!r}: gradients through plugin kernels are not supported yet; run under "
@@ -311,28 +314,51 @@ def run_resolved(
     from .dispatch import _needs_grad, choose_backend
 
     shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
-    if backend == "attnrs" and _needs_grad(query, key, value, sinks, resolved.bias):
-        backend = "native"  # the built-in kernel's backward is wired through autograd on the "native" operator
+    if backend == "attnrs" and (dropout_p > 0 or _needs_grad(query, key, value, sinks, resolved.bias)):
+        # The built-in kernel's dropout and backward are wired through autograd on the "native" operator.
+        backend = "native"
     if backend not in BACKENDS:
         check_backend(backend)
         return _run_kernel(name=backend, query=query, key=key, value=value, resolved=resolved, scale=scale,
                            softcap=softcap, sinks=sinks, dropout_p=dropout_p, return_lse=return_lse)
     if backend == "auto":
         backend, _reason = choose_backend(query, key, value, resolved, softcap, sinks, dropout_p, return_lse)
-    elif dropout_p > 0 and backend == "native":
-        raise UnsupportedError("dropout_p > 0: the Rust kernel has no dropout yet (issue #5); use backend='math'")
     if backend == "native":
         if query.device.type != "cpu":
             raise DeviceError(f"query: the native backend runs on CPU, got a tensor on {query.device}")
         program, program_ints, program_bytes = _program(resolved, shape)
+        seed = draw_dropout_seed() if dropout_p > 0 else None
         out, lse = torch.ops.attnrs.attention(
             query, key, value, resolved.dense_bool, resolved.bias, sinks, program, program_ints, program_bytes,
-            resolved.q_offset, resolved.kv_offset, scale, float(softcap or 0.0),
+            resolved.q_offset, resolved.kv_offset, scale, float(softcap or 0.0), float(dropout_p), seed,
         )
         return out.transpose(1, 2), lse
     from ._reference import torch_attention
 
     return torch_attention(backend, query, key, value, resolved, shape, scale, softcap, sinks, return_lse, dropout_p)
+
+
+def draw_dropout_seed() -> torch.Tensor:
+    """The int64 scalar seed one dropout call takes from torch's default CPU generator (one draw, so
+    ``torch.manual_seed`` reproduces the pattern; under ``torch.compile`` the draw is traced like any random op)."""
+    return torch.empty((), dtype=torch.int64).random_()
+
+
+def dropout_keep_pattern(shape: tuple[int, int, int, int], dropout_p: float, seed: torch.Tensor | int) -> torch.Tensor:
+    """The bool ``[B, H, Q, K]`` pattern (True = kept) the Rust kernel applies for this probability and seed:
+    kept weights are scaled by ``1 / (1 - dropout_p)``. For tests and debugging; O(B·H·Q·K)."""
+    out = torch.empty(tuple(shape), dtype=torch.bool)
+    _attnrs.dropout_keep_pattern(out, float(dropout_p), _seed_value(float(dropout_p), torch.as_tensor(seed)))
+    return out
+
+
+def _seed_value(dropout_p: float, seed: torch.Tensor | None) -> int:
+    """The seed tensor as the unsigned 64-bit integer the kernel takes (0 without dropout)."""
+    if dropout_p == 0:
+        return 0
+    if seed is None or seed.numel() != 1 or seed.dtype != torch.int64:
+        raise ArgumentError(f"dropout_seed: expected an int64 scalar tensor with dropout_p > 0, got {seed!r}")
+    return int(seed.item()) & 0xFFFF_FFFF_FFFF_FFFF
 
 
 @torch.library.custom_op("attnrs::attention", mutates_args=(), device_types="cpu")
@@ -350,14 +376,17 @@ def _attention_op(
     kv_offset: int,
     scale: float,
     softcap: float,
+    dropout_p: float,
+    dropout_seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Rust CPU kernel. Returns ``out`` laid out ``[B, Q, H, Dv]`` (contiguous) and the f32 LSE [B, H, Q]."""
+    """The Rust CPU kernel. Returns ``out`` laid out ``[B, Q, H, Dv]`` (contiguous) and the f32 LSE [B, H, Q].
+    ``dropout_seed`` is an int64 scalar tensor (a tensor, so that a new seed per call needs no recompilation)."""
     b, h, q_len, _ = query.shape
     out = torch.empty(b, q_len, h, value.shape[-1], dtype=query.dtype)
     lse = torch.empty(b, h, q_len, dtype=torch.float32)
     _attnrs.attention_forward(
         query, key, value, out.transpose(1, 2), lse, dense_mask, bias, sinks, program, program_ints, program_bytes,
-        q_offset, kv_offset, scale, softcap, num_threads(),
+        q_offset, kv_offset, scale, softcap, num_threads(), dropout_p, _seed_value(dropout_p, dropout_seed),
     )
     return out, lse
 
@@ -377,6 +406,8 @@ def _(
     kv_offset: int,
     scale: float,
     softcap: float,
+    dropout_p: float,
+    dropout_seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, q_len, _ = query.shape
     out = query.new_empty(b, q_len, h, value.shape[-1])
@@ -399,6 +430,8 @@ def _attention_backward_op(
     kv_offset: int,
     scale: float,
     softcap: float,
+    dropout_p: float,
+    dropout_seed: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
     grad_out: torch.Tensor,
@@ -417,7 +450,8 @@ def _attention_backward_op(
     _attnrs.attention_backward(
         query, key, value, out.transpose(1, 2), grad_out.transpose(1, 2), lse, dense_mask, bias, sinks, program,
         program_ints, program_bytes, q_offset, kv_offset, scale, softcap, grad_query, grad_key, grad_value,
-        grad_sinks if want_sinks else None, grad_bias if want_bias else None, grad_lse, num_threads(),
+        grad_sinks if want_sinks else None, grad_bias if want_bias else None, grad_lse, num_threads(), dropout_p,
+        _seed_value(dropout_p, dropout_seed),
     )
     return grad_query, grad_key, grad_value, grad_sinks, grad_bias
 
@@ -437,6 +471,8 @@ def _(
     kv_offset: int,
     scale: float,
     softcap: float,
+    dropout_p: float,
+    dropout_seed: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
     grad_out: torch.Tensor,
@@ -454,24 +490,27 @@ def _(
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
     (query, key, value, dense_mask, bias, sinks, program, program_ints, program_bytes, q_offset, kv_offset, scale,
-     softcap) = inputs
+     softcap, dropout_p, dropout_seed) = inputs
     out, lse = output
-    ctx.save_for_backward(query, key, value, dense_mask, bias, sinks, program, program_ints, program_bytes, out, lse)
-    ctx.params = (q_offset, kv_offset, scale, softcap)
+    ctx.save_for_backward(
+        query, key, value, dense_mask, bias, sinks, program, program_ints, program_bytes, dropout_seed, out, lse
+    )
+    ctx.params = (q_offset, kv_offset, scale, softcap, dropout_p)
 
 
 def _backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple[Any, ...]:
-    query, key, value, dense_mask, bias, sinks, program, program_ints, program_bytes, out, lse = ctx.saved_tensors
+    (query, key, value, dense_mask, bias, sinks, program, program_ints, program_bytes, dropout_seed, out,
+     lse) = ctx.saved_tensors
     want_bias, want_sinks = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
     dq, dk, dv, dsinks, dbias = torch.ops.attnrs.attention_backward(
-        query, key, value, dense_mask, bias, sinks, program, program_ints, program_bytes, *ctx.params, out, lse,
-        grad_out, grad_lse, bool(want_sinks), bool(want_bias),
+        query, key, value, dense_mask, bias, sinks, program, program_ints, program_bytes, *ctx.params, dropout_seed,
+        out, lse, grad_out, grad_lse, bool(want_sinks), bool(want_bias),
     )
     return (
         dq, dk, dv, None,
         dbias.to(bias.dtype) if want_bias else None,
         dsinks.to(sinks.dtype) if want_sinks else None,
-        None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None, None,
     )
 
 

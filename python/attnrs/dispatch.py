@@ -5,8 +5,7 @@ One table, read top to bottom; the first row whose condition holds wins:
 =====================  ==========================================================================  ============
 device                 condition                                                                   backend
 =====================  ==========================================================================  ============
-cpu                    dropout_p > 0 (the Rust kernel has no dropout yet)                          ``math``
-cpu                    otherwise                                                                   ``native``
+cpu                    always (dropout included)                                                   ``native``
 cuda                   flash-attn importable and the inputs fit it (see :func:`flash_reason`)      ``flash``
 cuda                   a structural mask (Mask / BlockMask) and no sinks, bias or dense mask       ``flex``
 cuda                   softcap or sinks (SDPA has neither)                                         ``math``
@@ -74,8 +73,6 @@ def choose_backend(
 ) -> tuple[str, str]:
     """(backend, reason) for ``backend="auto"``, following the table in the module documentation."""
     if query.device.type == "cpu":
-        if dropout_p > 0:
-            return "math", "dropout_p > 0: the Rust kernel has no dropout yet (issue #5)"
         return "native", "CPU: the Rust kernel"
     if flash_attn_available() and flash_reason(query, key, value, resolved, sinks) is None:
         return "flash", "CUDA, fp16/bf16, a mask flash-attn expresses"

@@ -109,6 +109,7 @@ fn main() {
         scale,
         softcap: None,
         sinks: None,
+        dropout: None,
         num_threads: threads,
     };
     let bwd = AttentionGradArgs {
@@ -129,6 +130,7 @@ fn main() {
         grad_value: &gv,
         grad_sinks: None,
         grad_bias: None,
+        dropout: None,
         num_threads: threads,
     };
     let (mut best_f, mut best_b) = (f64::INFINITY, f64::INFINITY);

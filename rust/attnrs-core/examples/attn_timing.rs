@@ -251,6 +251,7 @@ fn main() {
             scale: 1.0 / (d as f64).sqrt(),
             softcap: None,
             sinks: None,
+            dropout: None,
             num_threads: threads,
         };
         attention_forward_with(&args, backend).unwrap(); // warm-up (pools, page faults)

@@ -5,8 +5,8 @@
 
 use attnrs_core::block::{BothTiles, DenseTiles, MaskTiles, NoMask};
 use attnrs_core::kernel::{
-    attention_backward as run_backward, attention_forward as run_kernel, AttentionArgs,
-    AttentionGradArgs,
+    attention_backward as run_backward, attention_forward as run_kernel, keep_pattern,
+    AttentionArgs, AttentionGradArgs, Dropout,
 };
 use attnrs_core::mask::{MaskExpr, PlacedMask};
 use attnrs_core::registry::{check_call, kernels};
@@ -56,6 +56,7 @@ struct Prepared {
     kv_offset: i64,
     scale: f64,
     softcap: f64,
+    dropout: Option<Dropout>,
     num_threads: usize,
 }
 
@@ -77,6 +78,7 @@ impl Prepared {
         kv_offset: i64,
         scale: f64,
         softcap: f64,
+        dropout: Option<Dropout>,
         num_threads: usize,
     ) -> PyResult<Prepared> {
         let query = dlpack::import(query, "query")?;
@@ -123,6 +125,7 @@ impl Prepared {
             kv_offset,
             scale,
             softcap,
+            dropout,
             num_threads,
         })
     }
@@ -165,6 +168,7 @@ impl Prepared {
                 scale: self.scale,
                 softcap: (self.softcap > 0.0).then_some(self.softcap),
                 sinks: self.sinks.as_ref().map(|t| &t.view),
+                dropout: self.dropout,
                 num_threads: self.num_threads,
             };
             kernel(&args)
@@ -177,10 +181,11 @@ impl Prepared {
 /// The mask is the AND of: the structural mask encoded by `program` / `program_ints` / `program_bytes`
 /// (placed so that row `i` is position `q_offset + i`, column `j` position `kv_offset + j`; an empty
 /// program means none) and `dense_mask` (bool, viewed as `[B, H, Q, K]`). `bias` is an additive float
-/// tensor viewed as `[B, H, Q, K]`. `softcap <= 0` means none.
+/// tensor viewed as `[B, H, Q, K]`. `softcap <= 0` means none. `dropout_p > 0` drops weights with the
+/// pattern of `dropout_seed` (see `attnrs_core::kernel::Dropout`).
 #[pyfunction]
 #[pyo3(signature = (query, key, value, out, lse, dense_mask, bias, sinks, program, program_ints, program_bytes,
-                    q_offset, kv_offset, scale, softcap, num_threads))]
+                    q_offset, kv_offset, scale, softcap, num_threads, dropout_p=0.0, dropout_seed=0))]
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     py: Python<'_>,
@@ -200,6 +205,8 @@ pub fn attention_forward(
     scale: f64,
     softcap: f64,
     num_threads: usize,
+    dropout_p: f64,
+    dropout_seed: u64,
 ) -> PyResult<()> {
     let call = Prepared::new(
         query,
@@ -217,9 +224,54 @@ pub fn attention_forward(
         kv_offset,
         scale,
         softcap,
+        dropout(dropout_p, dropout_seed),
         num_threads,
     )?;
     call.run(py, run_kernel)
+}
+
+fn dropout(p: f64, seed: u64) -> Option<Dropout> {
+    (p != 0.0).then_some(Dropout { p, seed })
+}
+
+/// Writes the dropout keep pattern (`True` = kept) of a `[B, H, Q, K]` call with `dropout_p` and
+/// `dropout_seed` into the bool tensor `out` (contiguous): exactly the pairs the kernels keep.
+#[pyfunction]
+pub fn dropout_keep_pattern(
+    out: &Bound<'_, PyAny>,
+    dropout_p: f64,
+    dropout_seed: u64,
+) -> PyResult<()> {
+    let out = dlpack::import_output(out, "out")?;
+    let view = &out.view;
+    let shape: [usize; 4] = view.shape().try_into().map_err(|_| {
+        PyAttnrsError(Error::shape(
+            "out",
+            "a 4-D tensor [B, H, Q, K]",
+            format!("shape {:?}", view.shape()),
+        ))
+    })?;
+    if view.dtype() != DType::Bool || !view.is_contiguous() {
+        return Err(PyAttnrsError(Error::layout(
+            "out",
+            "a contiguous torch.bool tensor",
+            format!(
+                "{} with strides {:?}",
+                view.dtype().torch_name(),
+                view.strides()
+            ),
+        ))
+        .into());
+    }
+    // SAFETY: `out` is a contiguous bool tensor of `numel` elements (checked above), imported as a writable
+    // output and alive until the end of this function; a bool is one byte and only 0 or 1 is written.
+    let bools =
+        unsafe { std::slice::from_raw_parts_mut(view.as_ptr().cast::<bool>(), view.numel()) };
+    let dropout = Dropout {
+        p: dropout_p,
+        seed: dropout_seed,
+    };
+    keep_pattern(dropout, shape, bools).map_err(|e| PyAttnrsError(e).into())
 }
 
 /// [`attention_forward`] on the registered native kernel `name` (the built-in "attnrs" or a plugin). The
@@ -265,6 +317,7 @@ pub fn native_attention_forward(
         kv_offset,
         scale,
         softcap,
+        None,
         num_threads,
     )?;
     let masked = call.masked();
@@ -281,7 +334,7 @@ pub fn native_attention_forward(
 #[pyfunction]
 #[pyo3(signature = (query, key, value, out, grad_out, lse, dense_mask, bias, sinks, program, program_ints,
                     program_bytes, q_offset, kv_offset, scale, softcap, grad_query, grad_key, grad_value,
-                    grad_sinks, grad_bias, grad_lse, num_threads))]
+                    grad_sinks, grad_bias, grad_lse, num_threads, dropout_p=0.0, dropout_seed=0))]
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     py: Python<'_>,
@@ -308,6 +361,8 @@ pub fn attention_backward(
     grad_bias: Option<&Bound<'_, PyAny>>,
     grad_lse: Option<&Bound<'_, PyAny>>,
     num_threads: usize,
+    dropout_p: f64,
+    dropout_seed: u64,
 ) -> PyResult<()> {
     let call = Prepared::new(
         query,
@@ -325,6 +380,7 @@ pub fn attention_backward(
         kv_offset,
         scale,
         softcap,
+        dropout(dropout_p, dropout_seed),
         num_threads,
     )?;
     let grad_out = dlpack::import(grad_out, "grad_out")?;
@@ -355,6 +411,7 @@ pub fn attention_backward(
             scale: args.scale,
             softcap: args.softcap,
             sinks: args.sinks,
+            dropout: args.dropout,
             grad_query: &grad_query.view,
             grad_key: &grad_key.view,
             grad_value: &grad_value.view,

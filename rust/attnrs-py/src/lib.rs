@@ -21,7 +21,9 @@ mod _attnrs {
     use crate::door::run_detached;
 
     #[pymodule_export]
-    use crate::attention::{attention_backward, attention_forward, native_attention_forward};
+    use crate::attention::{
+        attention_backward, attention_forward, dropout_keep_pattern, native_attention_forward,
+    };
     #[pymodule_export]
     use crate::masks::{PyBitmapBuilder, PyBlockLayout, PyMaskExpr};
     #[pymodule_export]

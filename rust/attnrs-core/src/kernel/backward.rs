@@ -8,6 +8,8 @@
 //! Δ_i        = Σ_c dO_ic · O_ic - dlse_i                       (dlse: the gradient of the returned lse, if any)
 //! dV_j      += Σ_i P_ij dO_i                                 (summed over the query heads of the GQA group)
 //! dP_ij      = dO_i · V_j
+//!            (dropout: P_ij in dV and dP_ij are both multiplied by M_ij / (1 - p), M the keep pattern;
+//!             Δ and dX keep the undropped P)
 //! dX_ij      = P_ij (dP_ij - Δ_i)                            (= dL/dbias_ij: `grad_bias`)
 //! dS_ij      = dX_ij · (1 - t_ij²)   where t = tanh(scale·q·k / c)   (softcap; dS = dX without it)
 //! dQ_i       = scale · Σ_j dS_ij K_j
@@ -46,6 +48,7 @@ use std::ops::{Add, Div, Mul, Sub};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::dropout::DropMask;
 use super::plan::{read_sinks, BiasRef, Dims, Strided};
 use super::Backend;
 use crate::block::{BlockClass, MaskTiles};
@@ -83,6 +86,8 @@ pub struct AttentionGradArgs<'a> {
     pub softcap: Option<f64>,
     /// The forward's sinks, `[H]`, any float dtype.
     pub sinks: Option<&'a TensorView>,
+    /// The forward's dropout (same probability and seed: the pattern is regenerated, see [`super::Dropout`]).
+    pub dropout: Option<super::Dropout>,
     /// `dL/dquery`, `[B, H, Q, D]`, same dtype as query, written.
     pub grad_query: &'a TensorView,
     /// `dL/dkey`, `[B, Hkv, K, D]`, written (GQA: summed over the group's query heads).
@@ -115,6 +120,7 @@ impl std::fmt::Debug for AttentionGradArgs<'_> {
             .field("scale", &self.scale)
             .field("softcap", &self.softcap)
             .field("sinks", &shape(self.sinks))
+            .field("dropout", &self.dropout)
             .field("grad_sinks", &shape(self.grad_sinks))
             .field("grad_bias", &shape(self.grad_bias))
             .field("num_threads", &self.num_threads)
@@ -328,6 +334,7 @@ fn validate(a: &AttentionGradArgs) -> Result<Checked> {
         expect_shape(gb, "grad_bias", &[b, h, q, k], "[B, H, Q, K]")?;
     }
     super::plan::check_scale_softcap(a.scale, a.softcap)?;
+    super::dropout::check(a.dropout)?;
     check_outputs(a)?;
     Ok(Checked {
         dims: Dims {
@@ -709,6 +716,7 @@ struct Job<'a, T, A> {
     scale: A,
     /// `(c, 1/c)`.
     softcap: Option<(A, A)>,
+    drop: Option<DropMask>,
     /// Per row `(b * H + h) * Q + i`: `P_ij = exp(x_ij - shift_i) · norm_i` (`shift = lse`, `norm = 1` from
     /// the saved lse; `(max, 1 / sum)` where it was recomputed); a non-finite shift means the row saw nothing.
     shift: Vec<A>,
@@ -970,10 +978,26 @@ fn tile<T, A: Real, const FMA: bool>(
     gemm::<A, FMA>(m, BK, dv, dop, dvp, 1, vt, BK, ds, BK);
     for r in 0..m {
         let delta = job.delta[job.row(b, h, q0 + r)];
-        let pr = &p[r * BK..(r + 1) * BK];
+        let pr = &mut p[r * BK..(r + 1) * BK];
         let dr = &mut ds[r * BK..(r + 1) * BK];
-        for (x, &pv) in dr.iter_mut().zip(pr) {
-            *x = pv * (*x - delta);
+        if let Some(drop) = &job.drop {
+            // The forward used P∘M/(1-p) (M the keep pattern): dP = (dO·Vᵀ)∘M/(1-p), and dV takes the same
+            // dropped weights, so P is overwritten once dS no longer needs it.
+            let (key, kept_scale) = (drop.row(b, h, q0 + r), A::from_f64(drop.scale));
+            for (c, (x, pv)) in dr[..n].iter_mut().zip(pr.iter_mut()).enumerate() {
+                let (dpv, pval) = if key.kept(c0 + c) {
+                    (*x * kept_scale, *pv * kept_scale)
+                } else {
+                    (A::ZERO, A::ZERO)
+                };
+                *x = *pv * (dpv - delta);
+                *pv = pval;
+            }
+            dr[n..].fill(A::ZERO);
+        } else {
+            for (x, &pv) in dr.iter_mut().zip(pr.iter()) {
+                *x = pv * (*x - delta);
+            }
         }
         if write_bias {
             if let Some(gb) = &job.grad_bias {
@@ -1351,6 +1375,7 @@ fn run<T: Float, A: Real>(
         mask: args.mask,
         scale: A::from_f64(args.scale),
         softcap: args.softcap.map(|c| (A::from_f64(c), A::from_f64(1.0 / c))),
+        drop: DropMask::new(args.dropout, dims.h, dims.q),
         shift: Vec::new(),
         norm: Vec::new(),
         delta: Vec::new(),

@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::block::{CausalTiles, NoMask};
 use crate::kernel::test_support::{layout, Layout, Rng};
-use crate::kernel::{attention_forward, AttentionArgs};
+use crate::kernel::{attention_forward, AttentionArgs, Dropout};
 
 fn round_to(dtype: DType, x: f64) -> f64 {
     match dtype {
@@ -196,6 +196,9 @@ struct Problem {
     softcap: Option<f64>,
     /// Visibility `[B, H, Q, K]`.
     vis: Vec<bool>,
+    /// Dropout, and the factor each pair's weight is multiplied by (`M / (1 - p)`; 1 without dropout).
+    dropout: Option<Dropout>,
+    kept: Vec<f64>,
 }
 
 /// The reference gradients.
@@ -208,6 +211,23 @@ struct Grads {
 }
 
 impl Problem {
+    /// Sets the dropout and recomputes the per-pair factors from the kernel's keep pattern.
+    fn set_dropout(&mut self, dropout: Option<Dropout>) {
+        let [nb, nh, _, nq, nk, ..] = self.dims;
+        let n = nb * nh * nq * nk;
+        self.dropout = dropout;
+        self.kept = match dropout {
+            None => vec![1.0; n],
+            Some(d) => {
+                let mut keep = vec![false; n];
+                crate::kernel::keep_pattern(d, [nb, nh, nq, nk], &mut keep).unwrap();
+                keep.iter()
+                    .map(|&k| if k { 1.0 / (1.0 - d.p) } else { 0.0 })
+                    .collect()
+            }
+        };
+    }
+
     fn bias_at(&self, b: usize, h: usize, i: usize, j: usize) -> f64 {
         let Some((shape, vals, _)) = &self.bias else {
             return 0.0;
@@ -287,7 +307,7 @@ impl Problem {
                     };
                     lse[row] = top + den.ln();
                     for &(j, x, _) in &lg {
-                        let p = (x - top).exp() / den;
+                        let p = (x - top).exp() / den * self.kept[row * nk + j];
                         for c in 0..dv {
                             out[row * dv + c] +=
                                 p * self.v[ravel(&[b, h / g, j, c], &[nb, hkv, nk, dv])];
@@ -323,11 +343,12 @@ impl Problem {
                         let s = ravel(&[b, kvh, j, 0], &[nb, hkv, nk, dv]);
                         &self.v[s..s + dv]
                     };
+                    // With dropout, out = Σ_j P_j f_j V_j (f_j = M_j / (1 - p)): dP_j = f_j dO·V_j.
                     let pdp: Vec<(f64, f64)> = lg
                         .iter()
                         .map(|&(j, x, _)| {
-                            let dp = dout.iter().zip(vrow(j)).map(|(a, b)| a * b).sum();
-                            ((x - top).exp() / den, dp)
+                            let dot: f64 = dout.iter().zip(vrow(j)).map(|(a, b)| a * b).sum();
+                            ((x - top).exp() / den, dot * self.kept[row * nk + j])
                         })
                         .collect();
                     let delta: f64 = pdp.iter().map(|(p, dp)| p * dp).sum();
@@ -338,8 +359,9 @@ impl Problem {
                         let dx = p * (dp - delta);
                         gr.dbias[row * nk + j] = dx;
                         let ds = dx * deriv * self.scale;
+                        let dropped = p * self.kept[row * nk + j];
                         for (c, &go) in dout.iter().enumerate() {
-                            gr.dv[ravel(&[b, kvh, j, c], &[nb, hkv, nk, dv])] += p * go;
+                            gr.dv[ravel(&[b, kvh, j, c], &[nb, hkv, nk, dv])] += dropped * go;
                         }
                         for t in 0..d {
                             let ki = ravel(&[b, kvh, j, t], &[nb, hkv, nk, d]);
@@ -462,7 +484,11 @@ fn setup(c: &Case) -> Setup {
         })
         .collect();
     let out_layout = layout(&mut rng, false);
-    Setup {
+    let dropout = rng.chance(0.3).then(|| Dropout {
+        p: rng.range(0.05, 0.8),
+        seed: rng.next(),
+    });
+    let mut setup = Setup {
         p: Problem {
             dtype: dt,
             dims: [c.b, h, c.hkv, c.q, c.k, c.d, c.dv, c.g],
@@ -475,11 +501,15 @@ fn setup(c: &Case) -> Setup {
             scale,
             softcap,
             vis,
+            dropout: None,
+            kept: Vec::new(),
         },
         layouts,
         mask,
         out_layout,
-    }
+    };
+    setup.p.set_dropout(dropout);
+    setup
 }
 
 /// The kernel's gradients, read back in logical order.
@@ -542,6 +572,7 @@ fn run_backward(
         grad_value: &gv.view,
         grad_sinks: sinks.as_ref().map(|_| &gs.view),
         grad_bias: with_bias_grad.then_some(&gb.view),
+        dropout: p.dropout,
         num_threads: threads,
     };
     backward_with(&args, backend, strategy).unwrap();
@@ -611,10 +642,11 @@ fn check_case(c: &Case) {
     for (backend, strategy) in runs {
         let got = run_backward(&s, backend, strategy, threads, true);
         let ctx = format!(
-            "{c:?} backend {backend:?} {strategy:?} bias {:?} sinks {} softcap {:?} layouts {:?}/{:?}",
+            "{c:?} backend {backend:?} {strategy:?} bias {:?} sinks {} softcap {:?} dropout {:?} layouts {:?}/{:?}",
             s.p.bias.as_ref().map(|b| (&b.0, b.2)),
             s.p.sinks.is_some(),
             s.p.softcap,
+            s.p.dropout,
             s.layouts,
             s.out_layout
         );
@@ -803,10 +835,14 @@ fn gradients_are_bitwise_identical_across_runs_and_threads() {
     }
 }
 
-/// Runs the real forward, then the backward, on f32: the pipeline the autograd binding uses.
+/// Runs the real forward, then the backward, on f32: the pipeline the autograd binding uses (with and
+/// without dropout: the backward must regenerate the forward's pattern).
 #[test]
 fn forward_then_backward_matches_reference() {
-    for (mask, seed) in [(0u8, 1u64), (1, 2), (2, 3)] {
+    let runs = [(0u8, 1u64), (1, 2), (2, 3)]
+        .into_iter()
+        .flat_map(|(mask, seed)| [(mask, seed, None), (mask, seed, Some(0.3))]);
+    for (mask, seed, drop_p) in runs {
         let mut s = setup(&Case {
             seed,
             dtype: DType::F32,
@@ -820,6 +856,10 @@ fn forward_then_backward_matches_reference() {
             mask,
         });
         s.p.sinks = Some(vec![0.1, 0.2, -0.3, 1.0]);
+        s.p.set_dropout(drop_p.map(|p| Dropout {
+            p,
+            seed: 1234 + seed,
+        }));
         let p = &s.p;
         let [nb, h, hkv, nq, nk, d, dv, _] = p.dims;
         let qb = Buf::new(DType::F32, &[nb, h, nq, d], s.layouts[0], &p.q);
@@ -849,9 +889,12 @@ fn forward_then_backward_matches_reference() {
             scale: p.scale,
             softcap: p.softcap,
             sinks: Some(&sinks.view),
+            dropout: p.dropout,
             num_threads: 2,
         })
         .unwrap();
+        let ctx = format!("forward+backward mask {mask} dropout {drop_p:?}");
+        assert_close("out", &out.values(), &p.forward().0, 2e-5, &ctx);
         let gq = Buf::nan(DType::F32, &[nb, h, nq, d], Layout::Transposed);
         let gk = Buf::nan(DType::F32, &[nb, hkv, nk, d], Layout::Contiguous);
         let gv = Buf::nan(DType::F32, &[nb, hkv, nk, dv], Layout::Padded);
@@ -874,15 +917,81 @@ fn forward_then_backward_matches_reference() {
             grad_value: &gv.view,
             grad_sinks: Some(&gs.view),
             grad_bias: None,
+            dropout: p.dropout,
             num_threads: 2,
         })
         .unwrap();
         let want = p.grads();
-        let ctx = format!("forward+backward mask {mask}");
         assert_close("dq", &gq.values(), &want.dq, 2e-4, &ctx);
         assert_close("dk", &gk.values(), &want.dk, 2e-4, &ctx);
         assert_close("dv", &gv.values(), &want.dv, 2e-4, &ctx);
         assert_close("dsinks", &gs.values(), &want.dsinks, 1e-2, &ctx);
+    }
+}
+
+/// The forward with dropout against the reference on every backend, prefill and decode shapes (decode
+/// leaves its in-place path for the streaming one, which drops the same pairs).
+#[test]
+fn forward_dropout_matches_reference_on_every_path() {
+    for (q, k, dtype) in [
+        (1, 300, DType::F32),
+        (3, 130, DType::BF16),
+        (70, 90, DType::F32),
+    ] {
+        let mut s = setup(&Case {
+            seed: q as u64,
+            dtype,
+            b: 2,
+            hkv: 2,
+            g: 2,
+            q,
+            k,
+            d: 16,
+            dv: 16,
+            mask: 1,
+        });
+        s.p.set_dropout(Some(Dropout { p: 0.4, seed: 99 }));
+        let p = &s.p;
+        let [nb, h, hkv, nq, nk, d, dv, _] = p.dims;
+        let qb = Buf::new(dtype, &[nb, h, nq, d], Layout::Contiguous, &p.q);
+        let kb = Buf::new(dtype, &[nb, hkv, nk, d], Layout::Contiguous, &p.k);
+        let vb = Buf::new(dtype, &[nb, hkv, nk, dv], Layout::Contiguous, &p.v);
+        let bias = p
+            .bias
+            .as_ref()
+            .map(|(shape, vals, bdt)| Buf::new(*bdt, shape, Layout::Contiguous, vals));
+        let sinks = p
+            .sinks
+            .as_ref()
+            .map(|sk| Buf::new(DType::F32, &[h], Layout::Contiguous, sk));
+        let (want, want_lse) = p.forward();
+        for backend in backends(dtype).into_iter().chain([Backend::Auto]) {
+            let out = Buf::nan(dtype, &[nb, h, nq, dv], Layout::Contiguous);
+            let lse = Buf::nan(DType::F32, &[nb, h, nq], Layout::Contiguous);
+            crate::kernel::attention_forward_with(
+                &AttentionArgs {
+                    query: &qb.view,
+                    key: &kb.view,
+                    value: &vb.view,
+                    out: &out.view,
+                    lse: Some(&lse.view),
+                    mask: s.mask.as_ref(),
+                    bias: bias.as_ref().map(|b| &b.view),
+                    scale: p.scale,
+                    softcap: p.softcap,
+                    sinks: sinks.as_ref().map(|b| &b.view),
+                    dropout: p.dropout,
+                    num_threads: 2,
+                },
+                backend,
+            )
+            .unwrap();
+            let ctx = format!("q {q} k {k} {dtype:?} {backend:?}");
+            assert_close("out", &out.values(), &want, tolerance(dtype), &ctx);
+            let finite: Vec<f64> = want_lse.iter().map(|x| x.max(-1e30)).collect();
+            let got: Vec<f64> = lse.values().iter().map(|x| x.max(-1e30)).collect();
+            assert_close("lse (unaffected by dropout)", &got, &finite, 1e-4, &ctx);
+        }
     }
 }
 
@@ -992,6 +1101,7 @@ fn errors_name_the_argument_and_never_panic() {
         grad_value: &gv.view,
         grad_sinks: None,
         grad_bias: None,
+        dropout: None,
         num_threads: 2,
     };
     attention_backward(&base).unwrap();

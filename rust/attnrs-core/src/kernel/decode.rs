@@ -24,9 +24,11 @@ pub(super) const MAX_ROWS: usize = 32;
 /// How many tiles ahead K and V rows are prefetched.
 const AHEAD: usize = 1;
 
-/// Whether [`item`] can run this call: f32 accumulation, rows few enough, K and V contiguous along D.
+/// Whether [`item`] can run this call: f32 accumulation, no dropout, rows few enough, K and V contiguous
+/// along D.
 pub(super) fn applies<T: Float>(job: &Job<T>) -> bool {
     matches!(T::DTYPE, DType::F32 | DType::BF16 | DType::F16)
+        && job.drop.is_none()
         && job.dims.g * job.dims.q <= MAX_ROWS
         && (job.k.st[3] == 1 || job.dims.d <= 1)
         && (job.v.st[3] == 1 || job.dims.dv <= 1)

@@ -11,6 +11,7 @@ use std::ops::Range;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::dropout::DropMask;
 use super::gemm::{Kern, Portable};
 use super::plan::{read_sinks, BiasRef, Dims, Plan, Strided};
 use super::softmax::{finish, merge_into, online_step, rescale, Acc, Logits};
@@ -43,6 +44,7 @@ pub(crate) struct Job<'a, T> {
     pub(super) mask: &'a dyn MaskTiles,
     pub(super) scale: f64,
     pub(super) softcap: Option<f64>,
+    pub(super) drop: Option<DropMask>,
     /// Query rows per block (per head).
     pub(super) bq: usize,
     /// Packed row lengths: D rounded up to 2, Dv rounded up to 16.
@@ -432,6 +434,11 @@ pub(super) fn softmax_tile<A: Acc, E: Copy, T>(
             if alpha != A::ONE {
                 rescale(&mut st.o[r * st.ld..(r + 1) * st.ld], alpha);
             }
+            if let Some(drop) = &job.drop {
+                // The denominator `l` keeps every weight; only `P·V` loses the dropped ones.
+                drop.row(b, h, q0 + i)
+                    .drop_into(c0, &mut p[r * BC..r * BC + n], to_e(A::ZERO));
+            }
         }
     }
 }
@@ -450,12 +457,14 @@ fn write_rows<A: Acc, T: Float>(
     o: &[A],
 ) {
     let Dims { g, dv, .. } = job.dims;
+    let kept_scale = A::from_f64(job.drop.map_or(1.0, |d| d.scale));
     for gi in 0..g {
         let h = kvh * g + gi;
         let sink = job.sinks.as_ref().map(|s| A::from_f64(s[h]));
         for i in 0..bq {
             let r = gi * bq + i;
             let (f, lse) = finish(m[r], l[r], sink);
+            let f = f * kept_scale;
             // SAFETY: (b, h, q0 + i, ·) is in range of out; rows of different items never coincide and out has
             // no internal overlap (validated), so this thread is the only writer of these elements.
             unsafe {
@@ -619,6 +628,7 @@ fn go<K: Entry, T: Float>(args: &AttentionArgs, plan: &Plan, rows: usize) -> Res
         mask: args.mask,
         scale: plan.scale,
         softcap: plan.softcap,
+        drop: DropMask::new(args.dropout, dims.h, dims.q),
         bq,
         dp: round_up(dims.d, 2),
         dvp: round_up(dims.dv, 16),

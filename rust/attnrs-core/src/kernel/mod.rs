@@ -8,6 +8,7 @@
 //! s            = s + bias[b,h,i,j]                              (when bias is given; -inf excludes the pair)
 //! s            = -inf where the mask hides (i, j)
 //! out[b,h,i,:] = Σ_j exp(s_ij - m) v[b,h/G,j,:] / (Σ_j exp(s_ij - m) + exp(sink_h - m))
+//!                (with dropout: each term of the numerator kept with probability 1 - p, scaled by 1/(1-p))
 //! lse[b,h,i]   = ln(Σ_j exp(s_ij) + exp(sink_h))
 //! ```
 //!
@@ -28,6 +29,7 @@ mod backward;
 #[cfg(target_arch = "x86_64")]
 mod decode;
 mod driver;
+mod dropout;
 mod gemm;
 mod plan;
 mod softmax;
@@ -38,6 +40,7 @@ mod test_support;
 mod tests;
 
 pub use backward::{attention_backward, attention_backward_with, AttentionGradArgs};
+pub use dropout::{keep_pattern, Dropout};
 
 use crate::block::MaskTiles;
 use crate::isa::Isa;
@@ -70,6 +73,9 @@ pub struct AttentionArgs<'a> {
     pub softcap: Option<f64>,
     /// Optional `[H]` of any float dtype: `exp(sink_h)` joins each row's softmax denominator (GPT-OSS sinks).
     pub sinks: Option<&'a TensorView>,
+    /// Optional dropout on the normalised weights (see [`Dropout`]): dropped weights are zeroed, kept ones
+    /// scaled by `1 / (1 - p)`; `lse` is not affected.
+    pub dropout: Option<Dropout>,
     /// Worker threads (a private pool; 0 means 1).
     pub num_threads: usize,
 }
@@ -86,6 +92,7 @@ impl std::fmt::Debug for AttentionArgs<'_> {
             .field("scale", &self.scale)
             .field("softcap", &self.softcap)
             .field("sinks", &self.sinks.map(|t| t.shape().to_vec()))
+            .field("dropout", &self.dropout)
             .field("num_threads", &self.num_threads)
             .finish_non_exhaustive()
     }

@@ -155,6 +155,7 @@ impl Plan {
             }
         }
         check_scale_softcap(a.scale, a.softcap)?;
+        super::dropout::check(a.dropout)?;
         check_outputs(a)?;
         Ok(Plan {
             dims: Dims {

@@ -254,6 +254,7 @@ fn check(
         scale: f64::from(x.scale),
         softcap: x.softcap.map(f64::from),
         sinks: x.sinks.as_ref().map(|t| &t.view),
+        dropout: None,
         num_threads: threads,
     };
     let plan = plan::Plan::new(&args).unwrap();
@@ -533,6 +534,7 @@ fn decode_paths_agree_with_portable() {
                 scale: 2.0 / (d as f64).sqrt(),
                 softcap: None,
                 sinks: None,
+                dropout: None,
                 num_threads: 2,
             };
             attention_forward_with(&args, backend).unwrap();
@@ -612,6 +614,7 @@ fn errors_name_the_argument_and_never_panic() {
         scale: 0.3,
         softcap: None,
         sinks: None,
+        dropout: None,
         num_threads: 2,
     };
     attention_forward(&base).unwrap();
@@ -841,6 +844,7 @@ fn finfo_min_bias_row_is_the_mean_of_v_and_empty_rows_are_zero() {
         scale: 1.0,
         softcap: None,
         sinks: None,
+        dropout: None,
         num_threads: 1,
     };
     for backend in backends(DType::F32) {

@@ -105,6 +105,7 @@ fn compare(name: &str, case: &Case, mask: &dyn MaskTiles, masked: bool) -> Resul
             scale: 0.3,
             softcap: case.softcap,
             sinks: sinks.as_ref(),
+            dropout: None,
             num_threads: 3,
         };
         run_kernel(kernel_name, &args, masked)?;

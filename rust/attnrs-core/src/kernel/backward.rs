@@ -39,20 +39,21 @@
 //! gradients' accuracy at ~1e-7). Rows whose saved lse is huge (|lse| >= 1024: in practice rows whose every
 //! logit is ~`finfo.min`, where an f32 lse cannot give `P` back) are recomputed the same way.
 //!
-//! ISA: the same generic loops (a 4-row register-blocked product, a vectorisable `exp`) are compiled for
-//! AVX-512F and AVX2+FMA (with fused multiply-adds) and portably; the path is picked once per call from
-//! [`Backend::resolve`] and [`Isa::get`]. Different paths round differently (FMA); one path is reproducible.
-
-use std::ops::{Add, Div, Mul, Sub};
+//! Every product runs on the forward's register-blocked micro-kernels ([`super::gemm`]: AVX-512F, AVX2+FMA or
+//! portable, picked once per call by [`Backend::resolve`]); P and dS are transposed per tile so the dV and
+//! dK products take the same packed operand layout. The query and dO rows of a GQA group are packed once per
+//! work item. The element-wise steps are generic loops compiled inside the same `#[target_feature]` entry
+//! points. Different paths round differently (FMA); one path is reproducible.
 
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::dropout::DropMask;
+use super::gemm::{Kern, Portable};
 use super::plan::{read_sinks, BiasRef, Dims, Strided};
+use super::softmax::Acc;
 use super::Backend;
 use crate::block::{BlockClass, MaskTiles};
-use crate::isa::Isa;
 use crate::tensor::{DType, Float, TensorView};
 use crate::{threads, Error, Result};
 
@@ -148,18 +149,38 @@ pub(crate) fn backward_with(
     strategy: DqPath,
 ) -> Result<()> {
     let checked = validate(args)?;
-    let isa = Isa::get();
-    let simd = match backend.resolve(checked.dtype)? {
-        Backend::Avx512 | Backend::Avx512Bf16 if isa.avx512f && isa.avx2 && isa.fma => Simd::Avx512,
-        Backend::Avx512 | Backend::Avx512Bf16 | Backend::Avx2 if isa.avx2 && isa.fma => Simd::Avx2,
-        _ => Simd::Portable,
-    };
-    match checked.dtype {
-        DType::F64 => run::<f64, f64>(args, &checked, Simd::Portable, strategy),
-        DType::F32 => run::<f32, f32>(args, &checked, simd, strategy),
-        DType::BF16 => run::<bf16, f32>(args, &checked, simd, strategy),
-        _ => run::<f16, f32>(args, &checked, simd, strategy),
+    if checked.dtype == DType::F64 {
+        return run::<f64, Portable<f64>>(args, &checked, strategy);
     }
+    let backend = backend.resolve(checked.dtype)?;
+    match checked.dtype {
+        DType::F32 => by_backend::<f32>(args, &checked, backend, strategy),
+        DType::BF16 => by_backend::<bf16>(args, &checked, backend, strategy),
+        _ => by_backend::<f16>(args, &checked, backend, strategy),
+    }
+}
+
+/// f32 accumulation on the micro-kernel `backend` resolved to (AVX-512 BF16 runs the AVX-512F kernel).
+fn by_backend<T: Float>(
+    args: &AttentionGradArgs,
+    checked: &Checked,
+    backend: Backend,
+    strategy: DqPath,
+) -> Result<()> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::gemm::{Avx2F32, Avx512F32};
+        // `Backend::resolve` only returns a path whose features this CPU has.
+        match backend {
+            Backend::Avx512 | Backend::Avx512Bf16 => {
+                return run::<T, Avx512F32>(args, checked, strategy)
+            }
+            Backend::Avx2 => return run::<T, Avx2F32>(args, checked, strategy),
+            _ => {}
+        }
+    }
+    let _ = backend;
+    run::<T, Portable<f32>>(args, checked, strategy)
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -398,242 +419,6 @@ fn check_outputs(a: &AttentionGradArgs) -> Result<()> {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// Arithmetic
-
-/// The accumulator type: f32 (for f32, bf16 and f16 inputs) or f64.
-trait Real:
-    Copy
-    + Default
-    + Send
-    + Sync
-    + PartialOrd
-    + 'static
-    + Add<Output = Self>
-    + Sub<Output = Self>
-    + Mul<Output = Self>
-    + Div<Output = Self>
-{
-    const ZERO: Self;
-    const ONE: Self;
-    const NEG_INF: Self;
-    /// Recompute every row's softmax normaliser in this precision instead of trusting the saved f32 lse.
-    const RECOMPUTE_LSE: bool;
-    fn from_f64(x: f64) -> Self;
-    fn to_f64(self) -> f64;
-    fn read<T: Float>(x: T) -> Self;
-    fn write<T: Float>(self) -> T;
-    /// `exp(x)`; exact to a few ulps for `x <= ~0`, and 0 for `-inf`.
-    fn exp(self) -> Self;
-    fn tanh(self) -> Self;
-    /// `self * a + b`, rounded once.
-    fn mul_add(self, a: Self, b: Self) -> Self;
-    fn is_finite(self) -> bool;
-    fn max(self, other: Self) -> Self {
-        if other > self {
-            other
-        } else {
-            self
-        }
-    }
-}
-
-impl Real for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    const NEG_INF: Self = f32::NEG_INFINITY;
-    const RECOMPUTE_LSE: bool = false;
-    #[inline(always)]
-    fn from_f64(x: f64) -> Self {
-        x as f32
-    }
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    #[inline(always)]
-    fn read<T: Float>(x: T) -> Self {
-        x.to_f32()
-    }
-    #[inline(always)]
-    fn write<T: Float>(self) -> T {
-        T::from_f32(self)
-    }
-    #[inline(always)]
-    fn exp(self) -> Self {
-        exp_f32(self)
-    }
-    #[inline(always)]
-    fn tanh(self) -> Self {
-        f32::tanh(self)
-    }
-    #[inline(always)]
-    fn mul_add(self, a: Self, b: Self) -> Self {
-        f32::mul_add(self, a, b)
-    }
-    #[inline(always)]
-    fn is_finite(self) -> bool {
-        f32::is_finite(self)
-    }
-}
-
-impl Real for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    const NEG_INF: Self = f64::NEG_INFINITY;
-    const RECOMPUTE_LSE: bool = true;
-    #[inline(always)]
-    fn from_f64(x: f64) -> Self {
-        x
-    }
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn read<T: Float>(x: T) -> Self {
-        x.to_f64()
-    }
-    #[inline(always)]
-    fn write<T: Float>(self) -> T {
-        T::from_f64(self)
-    }
-    #[inline(always)]
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-    #[inline(always)]
-    fn tanh(self) -> Self {
-        f64::tanh(self)
-    }
-    #[inline(always)]
-    fn mul_add(self, a: Self, b: Self) -> Self {
-        f64::mul_add(self, a, b)
-    }
-    #[inline(always)]
-    fn is_finite(self) -> bool {
-        f64::is_finite(self)
-    }
-}
-
-/// `exp(x)`, branch-free so loops over it vectorise (a copy of the forward's `softmax::exp_f32`, kept here so
-/// the two kernels can evolve independently). Cody-Waite reduction `x = n·ln2 + r`, a degree-7 polynomial for
-/// `exp(r)`; inputs below `-87.3` (including `-inf`) give 0, inputs are clamped to `[-88, 88]`.
-#[inline(always)]
-fn exp_f32(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.clamp(-88.0, 88.0);
-    let z = x * std::f32::consts::LOG2_E + MAGIC;
-    let n = z - MAGIC;
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    let mut p = 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
-    let scale = f32::from_bits(z.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23);
-    p * scale
-}
-
-#[inline(always)]
-fn madd<A: Real, const FMA: bool>(acc: A, a: A, b: A) -> A {
-    if FMA {
-        a.mul_add(b, acc)
-    } else {
-        acc + a * b
-    }
-}
-
-/// `c[i*ldc + j] += Σ_k a[i*ars + k*acs] · b[k*ldb + j]` for `i < m`, `j < n`, `k < kd`; `n % 16 == 0`.
-///
-/// Each element of `c` is summed in order of `k`, whatever the blocking, so the result depends only on the
-/// operands (not on how the caller tiles or threads).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn gemm<A: Real, const FMA: bool>(
-    m: usize,
-    n: usize,
-    kd: usize,
-    a: &[A],
-    ars: usize,
-    acs: usize,
-    b: &[A],
-    ldb: usize,
-    c: &mut [A],
-    ldc: usize,
-) {
-    debug_assert!(n.is_multiple_of(16));
-    let mut j = 0;
-    while j < n {
-        let rest = n - j;
-        let (bj, cj) = (&b[j..], &mut c[j..]);
-        if rest >= 64 {
-            gemm_cols::<A, FMA, 64>(m, kd, a, ars, acs, bj, ldb, cj, ldc);
-            j += 64;
-        } else if rest >= 32 {
-            gemm_cols::<A, FMA, 32>(m, kd, a, ars, acs, bj, ldb, cj, ldc);
-            j += 32;
-        } else {
-            gemm_cols::<A, FMA, 16>(m, kd, a, ars, acs, bj, ldb, cj, ldc);
-            j += 16;
-        }
-    }
-}
-
-/// [`gemm`] on `W` columns: four rows at a time, accumulators held across the `k` loop.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn gemm_cols<A: Real, const FMA: bool, const W: usize>(
-    m: usize,
-    kd: usize,
-    a: &[A],
-    ars: usize,
-    acs: usize,
-    b: &[A],
-    ldb: usize,
-    c: &mut [A],
-    ldc: usize,
-) {
-    let mut i = 0;
-    while i + 4 <= m {
-        let mut acc = [[A::ZERO; W]; 4];
-        for (r, row) in acc.iter_mut().enumerate() {
-            row.copy_from_slice(&c[(i + r) * ldc..(i + r) * ldc + W]);
-        }
-        for k in 0..kd {
-            let brow = &b[k * ldb..k * ldb + W];
-            for (r, row) in acc.iter_mut().enumerate() {
-                let av = a[(i + r) * ars + k * acs];
-                for (x, &bv) in row.iter_mut().zip(brow) {
-                    *x = madd::<A, FMA>(*x, av, bv);
-                }
-            }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            c[(i + r) * ldc..(i + r) * ldc + W].copy_from_slice(row);
-        }
-        i += 4;
-    }
-    while i < m {
-        let mut acc = [A::ZERO; W];
-        acc.copy_from_slice(&c[i * ldc..i * ldc + W]);
-        for k in 0..kd {
-            let brow = &b[k * ldb..k * ldb + W];
-            let av = a[i * ars + k * acs];
-            for (x, &bv) in acc.iter_mut().zip(brow) {
-                *x = madd::<A, FMA>(*x, av, bv);
-            }
-        }
-        c[i * ldc..i * ldc + W].copy_from_slice(&acc);
-        i += 1;
-    }
-}
-
-// ------------------------------------------------------------------------------------------------------------
 // The job
 
 /// A written view of any float dtype (`grad_bias`, `grad_sinks`), up to four dims.
@@ -667,9 +452,9 @@ impl AnyOut {
     /// # Safety
     /// Every index written must be in range of the view, and no other thread may write those elements.
     #[inline(always)]
-    unsafe fn write_row<A: Real>(&self, idx: [usize; 4], src: &[A]) {
+    unsafe fn write_row<A: Acc>(&self, idx: [usize; 4], src: &[A]) {
         #[inline(always)]
-        unsafe fn go<T: Float, A: Real>(p: &AnyOut, base: isize, src: &[A]) {
+        unsafe fn go<T: Float, A: Acc>(p: &AnyOut, base: isize, src: &[A]) {
             let ptr = p.ptr as *mut T;
             for (j, &x) in src.iter().enumerate() {
                 // SAFETY: in range by the caller's promise.
@@ -740,12 +525,51 @@ impl<T, A> Job<'_, T, A> {
     }
 }
 
-/// Per-item buffers (packed operands are A-typed and zero-padded to the packed widths).
+/// Query and dO rows packed once per item (A-typed, zero-padded to `dp` / `dvp`): all rows of the GQA
+/// group `[G][Q][..]` for a kv item, one tile `[BQ][..]` for a dQ item or a row-statistics pass.
+struct Packed<A> {
+    q: Vec<A>,
+    dout: Vec<A>,
+}
+
+impl<A: Acc> Packed<A> {
+    fn new() -> Self {
+        Packed {
+            q: Vec::new(),
+            dout: Vec::new(),
+        }
+    }
+
+    /// Packs rows `r0..r0 + rows` of query head `h` (and of dO when `with_dout`) at row `at` of the buffers.
+    #[allow(clippy::too_many_arguments)]
+    fn pack<T: Float>(
+        &mut self,
+        job: &Job<T, A>,
+        b: usize,
+        h: usize,
+        r0: usize,
+        rows: usize,
+        at: usize,
+        with_dout: bool,
+    ) {
+        let (dp, dvp) = (job.dp, job.dvp);
+        let need = (at + rows) * dp;
+        if self.q.len() < need {
+            self.q.resize(need, A::ZERO);
+        }
+        pack_rows(&job.q, b, h, r0, rows, job.dims.d, dp, &mut self.q[at * dp..]);
+        if with_dout {
+            let need = (at + rows) * dvp;
+            if self.dout.len() < need {
+                self.dout.resize(need, A::ZERO);
+            }
+            pack_rows(&job.dout, b, h, r0, rows, job.dims.dv, dvp, &mut self.dout[at * dvp..]);
+        }
+    }
+}
+
+/// Per-item tile buffers (A-typed; packed operands are zero-padded to the packed widths).
 struct Scratch<A> {
-    /// Query rows `[BQ][dp]`.
-    qp: Vec<A>,
-    /// dO rows `[BQ][dvp]`.
-    dop: Vec<A>,
     /// Kᵀ `[D][BK]`.
     kt: Vec<A>,
     /// Vᵀ `[Dv][BK]`.
@@ -756,31 +580,34 @@ struct Scratch<A> {
     p: Vec<A>,
     /// dP, then dS, `[BQ][BK]`.
     ds: Vec<A>,
+    /// Pᵀ and dSᵀ `[BK][BQ]` (the A operands of the dV and dK products).
+    pt: Vec<A>,
+    dst: Vec<A>,
     /// Softcap derivative `1 - t²`, `[BQ][BK]`.
     g: Vec<A>,
     /// Visibility of a partial tile, `[m][n]`.
     vis: Vec<u8>,
     /// One bias row, `[BK]`.
     brow: Vec<A>,
-    /// dK `[BK][dp]` (first pass) or dQ `[BQ][dp]` (second pass).
+    /// dK `[BK][dp]` (kv items) or dQ `[BQ][dp]` (dQ items).
     acc_k: Vec<A>,
     /// dV `[BK][dvp]`.
     acc_v: Vec<A>,
     zeros: Vec<A>,
 }
 
-impl<A: Real> Scratch<A> {
+impl<A: Acc> Scratch<A> {
     fn new<T>(job: &Job<T, A>) -> Self {
         let Dims { d, dv, .. } = job.dims;
         let (dp, dvp) = (job.dp, job.dvp);
         Scratch {
-            qp: vec![A::ZERO; BQ * dp],
-            dop: vec![A::ZERO; BQ * dvp],
             kt: vec![A::ZERO; d * BK],
             vt: vec![A::ZERO; dv * BK],
             kr: vec![A::ZERO; BK * dp],
             p: vec![A::ZERO; BQ * BK],
             ds: vec![A::ZERO; BQ * BK],
+            pt: vec![A::ZERO; BK * BQ],
+            dst: vec![A::ZERO; BK * BQ],
             g: vec![A::ZERO; BQ * BK],
             vis: vec![0; BQ * BK],
             brow: vec![A::ZERO; BK],
@@ -791,10 +618,63 @@ impl<A: Real> Scratch<A> {
     }
 }
 
+/// `c[i*ldc + j] (+)= Σ_p a[i*lda + p] · b[p*ldb + j]` for `i < m`, `j < n`, `p < kp` on the micro-kernel `K`;
+/// `n % 16 == 0`. Each element of `c` is summed in order of `p`, so the result depends only on the operands.
+///
+/// # Panics
+/// When a range falls outside its slice (a bug: callers size every buffer for its tile).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn mm<A: Acc, K: Kern<A = A, E = A>>(
+    m: usize,
+    n: usize,
+    kp: usize,
+    a: &[A],
+    lda: usize,
+    b: &[A],
+    ldb: usize,
+    c: &mut [A],
+    ldc: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(n.is_multiple_of(16) && n <= ldc && c.len() >= (m - 1) * ldc + n);
+    assert!(kp == 0 || (a.len() >= (m - 1) * lda + kp && b.len() >= (kp - 1) * ldb + n));
+    assert!((m == 1 || kp <= lda) && (kp <= 1 || n <= ldb));
+    // SAFETY: the asserts above put every element the product reads or writes inside its slice; `K` is
+    // only instantiated inside entry points compiled for (and called on) CPUs with its features.
+    unsafe {
+        K::gemm(
+            m,
+            n,
+            kp,
+            a.as_ptr(),
+            lda,
+            b.as_ptr(),
+            ldb,
+            c.as_mut_ptr(),
+            ldc,
+            accumulate,
+        )
+    }
+}
+
+/// `dst[c * BQ + r] = src[r * BK + c]` for `r < m`, `c < n`: a tile transposed for the dV and dK products.
+#[inline(always)]
+fn transpose<A: Acc>(src: &[A], m: usize, n: usize, dst: &mut [A]) {
+    for (c, col) in dst.chunks_exact_mut(BQ).take(n).enumerate() {
+        for (r, x) in col[..m].iter_mut().enumerate() {
+            *x = src[r * BK + c];
+        }
+    }
+}
+
 /// `dst[r * ld + c] = src[b, h, r0 + r, c]` for `r < rows`, `c < width`, zeros for `width <= c < ld`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn pack_rows<T: Float, A: Real>(
+fn pack_rows<T: Float, A: Acc>(
     src: &Strided<T>,
     b: usize,
     h: usize,
@@ -809,9 +689,17 @@ fn pack_rows<T: Float, A: Real>(
         if width > 0 {
             // SAFETY: (b, h, r0 + r, 0) is in range (callers pass rows inside the dim) and width > 0.
             let p = unsafe { src.at(b, h, r0 + r, 0) };
-            for (c, x) in out[..width].iter_mut().enumerate() {
-                // SAFETY: c < width, the size of the last dim.
-                *x = A::read(unsafe { p.offset(c as isize * src.st[3]).read() });
+            if src.st[3] == 1 {
+                // SAFETY: the row's `width` elements are contiguous and in range.
+                let row = unsafe { std::slice::from_raw_parts(p as *const T, width) };
+                for (x, &y) in out[..width].iter_mut().zip(row) {
+                    *x = A::read(y);
+                }
+            } else {
+                for (c, x) in out[..width].iter_mut().enumerate() {
+                    // SAFETY: c < width, the size of the last dim.
+                    *x = A::read(unsafe { p.offset(c as isize * src.st[3]).read() });
+                }
             }
         }
         out[width..].fill(A::ZERO);
@@ -821,7 +709,7 @@ fn pack_rows<T: Float, A: Real>(
 /// `dst[c' * BK + c] = src[b, h, c0 + c, c']` for `c < n`, `c' < width`; zeros for `n <= c < BK`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn pack_t<T: Float, A: Real>(
+fn pack_t<T: Float, A: Acc>(
     src: &Strided<T>,
     b: usize,
     h: usize,
@@ -854,7 +742,7 @@ fn pack_t<T: Float, A: Real>(
 /// The rows must be in range of `dst` and written by no other thread.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn write_rows<T: Float, A: Real>(
+unsafe fn write_rows<T: Float, A: Acc>(
     dst: &Strided<T>,
     b: usize,
     h: usize,
@@ -886,7 +774,7 @@ unsafe fn write_rows<T: Float, A: Real>(
 /// `vis` must hold the tile's visibility when `cls` is partial.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn logits<T, A: Real>(
+fn logits<T, A: Acc>(
     job: &Job<T, A>,
     p: &mut [A],
     g: &mut [A],
@@ -929,13 +817,16 @@ fn logits<T, A: Real>(
     }
 }
 
-/// Recomputes `P` and `dS` of one (query tile, kv tile) pair into `sc.p` and `sc.ds` from the packed `qp`,
-/// `dop`, `kt`, `vt` (and `vis` for a partial tile); writes the tile of `grad_bias` when `write_bias`.
+/// Recomputes `P` and `dS` of one (query tile, kv tile) pair into `sc.p` and `sc.ds` from the packed query
+/// rows `qp` and dO rows `dop` of the tile and the packed `kt`, `vt` (and `vis` for a partial tile); writes
+/// the tile of `grad_bias` when `write_bias`. With dropout, `sc.p` ends as the dropped weights (for dV).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn tile<T, A: Real, const FMA: bool>(
+fn tile<T, A: Acc, K: Kern<A = A, E = A>>(
     job: &Job<T, A>,
     sc: &mut Scratch<A>,
+    qp: &[A],
+    dop: &[A],
     b: usize,
     h: usize,
     q0: usize,
@@ -948,8 +839,6 @@ fn tile<T, A: Real, const FMA: bool>(
     let Dims { d, dv, .. } = job.dims;
     let (dp, dvp) = (job.dp, job.dvp);
     let Scratch {
-        qp,
-        dop,
         kt,
         vt,
         p,
@@ -960,22 +849,21 @@ fn tile<T, A: Real, const FMA: bool>(
         ..
     } = sc;
     let p = &mut p[..m * BK];
-    p.fill(A::ZERO);
-    gemm::<A, FMA>(m, BK, d, qp, dp, 1, kt, BK, p, BK);
+    mm::<A, K>(m, BK, d, qp, dp, kt, BK, p, BK, false);
     logits(job, p, g, vis, brow, b, h, q0, m, c0, n, cls);
     for r in 0..m {
         let row = job.row(b, h, q0 + r);
         let (shift, norm) = (job.shift[row], job.norm[row]);
         let x = &mut p[r * BK..(r + 1) * BK];
         if shift.is_finite() {
-            x.iter_mut().for_each(|v| *v = (*v - shift).exp() * norm);
+            x.iter_mut()
+                .for_each(|v| *v = (*v - shift).exp_nonpos() * norm);
         } else {
             x.fill(A::ZERO);
         }
     }
     let ds = &mut ds[..m * BK];
-    ds.fill(A::ZERO);
-    gemm::<A, FMA>(m, BK, dv, dop, dvp, 1, vt, BK, ds, BK);
+    mm::<A, K>(m, BK, dv, dop, dvp, vt, BK, ds, BK, false);
     for r in 0..m {
         let delta = job.delta[job.row(b, h, q0 + r)];
         let pr = &mut p[r * BK..(r + 1) * BK];
@@ -1013,12 +901,15 @@ fn tile<T, A: Real, const FMA: bool>(
     }
 }
 
-/// dK and dV of kv tile `kb` of `(b, kvh)`, over every query tile of every head of the group. With `dq`
-/// (`[G][Q][dp]`, this group's rows of one partial dQ), also adds this kv tile's share of dQ into it.
+/// dK and dV of kv tile `kb` of `(b, kvh)`, over every query tile of every head of the group, whose query
+/// and dO rows are packed in `rows` (`[G][Q][..]`). With `dq` (`[G][Q][dp]`, this group's rows of one partial
+/// dQ), also adds this kv tile's share of dQ into it.
 #[inline(always)]
-fn kv_body<T: Float, A: Real, const FMA: bool>(
+#[allow(clippy::too_many_arguments)]
+fn kv_body<T: Float, A: Acc, K: Kern<A = A, E = A>>(
     job: &Job<T, A>,
     sc: &mut Scratch<A>,
+    rows: &Packed<A>,
     b: usize,
     kvh: usize,
     kb: usize,
@@ -1050,20 +941,21 @@ fn kv_body<T: Float, A: Real, const FMA: bool>(
                 }
                 continue;
             }
-            pack_rows(&job.q, b, h, q0, m, d, dp, &mut sc.qp);
-            pack_rows(&job.dout, b, h, q0, m, dv, dvp, &mut sc.dop);
             if cls == BlockClass::Partial {
                 job.mask
                     .fill(b, h, q0..q0 + m, c0..c0 + n, &mut sc.vis[..m * n]);
             }
-            tile::<T, A, FMA>(job, sc, b, h, q0, m, c0, n, cls, true);
+            let at = gi * q + q0;
+            let (qp, dop) = (&rows.q[at * dp..], &rows.dout[at * dvp..]);
+            tile::<T, A, K>(job, sc, qp, dop, b, h, q0, m, c0, n, cls, true);
             // dV[c] += Σ_r P[r][c] dO[r];  dK[c] += Σ_r dS[r][c] Q[r]  (scale applied at the end).
-            gemm::<A, FMA>(n, dvp, m, &sc.p, 1, BK, &sc.dop, dvp, &mut sc.acc_v, dvp);
-            gemm::<A, FMA>(n, dp, m, &sc.ds, 1, BK, &sc.qp, dp, &mut sc.acc_k, dp);
+            transpose(&sc.p, m, n, &mut sc.pt);
+            transpose(&sc.ds, m, n, &mut sc.dst);
+            mm::<A, K>(n, dvp, m, &sc.pt, BQ, dop, dvp, &mut sc.acc_v, dvp, true);
+            mm::<A, K>(n, dp, m, &sc.dst, BQ, qp, dp, &mut sc.acc_k, dp, true);
             if let Some(dq) = dq.as_deref_mut() {
                 // dQ[r] += Σ_c dS[r][c] K[c]  (scale applied by the reduction).
-                let rows = &mut dq[(gi * q + q0) * dp..];
-                gemm::<A, FMA>(m, dp, n, &sc.ds, BK, 1, &sc.kr, dp, rows, dp);
+                mm::<A, K>(m, dp, n, &sc.ds, BK, &sc.kr, dp, &mut dq[at * dp..], dp, true);
             }
         }
     }
@@ -1076,20 +968,20 @@ fn kv_body<T: Float, A: Real, const FMA: bool>(
 
 /// Second pass: dQ of query tile `qb` of `(b, h)`, over every kv tile.
 #[inline(always)]
-fn q_body<T: Float, A: Real, const FMA: bool>(
+fn q_body<T: Float, A: Acc, K: Kern<A = A, E = A>>(
     job: &Job<T, A>,
     sc: &mut Scratch<A>,
+    rows: &mut Packed<A>,
     b: usize,
     h: usize,
     qb: usize,
 ) {
     let Dims { g, q, k, d, dv, .. } = job.dims;
-    let (dp, dvp) = (job.dp, job.dvp);
+    let dp = job.dp;
     let kvh = h / g;
     let q0 = qb * BQ;
     let m = (q - q0).min(BQ);
-    pack_rows(&job.q, b, h, q0, m, d, dp, &mut sc.qp);
-    pack_rows(&job.dout, b, h, q0, m, dv, dvp, &mut sc.dop);
+    rows.pack(job, b, h, q0, m, 0, true);
     sc.acc_k[..BQ * dp].fill(A::ZERO);
     for kb in 0..job.nkb() {
         let c0 = kb * BK;
@@ -1105,98 +997,145 @@ fn q_body<T: Float, A: Real, const FMA: bool>(
             job.mask
                 .fill(b, h, q0..q0 + m, c0..c0 + n, &mut sc.vis[..m * n]);
         }
-        tile::<T, A, FMA>(job, sc, b, h, q0, m, c0, n, cls, false);
+        tile::<T, A, K>(job, sc, &rows.q, &rows.dout, b, h, q0, m, c0, n, cls, false);
         // dQ[r] += Σ_c dS[r][c] K[c]  (scale applied at the end).
-        gemm::<A, FMA>(m, dp, n, &sc.ds, BK, 1, &sc.kr, dp, &mut sc.acc_k, dp);
+        mm::<A, K>(m, dp, n, &sc.ds, BK, &sc.kr, dp, &mut sc.acc_k, dp, true);
     }
     // SAFETY: rows q0..q0 + m of (b, h) are in range and belong to this item alone.
     unsafe { write_rows(&job.dq, b, h, q0, m, d, &sc.acc_k, dp, job.scale) };
 }
 
-/// Which compilation of the item bodies to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Simd {
-    Portable,
-    Avx2,
-    Avx512,
+/// The per-ISA entry points: the generic bodies above, compiled inside `#[target_feature]` functions (so
+/// their element-wise loops vectorise for the ISA too) around the micro-kernel `Self`.
+trait Entry: Kern<E = <Self as Kern>::A> {
+    /// # Safety
+    /// The CPU must support the kernel's target features.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kv<T: Float>(
+        job: &Job<T, Self::A>,
+        sc: &mut Scratch<Self::A>,
+        rows: &Packed<Self::A>,
+        b: usize,
+        kvh: usize,
+        kb: usize,
+        dq: Option<&mut [Self::A]>,
+    );
+    /// # Safety
+    /// As for [`Entry::kv`].
+    unsafe fn q<T: Float>(
+        job: &Job<T, Self::A>,
+        sc: &mut Scratch<Self::A>,
+        rows: &mut Packed<Self::A>,
+        b: usize,
+        h: usize,
+        qb: usize,
+    );
+    /// # Safety
+    /// As for [`Entry::kv`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn stats<T: Float>(
+        job: &Job<T, Self::A>,
+        sc: &mut Scratch<Self::A>,
+        rows: &mut Packed<Self::A>,
+        b: usize,
+        h: usize,
+        shift: &mut [Self::A],
+        norm: &mut [Self::A],
+        delta: &mut [Self::A],
+    );
 }
 
+macro_rules! entry {
+    ($kern:ty, $a:ty $(, $feature:literal)?) => {
+        impl Entry for $kern {
+            unsafe fn kv<T: Float>(
+                job: &Job<T, $a>,
+                sc: &mut Scratch<$a>,
+                rows: &Packed<$a>,
+                b: usize,
+                kvh: usize,
+                kb: usize,
+                dq: Option<&mut [$a]>,
+            ) {
+                $(#[target_feature(enable = $feature)])?
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn go<T: Float>(
+                    job: &Job<T, $a>,
+                    sc: &mut Scratch<$a>,
+                    rows: &Packed<$a>,
+                    b: usize,
+                    kvh: usize,
+                    kb: usize,
+                    dq: Option<&mut [$a]>,
+                ) {
+                    kv_body::<T, $a, $kern>(job, sc, rows, b, kvh, kb, dq)
+                }
+                // SAFETY: the caller guarantees the CPU has the features `go` is compiled for.
+                unsafe { go::<T>(job, sc, rows, b, kvh, kb, dq) }
+            }
+            unsafe fn q<T: Float>(
+                job: &Job<T, $a>,
+                sc: &mut Scratch<$a>,
+                rows: &mut Packed<$a>,
+                b: usize,
+                h: usize,
+                qb: usize,
+            ) {
+                $(#[target_feature(enable = $feature)])?
+                unsafe fn go<T: Float>(
+                    job: &Job<T, $a>,
+                    sc: &mut Scratch<$a>,
+                    rows: &mut Packed<$a>,
+                    b: usize,
+                    h: usize,
+                    qb: usize,
+                ) {
+                    q_body::<T, $a, $kern>(job, sc, rows, b, h, qb)
+                }
+                // SAFETY: as above.
+                unsafe { go::<T>(job, sc, rows, b, h, qb) }
+            }
+            unsafe fn stats<T: Float>(
+                job: &Job<T, $a>,
+                sc: &mut Scratch<$a>,
+                rows: &mut Packed<$a>,
+                b: usize,
+                h: usize,
+                shift: &mut [$a],
+                norm: &mut [$a],
+                delta: &mut [$a],
+            ) {
+                $(#[target_feature(enable = $feature)])?
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn go<T: Float>(
+                    job: &Job<T, $a>,
+                    sc: &mut Scratch<$a>,
+                    rows: &mut Packed<$a>,
+                    b: usize,
+                    h: usize,
+                    shift: &mut [$a],
+                    norm: &mut [$a],
+                    delta: &mut [$a],
+                ) {
+                    row_stats::<T, $a, $kern>(job, sc, rows, b, h, shift, norm, delta)
+                }
+                // SAFETY: as above.
+                unsafe { go::<T>(job, sc, rows, b, h, shift, norm, delta) }
+            }
+        }
+    };
+}
+
+entry!(Portable<f32>, f32);
+entry!(Portable<f64>, f64);
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn kv_avx512<T: Float, A: Real>(
-    j: &Job<T, A>,
-    sc: &mut Scratch<A>,
-    b: usize,
-    h: usize,
-    t: usize,
-    dq: Option<&mut [A]>,
-) {
-    kv_body::<T, A, true>(j, sc, b, h, t, dq)
-}
-
+entry!(super::gemm::Avx2F32, f32, "avx2,fma");
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn q_avx512<T: Float, A: Real>(j: &Job<T, A>, sc: &mut Scratch<A>, b: usize, h: usize, t: usize) {
-    q_body::<T, A, true>(j, sc, b, h, t)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn kv_avx2<T: Float, A: Real>(
-    j: &Job<T, A>,
-    sc: &mut Scratch<A>,
-    b: usize,
-    h: usize,
-    t: usize,
-    dq: Option<&mut [A]>,
-) {
-    kv_body::<T, A, true>(j, sc, b, h, t, dq)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn q_avx2<T: Float, A: Real>(j: &Job<T, A>, sc: &mut Scratch<A>, b: usize, h: usize, t: usize) {
-    q_body::<T, A, true>(j, sc, b, h, t)
-}
-
-fn kv_item<T: Float, A: Real>(
-    simd: Simd,
-    job: &Job<T, A>,
-    sc: &mut Scratch<A>,
-    b: usize,
-    kvh: usize,
-    kb: usize,
-    dq: Option<&mut [A]>,
-) {
-    match simd {
-        // SAFETY: `Simd::Avx512` is only chosen when `Isa::get` found AVX-512F, AVX2 and FMA.
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 => unsafe { kv_avx512(job, sc, b, kvh, kb, dq) },
-        // SAFETY: `Simd::Avx2` is only chosen when `Isa::get` found AVX2 and FMA.
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => unsafe { kv_avx2(job, sc, b, kvh, kb, dq) },
-        _ => kv_body::<T, A, false>(job, sc, b, kvh, kb, dq),
-    }
-}
-
-fn q_item<T: Float, A: Real>(
-    simd: Simd,
-    job: &Job<T, A>,
-    sc: &mut Scratch<A>,
-    b: usize,
-    h: usize,
-    qb: usize,
-) {
-    match simd {
-        // SAFETY: as in `kv_item`.
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 => unsafe { q_avx512(job, sc, b, h, qb) },
-        // SAFETY: as in `kv_item`.
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => unsafe { q_avx2(job, sc, b, h, qb) },
-        _ => q_body::<T, A, false>(job, sc, b, h, qb),
-    }
-}
+entry!(
+    super::gemm::Avx512F32,
+    f32,
+    "avx512f,avx512bw,avx512vl,avx2,fma"
+);
 
 /// Saved lse values at least this large in magnitude are too coarse in f32 to recover `P` from (their ulp
 /// is 2^-13 or more): such rows (in practice, rows whose every logit is ~`finfo.min`) are recomputed.
@@ -1204,9 +1143,12 @@ const LSE_RECOMPUTE: f32 = 1024.0;
 
 /// `Δ` of every row of `(b, h)`, and how to form its `P` (see [`Job::shift`]): from the saved lse, or, for
 /// f64 inputs and rows whose saved lse is too coarse, recomputed as `(max, 1 / sum)` in `A`.
-fn row_stats<T: Float, A: Real>(
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn row_stats<T: Float, A: Acc, K: Kern<A = A, E = A>>(
     job: &Job<T, A>,
     sc: &mut Scratch<A>,
+    rows: &mut Packed<A>,
     b: usize,
     h: usize,
     shift: &mut [A],
@@ -1214,7 +1156,8 @@ fn row_stats<T: Float, A: Real>(
     delta: &mut [A],
 ) {
     let Dims { q, k, d, dv, g, .. } = job.dims;
-    let mut redo = vec![A::RECOMPUTE_LSE; q];
+    // f64 inputs recompute every row: the f32 lse would cap the f64 gradients' accuracy at ~1e-7.
+    let mut redo = vec![!A::IS_F32; q];
     for i in 0..q {
         let mut acc = A::ZERO;
         for c in 0..dv {
@@ -1246,7 +1189,7 @@ fn row_stats<T: Float, A: Real>(
         if !redo[q0..q0 + m].contains(&true) {
             continue;
         }
-        pack_rows(&job.q, b, h, q0, m, d, dp, &mut sc.qp);
+        rows.pack(job, b, h, q0, m, 0, false);
         let mut mx = [A::NEG_INF; BQ];
         let mut sum = [A::ZERO; BQ];
         for kb in 0..job.nkb() {
@@ -1262,8 +1205,7 @@ fn row_stats<T: Float, A: Real>(
                     .fill(b, h, q0..q0 + m, c0..c0 + n, &mut sc.vis[..m * n]);
             }
             let p = &mut sc.p[..m * BK];
-            p.fill(A::ZERO);
-            gemm::<A, false>(m, BK, d, &sc.qp, dp, 1, &sc.kt, BK, p, BK);
+            mm::<A, K>(m, BK, d, &rows.q, dp, &sc.kt, BK, p, BK, false);
             logits(
                 job,
                 p,
@@ -1288,10 +1230,10 @@ fn row_stats<T: Float, A: Real>(
                 let mut s = if mx[r] == A::NEG_INF {
                     A::ZERO
                 } else {
-                    sum[r] * (mx[r] - new).exp()
+                    sum[r] * (mx[r] - new).exp_nonpos()
                 };
                 for &v in x {
-                    s = s + (v - new).exp();
+                    s = s + (v - new).exp_nonpos();
                 }
                 (mx[r], sum[r]) = (new, s);
             }
@@ -1304,15 +1246,15 @@ fn row_stats<T: Float, A: Real>(
                 let kept = if top == A::NEG_INF {
                     A::ZERO
                 } else {
-                    s * (top - new).exp()
+                    s * (top - new).exp_nonpos()
                 };
-                (top, s) = (new, kept + (sk - new).exp());
+                (top, s) = (new, kept + (sk - new).exp_nonpos());
             }
             shift[q0 + r] = top;
             norm[q0 + r] = if top == A::NEG_INF {
                 A::ONE
             } else {
-                A::ONE / s
+                s.recip()
             };
         }
     }
@@ -1346,14 +1288,12 @@ fn split_chunks(dims: &Dims, dp: usize, elem: usize, nkb: usize) -> Option<usize
     (chunks >= 1).then_some(chunks)
 }
 
-fn run<T: Float, A: Real>(
-    args: &AttentionGradArgs,
-    chk: &Checked,
-    simd: Simd,
-    strategy: DqPath,
-) -> Result<()> {
+/// Runs the call on inputs of type `T` with micro-kernel `K` (whose features the CPU has: see
+/// [`backward_with`]).
+fn run<T: Float, K: Entry>(args: &AttentionGradArgs, chk: &Checked, strategy: DqPath) -> Result<()> {
+    type A<K> = <K as Kern>::A;
     let dims = chk.dims;
-    let mut job = Job::<T, A> {
+    let mut job = Job::<T, A<K>> {
         dims,
         q: Strided::of(args.query),
         k: Strided::of(args.key),
@@ -1373,8 +1313,10 @@ fn run<T: Float, A: Real>(
         grad_bias: args.grad_bias.map(AnyOut::of),
         sinks: args.sinks.map(read_sinks),
         mask: args.mask,
-        scale: A::from_f64(args.scale),
-        softcap: args.softcap.map(|c| (A::from_f64(c), A::from_f64(1.0 / c))),
+        scale: A::<K>::from_f64(args.scale),
+        softcap: args
+            .softcap
+            .map(|c| (A::<K>::from_f64(c), A::<K>::from_f64(1.0 / c))),
         drop: DropMask::new(args.dropout, dims.h, dims.q),
         shift: Vec::new(),
         norm: Vec::new(),
@@ -1385,11 +1327,13 @@ fn run<T: Float, A: Real>(
     let Dims {
         b: nb, h, hkv, q, ..
     } = dims;
+    let zero = A::<K>::ZERO;
+    let init = |job: &Job<T, A<K>>| (Scratch::new(job), Packed::new());
     threads::install(chk.threads, || {
         let rows = nb * h * q;
-        let mut shift = vec![A::ZERO; rows];
-        let mut norm = vec![A::ZERO; rows];
-        let mut delta = vec![A::ZERO; rows];
+        let mut shift = vec![zero; rows];
+        let mut norm = vec![zero; rows];
+        let mut delta = vec![zero; rows];
         if q > 0 {
             shift
                 .par_chunks_mut(q)
@@ -1397,8 +1341,11 @@ fn run<T: Float, A: Real>(
                 .zip(delta.par_chunks_mut(q))
                 .enumerate()
                 .for_each_init(
-                    || Scratch::new(&job),
-                    |sc, (bh, ((s, nm), dl))| row_stats(&job, sc, bh / h, bh % h, s, nm, dl),
+                    || init(&job),
+                    |(sc, pk), (bh, ((s, nm), dl))| {
+                        // SAFETY: `K` is only chosen when the CPU has its features (`backward_with`).
+                        unsafe { K::stats(&job, sc, pk, bh / h, bh % h, s, nm, dl) }
+                    },
                 );
         }
         (job.shift, job.norm, job.delta) = (shift, norm, delta);
@@ -1424,29 +1371,38 @@ fn run<T: Float, A: Real>(
         }
         let nkb = job.nkb();
         let chunks = match strategy {
-            DqPath::Auto => split_chunks(&dims, job.dp, std::mem::size_of::<A>(), nkb),
+            DqPath::Auto => split_chunks(&dims, job.dp, std::mem::size_of::<A<K>>(), nkb),
             DqPath::TwoPass => None,
             DqPath::Split(p) => Some(p.clamp(1, nkb.max(1))),
         };
-        let per = dims.g * q * job.dp; // one group's rows of one partial dQ
+        let g = dims.g;
+        // The query and dO rows of one GQA group, packed once per item.
+        let pack_group = |pk: &mut Packed<A<K>>, b: usize, kvh: usize| {
+            for gi in 0..g {
+                pk.pack(job, b, kvh * g + gi, 0, q, gi * q, true);
+            }
+        };
+        let per = g * q * job.dp; // one group's rows of one partial dQ
         if let Some(chunks) = chunks.filter(|_| per > 0 && nkb > 0) {
             // One pass: item (chunk, b, kvh) owns kv tiles kb ≡ chunk (mod chunks) (interleaved, so causal
             // work is balanced) and its own partial dQ; the partials are summed in chunk order.
-            let mut part = vec![A::ZERO; chunks * nb * hkv * per];
+            let mut part = vec![zero; chunks * nb * hkv * per];
             part.par_chunks_mut(per).enumerate().for_each_init(
-                || Scratch::new(job),
-                |sc, (idx, dq)| {
+                || init(job),
+                |(sc, pk), (idx, dq)| {
                     let (chunk, bh) = (idx / (nb * hkv), idx % (nb * hkv));
+                    pack_group(pk, bh / hkv, bh % hkv);
                     for kb in (chunk..nkb).step_by(chunks) {
-                        kv_item(simd, job, sc, bh / hkv, bh % hkv, kb, Some(&mut *dq));
+                        // SAFETY: as above.
+                        unsafe { K::kv(job, sc, pk, bh / hkv, bh % hkv, kb, Some(&mut *dq)) };
                     }
                 },
             );
             let part = &part;
             (0..nb * h).into_par_iter().for_each(|bh| {
                 let (b, hh) = (bh / h, bh % h);
-                let (kvh, gi) = (hh / dims.g, hh % dims.g);
-                let mut acc = vec![A::ZERO; q * job.dp];
+                let (kvh, gi) = (hh / g, hh % g);
+                let mut acc = vec![zero; q * job.dp];
                 for chunk in 0..chunks {
                     let base = ((chunk * nb + b) * hkv + kvh) * per + gi * q * job.dp;
                     for (x, &y) in acc.iter_mut().zip(&part[base..base + q * job.dp]) {
@@ -1459,19 +1415,25 @@ fn run<T: Float, A: Real>(
             return;
         }
         (0..nb * hkv * nkb).into_par_iter().for_each_init(
-            || Scratch::new(job),
-            |sc, idx| {
+            || (init(job), usize::MAX),
+            |((sc, pk), packed_for), idx| {
                 let (bh, kb) = (idx / nkb, idx % nkb);
-                kv_item(simd, job, sc, bh / hkv, bh % hkv, kb, None);
+                if *packed_for != bh {
+                    pack_group(pk, bh / hkv, bh % hkv);
+                    *packed_for = bh;
+                }
+                // SAFETY: as above.
+                unsafe { K::kv(job, sc, pk, bh / hkv, bh % hkv, kb, None) };
             },
         );
         let nqb = job.nqb();
         // Largest first: under a causal mask the last query tiles see the most keys.
         (0..nb * h * nqb).into_par_iter().for_each_init(
-            || Scratch::new(job),
-            |sc, idx| {
+            || init(job),
+            |(sc, pk), idx| {
                 let (bh, qb) = (idx / nqb, nqb - 1 - idx % nqb);
-                q_item(simd, job, sc, bh / h, bh % h, qb);
+                // SAFETY: as above.
+                unsafe { K::q(job, sc, pk, bh / h, bh % h, qb) };
             },
         );
     })

@@ -8,6 +8,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::block::{CausalTiles, NoMask};
+use crate::isa::Isa;
 use crate::kernel::test_support::{layout, Layout, Rng};
 use crate::kernel::{attention_forward, AttentionArgs, Dropout};
 

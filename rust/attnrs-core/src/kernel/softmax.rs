@@ -1,4 +1,5 @@
-//! The one online-softmax step every kernel variant shares, and the row finalisation / split merge.
+//! The accumulator type both kernels (forward and backward) compute in, the one online-softmax step every
+//! forward variant shares, and the row finalisation / split merge.
 //!
 //! Per row the state is the running maximum `m`, the running denominator `l` (relative to `m`) and the
 //! accumulator row `O` (also relative to `m`). A tile turns raw scores into logits (scale, softcap, bias,
@@ -29,6 +30,8 @@ pub(crate) trait Acc:
     const NEG_INF: Self;
     fn from_f64(x: f64) -> Self;
     fn to_f32(self) -> f32;
+    fn to_f64(self) -> f64;
+    fn is_finite(self) -> bool;
     fn read<T: Float>(x: T) -> Self;
     fn write<T: Float>(self) -> T;
     /// `exp(x)` for `x <= 0` (and `-inf`, giving 0); f32 uses a vectorisable polynomial (rel. err. ~2e-7).
@@ -52,6 +55,14 @@ impl Acc for f32 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn is_finite(self) -> bool {
+        f32::is_finite(self)
     }
     #[inline(always)]
     fn read<T: Float>(x: T) -> Self {
@@ -103,6 +114,14 @@ impl Acc for f64 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self as f32
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn is_finite(self) -> bool {
+        f64::is_finite(self)
     }
     #[inline(always)]
     fn read<T: Float>(x: T) -> Self {

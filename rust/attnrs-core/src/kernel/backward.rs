@@ -23,8 +23,9 @@
 //! not classify [`BlockClass::Empty`]. dQ is formed one of two ways, chosen from the shapes alone:
 //!
 //! - split (the default when it fits 256 MiB): item `(chunk, b, kvh)` takes kv tiles `kb ≡ chunk (mod P)`
-//!   (`P <= 4`; interleaved so causal work is balanced) and also adds `dS·K` into its own partial dQ; the `P`
-//!   partials are then summed in chunk order. Five products per tile pair.
+//!   (`P <= 4`, only as many as it takes to make 8 items; interleaved so causal work is balanced) and also
+//!   adds `dS·K` into its own partial dQ; the `P` partials are then summed in chunk order. Five products per
+//!   tile pair.
 //! - two-pass (when the partials would not fit): items `(b, kv head, kv tile)` form dK/dV only, then items
 //!   `(b, query head, query tile)` recompute `P` and `dS` and form dQ. Seven products per tile pair, no
 //!   extra memory.
@@ -1275,8 +1276,12 @@ pub(crate) enum DqPath {
 
 /// Bytes the partial dQs of [`DqPath::Split`] may take.
 const SPLIT_BUDGET: usize = 256 << 20;
-/// Most partial dQs: `B · Hkv · SPLIT_MAX` items run in parallel (more would use more memory).
+/// Most partial dQs (more would use more memory).
 const SPLIT_MAX: usize = 4;
+/// Work items the split path aims for: below this many `(b, kv head)` pairs, the kv tiles are split into
+/// up to [`SPLIT_MAX`] chunks. A constant, not the thread count, so that gradients never depend on it; each
+/// extra chunk costs a partial dQ and another packing of the group's rows, so no more are made than needed.
+const SPLIT_ITEMS: usize = 8;
 
 /// The number of partial dQs [`DqPath::Auto`] uses, or `None` for the two-pass path.
 fn split_chunks(dims: &Dims, dp: usize, elem: usize, nkb: usize) -> Option<usize> {
@@ -1284,7 +1289,8 @@ fn split_chunks(dims: &Dims, dp: usize, elem: usize, nkb: usize) -> Option<usize
     if bytes == 0 || nkb == 0 {
         return None;
     }
-    let chunks = (SPLIT_BUDGET / bytes).min(SPLIT_MAX).min(nkb);
+    let wanted = SPLIT_ITEMS.div_ceil(dims.b * dims.hkv).min(SPLIT_MAX);
+    let chunks = (SPLIT_BUDGET / bytes).min(wanted).min(nkb);
     (chunks >= 1).then_some(chunks)
 }
 

@@ -161,7 +161,7 @@ pub(crate) fn backward_with(
     }
 }
 
-/// f32 accumulation on the micro-kernel `backend` resolved to (AVX-512 BF16 runs the AVX-512F kernel).
+/// f32 accumulation on the micro-kernel `backend` resolved to.
 fn by_backend<T: Float>(
     args: &AttentionGradArgs,
     checked: &Checked,
@@ -170,9 +170,13 @@ fn by_backend<T: Float>(
 ) -> Result<()> {
     #[cfg(target_arch = "x86_64")]
     {
-        use super::gemm::{Avx2F32, Avx512F32};
+        use super::gemm::{Avx2F32, Avx512Bf16, Avx512F32};
         // `Backend::resolve` only returns a path whose features this CPU has.
         match backend {
+            // bf16 inputs: `vdpbf16ps` products (P and dS rounded to bf16 as operands, f32 accumulation).
+            Backend::Avx512Bf16 if T::DTYPE == DType::BF16 => {
+                return run::<T, Avx512Bf16>(args, checked, strategy)
+            }
             Backend::Avx512 | Backend::Avx512Bf16 => {
                 return run::<T, Avx512F32>(args, checked, strategy)
             }
@@ -526,26 +530,32 @@ impl<T, A> Job<'_, T, A> {
     }
 }
 
-/// Query and dO rows packed once per item (A-typed, zero-padded to `dp` / `dvp`): all rows of the GQA
-/// group `[G][Q][..]` for a kv item, one tile `[BQ][..]` for a dQ item or a row-statistics pass.
-struct Packed<A> {
-    q: Vec<A>,
-    dout: Vec<A>,
+/// Query and dO rows packed once per item as operands of `K`: all rows of the GQA group (`[G][Q'][..]`,
+/// `Q'` = Q rounded up to even) for a kv item, one tile for a dQ item or a row-statistics pass. Row-major
+/// copies are the A operands of `Q·Kᵀ` and `dO·Vᵀ`; the B operands of `dSᵀ·Q` and `Pᵀ·dO` take rows in pairs
+/// (`[Q'/2][..][2]`) when `K::PAIR == 2` (for `PAIR == 1` the row-major copies serve).
+struct Packed<E> {
+    q: Vec<E>,
+    dout: Vec<E>,
+    q_pairs: Vec<E>,
+    dout_pairs: Vec<E>,
 }
 
-impl<A: Acc> Packed<A> {
+impl<E: Copy + Default> Packed<E> {
     fn new() -> Self {
         Packed {
             q: Vec::new(),
             dout: Vec::new(),
+            q_pairs: Vec::new(),
+            dout_pairs: Vec::new(),
         }
     }
 
-    /// Packs rows `r0..r0 + rows` of query head `h` (and of dO when `with_dout`) at row `at` of the buffers.
+    /// Packs rows `r0..r0 + rows` of query head `h` (and of dO when `with_dout`) at row `at` (even).
     #[allow(clippy::too_many_arguments)]
-    fn pack<T: Float>(
+    fn pack<K: Kern<E = E>, T: Float>(
         &mut self,
-        job: &Job<T, A>,
+        job: &Job<T, K::A>,
         b: usize,
         h: usize,
         r0: usize,
@@ -553,97 +563,132 @@ impl<A: Acc> Packed<A> {
         at: usize,
         with_dout: bool,
     ) {
+        debug_assert!(at.is_multiple_of(2));
+        let Dims { d, dv, .. } = job.dims;
         let (dp, dvp) = (job.dp, job.dvp);
-        let need = (at + rows) * dp;
-        if self.q.len() < need {
-            self.q.resize(need, A::ZERO);
-        }
-        pack_rows(&job.q, b, h, r0, rows, job.dims.d, dp, &mut self.q[at * dp..]);
-        if with_dout {
-            let need = (at + rows) * dvp;
-            if self.dout.len() < need {
-                self.dout.resize(need, A::ZERO);
+        let end = at + rows.next_multiple_of(2);
+        let grow = |v: &mut Vec<E>, len: usize| {
+            if v.len() < len {
+                v.resize(len, E::default());
             }
-            pack_rows(&job.dout, b, h, r0, rows, job.dims.dv, dvp, &mut self.dout[at * dvp..]);
+        };
+        grow(&mut self.q, end * dp);
+        pack_a::<K, T>(&job.q, b, h, r0, rows, d, dp, &mut self.q[at * dp..]);
+        if K::PAIR == 2 {
+            grow(&mut self.q_pairs, end * dp);
+            pack_b_rows::<K, T>(&job.q, b, h, r0, rows, d, dp, &mut self.q_pairs[at * dp..]);
+        }
+        if with_dout {
+            grow(&mut self.dout, end * dvp);
+            pack_a::<K, T>(
+                &job.dout,
+                b,
+                h,
+                r0,
+                rows,
+                dv,
+                dvp,
+                &mut self.dout[at * dvp..],
+            );
+            if K::PAIR == 2 {
+                grow(&mut self.dout_pairs, end * dvp);
+                let dst = &mut self.dout_pairs[at * dvp..];
+                pack_b_rows::<K, T>(&job.dout, b, h, r0, rows, dv, dvp, dst);
+            }
+        }
+    }
+
+    /// The B-operand rows of query and dO (see the type's docs).
+    fn b_rows(&self, pair: usize) -> (&[E], &[E]) {
+        if pair == 2 {
+            (&self.q_pairs, &self.dout_pairs)
+        } else {
+            (&self.q, &self.dout)
         }
     }
 }
 
-/// Per-item tile buffers (A-typed; packed operands are zero-padded to the packed widths).
-struct Scratch<A> {
-    /// Kᵀ `[D][BK]`.
-    kt: Vec<A>,
-    /// Vᵀ `[Dv][BK]`.
-    vt: Vec<A>,
-    /// K rows `[BK][dp]`.
-    kr: Vec<A>,
+/// Per-item tile buffers: operands (`K::E`, zero-padded to the packed widths) and accumulators (`K::A`).
+struct Scratch<K: Kern> {
+    /// Kᵀ and Vᵀ of the kv tile as B operands, `[D'/PAIR][BK][PAIR]`.
+    kt: Vec<K::E>,
+    vt: Vec<K::E>,
+    /// K rows of the kv tile as the B operand of `dS·K`, `[BK/PAIR][dp][PAIR]`.
+    kr: Vec<K::E>,
     /// Logits, then P, `[BQ][BK]`.
-    p: Vec<A>,
+    p: Vec<K::A>,
     /// dP, then dS, `[BQ][BK]`.
-    ds: Vec<A>,
-    /// Pᵀ and dSᵀ `[BK][BQ]` (the A operands of the dV and dK products).
-    pt: Vec<A>,
-    dst: Vec<A>,
+    ds: Vec<K::A>,
+    /// Pᵀ and dSᵀ `[BK][BQ]`, and dS `[BQ][BK]`, as A operands.
+    pt: Vec<K::E>,
+    dst: Vec<K::E>,
+    ds_e: Vec<K::E>,
     /// Softcap derivative `1 - t²`, `[BQ][BK]`.
-    g: Vec<A>,
+    g: Vec<K::A>,
     /// Visibility of a partial tile, `[m][n]`.
     vis: Vec<u8>,
     /// One bias row, `[BK]`.
-    brow: Vec<A>,
+    brow: Vec<K::A>,
     /// dK `[BK][dp]` (kv items) or dQ `[BQ][dp]` (dQ items).
-    acc_k: Vec<A>,
+    acc_k: Vec<K::A>,
     /// dV `[BK][dvp]`.
-    acc_v: Vec<A>,
-    zeros: Vec<A>,
+    acc_v: Vec<K::A>,
+    zeros: Vec<K::A>,
 }
 
-impl<A: Acc> Scratch<A> {
-    fn new<T>(job: &Job<T, A>) -> Self {
+impl<K: Kern> Scratch<K> {
+    fn new<T>(job: &Job<T, K::A>) -> Self {
         let Dims { d, dv, .. } = job.dims;
         let (dp, dvp) = (job.dp, job.dvp);
+        let (ze, za) = (K::E::default(), K::A::ZERO);
         Scratch {
-            kt: vec![A::ZERO; d * BK],
-            vt: vec![A::ZERO; dv * BK],
-            kr: vec![A::ZERO; BK * dp],
-            p: vec![A::ZERO; BQ * BK],
-            ds: vec![A::ZERO; BQ * BK],
-            pt: vec![A::ZERO; BK * BQ],
-            dst: vec![A::ZERO; BK * BQ],
-            g: vec![A::ZERO; BQ * BK],
+            kt: vec![ze; d.next_multiple_of(2) * BK],
+            vt: vec![ze; dv.next_multiple_of(2) * BK],
+            kr: vec![ze; BK * dp],
+            p: vec![za; BQ * BK],
+            ds: vec![za; BQ * BK],
+            pt: vec![ze; BK * BQ],
+            dst: vec![ze; BK * BQ],
+            ds_e: vec![ze; BQ * BK],
+            g: vec![za; BQ * BK],
             vis: vec![0; BQ * BK],
-            brow: vec![A::ZERO; BK],
-            acc_k: vec![A::ZERO; BK.max(BQ) * dp],
-            acc_v: vec![A::ZERO; BK * dvp],
-            zeros: vec![A::ZERO; BK],
+            brow: vec![za; BK],
+            acc_k: vec![za; BK.max(BQ) * dp],
+            acc_v: vec![za; BK * dvp],
+            zeros: vec![za; BK],
         }
     }
 }
 
-/// `c[i*ldc + j] (+)= Σ_p a[i*lda + p] · b[p*ldb + j]` for `i < m`, `j < n`, `p < kp` on the micro-kernel `K`;
-/// `n % 16 == 0`. Each element of `c` is summed in order of `p`, so the result depends only on the operands.
+/// `c[i*ldc + j] (+)= Σ_p A(i, p) · B(p, j)` for `i < m`, `j < n` over `kp` packed units of k (pairs for
+/// `PAIR == 2`) on the micro-kernel `K`, with the operand layouts of [`Kern::gemm`]; `n % 16 == 0`. Each
+/// element of `c` is summed in order of `p`, so the result depends only on the operands.
 ///
 /// # Panics
 /// When a range falls outside its slice (a bug: callers size every buffer for its tile).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn mm<A: Acc, K: Kern<A = A, E = A>>(
+fn mm<K: Kern>(
     m: usize,
     n: usize,
     kp: usize,
-    a: &[A],
+    a: &[K::E],
     lda: usize,
-    b: &[A],
+    b: &[K::E],
     ldb: usize,
-    c: &mut [A],
+    c: &mut [K::A],
     ldc: usize,
     accumulate: bool,
 ) {
     if m == 0 || n == 0 {
         return;
     }
+    let pair = K::PAIR;
     assert!(n.is_multiple_of(16) && n <= ldc && c.len() >= (m - 1) * ldc + n);
-    assert!(kp == 0 || (a.len() >= (m - 1) * lda + kp && b.len() >= (kp - 1) * ldb + n));
-    assert!((m == 1 || kp <= lda) && (kp <= 1 || n <= ldb));
+    assert!(
+        kp == 0 || (a.len() >= (m - 1) * lda + kp * pair && b.len() >= ((kp - 1) * ldb + n) * pair)
+    );
+    assert!((m == 1 || kp * pair <= lda) && (kp <= 1 || n <= ldb));
     // SAFETY: the asserts above put every element the product reads or writes inside its slice; `K` is
     // only instantiated inside entry points compiled for (and called on) CPUs with its features.
     unsafe {
@@ -662,20 +707,24 @@ fn mm<A: Acc, K: Kern<A = A, E = A>>(
     }
 }
 
-/// `dst[c * BQ + r] = src[r * BK + c]` for `r < m`, `c < n`: a tile transposed for the dV and dK products.
+/// `dst[c * BQ + r] = src[r * BK + c]` for `r < m`, `c < n`, as operands (zero for the odd row's partner):
+/// a tile transposed into the A operand of the dV and dK products.
 #[inline(always)]
-fn transpose<A: Acc>(src: &[A], m: usize, n: usize, dst: &mut [A]) {
+fn transpose<K: Kern>(src: &[K::A], m: usize, n: usize, dst: &mut [K::E]) {
+    let rows = m.next_multiple_of(K::PAIR);
     for (c, col) in dst.chunks_exact_mut(BQ).take(n).enumerate() {
         for (r, x) in col[..m].iter_mut().enumerate() {
-            *x = src[r * BK + c];
+            *x = K::to_e(src[r * BK + c]);
         }
+        col[m..rows].fill(K::E::default());
     }
 }
 
-/// `dst[r * ld + c] = src[b, h, r0 + r, c]` for `r < rows`, `c < width`, zeros for `width <= c < ld`.
+/// Row-major operand rows: `dst[r * ld + c] = src[b, h, r0 + r, c]` for `r < rows`, `c < width`, zeros for
+/// `width <= c < ld` (and for a missing partner row when `PAIR == 2`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn pack_rows<T: Float, A: Acc>(
+fn pack_a<K: Kern, T: Float>(
     src: &Strided<T>,
     b: usize,
     h: usize,
@@ -683,7 +732,7 @@ fn pack_rows<T: Float, A: Acc>(
     rows: usize,
     width: usize,
     ld: usize,
-    dst: &mut [A],
+    dst: &mut [K::E],
 ) {
     for r in 0..rows {
         let out = &mut dst[r * ld..(r + 1) * ld];
@@ -694,45 +743,85 @@ fn pack_rows<T: Float, A: Acc>(
                 // SAFETY: the row's `width` elements are contiguous and in range.
                 let row = unsafe { std::slice::from_raw_parts(p as *const T, width) };
                 for (x, &y) in out[..width].iter_mut().zip(row) {
-                    *x = A::read(y);
+                    *x = K::load(y);
                 }
             } else {
                 for (c, x) in out[..width].iter_mut().enumerate() {
                     // SAFETY: c < width, the size of the last dim.
-                    *x = A::read(unsafe { p.offset(c as isize * src.st[3]).read() });
+                    *x = K::load(unsafe { p.offset(c as isize * src.st[3]).read() });
                 }
             }
         }
-        out[width..].fill(A::ZERO);
+        out[width..].fill(K::E::default());
+    }
+    dst[rows * ld..rows.next_multiple_of(K::PAIR) * ld].fill(K::E::default());
+}
+
+/// Rows as the B operand of a product over them (`k` = the row): element `(r, j)` of rows `r0..r0 + rows`
+/// at `((r / PAIR) * ld + j) * PAIR + r % PAIR`; zeros for `width <= j < ld` and a missing partner row.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pack_b_rows<K: Kern, T: Float>(
+    src: &Strided<T>,
+    b: usize,
+    h: usize,
+    r0: usize,
+    rows: usize,
+    width: usize,
+    ld: usize,
+    dst: &mut [K::E],
+) {
+    let pair = K::PAIR;
+    let zero = K::E::default();
+    for r in 0..rows.next_multiple_of(pair) {
+        let at = |j: usize| ((r / pair) * ld + j) * pair + r % pair;
+        if r < rows && width > 0 {
+            // SAFETY: (b, h, r0 + r, 0) is in range (r < rows, inside the dim) and width > 0.
+            let p = unsafe { src.at(b, h, r0 + r, 0) };
+            for j in 0..width {
+                // SAFETY: j < width, the size of the last dim.
+                dst[at(j)] = K::load(unsafe { p.offset(j as isize * src.st[3]).read() });
+            }
+        }
+        let from = if r < rows { width } else { 0 };
+        for j in from..ld {
+            dst[at(j)] = zero;
+        }
     }
 }
 
-/// `dst[c' * BK + c] = src[b, h, c0 + c, c']` for `c < n`, `c' < width`; zeros for `n <= c < BK`.
+/// The kv rows `c0..c0 + n` transposed into a B operand: element `(e, c)` = `src[b, h, c0 + c, e]` at
+/// `((e / PAIR) * BK + c) * PAIR + e % PAIR`; zeros for `n <= c < BK` and for `e` up to `width` rounded to even.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn pack_t<T: Float, A: Acc>(
+fn pack_t<K: Kern, T: Float>(
     src: &Strided<T>,
     b: usize,
     h: usize,
     c0: usize,
     n: usize,
     width: usize,
-    dst: &mut [A],
+    dst: &mut [K::E],
 ) {
-    if width == 0 {
-        return;
-    }
+    let pair = K::PAIR;
+    let zero = K::E::default();
+    let at = |e: usize, c: usize| ((e / pair) * BK + c) * pair + e % pair;
     for c in 0..n {
-        // SAFETY: (b, h, c0 + c, 0) is in range: c0 + c < K and width > 0.
-        let p = unsafe { src.at(b, h, c0 + c, 0) };
-        for e in 0..width {
-            // SAFETY: e < width, the size of the last dim.
-            dst[e * BK + c] = A::read(unsafe { p.offset(e as isize * src.st[3]).read() });
+        if width > 0 {
+            // SAFETY: (b, h, c0 + c, 0) is in range: c0 + c < K and width > 0.
+            let p = unsafe { src.at(b, h, c0 + c, 0) };
+            for e in 0..width {
+                // SAFETY: e < width, the size of the last dim.
+                dst[at(e, c)] = K::load(unsafe { p.offset(e as isize * src.st[3]).read() });
+            }
+        }
+        for e in width..width.next_multiple_of(2) {
+            dst[at(e, c)] = zero;
         }
     }
-    if n < BK {
-        for e in 0..width {
-            dst[e * BK + n..(e + 1) * BK].fill(A::ZERO);
+    for c in n..BK {
+        for e in 0..width.next_multiple_of(2) {
+            dst[at(e, c)] = zero;
         }
     }
 }
@@ -818,16 +907,17 @@ fn logits<T, A: Acc>(
     }
 }
 
-/// Recomputes `P` and `dS` of one (query tile, kv tile) pair into `sc.p` and `sc.ds` from the packed query
-/// rows `qp` and dO rows `dop` of the tile and the packed `kt`, `vt` (and `vis` for a partial tile); writes
-/// the tile of `grad_bias` when `write_bias`. With dropout, `sc.p` ends as the dropped weights (for dV).
+/// Recomputes `P` and `dS` of one (query tile, kv tile) pair into `sc.p` and `sc.ds` from the row-major
+/// query and dO operand rows `qa`, `doa` of the tile and the packed `kt`, `vt` (and `vis` for a partial
+/// tile); writes the tile of `grad_bias` when `write_bias`. With dropout, `sc.p` ends as the dropped weights
+/// (for dV).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn tile<T, A: Acc, K: Kern<A = A, E = A>>(
-    job: &Job<T, A>,
-    sc: &mut Scratch<A>,
-    qp: &[A],
-    dop: &[A],
+fn tile<T, K: Kern>(
+    job: &Job<T, K::A>,
+    sc: &mut Scratch<K>,
+    qa: &[K::E],
+    doa: &[K::E],
     b: usize,
     h: usize,
     q0: usize,
@@ -838,7 +928,7 @@ fn tile<T, A: Acc, K: Kern<A = A, E = A>>(
     write_bias: bool,
 ) {
     let Dims { d, dv, .. } = job.dims;
-    let (dp, dvp) = (job.dp, job.dvp);
+    let (dp, dvp, pair) = (job.dp, job.dvp, K::PAIR);
     let Scratch {
         kt,
         vt,
@@ -850,7 +940,7 @@ fn tile<T, A: Acc, K: Kern<A = A, E = A>>(
         ..
     } = sc;
     let p = &mut p[..m * BK];
-    mm::<A, K>(m, BK, d, qp, dp, kt, BK, p, BK, false);
+    mm::<K>(m, BK, d.div_ceil(pair), qa, dp, kt, BK, p, BK, false);
     logits(job, p, g, vis, brow, b, h, q0, m, c0, n, cls);
     for r in 0..m {
         let row = job.row(b, h, q0 + r);
@@ -860,11 +950,11 @@ fn tile<T, A: Acc, K: Kern<A = A, E = A>>(
             x.iter_mut()
                 .for_each(|v| *v = (*v - shift).exp_nonpos() * norm);
         } else {
-            x.fill(A::ZERO);
+            x.fill(K::A::ZERO);
         }
     }
     let ds = &mut ds[..m * BK];
-    mm::<A, K>(m, BK, dv, dop, dvp, vt, BK, ds, BK, false);
+    mm::<K>(m, BK, dv.div_ceil(pair), doa, dvp, vt, BK, ds, BK, false);
     for r in 0..m {
         let delta = job.delta[job.row(b, h, q0 + r)];
         let pr = &mut p[r * BK..(r + 1) * BK];
@@ -872,17 +962,17 @@ fn tile<T, A: Acc, K: Kern<A = A, E = A>>(
         if let Some(drop) = &job.drop {
             // The forward used P∘M/(1-p) (M the keep pattern): dP = (dO·Vᵀ)∘M/(1-p), and dV takes the same
             // dropped weights, so P is overwritten once dS no longer needs it.
-            let (key, kept_scale) = (drop.row(b, h, q0 + r), A::from_f64(drop.scale));
+            let (key, kept_scale) = (drop.row(b, h, q0 + r), K::A::from_f64(drop.scale));
             for (c, (x, pv)) in dr[..n].iter_mut().zip(pr.iter_mut()).enumerate() {
                 let (dpv, pval) = if key.kept(c0 + c) {
                     (*x * kept_scale, *pv * kept_scale)
                 } else {
-                    (A::ZERO, A::ZERO)
+                    (K::A::ZERO, K::A::ZERO)
                 };
                 *x = *pv * (dpv - delta);
                 *pv = pval;
             }
-            dr[n..].fill(A::ZERO);
+            dr[n..].fill(K::A::ZERO);
         } else {
             for (x, &pv) in dr.iter_mut().zip(pr.iter()) {
                 *x = pv * (*x - delta);
@@ -902,31 +992,61 @@ fn tile<T, A: Acc, K: Kern<A = A, E = A>>(
     }
 }
 
+/// `dq[r] += Σ_c dS[r][c] K[c]` for the tile's `m` rows over its `n` kv columns (scale applied later).
+#[inline(always)]
+fn add_dq<K: Kern>(sc: &mut Scratch<K>, dp: usize, m: usize, n: usize, dq: &mut [K::A]) {
+    let cols = n.next_multiple_of(K::PAIR);
+    for (row, src) in sc
+        .ds_e
+        .chunks_exact_mut(BK)
+        .zip(sc.ds.chunks_exact(BK))
+        .take(m)
+    {
+        for (x, &y) in row[..cols].iter_mut().zip(&src[..cols]) {
+            *x = K::to_e(y);
+        }
+    }
+    mm::<K>(
+        m,
+        dp,
+        n.div_ceil(K::PAIR),
+        &sc.ds_e,
+        BK,
+        &sc.kr,
+        dp,
+        dq,
+        dp,
+        true,
+    );
+}
+
 /// dK and dV of kv tile `kb` of `(b, kvh)`, over every query tile of every head of the group, whose query
-/// and dO rows are packed in `rows` (`[G][Q][..]`). With `dq` (`[G][Q][dp]`, this group's rows of one partial
-/// dQ), also adds this kv tile's share of dQ into it.
+/// and dO rows are packed in `rows` (`[G][Q'][..]`). With `dq` (`[G][Q'][dp]`, this group's rows of one
+/// partial dQ), also adds this kv tile's share of dQ into it.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn kv_body<T: Float, A: Acc, K: Kern<A = A, E = A>>(
-    job: &Job<T, A>,
-    sc: &mut Scratch<A>,
-    rows: &Packed<A>,
+fn kv_body<T: Float, K: Kern>(
+    job: &Job<T, K::A>,
+    sc: &mut Scratch<K>,
+    rows: &Packed<K::E>,
     b: usize,
     kvh: usize,
     kb: usize,
-    mut dq: Option<&mut [A]>,
+    mut dq: Option<&mut [K::A]>,
 ) {
     let Dims { g, q, k, d, dv, .. } = job.dims;
-    let (dp, dvp) = (job.dp, job.dvp);
+    let (dp, dvp, pair) = (job.dp, job.dvp, K::PAIR);
+    let qpad = q.next_multiple_of(2);
     let c0 = kb * BK;
     let n = (k - c0).min(BK);
-    pack_t(&job.k, b, kvh, c0, n, d, &mut sc.kt);
-    pack_t(&job.v, b, kvh, c0, n, dv, &mut sc.vt);
+    pack_t::<K, T>(&job.k, b, kvh, c0, n, d, &mut sc.kt);
+    pack_t::<K, T>(&job.v, b, kvh, c0, n, dv, &mut sc.vt);
     if dq.is_some() {
-        pack_rows(&job.k, b, kvh, c0, n, d, dp, &mut sc.kr);
+        pack_b_rows::<K, T>(&job.k, b, kvh, c0, n, d, dp, &mut sc.kr);
     }
-    sc.acc_k[..BK * dp].fill(A::ZERO);
-    sc.acc_v[..BK * dvp].fill(A::ZERO);
+    sc.acc_k[..BK * dp].fill(K::A::ZERO);
+    sc.acc_v[..BK * dvp].fill(K::A::ZERO);
+    let (q_b, dout_b) = rows.b_rows(pair);
     for gi in 0..g {
         let h = kvh * g + gi;
         for qb in 0..job.nqb() {
@@ -946,33 +1066,34 @@ fn kv_body<T: Float, A: Acc, K: Kern<A = A, E = A>>(
                 job.mask
                     .fill(b, h, q0..q0 + m, c0..c0 + n, &mut sc.vis[..m * n]);
             }
-            let at = gi * q + q0;
-            let (qp, dop) = (&rows.q[at * dp..], &rows.dout[at * dvp..]);
-            tile::<T, A, K>(job, sc, qp, dop, b, h, q0, m, c0, n, cls, true);
+            let at = gi * qpad + q0;
+            let (qa, doa) = (&rows.q[at * dp..], &rows.dout[at * dvp..]);
+            tile::<T, K>(job, sc, qa, doa, b, h, q0, m, c0, n, cls, true);
             // dV[c] += Σ_r P[r][c] dO[r];  dK[c] += Σ_r dS[r][c] Q[r]  (scale applied at the end).
-            transpose(&sc.p, m, n, &mut sc.pt);
-            transpose(&sc.ds, m, n, &mut sc.dst);
-            mm::<A, K>(n, dvp, m, &sc.pt, BQ, dop, dvp, &mut sc.acc_v, dvp, true);
-            mm::<A, K>(n, dp, m, &sc.dst, BQ, qp, dp, &mut sc.acc_k, dp, true);
+            transpose::<K>(&sc.p, m, n, &mut sc.pt);
+            transpose::<K>(&sc.ds, m, n, &mut sc.dst);
+            let kp = m.div_ceil(pair);
+            let (qr, dor) = (&q_b[at * dp..], &dout_b[at * dvp..]);
+            mm::<K>(n, dvp, kp, &sc.pt, BQ, dor, dvp, &mut sc.acc_v, dvp, true);
+            mm::<K>(n, dp, kp, &sc.dst, BQ, qr, dp, &mut sc.acc_k, dp, true);
             if let Some(dq) = dq.as_deref_mut() {
-                // dQ[r] += Σ_c dS[r][c] K[c]  (scale applied by the reduction).
-                mm::<A, K>(m, dp, n, &sc.ds, BK, &sc.kr, dp, &mut dq[at * dp..], dp, true);
+                add_dq(sc, dp, m, n, &mut dq[at * dp..]);
             }
         }
     }
     // SAFETY: rows c0..c0 + n of (b, kvh) are in range and belong to this item alone.
     unsafe {
         write_rows(&job.dk, b, kvh, c0, n, d, &sc.acc_k, dp, job.scale);
-        write_rows(&job.dv, b, kvh, c0, n, dv, &sc.acc_v, dvp, A::ONE);
+        write_rows(&job.dv, b, kvh, c0, n, dv, &sc.acc_v, dvp, K::A::ONE);
     }
 }
 
 /// Second pass: dQ of query tile `qb` of `(b, h)`, over every kv tile.
 #[inline(always)]
-fn q_body<T: Float, A: Acc, K: Kern<A = A, E = A>>(
-    job: &Job<T, A>,
-    sc: &mut Scratch<A>,
-    rows: &mut Packed<A>,
+fn q_body<T: Float, K: Kern>(
+    job: &Job<T, K::A>,
+    sc: &mut Scratch<K>,
+    rows: &mut Packed<K::E>,
     b: usize,
     h: usize,
     qb: usize,
@@ -982,8 +1103,8 @@ fn q_body<T: Float, A: Acc, K: Kern<A = A, E = A>>(
     let kvh = h / g;
     let q0 = qb * BQ;
     let m = (q - q0).min(BQ);
-    rows.pack(job, b, h, q0, m, 0, true);
-    sc.acc_k[..BQ * dp].fill(A::ZERO);
+    rows.pack::<K, T>(job, b, h, q0, m, 0, true);
+    sc.acc_k[..BQ * dp].fill(K::A::ZERO);
     for kb in 0..job.nkb() {
         let c0 = kb * BK;
         let n = (k - c0).min(BK);
@@ -991,16 +1112,17 @@ fn q_body<T: Float, A: Acc, K: Kern<A = A, E = A>>(
         if cls == BlockClass::Empty {
             continue;
         }
-        pack_t(&job.k, b, kvh, c0, n, d, &mut sc.kt);
-        pack_t(&job.v, b, kvh, c0, n, dv, &mut sc.vt);
-        pack_rows(&job.k, b, kvh, c0, n, d, dp, &mut sc.kr);
+        pack_t::<K, T>(&job.k, b, kvh, c0, n, d, &mut sc.kt);
+        pack_t::<K, T>(&job.v, b, kvh, c0, n, dv, &mut sc.vt);
+        pack_b_rows::<K, T>(&job.k, b, kvh, c0, n, d, dp, &mut sc.kr);
         if cls == BlockClass::Partial {
             job.mask
                 .fill(b, h, q0..q0 + m, c0..c0 + n, &mut sc.vis[..m * n]);
         }
-        tile::<T, A, K>(job, sc, &rows.q, &rows.dout, b, h, q0, m, c0, n, cls, false);
-        // dQ[r] += Σ_c dS[r][c] K[c]  (scale applied at the end).
-        mm::<A, K>(m, dp, n, &sc.ds, BK, &sc.kr, dp, &mut sc.acc_k, dp, true);
+        tile::<T, K>(job, sc, &rows.q, &rows.dout, b, h, q0, m, c0, n, cls, false);
+        let mut acc = std::mem::take(&mut sc.acc_k);
+        add_dq(sc, dp, m, n, &mut acc);
+        sc.acc_k = acc;
     }
     // SAFETY: rows q0..q0 + m of (b, h) are in range and belong to this item alone.
     unsafe { write_rows(&job.dq, b, h, q0, m, d, &sc.acc_k, dp, job.scale) };
@@ -1008,14 +1130,14 @@ fn q_body<T: Float, A: Acc, K: Kern<A = A, E = A>>(
 
 /// The per-ISA entry points: the generic bodies above, compiled inside `#[target_feature]` functions (so
 /// their element-wise loops vectorise for the ISA too) around the micro-kernel `Self`.
-trait Entry: Kern<E = <Self as Kern>::A> {
+trait Entry: Kern {
     /// # Safety
     /// The CPU must support the kernel's target features.
     #[allow(clippy::too_many_arguments)]
     unsafe fn kv<T: Float>(
         job: &Job<T, Self::A>,
-        sc: &mut Scratch<Self::A>,
-        rows: &Packed<Self::A>,
+        sc: &mut Scratch<Self>,
+        rows: &Packed<Self::E>,
         b: usize,
         kvh: usize,
         kb: usize,
@@ -1025,8 +1147,8 @@ trait Entry: Kern<E = <Self as Kern>::A> {
     /// As for [`Entry::kv`].
     unsafe fn q<T: Float>(
         job: &Job<T, Self::A>,
-        sc: &mut Scratch<Self::A>,
-        rows: &mut Packed<Self::A>,
+        sc: &mut Scratch<Self>,
+        rows: &mut Packed<Self::E>,
         b: usize,
         h: usize,
         qb: usize,
@@ -1036,8 +1158,8 @@ trait Entry: Kern<E = <Self as Kern>::A> {
     #[allow(clippy::too_many_arguments)]
     unsafe fn stats<T: Float>(
         job: &Job<T, Self::A>,
-        sc: &mut Scratch<Self::A>,
-        rows: &mut Packed<Self::A>,
+        sc: &mut Scratch<Self>,
+        rows: &mut Packed<Self::E>,
         b: usize,
         h: usize,
         shift: &mut [Self::A],
@@ -1047,12 +1169,12 @@ trait Entry: Kern<E = <Self as Kern>::A> {
 }
 
 macro_rules! entry {
-    ($kern:ty, $a:ty $(, $feature:literal)?) => {
+    ($kern:ty, $a:ty, $e:ty $(, $feature:literal)?) => {
         impl Entry for $kern {
             unsafe fn kv<T: Float>(
                 job: &Job<T, $a>,
-                sc: &mut Scratch<$a>,
-                rows: &Packed<$a>,
+                sc: &mut Scratch<$kern>,
+                rows: &Packed<$e>,
                 b: usize,
                 kvh: usize,
                 kb: usize,
@@ -1062,22 +1184,22 @@ macro_rules! entry {
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn go<T: Float>(
                     job: &Job<T, $a>,
-                    sc: &mut Scratch<$a>,
-                    rows: &Packed<$a>,
+                    sc: &mut Scratch<$kern>,
+                    rows: &Packed<$e>,
                     b: usize,
                     kvh: usize,
                     kb: usize,
                     dq: Option<&mut [$a]>,
                 ) {
-                    kv_body::<T, $a, $kern>(job, sc, rows, b, kvh, kb, dq)
+                    kv_body::<T, $kern>(job, sc, rows, b, kvh, kb, dq)
                 }
                 // SAFETY: the caller guarantees the CPU has the features `go` is compiled for.
                 unsafe { go::<T>(job, sc, rows, b, kvh, kb, dq) }
             }
             unsafe fn q<T: Float>(
                 job: &Job<T, $a>,
-                sc: &mut Scratch<$a>,
-                rows: &mut Packed<$a>,
+                sc: &mut Scratch<$kern>,
+                rows: &mut Packed<$e>,
                 b: usize,
                 h: usize,
                 qb: usize,
@@ -1085,21 +1207,21 @@ macro_rules! entry {
                 $(#[target_feature(enable = $feature)])?
                 unsafe fn go<T: Float>(
                     job: &Job<T, $a>,
-                    sc: &mut Scratch<$a>,
-                    rows: &mut Packed<$a>,
+                    sc: &mut Scratch<$kern>,
+                    rows: &mut Packed<$e>,
                     b: usize,
                     h: usize,
                     qb: usize,
                 ) {
-                    q_body::<T, $a, $kern>(job, sc, rows, b, h, qb)
+                    q_body::<T, $kern>(job, sc, rows, b, h, qb)
                 }
                 // SAFETY: as above.
                 unsafe { go::<T>(job, sc, rows, b, h, qb) }
             }
             unsafe fn stats<T: Float>(
                 job: &Job<T, $a>,
-                sc: &mut Scratch<$a>,
-                rows: &mut Packed<$a>,
+                sc: &mut Scratch<$kern>,
+                rows: &mut Packed<$e>,
                 b: usize,
                 h: usize,
                 shift: &mut [$a],
@@ -1110,15 +1232,15 @@ macro_rules! entry {
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn go<T: Float>(
                     job: &Job<T, $a>,
-                    sc: &mut Scratch<$a>,
-                    rows: &mut Packed<$a>,
+                    sc: &mut Scratch<$kern>,
+                    rows: &mut Packed<$e>,
                     b: usize,
                     h: usize,
                     shift: &mut [$a],
                     norm: &mut [$a],
                     delta: &mut [$a],
                 ) {
-                    row_stats::<T, $a, $kern>(job, sc, rows, b, h, shift, norm, delta)
+                    row_stats::<T, $kern>(job, sc, rows, b, h, shift, norm, delta)
                 }
                 // SAFETY: as above.
                 unsafe { go::<T>(job, sc, rows, b, h, shift, norm, delta) }
@@ -1127,15 +1249,23 @@ macro_rules! entry {
     };
 }
 
-entry!(Portable<f32>, f32);
-entry!(Portable<f64>, f64);
+entry!(Portable<f32>, f32, f32);
+entry!(Portable<f64>, f64, f64);
 #[cfg(target_arch = "x86_64")]
-entry!(super::gemm::Avx2F32, f32, "avx2,fma");
+entry!(super::gemm::Avx2F32, f32, f32, "avx2,fma");
 #[cfg(target_arch = "x86_64")]
 entry!(
     super::gemm::Avx512F32,
     f32,
+    f32,
     "avx512f,avx512bw,avx512vl,avx2,fma"
+);
+#[cfg(target_arch = "x86_64")]
+entry!(
+    super::gemm::Avx512Bf16,
+    f32,
+    u16,
+    "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"
 );
 
 /// Saved lse values at least this large in magnitude are too coarse in f32 to recover `P` from (their ulp
@@ -1146,21 +1276,22 @@ const LSE_RECOMPUTE: f32 = 1024.0;
 /// f64 inputs and rows whose saved lse is too coarse, recomputed as `(max, 1 / sum)` in `A`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn row_stats<T: Float, A: Acc, K: Kern<A = A, E = A>>(
-    job: &Job<T, A>,
-    sc: &mut Scratch<A>,
-    rows: &mut Packed<A>,
+fn row_stats<T: Float, K: Kern>(
+    job: &Job<T, K::A>,
+    sc: &mut Scratch<K>,
+    rows: &mut Packed<K::E>,
     b: usize,
     h: usize,
-    shift: &mut [A],
-    norm: &mut [A],
-    delta: &mut [A],
+    shift: &mut [K::A],
+    norm: &mut [K::A],
+    delta: &mut [K::A],
 ) {
+    type A<K> = <K as Kern>::A;
     let Dims { q, k, d, dv, g, .. } = job.dims;
     // f64 inputs recompute every row: the f32 lse would cap the f64 gradients' accuracy at ~1e-7.
-    let mut redo = vec![!A::IS_F32; q];
+    let mut redo = vec![!A::<K>::IS_F32; q];
     for i in 0..q {
-        let mut acc = A::ZERO;
+        let mut acc = A::<K>::ZERO;
         for c in 0..dv {
             // SAFETY: (b, h, i, c) is in range of out and grad_out.
             let (o, go) = unsafe {
@@ -1169,17 +1300,17 @@ fn row_stats<T: Float, A: Acc, K: Kern<A = A, E = A>>(
                     job.dout.at(b, h, i, c).read(),
                 )
             };
-            acc = acc + A::read(o) * A::read(go);
+            acc = acc + A::<K>::read(o) * A::<K>::read(go);
         }
         if let Some(g) = &job.grad_lse {
             // SAFETY: (b, h, i) is in range of grad_lse (checked [B, H, Q]; its fourth stride is 0).
-            acc = acc - A::from_f64(f64::from(unsafe { g.at(b, h, i, 0).read() }));
+            acc = acc - A::<K>::from_f64(f64::from(unsafe { g.at(b, h, i, 0).read() }));
         }
         delta[i] = acc;
         // SAFETY: (b, h, i) is in range of lse (its fourth stride is 0).
         let l = unsafe { job.lse_in.at(b, h, i, 0).read() };
-        shift[i] = A::from_f64(f64::from(l));
-        norm[i] = A::ONE;
+        shift[i] = A::<K>::from_f64(f64::from(l));
+        norm[i] = A::<K>::ONE;
         redo[i] |= l.is_finite() && l.abs() >= LSE_RECOMPUTE;
     }
     // Online (max, sum) over the visible logits, then the sink.
@@ -1190,9 +1321,9 @@ fn row_stats<T: Float, A: Acc, K: Kern<A = A, E = A>>(
         if !redo[q0..q0 + m].contains(&true) {
             continue;
         }
-        rows.pack(job, b, h, q0, m, 0, false);
-        let mut mx = [A::NEG_INF; BQ];
-        let mut sum = [A::ZERO; BQ];
+        rows.pack::<K, T>(job, b, h, q0, m, 0, false);
+        let mut mx = [A::<K>::NEG_INF; BQ];
+        let mut sum = [A::<K>::ZERO; BQ];
         for kb in 0..job.nkb() {
             let c0 = kb * BK;
             let n = (k - c0).min(BK);
@@ -1200,13 +1331,24 @@ fn row_stats<T: Float, A: Acc, K: Kern<A = A, E = A>>(
             if cls == BlockClass::Empty {
                 continue;
             }
-            pack_t(&job.k, b, kvh, c0, n, d, &mut sc.kt);
+            pack_t::<K, T>(&job.k, b, kvh, c0, n, d, &mut sc.kt);
             if cls == BlockClass::Partial {
                 job.mask
                     .fill(b, h, q0..q0 + m, c0..c0 + n, &mut sc.vis[..m * n]);
             }
             let p = &mut sc.p[..m * BK];
-            mm::<A, K>(m, BK, d, &rows.q, dp, &sc.kt, BK, p, BK, false);
+            mm::<K>(
+                m,
+                BK,
+                d.div_ceil(K::PAIR),
+                &rows.q,
+                dp,
+                &sc.kt,
+                BK,
+                p,
+                BK,
+                false,
+            );
             logits(
                 job,
                 p,
@@ -1223,13 +1365,13 @@ fn row_stats<T: Float, A: Acc, K: Kern<A = A, E = A>>(
             );
             for r in 0..m {
                 let x = &p[r * BK..(r + 1) * BK];
-                let top = x.iter().fold(A::NEG_INF, |a, &v| a.max(v));
-                if top == A::NEG_INF {
+                let top = x.iter().fold(A::<K>::NEG_INF, |a, &v| a.max(v));
+                if top == A::<K>::NEG_INF {
                     continue;
                 }
                 let new = mx[r].max(top);
-                let mut s = if mx[r] == A::NEG_INF {
-                    A::ZERO
+                let mut s = if mx[r] == A::<K>::NEG_INF {
+                    A::<K>::ZERO
                 } else {
                     sum[r] * (mx[r] - new).exp_nonpos()
                 };
@@ -1239,21 +1381,21 @@ fn row_stats<T: Float, A: Acc, K: Kern<A = A, E = A>>(
                 (mx[r], sum[r]) = (new, s);
             }
         }
-        let sink = job.sinks.as_ref().map(|s| A::from_f64(s[h]));
+        let sink = job.sinks.as_ref().map(|s| A::<K>::from_f64(s[h]));
         for r in (0..m).filter(|&r| redo[q0 + r]) {
             let (mut top, mut s) = (mx[r], sum[r]);
-            if let Some(sk) = sink.filter(|&sk| sk > A::NEG_INF) {
+            if let Some(sk) = sink.filter(|&sk| sk > A::<K>::NEG_INF) {
                 let new = top.max(sk);
-                let kept = if top == A::NEG_INF {
-                    A::ZERO
+                let kept = if top == A::<K>::NEG_INF {
+                    A::<K>::ZERO
                 } else {
                     s * (top - new).exp_nonpos()
                 };
                 (top, s) = (new, kept + (sk - new).exp_nonpos());
             }
             shift[q0 + r] = top;
-            norm[q0 + r] = if top == A::NEG_INF {
-                A::ONE
+            norm[q0 + r] = if top == A::<K>::NEG_INF {
+                A::<K>::ONE
             } else {
                 s.recip()
             };
@@ -1296,7 +1438,11 @@ fn split_chunks(dims: &Dims, dp: usize, elem: usize, nkb: usize) -> Option<usize
 
 /// Runs the call on inputs of type `T` with micro-kernel `K` (whose features the CPU has: see
 /// [`backward_with`]).
-fn run<T: Float, K: Entry>(args: &AttentionGradArgs, chk: &Checked, strategy: DqPath) -> Result<()> {
+fn run<T: Float, K: Entry>(
+    args: &AttentionGradArgs,
+    chk: &Checked,
+    strategy: DqPath,
+) -> Result<()> {
     type A<K> = <K as Kern>::A;
     let dims = chk.dims;
     let mut job = Job::<T, A<K>> {
@@ -1334,7 +1480,7 @@ fn run<T: Float, K: Entry>(args: &AttentionGradArgs, chk: &Checked, strategy: Dq
         b: nb, h, hkv, q, ..
     } = dims;
     let zero = A::<K>::ZERO;
-    let init = |job: &Job<T, A<K>>| (Scratch::new(job), Packed::new());
+    let init = |job: &Job<T, A<K>>| (Scratch::<K>::new(job), Packed::<K::E>::new());
     threads::install(chk.threads, || {
         let rows = nb * h * q;
         let mut shift = vec![zero; rows];
@@ -1381,14 +1527,14 @@ fn run<T: Float, K: Entry>(args: &AttentionGradArgs, chk: &Checked, strategy: Dq
             DqPath::TwoPass => None,
             DqPath::Split(p) => Some(p.clamp(1, nkb.max(1))),
         };
-        let g = dims.g;
+        let (g, qpad) = (dims.g, q.next_multiple_of(2));
         // The query and dO rows of one GQA group, packed once per item.
-        let pack_group = |pk: &mut Packed<A<K>>, b: usize, kvh: usize| {
+        let pack_group = |pk: &mut Packed<K::E>, b: usize, kvh: usize| {
             for gi in 0..g {
-                pk.pack(job, b, kvh * g + gi, 0, q, gi * q, true);
+                pk.pack::<K, T>(job, b, kvh * g + gi, 0, q, gi * qpad, true);
             }
         };
-        let per = g * q * job.dp; // one group's rows of one partial dQ
+        let per = g * qpad * job.dp; // one group's rows of one partial dQ
         if let Some(chunks) = chunks.filter(|_| per > 0 && nkb > 0) {
             // One pass: item (chunk, b, kvh) owns kv tiles kb ≡ chunk (mod chunks) (interleaved, so causal
             // work is balanced) and its own partial dQ; the partials are summed in chunk order.
@@ -1410,7 +1556,7 @@ fn run<T: Float, K: Entry>(args: &AttentionGradArgs, chk: &Checked, strategy: Dq
                 let (kvh, gi) = (hh / g, hh % g);
                 let mut acc = vec![zero; q * job.dp];
                 for chunk in 0..chunks {
-                    let base = ((chunk * nb + b) * hkv + kvh) * per + gi * q * job.dp;
+                    let base = ((chunk * nb + b) * hkv + kvh) * per + gi * qpad * job.dp;
                     for (x, &y) in acc.iter_mut().zip(&part[base..base + q * job.dp]) {
                         *x = *x + y;
                     }

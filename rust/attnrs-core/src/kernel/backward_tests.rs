@@ -622,7 +622,7 @@ const STRATEGIES: [DqPath; 3] = [DqPath::TwoPass, DqPath::Split(1), DqPath::Spli
 /// Every backend this CPU can run for `dtype`.
 fn backends(dtype: DType) -> Vec<Backend> {
     let mut all = vec![Backend::Portable];
-    for b in [Backend::Avx2, Backend::Avx512] {
+    for b in [Backend::Avx2, Backend::Avx512, Backend::Avx512Bf16] {
         if let Ok(r) = b.resolve(dtype) {
             if !all.contains(&r) {
                 all.push(r);

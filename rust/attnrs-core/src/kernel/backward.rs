@@ -619,8 +619,9 @@ struct Scratch<K: Kern> {
     p: Vec<K::A>,
     /// dP, then dS, `[BQ][BK]`.
     ds: Vec<K::A>,
-    /// Pᵀ and dSᵀ `[BK][BQ]`, and dS `[BQ][BK]`, as A operands.
+    /// Pᵀ and dSᵀ `[BK][BQ]`, and dS `[BQ][BK]`, as A operands; `stage` for [`transpose`].
     pt: Vec<K::E>,
+    stage: Vec<K::E>,
     dst: Vec<K::E>,
     ds_e: Vec<K::E>,
     /// Softcap derivative `1 - t²`, `[BQ][BK]`.
@@ -648,6 +649,7 @@ impl<K: Kern> Scratch<K> {
             p: vec![za; BQ * BK],
             ds: vec![za; BQ * BK],
             pt: vec![ze; BK * BQ],
+            stage: vec![ze; BQ * BK],
             dst: vec![ze; BK * BQ],
             ds_e: vec![ze; BQ * BK],
             g: vec![za; BQ * BK],
@@ -708,15 +710,50 @@ fn mm<K: Kern>(
 }
 
 /// `dst[c * BQ + r] = src[r * BK + c]` for `r < m`, `c < n`, as operands (zero for the odd row's partner):
-/// a tile transposed into the A operand of the dV and dK products.
+/// a tile transposed into the A operand of the dV and dK products. The tile is first converted into `stage`
+/// as 32-bit units (an operand, or a pair of them along `r`: `[BQ/PAIR][BK][PAIR]`), which the kernel's
+/// [`Kern::transpose_units`] transposes (16×16 blocks in registers on AVX-512).
 #[inline(always)]
-fn transpose<K: Kern>(src: &[K::A], m: usize, n: usize, dst: &mut [K::E]) {
-    let rows = m.next_multiple_of(K::PAIR);
-    for (c, col) in dst.chunks_exact_mut(BQ).take(n).enumerate() {
-        for (r, x) in col[..m].iter_mut().enumerate() {
-            *x = K::to_e(src[r * BK + c]);
+fn transpose<K: Kern>(src: &[K::A], m: usize, n: usize, stage: &mut [K::E], dst: &mut [K::E]) {
+    let pair = K::PAIR;
+    let rows = m.next_multiple_of(pair);
+    if std::mem::size_of::<K::E>() * pair != 4 {
+        // f64 operands: element by element.
+        for (c, col) in dst.chunks_exact_mut(BQ).take(n).enumerate() {
+            for (r, x) in col[..m].iter_mut().enumerate() {
+                *x = K::to_e(src[r * BK + c]);
+            }
+            col[m..rows].fill(K::E::default());
         }
-        col[m..rows].fill(K::E::default());
+        return;
+    }
+    let zero = K::E::default();
+    for r in 0..rows {
+        let (hi, lo) = (r / pair, r % pair);
+        let out = &mut stage[hi * BK * pair..(hi + 1) * BK * pair];
+        if r < m {
+            for (c, &x) in src[r * BK..r * BK + n].iter().enumerate() {
+                out[c * pair + lo] = K::to_e(x);
+            }
+        } else {
+            for c in 0..n {
+                out[c * pair + lo] = zero;
+            }
+        }
+    }
+    assert!(stage.len() >= rows * BK && dst.len() >= (n.max(1) - 1) * BQ + rows);
+    // SAFETY: `stage` holds `rows / pair` rows of `BK` 32-bit units (an operand is 4 bytes, or 2 bytes with
+    // PAIR = 2: checked above), of which the first `n` are read; `dst` holds `n` rows of `BQ / pair` units
+    // (asserted); the CPU has `K`'s features (this runs inside its entry points).
+    unsafe {
+        K::transpose_units(
+            stage.as_ptr().cast(),
+            (BK * 4) as isize,
+            rows / pair,
+            n,
+            dst.as_mut_ptr().cast(),
+            BQ / pair,
+        )
     }
 }
 
@@ -1070,8 +1107,8 @@ fn kv_body<T: Float, K: Kern>(
             let (qa, doa) = (&rows.q[at * dp..], &rows.dout[at * dvp..]);
             tile::<T, K>(job, sc, qa, doa, b, h, q0, m, c0, n, cls, true);
             // dV[c] += Σ_r P[r][c] dO[r];  dK[c] += Σ_r dS[r][c] Q[r]  (scale applied at the end).
-            transpose::<K>(&sc.p, m, n, &mut sc.pt);
-            transpose::<K>(&sc.ds, m, n, &mut sc.dst);
+            transpose::<K>(&sc.p, m, n, &mut sc.stage, &mut sc.pt);
+            transpose::<K>(&sc.ds, m, n, &mut sc.stage, &mut sc.dst);
             let kp = m.div_ceil(pair);
             let (qr, dor) = (&q_b[at * dp..], &dout_b[at * dvp..]);
             mm::<K>(n, dvp, kp, &sc.pt, BQ, dor, dvp, &mut sc.acc_v, dvp, true);

@@ -1572,6 +1572,40 @@ fn run<T: Float, K: Entry>(
             }
         };
         let per = g * qpad * job.dp; // one group's rows of one partial dQ
+        if chunks == Some(1) && per > 0 && nkb > 0 {
+            // One pass, one item per (b, kvh): the item owns its group's dQ rows outright, so it accumulates
+            // them in a buffer of its own (reused across items) and writes them when done.
+            (0..nb * hkv).into_par_iter().for_each_init(
+                || (init(job), vec![zero; per]),
+                |((sc, pk), dq), bh| {
+                    let (b, kvh) = (bh / hkv, bh % hkv);
+                    pack_group(pk, b, kvh);
+                    dq.fill(zero);
+                    for kb in 0..nkb {
+                        // SAFETY: as above.
+                        unsafe { K::kv(job, sc, pk, b, kvh, kb, Some(&mut dq[..])) };
+                    }
+                    for gi in 0..g {
+                        let rows = &dq[gi * qpad * job.dp..];
+                        // SAFETY: rows 0..Q of (b, kvh * g + gi) are in range and belong to this item alone.
+                        unsafe {
+                            write_rows(
+                                &job.dq,
+                                b,
+                                kvh * g + gi,
+                                0,
+                                q,
+                                dims.d,
+                                rows,
+                                job.dp,
+                                job.scale,
+                            )
+                        };
+                    }
+                },
+            );
+            return;
+        }
         if let Some(chunks) = chunks.filter(|_| per > 0 && nkb > 0) {
             // One pass: item (chunk, b, kvh) owns kv tiles kb ≡ chunk (mod chunks) (interleaved, so causal
             // work is balanced) and its own partial dQ; the partials are summed in chunk order.

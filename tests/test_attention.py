@@ -250,6 +250,21 @@ def test_torch_compile() -> None:
     torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
 
 
+def test_torch_compile_with_dropout_reproduces_under_manual_seed() -> None:
+    q, k, v = torch.randn(1, 4, 33, 32), torch.randn(1, 4, 33, 32), torch.ones(1, 4, 33, 32)
+
+    def f(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attnrs.attention(q, k, v, masks.causal(), dropout_p=0.5)
+
+    compiled = torch.compile(f)
+    torch.manual_seed(1)
+    first = compiled(q, k, v)
+    torch.manual_seed(1)
+    assert torch.equal(first, compiled(q, k, v))
+    # V = 1: each row is (sum of kept weights) / 0.5, whose mean over 132 rows is near 1 (and 0.5 is dropped).
+    assert abs(first.mean().item() - 1.0) < 0.15 and not torch.equal(first, torch.ones_like(first))
+
+
 def test_decode_with_a_long_cache() -> None:
     """Q=1 against many keys (the split-KV path) for every mask form transformers uses in decode."""
     torch.manual_seed(2)

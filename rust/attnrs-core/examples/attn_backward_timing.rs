@@ -5,7 +5,7 @@
 //!
 //! Shape: B1 H32 Hkv8 D128, causal unless `--full`, f32 unless `--bf16`. Prints the best time of the forward
 //! (with lse) and of the backward, and the backward's useful GFLOP/s (10·B·H·D·visible pairs: the five
-//! products QKᵀ, dO·Vᵀ, Pᵀ·dO, dSᵀ·Q, dS·K; this kernel recomputes two of them, doing 14·B·H·D·pairs).
+//! products QKᵀ, dO·Vᵀ, Pᵀ·dO, dSᵀ·Q, dS·K, which is what this kernel runs on its usual path).
 
 use std::time::Instant;
 

@@ -25,7 +25,8 @@
 //! - split (the default when it fits 256 MiB): item `(chunk, b, kvh)` takes kv tiles `kb ≡ chunk (mod P)`
 //!   (`P <= 4`, only as many as it takes to make 8 items; interleaved so causal work is balanced) and also
 //!   adds `dS·K` into its own partial dQ; the `P` partials are then summed in chunk order. Five products per
-//!   tile pair.
+//!   tile pair. With `P = 1` (8 or more `(b, kv head)` pairs: the usual case) an item owns its group's dQ
+//!   rows, accumulates them in a buffer it reuses, and writes them itself.
 //! - two-pass (when the partials would not fit): items `(b, kv head, kv tile)` form dK/dV only, then items
 //!   `(b, query head, query tile)` recompute `P` and `dS` and form dQ. Seven products per tile pair, no
 //!   extra memory.
@@ -40,11 +41,13 @@
 //! gradients' accuracy at ~1e-7). Rows whose saved lse is huge (|lse| >= 1024: in practice rows whose every
 //! logit is ~`finfo.min`, where an f32 lse cannot give `P` back) are recomputed the same way.
 //!
-//! Every product runs on the forward's register-blocked micro-kernels ([`super::gemm`]: AVX-512F, AVX2+FMA or
-//! portable, picked once per call by [`Backend::resolve`]); P and dS are transposed per tile so the dV and
-//! dK products take the same packed operand layout. The query and dO rows of a GQA group are packed once per
-//! work item. The element-wise steps are generic loops compiled inside the same `#[target_feature]` entry
-//! points. Different paths round differently (FMA); one path is reproducible.
+//! Every product runs on the forward's register-blocked micro-kernels ([`super::gemm`]: AVX-512 BF16 for bf16
+//! inputs, AVX-512F, AVX2+FMA or portable, picked once per call by [`Backend::resolve`]); P and dS are
+//! transposed per tile so the dV and dK products take the same packed operand layout. With `vdpbf16ps`
+//! (bf16 inputs) the operands are bf16: the inputs exactly, P and dS rounded to bf16 for the dV, dK and dQ
+//! products (as flash attention does on GPUs), accumulation in f32. The query and dO rows of a GQA group are
+//! packed once per work item. The element-wise steps are generic loops compiled inside the same
+//! `#[target_feature]` entry points. Different paths round differently; one path is reproducible.
 
 use half::{bf16, f16};
 use rayon::prelude::*;

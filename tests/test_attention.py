@@ -573,6 +573,17 @@ def test_opcheck_with_gradients() -> None:
             torch.library.opcheck(torch.ops.attnrs.attention.default, args)
 
 
+def test_double_backward_raises_a_clear_error() -> None:
+    q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    (grad_q,) = torch.autograd.grad(attnrs.attention(q, k, v, is_causal=True).sum(), q, create_graph=True)
+    with pytest.raises(attnrs.UnsupportedError, match="double backward"):
+        grad_q.sum().backward()
+    # The math backend is plain torch and has them.
+    (grad_q,) = torch.autograd.grad(attnrs.attention(q, k, v, is_causal=True, backend="math").sum(), q,
+                                    create_graph=True)
+    grad_q.sum().backward()
+
+
 def test_gradcheck_through_the_returned_lse() -> None:
     torch.manual_seed(6)
     q = torch.randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True)

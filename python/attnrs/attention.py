@@ -517,6 +517,16 @@ def _backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:
+    raise UnsupportedError(
+        "attnrs.attention: second-order gradients (double backward, e.g. create_graph=True then backward) are not "
+        "supported by the Rust kernel; use backend='math' for them"
+    )
+
+
+_attention_backward_op.register_autograd(_no_double_backward)
+
+
 @torch.library.custom_op("attnrs::native_attention", mutates_args=(), device_types="cpu")
 def _native_attention_op(
     name: str,

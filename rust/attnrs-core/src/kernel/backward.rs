@@ -624,7 +624,7 @@ struct Scratch<K: Kern> {
     ds: Vec<K::A>,
     /// Pᵀ and dSᵀ `[BK][BQ]`, and dS `[BQ][BK]`, as A operands; `stage` for [`transpose`].
     pt: Vec<K::E>,
-    stage: Vec<K::E>,
+    stage: Vec<u32>,
     dst: Vec<K::E>,
     ds_e: Vec<K::E>,
     /// Softcap derivative `1 - t²`, `[BQ][BK]`.
@@ -652,7 +652,7 @@ impl<K: Kern> Scratch<K> {
             p: vec![za; BQ * BK],
             ds: vec![za; BQ * BK],
             pt: vec![ze; BK * BQ],
-            stage: vec![ze; BQ * BK],
+            stage: vec![0; BQ * BK],
             dst: vec![ze; BK * BQ],
             ds_e: vec![ze; BQ * BK],
             g: vec![za; BQ * BK],
@@ -714,10 +714,10 @@ fn mm<K: Kern>(
 
 /// `dst[c * BQ + r] = src[r * BK + c]` for `r < m`, `c < n`, as operands (zero for the odd row's partner):
 /// a tile transposed into the A operand of the dV and dK products. The tile is first converted into `stage`
-/// as 32-bit units (an operand, or a pair of them along `r`: `[BQ/PAIR][BK][PAIR]`), which the kernel's
-/// [`Kern::transpose_units`] transposes (16×16 blocks in registers on AVX-512).
+/// as 32-bit units (one operand, or with `PAIR == 2` the operands of rows `2u` and `2u + 1`), which the
+/// kernel's [`Kern::transpose_units`] transposes (16×16 blocks in registers on AVX-512).
 #[inline(always)]
-fn transpose<K: Kern>(src: &[K::A], m: usize, n: usize, stage: &mut [K::E], dst: &mut [K::E]) {
+fn transpose<K: Kern>(src: &[K::A], m: usize, n: usize, stage: &mut [u32], dst: &mut [K::E]) {
     let pair = K::PAIR;
     let rows = m.next_multiple_of(pair);
     if std::mem::size_of::<K::E>() * pair != 4 {
@@ -730,24 +730,29 @@ fn transpose<K: Kern>(src: &[K::A], m: usize, n: usize, stage: &mut [K::E], dst:
         }
         return;
     }
-    let zero = K::E::default();
-    for r in 0..rows {
-        let (hi, lo) = (r / pair, r % pair);
-        let out = &mut stage[hi * BK * pair..(hi + 1) * BK * pair];
-        if r < m {
-            for (c, &x) in src[r * BK..r * BK + n].iter().enumerate() {
-                out[c * pair + lo] = K::to_e(x);
+    let zeros = [K::A::ZERO; BK];
+    for u in 0..rows / pair {
+        let out = &mut stage[u * BK..u * BK + n];
+        if pair == 1 {
+            for (x, &a) in out.iter_mut().zip(&src[u * BK..u * BK + n]) {
+                *x = unit::<K>(a, a);
             }
         } else {
-            for c in 0..n {
-                out[c * pair + lo] = zero;
+            let lo = &src[2 * u * BK..2 * u * BK + n];
+            let hi = if 2 * u + 1 < m {
+                &src[(2 * u + 1) * BK..(2 * u + 1) * BK + n]
+            } else {
+                &zeros[..n]
+            };
+            for ((x, &a), &b) in out.iter_mut().zip(lo).zip(hi) {
+                *x = unit::<K>(a, b);
             }
         }
     }
-    assert!(stage.len() >= rows * BK && dst.len() >= (n.max(1) - 1) * BQ + rows);
-    // SAFETY: `stage` holds `rows / pair` rows of `BK` 32-bit units (an operand is 4 bytes, or 2 bytes with
-    // PAIR = 2: checked above), of which the first `n` are read; `dst` holds `n` rows of `BQ / pair` units
-    // (asserted); the CPU has `K`'s features (this runs inside its entry points).
+    assert!(stage.len() >= rows / pair * BK && dst.len() >= (n.max(1) - 1) * BQ + rows);
+    // SAFETY: `stage` holds `rows / pair` rows of `BK` units, of which the first `n` are read; `dst` holds
+    // `n` rows of `BQ / pair` 32-bit units (asserted; an operand unit is 4 bytes: checked above); the CPU has
+    // `K`'s features (this runs inside its entry points).
     unsafe {
         K::transpose_units(
             stage.as_ptr().cast(),
@@ -757,6 +762,20 @@ fn transpose<K: Kern>(src: &[K::A], m: usize, n: usize, stage: &mut [K::E], dst:
             dst.as_mut_ptr().cast(),
             BQ / pair,
         )
+    }
+}
+
+/// The 32-bit unit of operands: `a` alone (4-byte operands), or `a` then `b` (2-byte operands, `PAIR == 2`).
+#[inline(always)]
+fn unit<K: Kern>(a: K::A, b: K::A) -> u32 {
+    if std::mem::size_of::<K::E>() == 4 {
+        // SAFETY: the operand is 4 bytes of plain data (f32), and every bit pattern is a valid u32.
+        unsafe { std::mem::transmute_copy::<K::E, u32>(&K::to_e(a)) }
+    } else {
+        assert!(std::mem::size_of::<[K::E; 2]>() == 4);
+        // SAFETY: two 2-byte operands of plain data (bf16 bits) make 4 bytes, little-endian `a` first,
+        // and every bit pattern is a valid u32.
+        unsafe { std::mem::transmute_copy::<[K::E; 2], u32>(&[K::to_e(a), K::to_e(b)]) }
     }
 }
 

@@ -8,7 +8,8 @@ transformers' sdpa and eager attention paths, and compiled flex_attention. Needs
 
 Reported: median milliseconds, useful GFLOP/s (4 * B * H * D * visible pairs per forward; x2.5 with backward),
 GB/s of K/V read for decode, and each peer's time divided by attnrs's (higher = attnrs faster). A 1-thread
-column repeats attnrs and SDPA with one thread.
+column repeats attnrs and SDPA with one thread. With --backward, attnrs and its peer run in alternation
+(--repeats times each) and their medians are compared.
 """
 
 from __future__ import annotations
@@ -41,6 +42,21 @@ def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def paired_median_ms(ours: Callable[[], Any], peer: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """Medians of ``ours`` and ``peer`` timed in alternation (one warm-up each), so that the machine's slow
+    spells fall on both sides of the ratio."""
+    ours()
+    peer()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for fn, out in ((ours, times[0]), (peer, times[1])):
+            gc.collect()
+            start = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 @dataclass
@@ -168,18 +184,17 @@ def run_backward(lengths: list[int], threads: int, repeats: int) -> None:
 
                 return run
 
-            ours = median_ms(step(lambda: attnrs.attention(q, k, v, mask, is_causal=mask is None)), repeats)
-            line = f"  {case.name:<22} attnrs {ours:>9.1f} ms"
+            ours = step(lambda: attnrs.attention(q, k, v, mask, is_causal=mask is None))
             if mask is None:
-                sdpa = median_ms(step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                              enable_gqa=True)), repeats)
-                line += f" | sdpa is_causal {sdpa:>9.1f} ms {sdpa / ours:>6.2f}x"
+                peer, label = step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                          enable_gqa=True)), "sdpa is_causal"
             else:
                 dense = attnrs.create_dense_mask(mask, 1, 1, length, length)
-                sdpa = median_ms(step(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense,
-                                                                              enable_gqa=True)), max(1, repeats // 2))
-                line += f" | sdpa dense mask {sdpa:>9.1f} ms {sdpa / ours:>6.2f}x"
-            print(line, flush=True)
+                peer, label = step(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense,
+                                                                          enable_gqa=True)), "sdpa dense mask"
+            ours_ms, peer_ms = paired_median_ms(ours, peer, repeats)
+            print(f"  {case.name:<22} attnrs {ours_ms:>9.1f} ms | {label} {peer_ms:>9.1f} ms "
+                  f"{peer_ms / ours_ms:>6.2f}x", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     print(f"attnrs {attnrs.__version__} ({attnrs.simd_path()}), torch {torch.__version__}")
     if args.backward:
-        run_backward([1024] if args.quick else [2048, 4096], args.threads, max(1, args.repeats // 2))
+        run_backward([1024] if args.quick else [2048, 4096], args.threads, args.repeats)
         return
     length = 1024 if args.quick else 4096
     ids = torch.arange(length) // (length // 8)

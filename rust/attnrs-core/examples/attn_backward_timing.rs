@@ -1,9 +1,10 @@
 //! Times forward + backward of the CPU attention kernel (the training step's attention).
 //!
 //! `cargo run --release -p attnrs-core --example attn_backward_timing [-- --len N] [--threads N] [--reps N]
-//! [--bf16] [--full]`
+//! [--bf16] [--full | --window N]`
 //!
-//! Shape: B1 H32 Hkv8 D128, causal unless `--full`, f32 unless `--bf16`. Prints the best time of the forward
+//! Shape: B1 H32 Hkv8 D128, causal unless `--full` (no mask) or `--window N` (causal sliding window), f32
+//! unless `--bf16`. Prints the best time of the forward
 //! (with lse) and of the backward, and the backward's useful GFLOP/s (10·B·H·D·visible pairs: the five
 //! products QKᵀ, dO·Vᵀ, Pᵀ·dO, dSᵀ·Q, dS·K, which is what this kernel runs on its usual path).
 
@@ -13,6 +14,7 @@ use attnrs_core::block::{CausalTiles, MaskTiles, NoMask};
 use attnrs_core::kernel::{
     attention_backward, attention_forward, AttentionArgs, AttentionGradArgs,
 };
+use attnrs_core::mask::{MaskExpr, PlacedMask};
 use attnrs_core::tensor::{DType, TensorView};
 use half::bf16;
 
@@ -73,14 +75,20 @@ fn main() {
         DType::F32
     };
     let full = argv.iter().any(|a| a == "--full");
+    let window = opt("--window", 0);
     let (b, h, hkv, d) = (1usize, 32usize, 8usize, 128usize);
     let mask: Box<dyn MaskTiles> = if full {
         Box::new(NoMask)
+    } else if window > 0 {
+        let expr = MaskExpr::sliding_window(window as i64, true).unwrap();
+        Box::new(PlacedMask::new(expr, 0, 0))
     } else {
         Box::new(CausalTiles { diagonal: 0 })
     };
     let pairs = if full {
         (l * l) as f64
+    } else if window > 0 {
+        (0..l).map(|i| (i + 1).min(window)).sum::<usize>() as f64
     } else {
         (l * (l + 1) / 2) as f64
     };

@@ -61,8 +61,10 @@ use crate::block::{BlockClass, MaskTiles};
 use crate::tensor::{DType, Float, TensorView};
 use crate::{threads, Error, Result};
 
-/// Key columns per tile.
-const BK: usize = 64;
+/// Key columns per tile: 64, or 128 where the mask's partial tiles waste little at that width (see
+/// [`kv_tile_width`]); wider tiles halve the traffic of the dQ rows and of the packed query rows per product.
+const BK_MIN: usize = 64;
+const BK_MAX: usize = 128;
 /// Query rows per tile (per head).
 const BQ: usize = 64;
 
@@ -143,16 +145,24 @@ pub fn attention_backward(args: &AttentionGradArgs) -> Result<()> {
 
 /// [`attention_backward`] on a chosen [`Backend`] (AVX-512 BF16 runs the AVX-512F loops).
 pub fn attention_backward_with(args: &AttentionGradArgs, backend: Backend) -> Result<()> {
-    backward_with(args, backend, DqPath::Auto)
+    backward_with(args, backend, DqPath::Auto, None)
 }
 
-/// [`attention_backward_with`] with a chosen [`DqPath`] (tests run both).
+/// [`attention_backward_with`] with a chosen [`DqPath`] and key tile width (`None`: [`kv_tile_width`]);
+/// tests run them all.
 pub(crate) fn backward_with(
     args: &AttentionGradArgs,
     backend: Backend,
     strategy: DqPath,
+    kv_tile: Option<usize>,
 ) -> Result<()> {
     let checked = validate(args)?;
+    let bk = match kv_tile {
+        Some(bk) if bk > BK_MIN => BK_MAX,
+        Some(_) => BK_MIN,
+        None => kv_tile_width(args.mask, &checked.dims),
+    };
+    let strategy = (strategy, bk);
     if checked.dtype == DType::F64 {
         return run::<f64, Portable<f64>>(args, &checked, strategy);
     }
@@ -169,7 +179,7 @@ fn by_backend<T: Float>(
     args: &AttentionGradArgs,
     checked: &Checked,
     backend: Backend,
-    strategy: DqPath,
+    strategy: (DqPath, usize),
 ) -> Result<()> {
     #[cfg(target_arch = "x86_64")]
     {
@@ -519,6 +529,8 @@ struct Job<'a, T, A> {
     /// D and Dv rounded up to 16 (packed row lengths).
     dp: usize,
     dvp: usize,
+    /// Key columns per tile (`BK_MIN` or `BK_MAX`).
+    bk: usize,
 }
 
 impl<T, A> Job<'_, T, A> {
@@ -529,7 +541,7 @@ impl<T, A> Job<'_, T, A> {
         self.dims.q.div_ceil(BQ)
     }
     fn nkb(&self) -> usize {
-        self.dims.k.div_ceil(BK)
+        self.dims.k.div_ceil(self.bk)
     }
 }
 
@@ -644,23 +656,23 @@ impl<K: Kern> Scratch<K> {
     fn new<T>(job: &Job<T, K::A>) -> Self {
         let Dims { d, dv, .. } = job.dims;
         let (dp, dvp) = (job.dp, job.dvp);
-        let (ze, za) = (K::E::default(), K::A::ZERO);
+        let (ze, za, bk) = (K::E::default(), K::A::ZERO, job.bk);
         Scratch {
-            kt: vec![ze; d.next_multiple_of(2) * BK],
-            vt: vec![ze; dv.next_multiple_of(2) * BK],
-            kr: vec![ze; BK * dp],
-            p: vec![za; BQ * BK],
-            ds: vec![za; BQ * BK],
-            pt: vec![ze; BK * BQ],
-            stage: vec![0; BQ * BK],
-            dst: vec![ze; BK * BQ],
-            ds_e: vec![ze; BQ * BK],
-            g: vec![za; BQ * BK],
-            vis: vec![0; BQ * BK],
-            brow: vec![za; BK],
-            acc_k: vec![za; BK.max(BQ) * dp],
-            acc_v: vec![za; BK * dvp],
-            zeros: vec![za; BK],
+            kt: vec![ze; d.next_multiple_of(2) * bk],
+            vt: vec![ze; dv.next_multiple_of(2) * bk],
+            kr: vec![ze; bk * dp],
+            p: vec![za; BQ * bk],
+            ds: vec![za; BQ * bk],
+            pt: vec![ze; bk * BQ],
+            stage: vec![0; BQ * bk],
+            dst: vec![ze; bk * BQ],
+            ds_e: vec![ze; BQ * bk],
+            g: vec![za; BQ * bk],
+            vis: vec![0; BQ * bk],
+            brow: vec![za; bk],
+            acc_k: vec![za; bk.max(BQ) * dp],
+            acc_v: vec![za; bk * dvp],
+            zeros: vec![za; bk],
         }
     }
 }
@@ -717,30 +729,37 @@ fn mm<K: Kern>(
 /// as 32-bit units (one operand, or with `PAIR == 2` the operands of rows `2u` and `2u + 1`), which the
 /// kernel's [`Kern::transpose_units`] transposes (16×16 blocks in registers on AVX-512).
 #[inline(always)]
-fn transpose<K: Kern>(src: &[K::A], m: usize, n: usize, stage: &mut [u32], dst: &mut [K::E]) {
+fn transpose<K: Kern>(
+    src: &[K::A],
+    bk: usize,
+    m: usize,
+    n: usize,
+    stage: &mut [u32],
+    dst: &mut [K::E],
+) {
     let pair = K::PAIR;
     let rows = m.next_multiple_of(pair);
     if std::mem::size_of::<K::E>() * pair != 4 {
         // f64 operands: element by element.
         for (c, col) in dst.chunks_exact_mut(BQ).take(n).enumerate() {
             for (r, x) in col[..m].iter_mut().enumerate() {
-                *x = K::to_e(src[r * BK + c]);
+                *x = K::to_e(src[r * bk + c]);
             }
             col[m..rows].fill(K::E::default());
         }
         return;
     }
-    let zeros = [K::A::ZERO; BK];
+    let zeros = [K::A::ZERO; BK_MAX];
     for u in 0..rows / pair {
-        let out = &mut stage[u * BK..u * BK + n];
+        let out = &mut stage[u * bk..u * bk + n];
         if pair == 1 {
-            for (x, &a) in out.iter_mut().zip(&src[u * BK..u * BK + n]) {
+            for (x, &a) in out.iter_mut().zip(&src[u * bk..u * bk + n]) {
                 *x = unit::<K>(a, a);
             }
         } else {
-            let lo = &src[2 * u * BK..2 * u * BK + n];
+            let lo = &src[2 * u * bk..2 * u * bk + n];
             let hi = if 2 * u + 1 < m {
-                &src[(2 * u + 1) * BK..(2 * u + 1) * BK + n]
+                &src[(2 * u + 1) * bk..(2 * u + 1) * bk + n]
             } else {
                 &zeros[..n]
             };
@@ -749,14 +768,14 @@ fn transpose<K: Kern>(src: &[K::A], m: usize, n: usize, stage: &mut [u32], dst: 
             }
         }
     }
-    assert!(stage.len() >= rows / pair * BK && dst.len() >= (n.max(1) - 1) * BQ + rows);
-    // SAFETY: `stage` holds `rows / pair` rows of `BK` units, of which the first `n` are read; `dst` holds
+    assert!(stage.len() >= rows / pair * bk && dst.len() >= (n.max(1) - 1) * BQ + rows);
+    // SAFETY: `stage` holds `rows / pair` rows of `bk` units, of which the first `n` are read; `dst` holds
     // `n` rows of `BQ / pair` 32-bit units (asserted; an operand unit is 4 bytes: checked above); the CPU has
     // `K`'s features (this runs inside its entry points).
     unsafe {
         K::transpose_units(
             stage.as_ptr().cast(),
-            (BK * 4) as isize,
+            (bk * 4) as isize,
             rows / pair,
             n,
             dst.as_mut_ptr().cast(),
@@ -860,11 +879,12 @@ fn pack_t<K: Kern, T: Float>(
     c0: usize,
     n: usize,
     width: usize,
+    bk: usize,
     dst: &mut [K::E],
 ) {
     let pair = K::PAIR;
     let zero = K::E::default();
-    let at = |e: usize, c: usize| ((e / pair) * BK + c) * pair + e % pair;
+    let at = |e: usize, c: usize| ((e / pair) * bk + c) * pair + e % pair;
     for c in 0..n {
         if width > 0 {
             // SAFETY: (b, h, c0 + c, 0) is in range: c0 + c < K and width > 0.
@@ -878,7 +898,7 @@ fn pack_t<K: Kern, T: Float>(
             dst[at(e, c)] = zero;
         }
     }
-    for c in n..BK {
+    for c in n..bk {
         for e in 0..width.next_multiple_of(2) {
             dst[at(e, c)] = zero;
         }
@@ -937,12 +957,13 @@ fn logits<T, A: Acc>(
     n: usize,
     cls: BlockClass,
 ) {
+    let bk = job.bk;
     for r in 0..m {
-        let x = &mut p[r * BK..(r + 1) * BK];
+        let x = &mut p[r * bk..(r + 1) * bk];
         let scale = job.scale;
         x.iter_mut().for_each(|v| *v = *v * scale);
         if let Some((c, ic)) = job.softcap {
-            for (v, gg) in x.iter_mut().zip(&mut g[r * BK..(r + 1) * BK]) {
+            for (v, gg) in x.iter_mut().zip(&mut g[r * bk..(r + 1) * bk]) {
                 let t = (*v * ic).tanh();
                 *v = c * t;
                 *gg = A::ONE - t * t;
@@ -987,7 +1008,7 @@ fn tile<T, K: Kern>(
     write_bias: bool,
 ) {
     let Dims { d, dv, .. } = job.dims;
-    let (dp, dvp, pair) = (job.dp, job.dvp, K::PAIR);
+    let (dp, dvp, pair, bk) = (job.dp, job.dvp, K::PAIR, job.bk);
     let Scratch {
         kt,
         vt,
@@ -998,13 +1019,13 @@ fn tile<T, K: Kern>(
         brow,
         ..
     } = sc;
-    let p = &mut p[..m * BK];
-    mm::<K>(m, BK, d.div_ceil(pair), qa, dp, kt, BK, p, BK, false);
+    let p = &mut p[..m * bk];
+    mm::<K>(m, bk, d.div_ceil(pair), qa, dp, kt, bk, p, bk, false);
     logits(job, p, g, vis, brow, b, h, q0, m, c0, n, cls);
     for r in 0..m {
         let row = job.row(b, h, q0 + r);
         let (shift, norm) = (job.shift[row], job.norm[row]);
-        let x = &mut p[r * BK..(r + 1) * BK];
+        let x = &mut p[r * bk..(r + 1) * bk];
         if shift.is_finite() {
             x.iter_mut()
                 .for_each(|v| *v = (*v - shift).exp_nonpos() * norm);
@@ -1012,12 +1033,12 @@ fn tile<T, K: Kern>(
             x.fill(K::A::ZERO);
         }
     }
-    let ds = &mut ds[..m * BK];
-    mm::<K>(m, BK, dv.div_ceil(pair), doa, dvp, vt, BK, ds, BK, false);
+    let ds = &mut ds[..m * bk];
+    mm::<K>(m, bk, dv.div_ceil(pair), doa, dvp, vt, bk, ds, bk, false);
     for r in 0..m {
         let delta = job.delta[job.row(b, h, q0 + r)];
-        let pr = &mut p[r * BK..(r + 1) * BK];
-        let dr = &mut ds[r * BK..(r + 1) * BK];
+        let pr = &mut p[r * bk..(r + 1) * bk];
+        let dr = &mut ds[r * bk..(r + 1) * bk];
         if let Some(drop) = &job.drop {
             // The forward used P∘M/(1-p) (M the keep pattern): dP = (dO·Vᵀ)∘M/(1-p), and dV takes the same
             // dropped weights, so P is overwritten once dS no longer needs it.
@@ -1044,7 +1065,7 @@ fn tile<T, K: Kern>(
             }
         }
         if job.softcap.is_some() {
-            for (x, &gv) in dr.iter_mut().zip(&g[r * BK..(r + 1) * BK]) {
+            for (x, &gv) in dr.iter_mut().zip(&g[r * bk..(r + 1) * bk]) {
                 *x = *x * gv;
             }
         }
@@ -1053,12 +1074,12 @@ fn tile<T, K: Kern>(
 
 /// `dq[r] += Σ_c dS[r][c] K[c]` for the tile's `m` rows over its `n` kv columns (scale applied later).
 #[inline(always)]
-fn add_dq<K: Kern>(sc: &mut Scratch<K>, dp: usize, m: usize, n: usize, dq: &mut [K::A]) {
+fn add_dq<K: Kern>(sc: &mut Scratch<K>, bk: usize, dp: usize, m: usize, n: usize, dq: &mut [K::A]) {
     let cols = n.next_multiple_of(K::PAIR);
     for (row, src) in sc
         .ds_e
-        .chunks_exact_mut(BK)
-        .zip(sc.ds.chunks_exact(BK))
+        .chunks_exact_mut(bk)
+        .zip(sc.ds.chunks_exact(bk))
         .take(m)
     {
         for (x, &y) in row[..cols].iter_mut().zip(&src[..cols]) {
@@ -1070,7 +1091,7 @@ fn add_dq<K: Kern>(sc: &mut Scratch<K>, dp: usize, m: usize, n: usize, dq: &mut 
         dp,
         n.div_ceil(K::PAIR),
         &sc.ds_e,
-        BK,
+        bk,
         &sc.kr,
         dp,
         dq,
@@ -1094,17 +1115,17 @@ fn kv_body<T: Float, K: Kern>(
     mut dq: Option<&mut [K::A]>,
 ) {
     let Dims { g, q, k, d, dv, .. } = job.dims;
-    let (dp, dvp, pair) = (job.dp, job.dvp, K::PAIR);
+    let (dp, dvp, pair, bk) = (job.dp, job.dvp, K::PAIR, job.bk);
     let qpad = q.next_multiple_of(2);
-    let c0 = kb * BK;
-    let n = (k - c0).min(BK);
-    pack_t::<K, T>(&job.k, b, kvh, c0, n, d, &mut sc.kt);
-    pack_t::<K, T>(&job.v, b, kvh, c0, n, dv, &mut sc.vt);
+    let c0 = kb * bk;
+    let n = (k - c0).min(bk);
+    pack_t::<K, T>(&job.k, b, kvh, c0, n, d, bk, &mut sc.kt);
+    pack_t::<K, T>(&job.v, b, kvh, c0, n, dv, bk, &mut sc.vt);
     if dq.is_some() {
         pack_b_rows::<K, T>(&job.k, b, kvh, c0, n, d, dp, &mut sc.kr);
     }
-    sc.acc_k[..BK * dp].fill(K::A::ZERO);
-    sc.acc_v[..BK * dvp].fill(K::A::ZERO);
+    sc.acc_k[..bk * dp].fill(K::A::ZERO);
+    sc.acc_v[..bk * dvp].fill(K::A::ZERO);
     let (q_b, dout_b) = rows.b_rows(pair);
     for gi in 0..g {
         let h = kvh * g + gi;
@@ -1129,14 +1150,14 @@ fn kv_body<T: Float, K: Kern>(
             let (qa, doa) = (&rows.q[at * dp..], &rows.dout[at * dvp..]);
             tile::<T, K>(job, sc, qa, doa, b, h, q0, m, c0, n, cls, true);
             // dV[c] += Σ_r P[r][c] dO[r];  dK[c] += Σ_r dS[r][c] Q[r]  (scale applied at the end).
-            transpose::<K>(&sc.p, m, n, &mut sc.stage, &mut sc.pt);
-            transpose::<K>(&sc.ds, m, n, &mut sc.stage, &mut sc.dst);
+            transpose::<K>(&sc.p, bk, m, n, &mut sc.stage, &mut sc.pt);
+            transpose::<K>(&sc.ds, bk, m, n, &mut sc.stage, &mut sc.dst);
             let kp = m.div_ceil(pair);
             let (qr, dor) = (&q_b[at * dp..], &dout_b[at * dvp..]);
             mm::<K>(n, dvp, kp, &sc.pt, BQ, dor, dvp, &mut sc.acc_v, dvp, true);
             mm::<K>(n, dp, kp, &sc.dst, BQ, qr, dp, &mut sc.acc_k, dp, true);
             if let Some(dq) = dq.as_deref_mut() {
-                add_dq(sc, dp, m, n, &mut dq[at * dp..]);
+                add_dq(sc, bk, dp, m, n, &mut dq[at * dp..]);
             }
         }
     }
@@ -1158,21 +1179,21 @@ fn q_body<T: Float, K: Kern>(
     qb: usize,
 ) {
     let Dims { g, q, k, d, dv, .. } = job.dims;
-    let dp = job.dp;
+    let (dp, bk) = (job.dp, job.bk);
     let kvh = h / g;
     let q0 = qb * BQ;
     let m = (q - q0).min(BQ);
     rows.pack::<K, T>(job, b, h, q0, m, 0, true);
     sc.acc_k[..BQ * dp].fill(K::A::ZERO);
     for kb in 0..job.nkb() {
-        let c0 = kb * BK;
-        let n = (k - c0).min(BK);
+        let c0 = kb * bk;
+        let n = (k - c0).min(bk);
         let cls = job.mask.classify(b, h, q0..q0 + m, c0..c0 + n);
         if cls == BlockClass::Empty {
             continue;
         }
-        pack_t::<K, T>(&job.k, b, kvh, c0, n, d, &mut sc.kt);
-        pack_t::<K, T>(&job.v, b, kvh, c0, n, dv, &mut sc.vt);
+        pack_t::<K, T>(&job.k, b, kvh, c0, n, d, bk, &mut sc.kt);
+        pack_t::<K, T>(&job.v, b, kvh, c0, n, dv, bk, &mut sc.vt);
         pack_b_rows::<K, T>(&job.k, b, kvh, c0, n, d, dp, &mut sc.kr);
         if cls == BlockClass::Partial {
             job.mask
@@ -1180,7 +1201,7 @@ fn q_body<T: Float, K: Kern>(
         }
         tile::<T, K>(job, sc, &rows.q, &rows.dout, b, h, q0, m, c0, n, cls, false);
         let mut acc = std::mem::take(&mut sc.acc_k);
-        add_dq(sc, dp, m, n, &mut acc);
+        add_dq(sc, bk, dp, m, n, &mut acc);
         sc.acc_k = acc;
     }
     // SAFETY: rows q0..q0 + m of (b, h) are in range and belong to this item alone.
@@ -1373,7 +1394,7 @@ fn row_stats<T: Float, K: Kern>(
         redo[i] |= l.is_finite() && l.abs() >= LSE_RECOMPUTE;
     }
     // Online (max, sum) over the visible logits, then the sink.
-    let (dp, kvh) = (job.dp, h / g);
+    let (dp, kvh, bk) = (job.dp, h / g, job.bk);
     for qb in 0..job.nqb() {
         let q0 = qb * BQ;
         let m = (q - q0).min(BQ);
@@ -1384,28 +1405,28 @@ fn row_stats<T: Float, K: Kern>(
         let mut mx = [A::<K>::NEG_INF; BQ];
         let mut sum = [A::<K>::ZERO; BQ];
         for kb in 0..job.nkb() {
-            let c0 = kb * BK;
-            let n = (k - c0).min(BK);
+            let c0 = kb * bk;
+            let n = (k - c0).min(bk);
             let cls = job.mask.classify(b, h, q0..q0 + m, c0..c0 + n);
             if cls == BlockClass::Empty {
                 continue;
             }
-            pack_t::<K, T>(&job.k, b, kvh, c0, n, d, &mut sc.kt);
+            pack_t::<K, T>(&job.k, b, kvh, c0, n, d, bk, &mut sc.kt);
             if cls == BlockClass::Partial {
                 job.mask
                     .fill(b, h, q0..q0 + m, c0..c0 + n, &mut sc.vis[..m * n]);
             }
-            let p = &mut sc.p[..m * BK];
+            let p = &mut sc.p[..m * bk];
             mm::<K>(
                 m,
-                BK,
+                bk,
                 d.div_ceil(K::PAIR),
                 &rows.q,
                 dp,
                 &sc.kt,
-                BK,
+                bk,
                 p,
-                BK,
+                bk,
                 false,
             );
             logits(
@@ -1423,7 +1444,7 @@ fn row_stats<T: Float, K: Kern>(
                 cls,
             );
             for r in 0..m {
-                let x = &p[r * BK..(r + 1) * BK];
+                let x = &p[r * bk..(r + 1) * bk];
                 let top = x.iter().fold(A::<K>::NEG_INF, |a, &v| a.max(v));
                 if top == A::<K>::NEG_INF {
                     continue;
@@ -1459,6 +1480,36 @@ fn row_stats<T: Float, K: Kern>(
                 s.recip()
             };
         }
+    }
+}
+
+/// The key tile width for this call: [`BK_MAX`] unless the mask's partial tiles would make the kernel
+/// compute over 5% more pairs than at [`BK_MIN`] (sliding windows and short documents keep 64). Judged on
+/// batch 0, head 0 and at most 256 query tiles spread over the rows; it depends on the inputs alone, never
+/// on the thread count.
+fn kv_tile_width(mask: &dyn MaskTiles, dims: &Dims) -> usize {
+    let Dims { b, h, q, k, .. } = *dims;
+    if b == 0 || h == 0 || q == 0 || k == 0 {
+        return BK_MIN;
+    }
+    let nqb = q.div_ceil(BQ);
+    let area = |bk: usize| -> usize {
+        let mut total = 0;
+        for qb in (0..nqb).step_by(nqb.div_ceil(256)) {
+            let rows = qb * BQ..(qb * BQ + BQ).min(q);
+            for t in 0..k.div_ceil(bk) {
+                let cols = t * bk..(t * bk + bk).min(k);
+                if mask.classify(0, 0, rows.clone(), cols.clone()) != BlockClass::Empty {
+                    total += cols.len();
+                }
+            }
+        }
+        total
+    };
+    if area(BK_MAX) * 20 <= area(BK_MIN) * 21 {
+        BK_MAX
+    } else {
+        BK_MIN
     }
 }
 
@@ -1500,7 +1551,7 @@ fn split_chunks(dims: &Dims, dp: usize, elem: usize, nkb: usize) -> Option<usize
 fn run<T: Float, K: Entry>(
     args: &AttentionGradArgs,
     chk: &Checked,
-    strategy: DqPath,
+    (strategy, bk): (DqPath, usize),
 ) -> Result<()> {
     type A<K> = <K as Kern>::A;
     let dims = chk.dims;
@@ -1534,6 +1585,7 @@ fn run<T: Float, K: Entry>(
         delta: Vec::new(),
         dp: dims.d.div_ceil(16) * 16,
         dvp: dims.dv.div_ceil(16) * 16,
+        bk,
     };
     let Dims {
         b: nb, h, hkv, q, ..

@@ -526,7 +526,7 @@ struct Got {
 fn run_backward(
     s: &Setup,
     backend: Backend,
-    strategy: DqPath,
+    strategy: (DqPath, Option<usize>),
     threads: usize,
     with_bias_grad: bool,
 ) -> Got {
@@ -576,7 +576,7 @@ fn run_backward(
         dropout: p.dropout,
         num_threads: threads,
     };
-    backward_with(&args, backend, strategy).unwrap();
+    backward_with(&args, backend, strategy.0, strategy.1).unwrap();
     Got {
         dq: gq.values(),
         dk: gk.values(),
@@ -616,8 +616,15 @@ fn assert_close(name: &str, got: &[f64], want: &[f64], tol: f64, ctx: &str) {
     }
 }
 
-/// Both ways of forming dQ: a second pass, one partial, several partials (clamped to the kv tiles).
-const STRATEGIES: [DqPath; 3] = [DqPath::TwoPass, DqPath::Split(1), DqPath::Split(3)];
+/// Both ways of forming dQ (a second pass, one partial, several partials clamped to the kv tiles), at both key
+/// tile widths.
+const STRATEGIES: [(DqPath, Option<usize>); 5] = [
+    (DqPath::TwoPass, Some(64)),
+    (DqPath::TwoPass, Some(128)),
+    (DqPath::Split(1), Some(64)),
+    (DqPath::Split(1), Some(128)),
+    (DqPath::Split(3), Some(128)),
+];
 
 /// Every backend this CPU can run for `dtype`.
 fn backends(dtype: DType) -> Vec<Backend> {
@@ -747,7 +754,7 @@ fn finite_differences_agree_with_the_kernel() {
             DType::F64,
         ));
         s.layouts = [Layout::Contiguous; 5];
-        let got = run_backward(&s, Backend::Portable, DqPath::Auto, 1, true);
+        let got = run_backward(&s, Backend::Portable, (DqPath::Auto, None), 1, true);
         let loss = |p: &Problem| -> f64 {
             let (out, _) = p.forward();
             out.iter().zip(&p.dout).map(|(o, g)| o * g).sum()
@@ -810,9 +817,14 @@ fn gradients_are_bitwise_identical_across_runs_and_threads() {
         });
         s.p.softcap = Some(3.0);
         s.p.sinks = Some(vec![0.5, -1.0, 0.0, 1.0]);
-        let runs = backends(dtype)
-            .into_iter()
-            .flat_map(|b| [DqPath::Auto, DqPath::TwoPass, DqPath::Split(2)].map(|s| (b, s)));
+        let runs = backends(dtype).into_iter().flat_map(|b| {
+            [
+                (DqPath::Auto, None),
+                (DqPath::TwoPass, Some(128)),
+                (DqPath::Split(2), Some(64)),
+            ]
+            .map(|s| (b, s))
+        });
         for (backend, strategy) in runs {
             let first = run_backward(&s, backend, strategy, 1, true);
             for threads in [2, 1, 3] {
@@ -1298,4 +1310,28 @@ fn errors_name_the_argument_and_never_panic() {
             Err(Error::Unsupported(_))
         ));
     }
+}
+
+/// Wide key tiles where they waste little: no mask and causal masks take 128, a sliding window keeps 64.
+#[test]
+fn kv_tile_width_follows_the_masks_waste() {
+    use crate::mask::{MaskExpr, PlacedMask};
+    let dims = |q: usize, k: usize| Dims {
+        b: 1,
+        h: 4,
+        hkv: 2,
+        g: 2,
+        q,
+        k,
+        d: 64,
+        dv: 64,
+    };
+    assert_eq!(kv_tile_width(&NoMask, &dims(2048, 2048)), BK_MAX);
+    assert_eq!(
+        kv_tile_width(&CausalTiles { diagonal: 0 }, &dims(2048, 2048)),
+        BK_MAX
+    );
+    let window = PlacedMask::new(MaskExpr::sliding_window(512, true).unwrap(), 0, 0);
+    assert_eq!(kv_tile_width(&window, &dims(2048, 2048)), BK_MIN);
+    assert_eq!(kv_tile_width(&NoMask, &dims(0, 2048)), BK_MIN);
 }

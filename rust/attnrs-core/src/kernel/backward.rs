@@ -835,6 +835,33 @@ fn pack_a<K: Kern, T: Float>(
     dst[rows * ld..rows.next_multiple_of(K::PAIR) * ld].fill(K::E::default());
 }
 
+/// `dst[at(r, c)] = src[b, h, r0 + r, c]` for `r < rows`, `c < width`: rows of a strided input scattered
+/// into an operand layout.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn scatter_rows<K: Kern, T: Float>(
+    src: &Strided<T>,
+    b: usize,
+    h: usize,
+    r0: usize,
+    rows: usize,
+    width: usize,
+    dst: &mut [K::E],
+    at: impl Fn(usize, usize) -> usize,
+) {
+    if width == 0 {
+        return;
+    }
+    for r in 0..rows {
+        // SAFETY: (b, h, r0 + r, 0) is in range (callers pass rows inside the dim) and width > 0.
+        let p = unsafe { src.at(b, h, r0 + r, 0) };
+        for c in 0..width {
+            // SAFETY: c < width, the size of the last dim.
+            dst[at(r, c)] = K::load(unsafe { p.offset(c as isize * src.st[3]).read() });
+        }
+    }
+}
+
 /// Rows as the B operand of a product over them (`k` = the row): element `(r, j)` of rows `r0..r0 + rows`
 /// at `((r / PAIR) * ld + j) * PAIR + r % PAIR`; zeros for `width <= j < ld` and a missing partner row.
 #[inline(always)]
@@ -850,20 +877,12 @@ fn pack_b_rows<K: Kern, T: Float>(
     dst: &mut [K::E],
 ) {
     let pair = K::PAIR;
-    let zero = K::E::default();
+    let at = |r: usize, j: usize| ((r / pair) * ld + j) * pair + r % pair;
+    scatter_rows::<K, T>(src, b, h, r0, rows, width, dst, at);
     for r in 0..rows.next_multiple_of(pair) {
-        let at = |j: usize| ((r / pair) * ld + j) * pair + r % pair;
-        if r < rows && width > 0 {
-            // SAFETY: (b, h, r0 + r, 0) is in range (r < rows, inside the dim) and width > 0.
-            let p = unsafe { src.at(b, h, r0 + r, 0) };
-            for j in 0..width {
-                // SAFETY: j < width, the size of the last dim.
-                dst[at(j)] = K::load(unsafe { p.offset(j as isize * src.st[3]).read() });
-            }
-        }
         let from = if r < rows { width } else { 0 };
         for j in from..ld {
-            dst[at(j)] = zero;
+            dst[at(r, j)] = K::E::default();
         }
     }
 }
@@ -883,24 +902,12 @@ fn pack_t<K: Kern, T: Float>(
     dst: &mut [K::E],
 ) {
     let pair = K::PAIR;
-    let zero = K::E::default();
     let at = |e: usize, c: usize| ((e / pair) * bk + c) * pair + e % pair;
-    for c in 0..n {
-        if width > 0 {
-            // SAFETY: (b, h, c0 + c, 0) is in range: c0 + c < K and width > 0.
-            let p = unsafe { src.at(b, h, c0 + c, 0) };
-            for e in 0..width {
-                // SAFETY: e < width, the size of the last dim.
-                dst[at(e, c)] = K::load(unsafe { p.offset(e as isize * src.st[3]).read() });
-            }
-        }
-        for e in width..width.next_multiple_of(2) {
-            dst[at(e, c)] = zero;
-        }
-    }
-    for c in n..bk {
-        for e in 0..width.next_multiple_of(2) {
-            dst[at(e, c)] = zero;
+    scatter_rows::<K, T>(src, b, h, c0, n, width, dst, |c, e| at(e, c));
+    for c in 0..bk {
+        let from = if c < n { width } else { 0 };
+        for e in from..width.next_multiple_of(2) {
+            dst[at(e, c)] = K::E::default();
         }
     }
 }

@@ -10,7 +10,7 @@ use super::*;
 use crate::block::{CausalTiles, NoMask};
 use crate::isa::Isa;
 use crate::kernel::test_support::{layout, Layout, Rng};
-use crate::kernel::{attention_forward, AttentionArgs, Dropout};
+use crate::kernel::{AttentionArgs, Dropout};
 
 fn round_to(dtype: DType, x: f64) -> f64 {
     match dtype {
@@ -513,6 +513,58 @@ fn setup(c: &Case) -> Setup {
     setup
 }
 
+/// The kernel-facing input tensors of a problem (q, k, v in the given layouts; bias and sinks contiguous).
+struct Inputs {
+    q: Buf,
+    k: Buf,
+    v: Buf,
+    bias: Option<Buf>,
+    sinks: Option<Buf>,
+}
+
+impl Inputs {
+    fn new(p: &Problem, layouts: &[Layout]) -> Inputs {
+        let [nb, h, hkv, nq, nk, d, dv, _] = p.dims;
+        let dt = p.dtype;
+        Inputs {
+            q: Buf::new(dt, &[nb, h, nq, d], layouts[0], &p.q),
+            k: Buf::new(dt, &[nb, hkv, nk, d], layouts[1], &p.k),
+            v: Buf::new(dt, &[nb, hkv, nk, dv], layouts[2], &p.v),
+            bias: p
+                .bias
+                .as_ref()
+                .map(|(shape, vals, bdt)| Buf::new(*bdt, shape, Layout::Contiguous, vals)),
+            sinks: p
+                .sinks
+                .as_ref()
+                .map(|sk| Buf::new(DType::F32, &[h], Layout::Contiguous, sk)),
+        }
+    }
+
+    /// The kernel's forward on `backend`: (out, lse), contiguous.
+    fn forward(&self, p: &Problem, mask: &dyn MaskTiles, backend: Backend) -> (Buf, Buf) {
+        let [nb, h, _, nq, _, _, dv, _] = p.dims;
+        let out = Buf::nan(p.dtype, &[nb, h, nq, dv], Layout::Contiguous);
+        let lse = Buf::nan(DType::F32, &[nb, h, nq], Layout::Contiguous);
+        let args = AttentionArgs {
+            query: &self.q.view,
+            key: &self.k.view,
+            value: &self.v.view,
+            out: &out.view,
+            lse: Some(&lse.view),
+            mask,
+            bias: self.bias.as_ref().map(|b| &b.view),
+            scale: p.scale,
+            softcap: p.softcap,
+            sinks: self.sinks.as_ref().map(|b| &b.view),
+            dropout: p.dropout,
+            num_threads: 2,
+        };
+        crate::kernel::attention_forward_with(&args, backend).unwrap();
+        (out, lse)
+    }
+}
+
 /// The kernel's gradients, read back in logical order.
 struct Got {
     dq: Vec<f64>,
@@ -534,20 +586,16 @@ fn run_backward(
     let [nb, h, hkv, nq, nk, d, dv, _] = p.dims;
     let dt = p.dtype;
     let (out, lse) = p.forward();
-    let qb = Buf::new(dt, &[nb, h, nq, d], s.layouts[0], &p.q);
-    let kb = Buf::new(dt, &[nb, hkv, nk, d], s.layouts[1], &p.k);
-    let vb = Buf::new(dt, &[nb, hkv, nk, dv], s.layouts[2], &p.v);
+    let Inputs {
+        q: qb,
+        k: kb,
+        v: vb,
+        bias,
+        sinks,
+    } = Inputs::new(p, &s.layouts);
     let ob = Buf::new(dt, &[nb, h, nq, dv], s.layouts[3], &out);
     let gob = Buf::new(dt, &[nb, h, nq, dv], s.layouts[4], &p.dout);
     let lb = Buf::new(DType::F32, &[nb, h, nq], Layout::Contiguous, &lse);
-    let bias = p
-        .bias
-        .as_ref()
-        .map(|(shape, vals, bdt)| Buf::new(*bdt, shape, Layout::Contiguous, vals));
-    let sinks = p
-        .sinks
-        .as_ref()
-        .map(|sk| Buf::new(DType::F32, &[h], Layout::Contiguous, sk));
     let gq = Buf::nan(dt, &[nb, h, nq, d], s.out_layout);
     let gk = Buf::nan(dt, &[nb, hkv, nk, d], s.out_layout);
     let gv = Buf::nan(dt, &[nb, hkv, nk, dv], s.out_layout);
@@ -697,11 +745,12 @@ proptest! {
 
 #[test]
 fn every_feature_on_awkward_sizes() {
-    // Sizes straddling the 64-row / 64-column tiles, every mask kind, f64 and f32.
+    // Sizes straddling the 64-row / 64- and 128-column tiles, every mask kind, f64, f32 and bf16 (its
+    // dot-product path: odd rows and columns leave half-filled pairs).
     let mut seed = 11;
-    for (q, k) in [(1, 1), (63, 65), (65, 63), (130, 7), (7, 130)] {
+    for (q, k) in [(1, 1), (63, 65), (65, 63), (130, 7), (7, 130), (65, 129)] {
         for mask in 0..3 {
-            for dtype in [DType::F64, DType::F32] {
+            for dtype in [DType::F64, DType::F32, DType::BF16] {
                 seed += 1;
                 check_case(&Case {
                     seed,
@@ -875,37 +924,9 @@ fn forward_then_backward_matches_reference() {
         }));
         let p = &s.p;
         let [nb, h, hkv, nq, nk, d, dv, _] = p.dims;
-        let qb = Buf::new(DType::F32, &[nb, h, nq, d], s.layouts[0], &p.q);
-        let kb = Buf::new(DType::F32, &[nb, hkv, nk, d], s.layouts[1], &p.k);
-        let vb = Buf::new(DType::F32, &[nb, hkv, nk, dv], s.layouts[2], &p.v);
+        let inputs = Inputs::new(p, &s.layouts);
         let gob = Buf::new(DType::F32, &[nb, h, nq, dv], s.layouts[4], &p.dout);
-        let bias = p
-            .bias
-            .as_ref()
-            .map(|(shape, vals, bdt)| Buf::new(*bdt, shape, Layout::Contiguous, vals));
-        let sinks = Buf::new(
-            DType::F32,
-            &[h],
-            Layout::Contiguous,
-            p.sinks.as_ref().unwrap(),
-        );
-        let out = Buf::nan(DType::F32, &[nb, h, nq, dv], Layout::Contiguous);
-        let lse = Buf::nan(DType::F32, &[nb, h, nq], Layout::Contiguous);
-        attention_forward(&AttentionArgs {
-            query: &qb.view,
-            key: &kb.view,
-            value: &vb.view,
-            out: &out.view,
-            lse: Some(&lse.view),
-            mask: s.mask.as_ref(),
-            bias: bias.as_ref().map(|b| &b.view),
-            scale: p.scale,
-            softcap: p.softcap,
-            sinks: Some(&sinks.view),
-            dropout: p.dropout,
-            num_threads: 2,
-        })
-        .unwrap();
+        let (out, lse) = inputs.forward(p, s.mask.as_ref(), Backend::Auto);
         let ctx = format!("forward+backward mask {mask} dropout {drop_p:?}");
         assert_close("out", &out.values(), &p.forward().0, 2e-5, &ctx);
         let gq = Buf::nan(DType::F32, &[nb, h, nq, d], Layout::Transposed);
@@ -914,17 +935,17 @@ fn forward_then_backward_matches_reference() {
         let gs = Buf::nan(DType::BF16, &[h], Layout::Contiguous);
         attention_backward(&AttentionGradArgs {
             grad_lse: None,
-            query: &qb.view,
-            key: &kb.view,
-            value: &vb.view,
+            query: &inputs.q.view,
+            key: &inputs.k.view,
+            value: &inputs.v.view,
             out: &out.view,
             grad_out: &gob.view,
             lse: &lse.view,
             mask: s.mask.as_ref(),
-            bias: bias.as_ref().map(|b| &b.view),
+            bias: inputs.bias.as_ref().map(|b| &b.view),
             scale: p.scale,
             softcap: p.softcap,
-            sinks: Some(&sinks.view),
+            sinks: inputs.sinks.as_ref().map(|b| &b.view),
             grad_query: &gq.view,
             grad_key: &gk.view,
             grad_value: &gv.view,
@@ -965,40 +986,10 @@ fn forward_dropout_matches_reference_on_every_path() {
         });
         s.p.set_dropout(Some(Dropout { p: 0.4, seed: 99 }));
         let p = &s.p;
-        let [nb, h, hkv, nq, nk, d, dv, _] = p.dims;
-        let qb = Buf::new(dtype, &[nb, h, nq, d], Layout::Contiguous, &p.q);
-        let kb = Buf::new(dtype, &[nb, hkv, nk, d], Layout::Contiguous, &p.k);
-        let vb = Buf::new(dtype, &[nb, hkv, nk, dv], Layout::Contiguous, &p.v);
-        let bias = p
-            .bias
-            .as_ref()
-            .map(|(shape, vals, bdt)| Buf::new(*bdt, shape, Layout::Contiguous, vals));
-        let sinks = p
-            .sinks
-            .as_ref()
-            .map(|sk| Buf::new(DType::F32, &[h], Layout::Contiguous, sk));
+        let inputs = Inputs::new(p, &[Layout::Contiguous; 3]);
         let (want, want_lse) = p.forward();
         for backend in backends(dtype).into_iter().chain([Backend::Auto]) {
-            let out = Buf::nan(dtype, &[nb, h, nq, dv], Layout::Contiguous);
-            let lse = Buf::nan(DType::F32, &[nb, h, nq], Layout::Contiguous);
-            crate::kernel::attention_forward_with(
-                &AttentionArgs {
-                    query: &qb.view,
-                    key: &kb.view,
-                    value: &vb.view,
-                    out: &out.view,
-                    lse: Some(&lse.view),
-                    mask: s.mask.as_ref(),
-                    bias: bias.as_ref().map(|b| &b.view),
-                    scale: p.scale,
-                    softcap: p.softcap,
-                    sinks: sinks.as_ref().map(|b| &b.view),
-                    dropout: p.dropout,
-                    num_threads: 2,
-                },
-                backend,
-            )
-            .unwrap();
+            let (out, lse) = inputs.forward(p, s.mask.as_ref(), backend);
             let ctx = format!("q {q} k {k} {dtype:?} {backend:?}");
             assert_close("out", &out.values(), &want, tolerance(dtype), &ctx);
             let finite: Vec<f64> = want_lse.iter().map(|x| x.max(-1e30)).collect();

@@ -145,24 +145,55 @@ pub fn attention_backward(args: &AttentionGradArgs) -> Result<()> {
 
 /// [`attention_backward`] on a chosen [`Backend`] (AVX-512 BF16 runs the AVX-512F loops).
 pub fn attention_backward_with(args: &AttentionGradArgs, backend: Backend) -> Result<()> {
-    backward_with(args, backend, DqPath::Auto, None)
+    backward_with(args, backend, Tuning::default())
 }
 
-/// [`attention_backward_with`] with a chosen [`DqPath`] and key tile width (`None`: [`kv_tile_width`]);
-/// tests run them all.
+/// How a call is carried out, where more than one way gives correct gradients (tests run them all).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tuning {
+    /// How dQ is formed (this changes rounding; [`DqPath::Auto`] decides by the shapes alone).
+    pub dq: DqPath,
+    /// Key columns per tile (64 or 128; `None`: [`kv_tile_width`]).
+    pub kv_tile: Option<usize>,
+    /// Bytes a work item may hold of its group's packed rows ([`GROUP_PACK_BUDGET`]; 0 packs tile by tile).
+    pub pack_budget: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            dq: DqPath::Auto,
+            kv_tile: None,
+            pack_budget: GROUP_PACK_BUDGET,
+        }
+    }
+}
+
+/// A [`Tuning`] resolved for one call.
+#[derive(Debug, Clone, Copy)]
+struct Resolved {
+    dq: DqPath,
+    bk: usize,
+    pack_budget: usize,
+}
+
+/// [`attention_backward_with`] with a chosen [`Tuning`].
 pub(crate) fn backward_with(
     args: &AttentionGradArgs,
     backend: Backend,
-    strategy: DqPath,
-    kv_tile: Option<usize>,
+    tuning: Tuning,
 ) -> Result<()> {
     let checked = validate(args)?;
-    let bk = match kv_tile {
+    let bk = match tuning.kv_tile {
         Some(bk) if bk > BK_MIN => BK_MAX,
         Some(_) => BK_MIN,
         None => kv_tile_width(args.mask, &checked.dims),
     };
-    let strategy = (strategy, bk);
+    let strategy = Resolved {
+        dq: tuning.dq,
+        bk,
+        pack_budget: tuning.pack_budget,
+    };
     if checked.dtype == DType::F64 {
         return run::<f64, Portable<f64>>(args, &checked, strategy);
     }
@@ -179,7 +210,7 @@ fn by_backend<T: Float>(
     args: &AttentionGradArgs,
     checked: &Checked,
     backend: Backend,
-    strategy: (DqPath, usize),
+    strategy: Resolved,
 ) -> Result<()> {
     #[cfg(target_arch = "x86_64")]
     {
@@ -545,16 +576,22 @@ impl<T, A> Job<'_, T, A> {
     }
 }
 
-/// Query and dO rows packed once per item as operands of `K`: all rows of the GQA group (`[G][Q'][..]`,
-/// `Q'` = Q rounded up to even) for a kv item, one tile for a dQ item or a row-statistics pass. Row-major
-/// copies are the A operands of `Q·Kᵀ` and `dO·Vᵀ`; the B operands of `dSᵀ·Q` and `Pᵀ·dO` take rows in pairs
-/// (`[Q'/2][..][2]`) when `K::PAIR == 2` (for `PAIR == 1` the row-major copies serve).
+/// Query and dO rows packed as operands of `K`: all rows of the GQA group (`[G][Q'][..]`, `Q'` = Q rounded
+/// up to even), packed once per kv item when they fit [`GROUP_PACK_BUDGET`]; otherwise (`per_tile`, and for a
+/// dQ item or a row-statistics pass) one tile at a time at row 0. Row-major copies are the A operands of
+/// `Q·Kᵀ` and `dO·Vᵀ`; the B operands of `dSᵀ·Q` and `Pᵀ·dO` take rows in pairs (`[Q'/2][..][2]`) when
+/// `K::PAIR == 2` (for `PAIR == 1` the row-major copies serve). Packing is exact, so how rows are packed
+/// never changes a gradient.
 struct Packed<E> {
     q: Vec<E>,
     dout: Vec<E>,
     q_pairs: Vec<E>,
     dout_pairs: Vec<E>,
+    per_tile: bool,
 }
+
+/// Bytes one work item may hold of packed query and dO rows of its whole GQA group (per thread).
+const GROUP_PACK_BUDGET: usize = 32 << 20;
 
 impl<E: Copy + Default> Packed<E> {
     fn new() -> Self {
@@ -563,7 +600,15 @@ impl<E: Copy + Default> Packed<E> {
             dout: Vec::new(),
             q_pairs: Vec::new(),
             dout_pairs: Vec::new(),
+            per_tile: true,
         }
+    }
+
+    /// Whether the whole group's rows fit `budget` bytes for this call (a bf16 pair layout doubles them).
+    fn group_fits<K: Kern<E = E>, T>(job: &Job<T, K::A>, budget: usize) -> bool {
+        let rows = job.dims.g * job.dims.q.next_multiple_of(2);
+        let bytes = rows * (job.dp + job.dvp) * std::mem::size_of::<E>() * K::PAIR;
+        bytes <= budget
     }
 
     /// Packs rows `r0..r0 + rows` of query head `h` (and of dO when `with_dout`) at row `at` (even).
@@ -1108,14 +1153,14 @@ fn add_dq<K: Kern>(sc: &mut Scratch<K>, bk: usize, dp: usize, m: usize, n: usize
 }
 
 /// dK and dV of kv tile `kb` of `(b, kvh)`, over every query tile of every head of the group, whose query
-/// and dO rows are packed in `rows` (`[G][Q'][..]`). With `dq` (`[G][Q'][dp]`, this group's rows of one
-/// partial dQ), also adds this kv tile's share of dQ into it.
+/// and dO rows are packed in `rows` (`[G][Q'][..]`, or tile by tile when `rows.per_tile`). With `dq`
+/// (`[G][Q'][dp]`, this group's rows of one partial dQ), also adds this kv tile's share of dQ into it.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn kv_body<T: Float, K: Kern>(
     job: &Job<T, K::A>,
     sc: &mut Scratch<K>,
-    rows: &Packed<K::E>,
+    rows: &mut Packed<K::E>,
     b: usize,
     kvh: usize,
     kb: usize,
@@ -1133,7 +1178,6 @@ fn kv_body<T: Float, K: Kern>(
     }
     sc.acc_k[..bk * dp].fill(K::A::ZERO);
     sc.acc_v[..bk * dvp].fill(K::A::ZERO);
-    let (q_b, dout_b) = rows.b_rows(pair);
     for gi in 0..g {
         let h = kvh * g + gi;
         for qb in 0..job.nqb() {
@@ -1153,18 +1197,24 @@ fn kv_body<T: Float, K: Kern>(
                 job.mask
                     .fill(b, h, q0..q0 + m, c0..c0 + n, &mut sc.vis[..m * n]);
             }
-            let at = gi * qpad + q0;
+            let at = if rows.per_tile {
+                rows.pack::<K, T>(job, b, h, q0, m, 0, true);
+                0
+            } else {
+                gi * qpad + q0
+            };
             let (qa, doa) = (&rows.q[at * dp..], &rows.dout[at * dvp..]);
             tile::<T, K>(job, sc, qa, doa, b, h, q0, m, c0, n, cls, true);
             // dV[c] += Σ_r P[r][c] dO[r];  dK[c] += Σ_r dS[r][c] Q[r]  (scale applied at the end).
             transpose::<K>(&sc.p, bk, m, n, &mut sc.stage, &mut sc.pt);
             transpose::<K>(&sc.ds, bk, m, n, &mut sc.stage, &mut sc.dst);
             let kp = m.div_ceil(pair);
+            let (q_b, dout_b) = rows.b_rows(pair);
             let (qr, dor) = (&q_b[at * dp..], &dout_b[at * dvp..]);
             mm::<K>(n, dvp, kp, &sc.pt, BQ, dor, dvp, &mut sc.acc_v, dvp, true);
             mm::<K>(n, dp, kp, &sc.dst, BQ, qr, dp, &mut sc.acc_k, dp, true);
             if let Some(dq) = dq.as_deref_mut() {
-                add_dq(sc, bk, dp, m, n, &mut dq[at * dp..]);
+                add_dq(sc, bk, dp, m, n, &mut dq[(gi * qpad + q0) * dp..]);
             }
         }
     }
@@ -1224,7 +1274,7 @@ trait Entry: Kern {
     unsafe fn kv<T: Float>(
         job: &Job<T, Self::A>,
         sc: &mut Scratch<Self>,
-        rows: &Packed<Self::E>,
+        rows: &mut Packed<Self::E>,
         b: usize,
         kvh: usize,
         kb: usize,
@@ -1261,7 +1311,7 @@ macro_rules! entry {
             unsafe fn kv<T: Float>(
                 job: &Job<T, $a>,
                 sc: &mut Scratch<$kern>,
-                rows: &Packed<$e>,
+                rows: &mut Packed<$e>,
                 b: usize,
                 kvh: usize,
                 kb: usize,
@@ -1272,7 +1322,7 @@ macro_rules! entry {
                 unsafe fn go<T: Float>(
                     job: &Job<T, $a>,
                     sc: &mut Scratch<$kern>,
-                    rows: &Packed<$e>,
+                    rows: &mut Packed<$e>,
                     b: usize,
                     kvh: usize,
                     kb: usize,
@@ -1558,8 +1608,9 @@ fn split_chunks(dims: &Dims, dp: usize, elem: usize, nkb: usize) -> Option<usize
 fn run<T: Float, K: Entry>(
     args: &AttentionGradArgs,
     chk: &Checked,
-    (strategy, bk): (DqPath, usize),
+    tuning: Resolved,
 ) -> Result<()> {
+    let (strategy, bk) = (tuning.dq, tuning.bk);
     type A<K> = <K as Kern>::A;
     let dims = chk.dims;
     let mut job = Job::<T, A<K>> {
@@ -1646,10 +1697,14 @@ fn run<T: Float, K: Entry>(
             DqPath::Split(p) => Some(p.clamp(1, nkb.max(1))),
         };
         let (g, qpad) = (dims.g, q.next_multiple_of(2));
-        // The query and dO rows of one GQA group, packed once per item.
+        // The query and dO rows of one GQA group, packed once per item (when they fit the budget).
+        let whole_group = Packed::<K::E>::group_fits::<K, T>(job, tuning.pack_budget);
         let pack_group = |pk: &mut Packed<K::E>, b: usize, kvh: usize| {
-            for gi in 0..g {
-                pk.pack::<K, T>(job, b, kvh * g + gi, 0, q, gi * qpad, true);
+            pk.per_tile = !whole_group;
+            if whole_group {
+                for gi in 0..g {
+                    pk.pack::<K, T>(job, b, kvh * g + gi, 0, q, gi * qpad, true);
+                }
             }
         };
         let per = g * qpad * job.dp; // one group's rows of one partial dQ

@@ -578,7 +578,7 @@ struct Got {
 fn run_backward(
     s: &Setup,
     backend: Backend,
-    strategy: (DqPath, Option<usize>),
+    strategy: Tuning,
     threads: usize,
     with_bias_grad: bool,
 ) -> Got {
@@ -624,7 +624,7 @@ fn run_backward(
         dropout: p.dropout,
         num_threads: threads,
     };
-    backward_with(&args, backend, strategy.0, strategy.1).unwrap();
+    backward_with(&args, backend, strategy).unwrap();
     Got {
         dq: gq.values(),
         dk: gk.values(),
@@ -665,14 +665,23 @@ fn assert_close(name: &str, got: &[f64], want: &[f64], tol: f64, ctx: &str) {
 }
 
 /// Both ways of forming dQ (a second pass, one partial, several partials clamped to the kv tiles), at both key
-/// tile widths.
-const STRATEGIES: [(DqPath, Option<usize>); 5] = [
-    (DqPath::TwoPass, Some(64)),
-    (DqPath::TwoPass, Some(128)),
-    (DqPath::Split(1), Some(64)),
-    (DqPath::Split(1), Some(128)),
-    (DqPath::Split(3), Some(128)),
+/// tile widths, with the query rows packed per group and per tile.
+const STRATEGIES: [Tuning; 5] = [
+    tuning(DqPath::TwoPass, 64, true),
+    tuning(DqPath::TwoPass, 128, false),
+    tuning(DqPath::Split(1), 64, false),
+    tuning(DqPath::Split(1), 128, true),
+    tuning(DqPath::Split(3), 128, false),
 ];
+
+/// A forced [`Tuning`]; `per_tile` packs the query rows tile by tile instead of per GQA group.
+const fn tuning(dq: DqPath, kv_tile: usize, per_tile: bool) -> Tuning {
+    Tuning {
+        dq,
+        kv_tile: Some(kv_tile),
+        pack_budget: if per_tile { 0 } else { usize::MAX },
+    }
+}
 
 /// Every backend this CPU can run for `dtype`.
 fn backends(dtype: DType) -> Vec<Backend> {
@@ -803,7 +812,7 @@ fn finite_differences_agree_with_the_kernel() {
             DType::F64,
         ));
         s.layouts = [Layout::Contiguous; 5];
-        let got = run_backward(&s, Backend::Portable, (DqPath::Auto, None), 1, true);
+        let got = run_backward(&s, Backend::Portable, Tuning::default(), 1, true);
         let loss = |p: &Problem| -> f64 {
             let (out, _) = p.forward();
             out.iter().zip(&p.dout).map(|(o, g)| o * g).sum()
@@ -868,9 +877,9 @@ fn gradients_are_bitwise_identical_across_runs_and_threads() {
         s.p.sinks = Some(vec![0.5, -1.0, 0.0, 1.0]);
         let runs = backends(dtype).into_iter().flat_map(|b| {
             [
-                (DqPath::Auto, None),
-                (DqPath::TwoPass, Some(128)),
-                (DqPath::Split(2), Some(64)),
+                Tuning::default(),
+                tuning(DqPath::TwoPass, 128, true),
+                tuning(DqPath::Split(2), 64, false),
             ]
             .map(|s| (b, s))
         });

@@ -880,8 +880,8 @@ fn pack_a<K: Kern, T: Float>(
     dst[rows * ld..rows.next_multiple_of(K::PAIR) * ld].fill(K::E::default());
 }
 
-/// `dst[at(r, c)] = src[b, h, r0 + r, c]` for `r < rows`, `c < width`: rows of a strided input scattered
-/// into an operand layout.
+/// `dst[at(r, c)] = src[b, h, r0 + r, c]` for `r < rows`, `c < width`, and zero for every other `(r, c)` of
+/// the padded grid `grid = (rows', cols')`: rows of a strided input scattered into an operand layout.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn scatter_rows<K: Kern, T: Float>(
@@ -891,18 +891,22 @@ fn scatter_rows<K: Kern, T: Float>(
     r0: usize,
     rows: usize,
     width: usize,
+    grid: (usize, usize),
     dst: &mut [K::E],
     at: impl Fn(usize, usize) -> usize,
 ) {
-    if width == 0 {
-        return;
-    }
-    for r in 0..rows {
-        // SAFETY: (b, h, r0 + r, 0) is in range (callers pass rows inside the dim) and width > 0.
-        let p = unsafe { src.at(b, h, r0 + r, 0) };
-        for c in 0..width {
-            // SAFETY: c < width, the size of the last dim.
-            dst[at(r, c)] = K::load(unsafe { p.offset(c as isize * src.st[3]).read() });
+    for r in 0..grid.0 {
+        if r < rows && width > 0 {
+            // SAFETY: (b, h, r0 + r, 0) is in range (callers pass rows inside the dim) and width > 0.
+            let p = unsafe { src.at(b, h, r0 + r, 0) };
+            for c in 0..width {
+                // SAFETY: c < width, the size of the last dim.
+                dst[at(r, c)] = K::load(unsafe { p.offset(c as isize * src.st[3]).read() });
+            }
+        }
+        let from = if r < rows { width } else { 0 };
+        for c in from..grid.1 {
+            dst[at(r, c)] = K::E::default();
         }
     }
 }
@@ -922,14 +926,9 @@ fn pack_b_rows<K: Kern, T: Float>(
     dst: &mut [K::E],
 ) {
     let pair = K::PAIR;
+    let grid = (rows.next_multiple_of(pair), ld);
     let at = |r: usize, j: usize| ((r / pair) * ld + j) * pair + r % pair;
-    scatter_rows::<K, T>(src, b, h, r0, rows, width, dst, at);
-    for r in 0..rows.next_multiple_of(pair) {
-        let from = if r < rows { width } else { 0 };
-        for j in from..ld {
-            dst[at(r, j)] = K::E::default();
-        }
-    }
+    scatter_rows::<K, T>(src, b, h, r0, rows, width, grid, dst, at);
 }
 
 /// The kv rows `c0..c0 + n` transposed into a B operand: element `(e, c)` = `src[b, h, c0 + c, e]` at
@@ -947,14 +946,9 @@ fn pack_t<K: Kern, T: Float>(
     dst: &mut [K::E],
 ) {
     let pair = K::PAIR;
-    let at = |e: usize, c: usize| ((e / pair) * bk + c) * pair + e % pair;
-    scatter_rows::<K, T>(src, b, h, c0, n, width, dst, |c, e| at(e, c));
-    for c in 0..bk {
-        let from = if c < n { width } else { 0 };
-        for e in from..width.next_multiple_of(2) {
-            dst[at(e, c)] = K::E::default();
-        }
-    }
+    let grid = (bk, width.next_multiple_of(2));
+    let at = |c: usize, e: usize| ((e / pair) * bk + c) * pair + e % pair;
+    scatter_rows::<K, T>(src, b, h, c0, n, width, grid, dst, at);
 }
 
 /// Writes `src[r * ld + c] * factor` to `dst[b, h, r0 + r, c]` for `r < rows`, `c < width`.

@@ -11,8 +11,8 @@
 
 use rayon::prelude::*;
 
-use super::check_grid;
-use crate::block::BlockClass;
+use super::{check, Grid};
+use crate::mask::tiles::BlockClass;
 use crate::mask::{MaskExpr, PlacedMask};
 use crate::{threads, Error, Result};
 
@@ -201,19 +201,17 @@ fn prefix_sums(counts: &[i32]) -> Vec<usize> {
     offsets
 }
 
-/// The block layout of a mask over a `[batch, heads, q_len, kv_len]` grid, equal to what torch's
+/// The block layout of a mask over a `[batch, heads, q, kv]` grid, equal to what torch's
 /// `create_block_mask` computes for the same mask (`BLOCK_SIZE = (q_block, kv_block)`).
 ///
 /// The arrays have batch dimension `layout_batch` and head dimension `layout_heads`: 1 when the mask does
-/// not depend on the batch (resp. head), else `batch` (resp. `heads`); size-1 dimensions broadcast.
+/// not depend on the batch (resp. head), else `grid.batch` (resp. `grid.heads`); size-1 dimensions
+/// broadcast.
 #[derive(Debug, Clone)]
 pub struct BlockSparse {
     /// The mask, placed at the offsets; the kernel evaluates it on partial blocks.
     pub mask: PlacedMask,
-    pub batch: usize,
-    pub heads: usize,
-    pub q_len: usize,
-    pub kv_len: usize,
+    pub grid: Grid,
     pub q_block: usize,
     pub kv_block: usize,
     pub layout_batch: usize,
@@ -231,22 +229,23 @@ pub struct BlockSparse {
 }
 
 impl BlockSparse {
-    /// Builds the layout of `expr` for `batch` x `heads` and queries `q_offset..q_offset + q_len` against
-    /// keys `kv_offset..kv_offset + kv_len`, in the private pool of `num_threads` workers.
-    #[allow(clippy::too_many_arguments)]
+    /// Builds the layout of `mask` over `grid` (queries `mask.q_offset..mask.q_offset + grid.q` against
+    /// keys `mask.kv_offset..mask.kv_offset + grid.kv`) with blocks of `q_block x kv_block`, in the private
+    /// pool of `num_threads` workers.
     pub fn build(
-        expr: &MaskExpr,
-        batch: usize,
-        heads: usize,
-        q_len: usize,
-        kv_len: usize,
-        q_offset: i64,
-        kv_offset: i64,
-        q_block: usize,
-        kv_block: usize,
+        mask: PlacedMask,
+        grid: Grid,
+        (q_block, kv_block): (usize, usize),
         num_threads: usize,
     ) -> Result<BlockSparse> {
-        check_grid(expr, batch, heads, q_len, kv_len, q_offset, kv_offset)?;
+        check(&mask, grid)?;
+        let Grid {
+            batch,
+            heads,
+            q: q_len,
+            kv: kv_len,
+        } = grid;
+        let expr = &mask.expr;
         if q_block == 0 {
             return Err(Error::value("q_block", "a positive integer", "0"));
         }
@@ -263,24 +262,21 @@ impl BlockSparse {
         }
         let lb = if expr.depends_on_batch() { batch } else { 1 };
         let lh = if expr.depends_on_head() { heads } else { 1 };
-        let grid = Grid {
+        let tiling = Tiling {
             expr,
             q_len,
             kv_len,
-            q_offset,
-            kv_offset,
+            q_offset: mask.q_offset,
+            kv_offset: mask.kv_offset,
             q_block,
             kv_block,
             nkb,
         };
         let [kv, full_kv, q, full_q] =
-            threads::install(num_threads, || grid.indices([lb, lh, nqb], num_threads))?;
+            threads::install(num_threads, || tiling.indices([lb, lh, nqb], num_threads))?;
         Ok(BlockSparse {
-            mask: PlacedMask::new(expr.clone(), q_offset, kv_offset),
-            batch,
-            heads,
-            q_len,
-            kv_len,
+            mask,
+            grid,
             q_block,
             kv_block,
             layout_batch: lb,
@@ -303,7 +299,8 @@ impl BlockSparse {
     }
 }
 
-struct Grid<'a> {
+/// The mask and the block tiling of the grid, as the classification of one layout reads them.
+struct Tiling<'a> {
     expr: &'a MaskExpr,
     q_len: usize,
     kv_len: usize,
@@ -314,7 +311,7 @@ struct Grid<'a> {
     nkb: usize,
 }
 
-impl Grid<'_> {
+impl Tiling<'_> {
     /// The four indices (kv, full_kv, q, full_q) of layout `[lb, lh, nqb]`, computed in the current rayon
     /// pool (call inside [`threads::install`]) by about `num_threads` workers.
     ///

@@ -2,8 +2,8 @@
 
 use super::interval::{fill_iv, span, Iv, Union};
 use super::tables::pick;
+use super::tiles::BlockClass;
 use super::{MaskExpr, Node};
-use crate::block::BlockClass;
 
 /// Reusable row buffers for `And` / `Or` children that must be materialised.
 #[derive(Default)]
@@ -17,16 +17,6 @@ impl Scratch {
     }
     fn give(&mut self, buf: Vec<u8>) {
         self.0.push(buf);
-    }
-}
-
-fn class_of(any: bool, all: bool) -> BlockClass {
-    if all {
-        BlockClass::Full
-    } else if any {
-        BlockClass::Partial
-    } else {
-        BlockClass::Empty
     }
 }
 
@@ -150,15 +140,15 @@ impl Node {
         match self {
             Node::Padding(rows) => {
                 let n = pick(rows, b).count(k0, k1);
-                class_of(n > 0, n == width)
+                BlockClass::of(n > 0, n == width)
             }
             Node::Document(rows) => {
                 let (any, all) = pick(rows, b).block(q0, q1, k0, k1);
-                class_of(any, all)
+                BlockClass::of(any, all)
             }
             Node::Bitmap(t) => {
                 let (any, all) = t.block(b, h, q0, q1, k0, k1);
-                class_of(any, all)
+                BlockClass::of(any, all)
             }
             Node::And(parts) => {
                 let mut partial = 0;
@@ -218,7 +208,7 @@ impl Node {
                 break;
             }
         }
-        class_of(any, all)
+        BlockClass::of(any, all)
     }
 
     /// Keys visible from row `q` in `k0..k1`.

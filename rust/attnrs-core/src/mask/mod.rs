@@ -31,18 +31,20 @@
 //! computed from intervals (intersections of intervals are intervals) and prefix counts, falling back to
 //! filling that one row only when two children are neither. Dense filling writes each row as memsets of
 //! its interval, copies of padding bytes, and ANDs/ORs of children.
+//!
+//! [`tiles`] is what kernels see of a mask: the [`MaskTiles`](tiles::MaskTiles) contract over tensor indices,
+//! an expression placed at offsets ([`PlacedMask`]), a dense bool tensor, and the mask of one call.
 
 mod eval;
 mod interval;
 mod program;
 mod tables;
-mod tiles;
+pub mod tiles;
 
 use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::block::BlockClass;
 use crate::{Error, Result};
 
 pub use program::MaskProgram;
@@ -50,6 +52,7 @@ pub use tiles::PlacedMask;
 
 use eval::Scratch;
 use tables::{BitmapTable, DocRow, PadRow};
+use tiles::BlockClass;
 
 /// A mask expression; see the [module documentation](self) for the semantics of each node.
 #[derive(Clone)]

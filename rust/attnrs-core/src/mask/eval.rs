@@ -150,32 +150,22 @@ impl Node {
                 let (any, all) = t.block(b, h, q0, q1, k0, k1);
                 BlockClass::of(any, all)
             }
-            Node::And(parts) => {
+            Node::And(parts) | Node::Or(parts) => {
+                // One child of the deciding class decides; children of the other whole class change nothing.
+                let (decides, neutral) = match self {
+                    Node::And(_) => (BlockClass::Empty, BlockClass::Full),
+                    _ => (BlockClass::Full, BlockClass::Empty),
+                };
                 let mut partial = 0;
                 for p in parts.iter() {
                     match p.get().classify(b, h, q0, q1, k0, k1) {
-                        BlockClass::Empty => return BlockClass::Empty,
-                        BlockClass::Full => {}
                         BlockClass::Partial => partial += 1,
+                        c if c == decides => return decides,
+                        _ => {}
                     }
                 }
                 match partial {
-                    0 => BlockClass::Full,
-                    1 => BlockClass::Partial,
-                    _ => self.resolve(b, h, q0, q1, k0, k1),
-                }
-            }
-            Node::Or(parts) => {
-                let mut partial = 0;
-                for p in parts.iter() {
-                    match p.get().classify(b, h, q0, q1, k0, k1) {
-                        BlockClass::Full => return BlockClass::Full,
-                        BlockClass::Empty => {}
-                        BlockClass::Partial => partial += 1,
-                    }
-                }
-                match partial {
-                    0 => BlockClass::Empty,
+                    0 => neutral,
                     1 => BlockClass::Partial,
                     _ => self.resolve(b, h, q0, q1, k0, k1),
                 }

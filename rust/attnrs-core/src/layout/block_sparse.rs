@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::{check, Grid};
 use crate::mask::tiles::BlockClass;
-use crate::mask::{MaskExpr, PlacedMask};
+use crate::mask::PlacedMask;
 use crate::{threads, Error, Result};
 
 /// Per-(batch, head, block) lists of block indices, as FlexAttention stores them, in ragged (CSR) storage.
@@ -239,20 +239,13 @@ impl BlockSparse {
         num_threads: usize,
     ) -> Result<BlockSparse> {
         check(&mask, grid)?;
-        let Grid {
-            batch,
-            heads,
-            q: q_len,
-            kv: kv_len,
-        } = grid;
-        let expr = &mask.expr;
         if q_block == 0 {
             return Err(Error::value("q_block", "a positive integer", "0"));
         }
         if kv_block == 0 {
             return Err(Error::value("kv_block", "a positive integer", "0"));
         }
-        let (nqb, nkb) = (q_len.div_ceil(q_block), kv_len.div_ceil(kv_block));
+        let (nqb, nkb) = (grid.q.div_ceil(q_block), grid.kv.div_ceil(kv_block));
         if nqb > i32::MAX as usize || nkb > i32::MAX as usize {
             return Err(Error::value(
                 "BLOCK_SIZE",
@@ -260,14 +253,19 @@ impl BlockSparse {
                 format!("{nqb} x {nkb}"),
             ));
         }
-        let lb = if expr.depends_on_batch() { batch } else { 1 };
-        let lh = if expr.depends_on_head() { heads } else { 1 };
+        let lb = if mask.expr.depends_on_batch() {
+            grid.batch
+        } else {
+            1
+        };
+        let lh = if mask.expr.depends_on_head() {
+            grid.heads
+        } else {
+            1
+        };
         let tiling = Tiling {
-            expr,
-            q_len,
-            kv_len,
-            q_offset: mask.q_offset,
-            kv_offset: mask.kv_offset,
+            mask: &mask,
+            grid,
             q_block,
             kv_block,
             nkb,
@@ -301,13 +299,11 @@ impl BlockSparse {
 
 /// The mask and the block tiling of the grid, as the classification of one layout reads them.
 struct Tiling<'a> {
-    expr: &'a MaskExpr,
-    q_len: usize,
-    kv_len: usize,
-    q_offset: i64,
-    kv_offset: i64,
+    mask: &'a PlacedMask,
+    grid: Grid,
     q_block: usize,
     kv_block: usize,
+    /// Number of kv-blocks.
     nkb: usize,
 }
 
@@ -359,30 +355,33 @@ impl Tiling<'_> {
         partial: &mut Vec<i32>,
         full: &mut Vec<i32>,
     ) {
+        let (expr, q_offset, kv_offset) =
+            (&self.mask.expr, self.mask.q_offset, self.mask.kv_offset);
+        let (q_len, kv_len) = (self.grid.q, self.grid.kv);
         let r0 = qb * self.q_block;
-        let r1 = (r0 + self.q_block).min(self.q_len);
-        let rows_cut = r0 + self.q_block > self.q_len;
-        let q = self.q_offset + r0 as i64..self.q_offset + r1 as i64;
-        let (lo, hi) = self.expr.key_hull(b, q.clone());
-        let lo = lo.max(self.kv_offset);
-        let hi = hi.min(self.kv_offset + self.kv_len as i64 - 1);
+        let r1 = (r0 + self.q_block).min(q_len);
+        let rows_cut = r0 + self.q_block > q_len;
+        let q = q_offset + r0 as i64..q_offset + r1 as i64;
+        let (lo, hi) = expr.key_hull(b, q.clone());
+        let lo = lo.max(kv_offset);
+        let hi = hi.min(kv_offset + kv_len as i64 - 1);
         if lo > hi {
             return;
         }
-        let first = ((lo - self.kv_offset) as usize / self.kv_block).min(self.nkb);
-        let last = ((hi - self.kv_offset) as usize / self.kv_block).min(self.nkb - 1);
+        let first = ((lo - kv_offset) as usize / self.kv_block).min(self.nkb);
+        let last = ((hi - kv_offset) as usize / self.kv_block).min(self.nkb - 1);
         // kv-blocks inside the core are seen by every row: no classification needed.
-        let (core_lo, core_hi) = self.expr.key_core(b, q.clone());
+        let (core_lo, core_hi) = expr.key_core(b, q.clone());
         let core = core_lo..core_hi.saturating_add(1);
         for kb in first..=last {
             let c0 = kb * self.kv_block;
-            let c1 = (c0 + self.kv_block).min(self.kv_len);
-            let cols_cut = c0 + self.kv_block > self.kv_len;
-            let k = self.kv_offset + c0 as i64..self.kv_offset + c1 as i64;
+            let c1 = (c0 + self.kv_block).min(kv_len);
+            let cols_cut = c0 + self.kv_block > kv_len;
+            let k = kv_offset + c0 as i64..kv_offset + c1 as i64;
             let class = if core.start <= k.start && k.end <= core.end {
                 BlockClass::Full
             } else {
-                self.expr.classify(b, h, q.clone(), k)
+                expr.classify(b, h, q.clone(), k)
             };
             match class {
                 BlockClass::Full if !rows_cut && !cols_cut => full.push(kb as i32),

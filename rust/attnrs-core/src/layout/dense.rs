@@ -16,16 +16,11 @@ const TASK_BYTES: usize = 1 << 18;
 /// row (it is an error otherwise). Runs on the private pool of `num_threads` workers.
 pub fn fill_dense(mask: &PlacedMask, grid: Grid, out: &mut [u8], num_threads: usize) -> Result<()> {
     check(mask, grid)?;
-    let Grid {
-        batch,
-        heads,
-        q: q_len,
-        kv: kv_len,
-    } = grid;
     if grid.numel() != Some(out.len()) {
+        let [b, h, q, kv] = grid.shape();
         return Err(Error::shape(
             "out",
-            format!("{batch} x {heads} x {q_len} x {kv_len} bytes"),
+            format!("{b} x {h} x {q} x {kv} bytes"),
             format!("{} bytes", out.len()),
         ));
     }
@@ -33,6 +28,7 @@ pub fn fill_dense(mask: &PlacedMask, grid: Grid, out: &mut [u8], num_threads: us
         return Ok(());
     }
     let (expr, q_offset, kv_offset) = (&mask.expr, mask.q_offset, mask.kv_offset);
+    let (heads, q_len, kv_len) = (grid.heads, grid.q, grid.kv);
     let rows_per_task = (TASK_BYTES / kv_len).max(1);
     let k = kv_offset..kv_offset + kv_len as i64;
     threads::install(num_threads, || {

@@ -244,7 +244,7 @@ impl Node {
                 match other {
                     _ if iv.is_empty() => 0,
                     Some(p) if others == 1 => p.get().row_count(b, h, q, iv.lo, iv.hi + 1, scratch),
-                    _ => self.dense_count(b, h, q, iv.lo, iv.hi + 1, scratch),
+                    _ => self.dense_count(b, h, q, iv, scratch),
                 }
             }
             Node::Or(parts) => {
@@ -261,7 +261,7 @@ impl Node {
                     }
                 }
                 if overflow || others > 1 {
-                    return self.dense_count(b, h, q, k0, k1, scratch);
+                    return self.dense_count(b, h, q, window, scratch);
                 }
                 let merged = union.merged();
                 match other {
@@ -276,24 +276,17 @@ impl Node {
                     }
                 }
             }
-            _ => self.dense_count(b, h, q, k0, k1, scratch),
+            _ => self.dense_count(b, h, q, window, scratch),
         }
     }
 
-    fn dense_count(
-        &self,
-        b: usize,
-        h: usize,
-        q: i64,
-        k0: i64,
-        k1: i64,
-        scratch: &mut Scratch,
-    ) -> u64 {
-        if k0 >= k1 {
+    /// Keys visible from row `q` among `keys` (a bounded interval), counted on the row filled densely.
+    fn dense_count(&self, b: usize, h: usize, q: i64, keys: Iv, scratch: &mut Scratch) -> u64 {
+        if keys.is_empty() {
             return 0;
         }
-        let mut buf = scratch.take((k1 - k0) as usize);
-        self.fill_row(b, h, q, k0, &mut buf, scratch);
+        let mut buf = scratch.take(keys.len() as usize);
+        self.fill_row(b, h, q, keys.lo, &mut buf, scratch);
         let n = buf.iter().map(|&v| u64::from(v)).sum();
         scratch.give(buf);
         n

@@ -176,23 +176,20 @@ impl MaskExpr {
                     let (at, n) = (next("chunked")?, size(next("chunked")?, "count")?);
                     MaskExpr::chunked(chunk, &ints[slice(at, n, ints.len(), "chunk start")?])?
                 }
-                PADDING => {
-                    let batch = size(next("padding")?, "batch")?;
-                    let kv_len = size(next("padding")?, "length")?;
-                    let n = batch
-                        .checked_mul(kv_len)
-                        .ok_or_else(|| bad("a padding table that overflows"))?;
-                    let range = slice(next("padding")?, n, bytes.len(), "padding")?;
-                    MaskExpr::padding(&bytes[range], batch, kv_len)?
-                }
-                DOCUMENT => {
-                    let batch = size(next("document")?, "batch")?;
-                    let len = size(next("document")?, "length")?;
+                PADDING | DOCUMENT => {
+                    // A [batch, len] table: padding bytes or document ids.
+                    let what = if op == PADDING { "padding" } else { "document" };
+                    let batch = size(next(what)?, "batch")?;
+                    let len = size(next(what)?, "length")?;
                     let n = batch
                         .checked_mul(len)
-                        .ok_or_else(|| bad("a document table that overflows"))?;
-                    let range = slice(next("document")?, n, ints.len(), "document")?;
-                    MaskExpr::document(&ints[range], batch, len)?
+                        .ok_or_else(|| bad(format!("a {what} table that overflows")))?;
+                    let at = next(what)?;
+                    if op == PADDING {
+                        MaskExpr::padding(&bytes[slice(at, n, bytes.len(), what)?], batch, len)?
+                    } else {
+                        MaskExpr::document(&ints[slice(at, n, ints.len(), what)?], batch, len)?
+                    }
                 }
                 PREFIX_LM => {
                     let (at, n) = (next("prefix_lm")?, size(next("prefix_lm")?, "count")?);

@@ -58,6 +58,20 @@ fn bad(what: impl Into<String>) -> Error {
     )
 }
 
+/// Appends `op, batch, len, at` to `program` for a `[batch, len]` table whose rows (`row` of each of
+/// `rows`) are appended to `store`, starting at its index `at`.
+fn push_table<'a, R, T: Copy + 'a>(
+    program: &mut Vec<i64>,
+    op: i64,
+    rows: &'a [R],
+    row: impl Fn(&'a R) -> &'a [T],
+    store: &mut Vec<T>,
+) {
+    let len = rows.first().map_or(0, |r| row(r).len());
+    program.extend([op, rows.len() as i64, len as i64, store.len() as i64]);
+    rows.iter().for_each(|r| store.extend_from_slice(row(r)));
+}
+
 impl MaskExpr {
     /// Writes the expression as a [`MaskProgram`].
     pub fn encode(&self) -> MaskProgram {
@@ -78,27 +92,8 @@ impl MaskExpr {
                 p.extend([CHUNKED, *size, out.ints.len() as i64, start.len() as i64]);
                 out.ints.extend_from_slice(start);
             }
-            Node::Padding(rows) => {
-                let kv_len = rows.first().map_or(0, |r| r.valid.len());
-                p.extend([
-                    PADDING,
-                    rows.len() as i64,
-                    kv_len as i64,
-                    out.bytes.len() as i64,
-                ]);
-                rows.iter()
-                    .for_each(|r| out.bytes.extend_from_slice(&r.valid));
-            }
-            Node::Document(rows) => {
-                let len = rows.first().map_or(0, |r| r.ids.len());
-                p.extend([
-                    DOCUMENT,
-                    rows.len() as i64,
-                    len as i64,
-                    out.ints.len() as i64,
-                ]);
-                rows.iter().for_each(|r| out.ints.extend_from_slice(&r.ids));
-            }
+            Node::Padding(rows) => push_table(p, PADDING, rows, |r| &r.valid, &mut out.bytes),
+            Node::Document(rows) => push_table(p, DOCUMENT, rows, |r| &r.ids, &mut out.ints),
             Node::PrefixLm(len) => {
                 p.extend([PREFIX_LM, out.ints.len() as i64, len.len() as i64]);
                 out.ints.extend_from_slice(len);

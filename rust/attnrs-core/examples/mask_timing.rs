@@ -6,8 +6,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use attnrs_core::layout::{fill_dense, BlockSparse};
-use attnrs_core::mask::MaskExpr;
+use attnrs_core::layout::{fill_dense, BlockSparse, Grid};
+use attnrs_core::mask::{MaskExpr, PlacedMask};
 
 /// Counts live heap bytes so that each build's peak can be reported.
 struct Counting;
@@ -39,6 +39,7 @@ static ALLOC: Counting = Counting;
 const MIB: f64 = 1024.0 * 1024.0;
 
 fn time_build(name: &str, expr: &MaskExpr, batch: usize, len: usize, threads: usize) {
+    let grid = Grid::new(batch, 1, len, len);
     let mut best = f64::INFINITY;
     let mut peak = 0;
     let mut bytes = 0;
@@ -46,8 +47,9 @@ fn time_build(name: &str, expr: &MaskExpr, batch: usize, len: usize, threads: us
     for _ in 0..5 {
         let base = LIVE.load(Ordering::Relaxed);
         PEAK.store(base, Ordering::Relaxed);
+        let mask = PlacedMask::new(expr.clone(), 0, 0);
         let t = Instant::now();
-        let bs = BlockSparse::build(expr, batch, 1, len, len, 0, 0, 128, 128, threads).unwrap();
+        let bs = BlockSparse::build(mask, grid, (128, 128), threads).unwrap();
         best = best.min(t.elapsed().as_secs_f64());
         peak = PEAK.load(Ordering::Relaxed) - base;
         bytes = bs.memory_bytes();
@@ -174,10 +176,11 @@ fn main() {
     ];
     let mut out = vec![0u8; q * k];
     for (name, expr) in &cases {
+        let mask = PlacedMask::new(expr.clone(), (k - q) as i64, 0);
         let mut best = f64::INFINITY;
         for _ in 0..3 {
             let t = Instant::now();
-            fill_dense(expr, 1, 1, q, k, (k - q) as i64, 0, &mut out, threads).unwrap();
+            fill_dense(&mask, Grid::new(1, 1, q, k), &mut out, threads).unwrap();
             best = best.min(t.elapsed().as_secs_f64());
         }
         println!(

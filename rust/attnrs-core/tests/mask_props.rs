@@ -1,8 +1,8 @@
 //! Property tests: every fast path of the mask evaluator against per-element `visible`, and block layouts
 //! against a naive dense construction that follows torch's `_convert_mask_to_block_mask` literally.
 
-use attnrs_core::block::{BlockClass, MaskTiles};
-use attnrs_core::layout::{fill_dense, BlockSparse};
+use attnrs_core::layout::{fill_dense, BlockSparse, Grid};
+use attnrs_core::mask::tiles::{BlockClass, MaskTiles};
 use attnrs_core::mask::{MaskExpr, PlacedMask};
 use proptest::prelude::*;
 
@@ -87,15 +87,11 @@ fn expr(batch: usize, heads: usize) -> impl Strategy<Value = MaskExpr> {
     })
 }
 
+/// A mask placed over a grid, with the block size of its layout.
 #[derive(Debug, Clone)]
 struct Case {
-    expr: MaskExpr,
-    batch: usize,
-    heads: usize,
-    q_len: usize,
-    kv_len: usize,
-    q_offset: i64,
-    kv_offset: i64,
+    mask: PlacedMask,
+    grid: Grid,
     q_block: usize,
     kv_block: usize,
 }
@@ -116,13 +112,8 @@ fn case() -> impl Strategy<Value = Case> {
         })
         .prop_map(
             |((batch, heads), expr, q_len, kv_len, q_offset, kv_offset, q_block, kv_block)| Case {
-                expr,
-                batch,
-                heads,
-                q_len,
-                kv_len,
-                q_offset,
-                kv_offset,
+                mask: PlacedMask::new(expr, q_offset, kv_offset),
+                grid: Grid::new(batch, heads, q_len, kv_len),
                 q_block,
                 kv_block,
             },
@@ -130,18 +121,23 @@ fn case() -> impl Strategy<Value = Case> {
 }
 
 impl Case {
-    /// `[batch, heads, q_len, kv_len]` from `visible`.
+    fn expr(&self) -> &MaskExpr {
+        &self.mask.expr
+    }
+
+    /// `[batch, heads, q, kv]` from `visible`.
     fn dense(&self) -> Vec<bool> {
-        let mut out = Vec::with_capacity(self.batch * self.heads * self.q_len * self.kv_len);
-        for b in 0..self.batch {
-            for h in 0..self.heads {
-                for i in 0..self.q_len {
-                    for j in 0..self.kv_len {
-                        out.push(self.expr.visible(
+        let (g, m) = (self.grid, &self.mask);
+        let mut out = Vec::with_capacity(g.numel().unwrap());
+        for b in 0..g.batch {
+            for h in 0..g.heads {
+                for i in 0..g.q {
+                    for j in 0..g.kv {
+                        out.push(m.expr.visible(
                             b,
                             h,
-                            self.q_offset + i as i64,
-                            self.kv_offset + j as i64,
+                            m.q_offset + i as i64,
+                            m.kv_offset + j as i64,
                         ));
                     }
                 }
@@ -151,18 +147,24 @@ impl Case {
     }
 
     fn at(&self, dense: &[bool], b: usize, h: usize, i: usize, j: usize) -> bool {
-        i < self.q_len
-            && j < self.kv_len
-            && dense[((b * self.heads + h) * self.q_len + i) * self.kv_len + j]
+        let g = self.grid;
+        i < g.q && j < g.kv && dense[((b * g.heads + h) * g.q + i) * g.kv + j]
+    }
+
+    fn layout(&self) -> BlockSparse {
+        BlockSparse::build(
+            self.mask.clone(),
+            self.grid,
+            (self.q_block, self.kv_block),
+            2,
+        )
+        .unwrap()
     }
 }
 
-fn class(visible: usize, area: usize) -> BlockClass {
-    match visible {
-        0 => BlockClass::Empty,
-        n if n == area => BlockClass::Full,
-        _ => BlockClass::Partial,
-    }
+/// The class of a tile of `area` pairs of which `visible` are.
+fn block_class(visible: usize, area: usize) -> BlockClass {
+    BlockClass::of(visible > 0, visible == area)
 }
 
 proptest! {
@@ -170,26 +172,26 @@ proptest! {
 
     #[test]
     fn classify_and_fill_agree_with_visible(c in case(), rects in prop::collection::vec((0usize..30, 1usize..12, 0usize..30, 1usize..12), 12)) {
-        c.expr.check_dims(c.batch, c.heads).unwrap();
+        c.expr().check_dims(c.grid.batch, c.grid.heads).unwrap();
         let dense = c.dense();
-        for b in 0..c.batch {
-            for h in 0..c.heads {
+        for b in 0..c.grid.batch {
+            for h in 0..c.grid.heads {
                 // (a) every block of the grid's tiling, clipped to the grid, plus random rectangles.
-                let tiles = (0..c.q_len.div_ceil(c.q_block))
-                    .flat_map(|qb| (0..c.kv_len.div_ceil(c.kv_block)).map(move |kb| (qb, kb)))
+                let tiles = (0..c.grid.q.div_ceil(c.q_block))
+                    .flat_map(|qb| (0..c.grid.kv.div_ceil(c.kv_block)).map(move |kb| (qb, kb)))
                     .map(|(qb, kb)| (qb * c.q_block, c.q_block, kb * c.kv_block, c.kv_block));
                 for (r0, rn, c0, cn) in tiles.chain(rects.iter().copied()) {
-                    let (r1, c1) = ((r0 + rn).min(c.q_len), (c0 + cn).min(c.kv_len));
+                    let (r1, c1) = ((r0 + rn).min(c.grid.q), (c0 + cn).min(c.grid.kv));
                     if r0 >= r1 || c0 >= c1 {
                         continue;
                     }
                     let n = (r0..r1).flat_map(|i| (c0..c1).map(move |j| (i, j))).filter(|&(i, j)| c.at(&dense, b, h, i, j)).count();
-                    let want = class(n, (r1 - r0) * (c1 - c0));
-                    let q = c.q_offset + r0 as i64..c.q_offset + r1 as i64;
-                    let k = c.kv_offset + c0 as i64..c.kv_offset + c1 as i64;
-                    prop_assert_eq!(c.expr.classify(b, h, q.clone(), k.clone()), want, "classify {:?} rows {:?} cols {:?}", c.expr, q, k);
+                    let want = block_class(n, (r1 - r0) * (c1 - c0));
+                    let q = c.mask.q_offset + r0 as i64..c.mask.q_offset + r1 as i64;
+                    let k = c.mask.kv_offset + c0 as i64..c.mask.kv_offset + c1 as i64;
+                    prop_assert_eq!(c.expr().classify(b, h, q.clone(), k.clone()), want, "classify {:?} rows {:?} cols {:?}", c.expr(), q, k);
                     // (d) the kernel's view of the same tile.
-                    let placed = PlacedMask::new(c.expr.clone(), c.q_offset, c.kv_offset);
+                    let placed = &c.mask;
                     prop_assert_eq!(placed.classify(b, h, r0..r1, c0..c1), want);
                     let mut tile = vec![7u8; (r1 - r0) * (c1 - c0)];
                     placed.fill(b, h, r0..r1, c0..c1, &mut tile);
@@ -201,27 +203,27 @@ proptest! {
         }
         // (b) the whole grid through the dense builder.
         let mut out = vec![7u8; dense.len()];
-        fill_dense(&c.expr, c.batch, c.heads, c.q_len, c.kv_len, c.q_offset, c.kv_offset, &mut out, 2).unwrap();
-        prop_assert!(out.iter().zip(&dense).all(|(&o, &d)| o == u8::from(d)), "dense fill of {:?}", c.expr);
+        fill_dense(&c.mask, c.grid, &mut out, 2).unwrap();
+        prop_assert!(out.iter().zip(&dense).all(|(&o, &d)| o == u8::from(d)), "dense fill of {:?}", c.expr());
         // (e) the flat program the attention operator receives decodes to the same mask.
-        let program = c.expr.encode();
+        let program = c.expr().encode();
         let decoded = MaskExpr::decode(&program.program, &program.ints, &program.bytes).unwrap();
         let mut again = vec![7u8; dense.len()];
-        fill_dense(&decoded, c.batch, c.heads, c.q_len, c.kv_len, c.q_offset, c.kv_offset, &mut again, 1).unwrap();
+        fill_dense(&PlacedMask::new(decoded, c.mask.q_offset, c.mask.kv_offset), c.grid, &mut again, 1).unwrap();
         prop_assert_eq!(again, out);
     }
 
     #[test]
     fn block_sparse_matches_torch_construction(c in case()) {
-        let bs = BlockSparse::build(&c.expr, c.batch, c.heads, c.q_len, c.kv_len, c.q_offset, c.kv_offset, c.q_block, c.kv_block, 2).unwrap();
+        let bs = c.layout();
         let dense = c.dense();
-        let (nqb, nkb) = (c.q_len.div_ceil(c.q_block), c.kv_len.div_ceil(c.kv_block));
+        let (nqb, nkb) = (c.grid.q.div_ceil(c.q_block), c.grid.kv.div_ceil(c.kv_block));
         prop_assert_eq!((bs.num_q_blocks, bs.num_kv_blocks), (nqb, nkb));
-        prop_assert_eq!(bs.layout_batch, if c.expr.depends_on_batch() { c.batch } else { 1 });
-        prop_assert_eq!(bs.layout_heads, if c.expr.depends_on_head() { c.heads } else { 1 });
+        prop_assert_eq!(bs.layout_batch, if c.expr().depends_on_batch() { c.grid.batch } else { 1 });
+        prop_assert_eq!(bs.layout_heads, if c.expr().depends_on_head() { c.grid.heads } else { 1 });
         let area = c.q_block * c.kv_block;
-        for b in 0..c.batch {
-            for h in 0..c.heads {
+        for b in 0..c.grid.batch {
+            for h in 0..c.grid.heads {
                 let (lb, lh) = (b.min(bs.layout_batch - 1), h.min(bs.layout_heads - 1));
                 // Classes of the padded blocks, exactly as torch counts them.
                 let mut classes = vec![BlockClass::Empty; nqb * nkb];
@@ -230,7 +232,7 @@ proptest! {
                         let n = (0..c.q_block).flat_map(|i| (0..c.kv_block).map(move |j| (i, j)))
                             .filter(|&(i, j)| c.at(&dense, b, h, qb * c.q_block + i, kb * c.kv_block + j))
                             .count();
-                        classes[qb * nkb + kb] = class(n, area);
+                        classes[qb * nkb + kb] = block_class(n, area);
                     }
                 }
                 let pick = |want: BlockClass, by_q: bool, x: usize| -> Vec<i32> {
@@ -283,24 +285,36 @@ proptest! {
     }
 }
 
+/// `expr` at offsets (0, 0), laid out over `[batch, heads, q, kv]` with `block` sizes on one thread.
+fn build(
+    expr: &MaskExpr,
+    [batch, heads, q, kv]: [usize; 4],
+    block: (usize, usize),
+) -> attnrs_core::Result<BlockSparse> {
+    let mask = PlacedMask::new(expr.clone(), 0, 0);
+    BlockSparse::build(mask, Grid::new(batch, heads, q, kv), block, 1)
+}
+
 #[test]
 fn layouts_reject_bad_sizes() {
     let pad = MaskExpr::padding(&[1, 1, 0, 1, 1, 1], 3, 2).unwrap() & MaskExpr::causal();
-    let err = BlockSparse::build(&pad, 2, 1, 4, 4, 0, 0, 2, 2, 1).unwrap_err();
+    let err = build(&pad, [2, 1, 4, 4], (2, 2)).unwrap_err();
     assert_eq!(
         err.to_string(),
         "padding mask batch: expected 1 or 2 (the batch size), got 3"
     );
     let causal = MaskExpr::causal();
-    assert!(BlockSparse::build(&causal, 0, 1, 4, 4, 0, 0, 2, 2, 1).is_err());
-    assert!(BlockSparse::build(&causal, 1, 0, 4, 4, 0, 0, 2, 2, 1).is_err());
-    assert!(BlockSparse::build(&causal, 1, 1, 4, 4, 0, 0, 0, 2, 1).is_err());
-    assert!(BlockSparse::build(&causal, 1, 1, 4, 4, i64::MAX, 0, 2, 2, 1).is_err());
+    assert!(build(&causal, [0, 1, 4, 4], (2, 2)).is_err());
+    assert!(build(&causal, [1, 0, 4, 4], (2, 2)).is_err());
+    assert!(build(&causal, [1, 1, 4, 4], (0, 2)).is_err());
+    let far = PlacedMask::new(causal.clone(), i64::MAX, 0);
+    assert!(BlockSparse::build(far, Grid::new(1, 1, 4, 4), (2, 2), 1).is_err());
     let mut out = vec![0u8; 15];
-    assert!(fill_dense(&causal, 1, 1, 4, 4, 0, 0, &mut out, 1).is_err());
+    let at0 = PlacedMask::new(causal.clone(), 0, 0);
+    assert!(fill_dense(&at0, Grid::new(1, 1, 4, 4), &mut out, 1).is_err());
     let bitmap = MaskExpr::bitmap(&[1, 0], [1, 2, 1, 1], 0, 0).unwrap();
-    assert!(BlockSparse::build(&bitmap, 1, 3, 1, 1, 0, 0, 1, 1, 1).is_err());
-    let empty = BlockSparse::build(&causal, 1, 1, 0, 5, 0, 0, 4, 4, 1).unwrap();
+    assert!(build(&bitmap, [1, 3, 1, 1], (1, 1)).is_err());
+    let empty = build(&causal, [1, 1, 0, 5], (4, 4)).unwrap();
     assert_eq!(empty.kv.shape, [1, 1, 0, 0]);
     assert_eq!(empty.kv.offsets, vec![0]);
     assert_eq!(empty.q.counts, vec![0, 0]);
@@ -309,7 +323,8 @@ fn layouts_reject_bad_sizes() {
 #[test]
 fn causal_block_mask_at_scale_lists_only_needed_blocks() {
     // 1000 tokens, block 128: torch's padding rule makes the last (cut) q-block partial throughout.
-    let bs = BlockSparse::build(&MaskExpr::causal(), 1, 1, 1000, 1000, 0, 0, 128, 128, 2).unwrap();
+    let mask = PlacedMask::new(MaskExpr::causal(), 0, 0);
+    let bs = BlockSparse::build(mask, Grid::new(1, 1, 1000, 1000), (128, 128), 2).unwrap();
     assert_eq!(bs.num_q_blocks, 8);
     assert_eq!(bs.kv.counts, vec![1, 1, 1, 1, 1, 1, 1, 8]);
     assert_eq!(bs.full_kv.counts, vec![0, 1, 2, 3, 4, 5, 6, 0]);

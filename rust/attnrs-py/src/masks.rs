@@ -3,8 +3,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use attnrs_core::layout::{fill_dense, BlockIndex, BlockSparse};
-use attnrs_core::mask::{BitmapBuilder, MaskExpr};
+use attnrs_core::layout::{fill_dense, BlockIndex, BlockSparse, Grid};
+use attnrs_core::mask::{BitmapBuilder, MaskExpr, PlacedMask};
 use attnrs_core::tensor::{DType, TensorView};
 use attnrs_core::Error;
 use pyo3::prelude::*;
@@ -242,18 +242,14 @@ impl PyMaskExpr {
                 "a strided view",
             ));
         }
-        let [b, h, q, k] = [
-            t.view.shape()[0],
-            t.view.shape()[1],
-            t.view.shape()[2],
-            t.view.shape()[3],
-        ];
-        let expr = self.expr.clone();
+        let s = t.view.shape();
+        let grid = Grid::new(s[0], s[1], s[2], s[3]);
+        let mask = PlacedMask::new(self.expr.clone(), q_offset, kv_offset);
         run_detached(py, move || {
             // SAFETY: `out` was imported as a writable, non-overlapping, contiguous bool tensor that this call
             // alone writes while the GIL is released (the caller allocated it for this purpose).
             let bytes = unsafe { output_bytes(&t.view) };
-            fill_dense(&expr, b, h, q, k, q_offset, kv_offset, bytes, num_threads)
+            fill_dense(&mask, grid, bytes, num_threads)
         })
     }
 
@@ -272,20 +268,10 @@ impl PyMaskExpr {
         kv_block: usize,
         num_threads: usize,
     ) -> PyResult<PyBlockLayout> {
-        let expr = self.expr.clone();
+        let mask = PlacedMask::new(self.expr.clone(), q_offset, kv_offset);
+        let grid = Grid::new(batch, heads, q_len, kv_len);
         let layout = run_detached(py, move || {
-            BlockSparse::build(
-                &expr,
-                batch,
-                heads,
-                q_len,
-                kv_len,
-                q_offset,
-                kv_offset,
-                q_block,
-                kv_block,
-                num_threads,
-            )
+            BlockSparse::build(mask, grid, (q_block, kv_block), num_threads)
         })?;
         Ok(PyBlockLayout {
             layout: Arc::new(layout),

@@ -11,9 +11,9 @@
 
 use rayon::prelude::*;
 
-use super::check_grid;
-use crate::block::BlockClass;
-use crate::mask::{MaskExpr, PlacedMask};
+use super::{check, Grid};
+use crate::mask::tiles::BlockClass;
+use crate::mask::PlacedMask;
 use crate::{threads, Error, Result};
 
 /// Per-(batch, head, block) lists of block indices, as FlexAttention stores them, in ragged (CSR) storage.
@@ -201,19 +201,17 @@ fn prefix_sums(counts: &[i32]) -> Vec<usize> {
     offsets
 }
 
-/// The block layout of a mask over a `[batch, heads, q_len, kv_len]` grid, equal to what torch's
+/// The block layout of a mask over a `[batch, heads, q, kv]` grid, equal to what torch's
 /// `create_block_mask` computes for the same mask (`BLOCK_SIZE = (q_block, kv_block)`).
 ///
 /// The arrays have batch dimension `layout_batch` and head dimension `layout_heads`: 1 when the mask does
-/// not depend on the batch (resp. head), else `batch` (resp. `heads`); size-1 dimensions broadcast.
+/// not depend on the batch (resp. head), else `grid.batch` (resp. `grid.heads`); size-1 dimensions
+/// broadcast.
 #[derive(Debug, Clone)]
 pub struct BlockSparse {
     /// The mask, placed at the offsets; the kernel evaluates it on partial blocks.
     pub mask: PlacedMask,
-    pub batch: usize,
-    pub heads: usize,
-    pub q_len: usize,
-    pub kv_len: usize,
+    pub grid: Grid,
     pub q_block: usize,
     pub kv_block: usize,
     pub layout_batch: usize,
@@ -231,29 +229,23 @@ pub struct BlockSparse {
 }
 
 impl BlockSparse {
-    /// Builds the layout of `expr` for `batch` x `heads` and queries `q_offset..q_offset + q_len` against
-    /// keys `kv_offset..kv_offset + kv_len`, in the private pool of `num_threads` workers.
-    #[allow(clippy::too_many_arguments)]
+    /// Builds the layout of `mask` over `grid` (queries `mask.q_offset..mask.q_offset + grid.q` against
+    /// keys `mask.kv_offset..mask.kv_offset + grid.kv`) with blocks of `q_block x kv_block`, in the private
+    /// pool of `num_threads` workers.
     pub fn build(
-        expr: &MaskExpr,
-        batch: usize,
-        heads: usize,
-        q_len: usize,
-        kv_len: usize,
-        q_offset: i64,
-        kv_offset: i64,
-        q_block: usize,
-        kv_block: usize,
+        mask: PlacedMask,
+        grid: Grid,
+        (q_block, kv_block): (usize, usize),
         num_threads: usize,
     ) -> Result<BlockSparse> {
-        check_grid(expr, batch, heads, q_len, kv_len, q_offset, kv_offset)?;
+        check(&mask, grid)?;
         if q_block == 0 {
             return Err(Error::value("q_block", "a positive integer", "0"));
         }
         if kv_block == 0 {
             return Err(Error::value("kv_block", "a positive integer", "0"));
         }
-        let (nqb, nkb) = (q_len.div_ceil(q_block), kv_len.div_ceil(kv_block));
+        let (nqb, nkb) = (grid.q.div_ceil(q_block), grid.kv.div_ceil(kv_block));
         if nqb > i32::MAX as usize || nkb > i32::MAX as usize {
             return Err(Error::value(
                 "BLOCK_SIZE",
@@ -261,26 +253,28 @@ impl BlockSparse {
                 format!("{nqb} x {nkb}"),
             ));
         }
-        let lb = if expr.depends_on_batch() { batch } else { 1 };
-        let lh = if expr.depends_on_head() { heads } else { 1 };
-        let grid = Grid {
-            expr,
-            q_len,
-            kv_len,
-            q_offset,
-            kv_offset,
+        let lb = if mask.expr.depends_on_batch() {
+            grid.batch
+        } else {
+            1
+        };
+        let lh = if mask.expr.depends_on_head() {
+            grid.heads
+        } else {
+            1
+        };
+        let tiling = Tiling {
+            mask: &mask,
+            grid,
             q_block,
             kv_block,
             nkb,
         };
         let [kv, full_kv, q, full_q] =
-            threads::install(num_threads, || grid.indices([lb, lh, nqb], num_threads))?;
+            threads::install(num_threads, || tiling.indices([lb, lh, nqb], num_threads))?;
         Ok(BlockSparse {
-            mask: PlacedMask::new(expr.clone(), q_offset, kv_offset),
-            batch,
-            heads,
-            q_len,
-            kv_len,
+            mask,
+            grid,
             q_block,
             kv_block,
             layout_batch: lb,
@@ -303,18 +297,17 @@ impl BlockSparse {
     }
 }
 
-struct Grid<'a> {
-    expr: &'a MaskExpr,
-    q_len: usize,
-    kv_len: usize,
-    q_offset: i64,
-    kv_offset: i64,
+/// The mask and the block tiling of the grid, as the classification of one layout reads them.
+struct Tiling<'a> {
+    mask: &'a PlacedMask,
+    grid: Grid,
     q_block: usize,
     kv_block: usize,
+    /// Number of kv-blocks.
     nkb: usize,
 }
 
-impl Grid<'_> {
+impl Tiling<'_> {
     /// The four indices (kv, full_kv, q, full_q) of layout `[lb, lh, nqb]`, computed in the current rayon
     /// pool (call inside [`threads::install`]) by about `num_threads` workers.
     ///
@@ -362,30 +355,33 @@ impl Grid<'_> {
         partial: &mut Vec<i32>,
         full: &mut Vec<i32>,
     ) {
+        let (expr, q_offset, kv_offset) =
+            (&self.mask.expr, self.mask.q_offset, self.mask.kv_offset);
+        let (q_len, kv_len) = (self.grid.q, self.grid.kv);
         let r0 = qb * self.q_block;
-        let r1 = (r0 + self.q_block).min(self.q_len);
-        let rows_cut = r0 + self.q_block > self.q_len;
-        let q = self.q_offset + r0 as i64..self.q_offset + r1 as i64;
-        let (lo, hi) = self.expr.key_hull(b, q.clone());
-        let lo = lo.max(self.kv_offset);
-        let hi = hi.min(self.kv_offset + self.kv_len as i64 - 1);
+        let r1 = (r0 + self.q_block).min(q_len);
+        let rows_cut = r0 + self.q_block > q_len;
+        let q = q_offset + r0 as i64..q_offset + r1 as i64;
+        let (lo, hi) = expr.key_hull(b, q.clone());
+        let lo = lo.max(kv_offset);
+        let hi = hi.min(kv_offset + kv_len as i64 - 1);
         if lo > hi {
             return;
         }
-        let first = ((lo - self.kv_offset) as usize / self.kv_block).min(self.nkb);
-        let last = ((hi - self.kv_offset) as usize / self.kv_block).min(self.nkb - 1);
+        let first = ((lo - kv_offset) as usize / self.kv_block).min(self.nkb);
+        let last = ((hi - kv_offset) as usize / self.kv_block).min(self.nkb - 1);
         // kv-blocks inside the core are seen by every row: no classification needed.
-        let (core_lo, core_hi) = self.expr.key_core(b, q.clone());
+        let (core_lo, core_hi) = expr.key_core(b, q.clone());
         let core = core_lo..core_hi.saturating_add(1);
         for kb in first..=last {
             let c0 = kb * self.kv_block;
-            let c1 = (c0 + self.kv_block).min(self.kv_len);
-            let cols_cut = c0 + self.kv_block > self.kv_len;
-            let k = self.kv_offset + c0 as i64..self.kv_offset + c1 as i64;
+            let c1 = (c0 + self.kv_block).min(kv_len);
+            let cols_cut = c0 + self.kv_block > kv_len;
+            let k = kv_offset + c0 as i64..kv_offset + c1 as i64;
             let class = if core.start <= k.start && k.end <= core.end {
                 BlockClass::Full
             } else {
-                self.expr.classify(b, h, q.clone(), k)
+                expr.classify(b, h, q.clone(), k)
             };
             match class {
                 BlockClass::Full if !rows_cut && !cols_cut => full.push(kb as i32),

@@ -2,44 +2,33 @@
 
 use rayon::prelude::*;
 
-use super::check_grid;
-use crate::mask::MaskExpr;
+use super::{check, Grid};
+use crate::mask::PlacedMask;
 use crate::{threads, Error, Result};
 
 /// Bytes each parallel task writes (at least one row).
 const TASK_BYTES: usize = 1 << 18;
 
-/// Writes `expr` over the grid `[batch, heads, q_len, kv_len]` into `out` (row-major bool bytes: 1 = may
-/// attend), row `i` being query position `q_offset + i` and column `j` key position `kv_offset + j`.
+/// Writes `mask` over `grid` into `out` (row-major `[batch, heads, q, kv]` bool bytes: 1 = may attend), row
+/// `i` being query position `mask.q_offset + i` and column `j` key position `mask.kv_offset + j`.
 ///
 /// Pass `batch = 1` / `heads = 1` to get a grid that broadcasts; every per-batch table must then have one
 /// row (it is an error otherwise). Runs on the private pool of `num_threads` workers.
-#[allow(clippy::too_many_arguments)]
-pub fn fill_dense(
-    expr: &MaskExpr,
-    batch: usize,
-    heads: usize,
-    q_len: usize,
-    kv_len: usize,
-    q_offset: i64,
-    kv_offset: i64,
-    out: &mut [u8],
-    num_threads: usize,
-) -> Result<()> {
-    check_grid(expr, batch, heads, q_len, kv_len, q_offset, kv_offset)?;
-    let total = [batch, heads, q_len, kv_len]
-        .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d));
-    if total != Some(out.len()) {
+pub fn fill_dense(mask: &PlacedMask, grid: Grid, out: &mut [u8], num_threads: usize) -> Result<()> {
+    check(mask, grid)?;
+    if grid.numel() != Some(out.len()) {
+        let [b, h, q, kv] = grid.shape();
         return Err(Error::shape(
             "out",
-            format!("{batch} x {heads} x {q_len} x {kv_len} bytes"),
+            format!("{b} x {h} x {q} x {kv} bytes"),
             format!("{} bytes", out.len()),
         ));
     }
     if out.is_empty() {
         return Ok(());
     }
+    let (expr, q_offset, kv_offset) = (&mask.expr, mask.q_offset, mask.kv_offset);
+    let (heads, q_len, kv_len) = (grid.heads, grid.q, grid.kv);
     let rows_per_task = (TASK_BYTES / kv_len).max(1);
     let k = kv_offset..kv_offset + kv_len as i64;
     threads::install(num_threads, || {

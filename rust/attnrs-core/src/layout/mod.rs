@@ -1,31 +1,26 @@
-//! Layouts of evaluated masks: dense bool grids and FlexAttention-compatible block-sparse indices.
+//! Layouts of evaluated masks: dense bool grids and FlexAttention-compatible block-sparse indices, each
+//! built from a [`PlacedMask`] (the mask and where the grid sits) over a [`Grid`] (its size).
 
 mod block_sparse;
 mod dense;
 
+pub use crate::mask::tiles::Grid;
 pub use block_sparse::{BlockIndex, BlockSparse};
 pub use dense::fill_dense;
 
-use crate::mask::MaskExpr;
+use crate::mask::PlacedMask;
 use crate::{Error, Result};
 
-/// Validates the sizes shared by every layout builder.
-fn check_grid(
-    expr: &MaskExpr,
-    batch: usize,
-    heads: usize,
-    q_len: usize,
-    kv_len: usize,
-    q_offset: i64,
-    kv_offset: i64,
-) -> Result<()> {
-    if batch == 0 {
+/// Validates what every layout builder needs: a non-empty batch and head count, tables that fit them, and
+/// absolute positions (offset + length) that fit in `i64`.
+fn check(mask: &PlacedMask, grid: Grid) -> Result<()> {
+    if grid.batch == 0 {
         return Err(Error::value("B", "a positive integer", "0"));
     }
-    if heads == 0 {
+    if grid.heads == 0 {
         return Err(Error::value("H", "a positive integer", "0"));
     }
-    expr.check_dims(batch, heads)?;
+    mask.expr.check_dims(grid.batch, grid.heads)?;
     let end = |arg: &str, offset: i64, len: usize| {
         i64::try_from(len)
             .ok()
@@ -39,6 +34,6 @@ fn check_grid(
                 )
             })
     };
-    end("q_offset", q_offset, q_len)?;
-    end("kv_offset", kv_offset, kv_len)
+    end("q_offset", mask.q_offset, grid.q)?;
+    end("kv_offset", mask.kv_offset, grid.kv)
 }

@@ -2,8 +2,8 @@
 
 use super::interval::{fill_iv, span, Iv, Union};
 use super::tables::pick;
+use super::tiles::BlockClass;
 use super::{MaskExpr, Node};
-use crate::block::BlockClass;
 
 /// Reusable row buffers for `And` / `Or` children that must be materialised.
 #[derive(Default)]
@@ -17,16 +17,6 @@ impl Scratch {
     }
     fn give(&mut self, buf: Vec<u8>) {
         self.0.push(buf);
-    }
-}
-
-fn class_of(any: bool, all: bool) -> BlockClass {
-    if all {
-        BlockClass::Full
-    } else if any {
-        BlockClass::Partial
-    } else {
-        BlockClass::Empty
     }
 }
 
@@ -150,42 +140,32 @@ impl Node {
         match self {
             Node::Padding(rows) => {
                 let n = pick(rows, b).count(k0, k1);
-                class_of(n > 0, n == width)
+                BlockClass::of(n > 0, n == width)
             }
             Node::Document(rows) => {
                 let (any, all) = pick(rows, b).block(q0, q1, k0, k1);
-                class_of(any, all)
+                BlockClass::of(any, all)
             }
             Node::Bitmap(t) => {
                 let (any, all) = t.block(b, h, q0, q1, k0, k1);
-                class_of(any, all)
+                BlockClass::of(any, all)
             }
-            Node::And(parts) => {
+            Node::And(parts) | Node::Or(parts) => {
+                // One child of the deciding class decides; children of the other whole class change nothing.
+                let (decides, neutral) = match self {
+                    Node::And(_) => (BlockClass::Empty, BlockClass::Full),
+                    _ => (BlockClass::Full, BlockClass::Empty),
+                };
                 let mut partial = 0;
                 for p in parts.iter() {
                     match p.get().classify(b, h, q0, q1, k0, k1) {
-                        BlockClass::Empty => return BlockClass::Empty,
-                        BlockClass::Full => {}
                         BlockClass::Partial => partial += 1,
+                        c if c == decides => return decides,
+                        _ => {}
                     }
                 }
                 match partial {
-                    0 => BlockClass::Full,
-                    1 => BlockClass::Partial,
-                    _ => self.resolve(b, h, q0, q1, k0, k1),
-                }
-            }
-            Node::Or(parts) => {
-                let mut partial = 0;
-                for p in parts.iter() {
-                    match p.get().classify(b, h, q0, q1, k0, k1) {
-                        BlockClass::Full => return BlockClass::Full,
-                        BlockClass::Empty => {}
-                        BlockClass::Partial => partial += 1,
-                    }
-                }
-                match partial {
-                    0 => BlockClass::Empty,
+                    0 => neutral,
                     1 => BlockClass::Partial,
                     _ => self.resolve(b, h, q0, q1, k0, k1),
                 }
@@ -218,7 +198,7 @@ impl Node {
                 break;
             }
         }
-        class_of(any, all)
+        BlockClass::of(any, all)
     }
 
     /// Keys visible from row `q` in `k0..k1`.
@@ -264,7 +244,7 @@ impl Node {
                 match other {
                     _ if iv.is_empty() => 0,
                     Some(p) if others == 1 => p.get().row_count(b, h, q, iv.lo, iv.hi + 1, scratch),
-                    _ => self.dense_count(b, h, q, iv.lo, iv.hi + 1, scratch),
+                    _ => self.dense_count(b, h, q, iv, scratch),
                 }
             }
             Node::Or(parts) => {
@@ -281,7 +261,7 @@ impl Node {
                     }
                 }
                 if overflow || others > 1 {
-                    return self.dense_count(b, h, q, k0, k1, scratch);
+                    return self.dense_count(b, h, q, window, scratch);
                 }
                 let merged = union.merged();
                 match other {
@@ -296,24 +276,17 @@ impl Node {
                     }
                 }
             }
-            _ => self.dense_count(b, h, q, k0, k1, scratch),
+            _ => self.dense_count(b, h, q, window, scratch),
         }
     }
 
-    fn dense_count(
-        &self,
-        b: usize,
-        h: usize,
-        q: i64,
-        k0: i64,
-        k1: i64,
-        scratch: &mut Scratch,
-    ) -> u64 {
-        if k0 >= k1 {
+    /// Keys visible from row `q` among `keys` (a bounded interval), counted on the row filled densely.
+    fn dense_count(&self, b: usize, h: usize, q: i64, keys: Iv, scratch: &mut Scratch) -> u64 {
+        if keys.is_empty() {
             return 0;
         }
-        let mut buf = scratch.take((k1 - k0) as usize);
-        self.fill_row(b, h, q, k0, &mut buf, scratch);
+        let mut buf = scratch.take(keys.len() as usize);
+        self.fill_row(b, h, q, keys.lo, &mut buf, scratch);
         let n = buf.iter().map(|&v| u64::from(v)).sum();
         scratch.give(buf);
         n

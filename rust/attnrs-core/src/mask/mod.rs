@@ -31,18 +31,20 @@
 //! computed from intervals (intersections of intervals are intervals) and prefix counts, falling back to
 //! filling that one row only when two children are neither. Dense filling writes each row as memsets of
 //! its interval, copies of padding bytes, and ANDs/ORs of children.
+//!
+//! [`tiles`] is what kernels see of a mask: the [`MaskTiles`](tiles::MaskTiles) contract over tensor indices,
+//! an expression placed at offsets ([`PlacedMask`]), a dense bool tensor, and the mask of one call.
 
 mod eval;
 mod interval;
 mod program;
 mod tables;
-mod tiles;
+pub mod tiles;
 
 use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::block::BlockClass;
 use crate::{Error, Result};
 
 pub use program::MaskProgram;
@@ -50,6 +52,7 @@ pub use tiles::PlacedMask;
 
 use eval::Scratch;
 use tables::{BitmapTable, DocRow, PadRow};
+use tiles::BlockClass;
 
 /// A mask expression; see the [module documentation](self) for the semantics of each node.
 #[derive(Clone)]
@@ -99,18 +102,34 @@ fn per_batch_non_empty(arg: &str, len: usize) -> Result<()> {
     }
 }
 
-fn table_len(arg: &str, len: usize, batch: usize, per_row: usize, what: &str) -> Result<()> {
+/// The rows of a row-major `[batch, per_row]` table `values` (`what` names a row's entries), checked: at
+/// least one row, exactly `batch * per_row` values, and fewer than 2^32 per row.
+fn table_rows<'a, T>(
+    arg: &str,
+    values: &'a [T],
+    batch: usize,
+    per_row: usize,
+    what: &str,
+) -> Result<impl Iterator<Item = &'a [T]>> {
     if batch == 0 {
         return Err(Error::shape(arg, "at least one batch row", "0 rows"));
     }
-    match batch.checked_mul(per_row) {
-        Some(n) if n == len => Ok(()),
-        _ => Err(Error::shape(
+    let len = values.len();
+    if batch.checked_mul(per_row) != Some(len) {
+        return Err(Error::shape(
             arg,
             format!("{batch} x {per_row} {what}"),
             format!("{len} values"),
-        )),
+        ));
     }
+    if per_row >= u32::MAX as usize {
+        return Err(Error::shape(
+            arg,
+            format!("fewer than 2^32 {what}"),
+            per_row.to_string(),
+        ));
+    }
+    Ok((0..batch).map(move |b| &values[b * per_row..(b + 1) * per_row]))
 }
 
 impl MaskExpr {
@@ -187,30 +206,14 @@ impl MaskExpr {
     /// `0 <= k < kv_len && valid[b][k]`. `valid` is row-major `[batch, kv_len]`, nonzero = real token
     /// (transformers' 2-D `attention_mask` indexed by absolute key position).
     pub fn padding(valid: &[u8], batch: usize, kv_len: usize) -> Result<MaskExpr> {
-        table_len("padding mask", valid.len(), batch, kv_len, "keys")?;
-        if kv_len >= u32::MAX as usize {
-            return Err(Error::shape(
-                "padding mask",
-                "fewer than 2^32 keys",
-                kv_len.to_string(),
-            ));
-        }
-        let rows = (0..batch).map(|b| PadRow::new(&valid[b * kv_len..(b + 1) * kv_len]));
+        let rows = table_rows("padding mask", valid, batch, kv_len, "keys")?.map(PadRow::new);
         Ok(MaskExpr::node(Node::Padding(rows.collect())))
     }
 
     /// `0 <= q, k < len && ids[b][q] == ids[b][k]`. `ids` is row-major `[batch, len]` (transformers'
     /// `packed_sequence_mask_function`); ids need not be sorted.
     pub fn document(ids: &[i64], batch: usize, len: usize) -> Result<MaskExpr> {
-        table_len("document ids", ids.len(), batch, len, "positions")?;
-        if len >= u32::MAX as usize {
-            return Err(Error::shape(
-                "document ids",
-                "fewer than 2^32 positions",
-                len.to_string(),
-            ));
-        }
-        let rows = (0..batch).map(|b| DocRow::new(&ids[b * len..(b + 1) * len]));
+        let rows = table_rows("document ids", ids, batch, len, "positions")?.map(DocRow::new);
         Ok(MaskExpr::node(Node::Document(rows.collect())))
     }
 

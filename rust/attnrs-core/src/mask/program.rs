@@ -58,6 +58,20 @@ fn bad(what: impl Into<String>) -> Error {
     )
 }
 
+/// Appends `op, batch, len, at` to `program` for a `[batch, len]` table whose rows (`row` of each of
+/// `rows`) are appended to `store`, starting at its index `at`.
+fn push_table<'a, R, T: Copy + 'a>(
+    program: &mut Vec<i64>,
+    op: i64,
+    rows: &'a [R],
+    row: impl Fn(&'a R) -> &'a [T],
+    store: &mut Vec<T>,
+) {
+    let len = rows.first().map_or(0, |r| row(r).len());
+    program.extend([op, rows.len() as i64, len as i64, store.len() as i64]);
+    rows.iter().for_each(|r| store.extend_from_slice(row(r)));
+}
+
 impl MaskExpr {
     /// Writes the expression as a [`MaskProgram`].
     pub fn encode(&self) -> MaskProgram {
@@ -78,27 +92,8 @@ impl MaskExpr {
                 p.extend([CHUNKED, *size, out.ints.len() as i64, start.len() as i64]);
                 out.ints.extend_from_slice(start);
             }
-            Node::Padding(rows) => {
-                let kv_len = rows.first().map_or(0, |r| r.valid.len());
-                p.extend([
-                    PADDING,
-                    rows.len() as i64,
-                    kv_len as i64,
-                    out.bytes.len() as i64,
-                ]);
-                rows.iter()
-                    .for_each(|r| out.bytes.extend_from_slice(&r.valid));
-            }
-            Node::Document(rows) => {
-                let len = rows.first().map_or(0, |r| r.ids.len());
-                p.extend([
-                    DOCUMENT,
-                    rows.len() as i64,
-                    len as i64,
-                    out.ints.len() as i64,
-                ]);
-                rows.iter().for_each(|r| out.ints.extend_from_slice(&r.ids));
-            }
+            Node::Padding(rows) => push_table(p, PADDING, rows, |r| &r.valid, &mut out.bytes),
+            Node::Document(rows) => push_table(p, DOCUMENT, rows, |r| &r.ids, &mut out.ints),
             Node::PrefixLm(len) => {
                 p.extend([PREFIX_LM, out.ints.len() as i64, len.len() as i64]);
                 out.ints.extend_from_slice(len);
@@ -176,23 +171,20 @@ impl MaskExpr {
                     let (at, n) = (next("chunked")?, size(next("chunked")?, "count")?);
                     MaskExpr::chunked(chunk, &ints[slice(at, n, ints.len(), "chunk start")?])?
                 }
-                PADDING => {
-                    let batch = size(next("padding")?, "batch")?;
-                    let kv_len = size(next("padding")?, "length")?;
-                    let n = batch
-                        .checked_mul(kv_len)
-                        .ok_or_else(|| bad("a padding table that overflows"))?;
-                    let range = slice(next("padding")?, n, bytes.len(), "padding")?;
-                    MaskExpr::padding(&bytes[range], batch, kv_len)?
-                }
-                DOCUMENT => {
-                    let batch = size(next("document")?, "batch")?;
-                    let len = size(next("document")?, "length")?;
+                PADDING | DOCUMENT => {
+                    // A [batch, len] table: padding bytes or document ids.
+                    let what = if op == PADDING { "padding" } else { "document" };
+                    let batch = size(next(what)?, "batch")?;
+                    let len = size(next(what)?, "length")?;
                     let n = batch
                         .checked_mul(len)
-                        .ok_or_else(|| bad("a document table that overflows"))?;
-                    let range = slice(next("document")?, n, ints.len(), "document")?;
-                    MaskExpr::document(&ints[range], batch, len)?
+                        .ok_or_else(|| bad(format!("a {what} table that overflows")))?;
+                    let at = next(what)?;
+                    if op == PADDING {
+                        MaskExpr::padding(&bytes[slice(at, n, bytes.len(), what)?], batch, len)?
+                    } else {
+                        MaskExpr::document(&ints[slice(at, n, ints.len(), what)?], batch, len)?
+                    }
                 }
                 PREFIX_LM => {
                     let (at, n) = (next("prefix_lm")?, size(next("prefix_lm")?, "count")?);

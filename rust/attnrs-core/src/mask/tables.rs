@@ -1,6 +1,8 @@
 //! The data-carrying leaves (padding, documents, bitmaps), prepared once in O(length) so that every
 //! question the evaluator asks is answered in O(1) or O(log n).
 
+use std::ops::Range;
+
 use super::interval::Iv;
 
 /// Per-batch entry of a table whose batch dimension is 1 (broadcast) or B.
@@ -24,6 +26,21 @@ pub(crate) fn clip(a: i64, b: i64, len: usize) -> (usize, usize) {
     } else {
         (a as usize, b as usize)
     }
+}
+
+/// Zeroes the part of the window `out` (positions `k0..k0 + out.len()`) that lies outside a table of `len`
+/// entries, and returns the rest of the window with the table's indices it covers (`None` if nothing).
+#[inline]
+fn clip_window(out: &mut [u8], k0: i64, len: usize) -> Option<(&mut [u8], Range<usize>)> {
+    let (a, b) = clip(k0, k0 + out.len() as i64, len);
+    if a >= b {
+        out.fill(0);
+        return None;
+    }
+    let start = (a as i64 - k0) as usize;
+    out[..start].fill(0);
+    out[start + (b - a)..].fill(0);
+    Some((&mut out[start..start + (b - a)], a..b))
 }
 
 /// One batch row of a padding mask: which absolute key positions hold real tokens.
@@ -78,15 +95,9 @@ impl PadRow {
 
     /// Writes the window `k0..k0 + out.len()` as bytes.
     pub fn fill(&self, k0: i64, out: &mut [u8]) {
-        let (a, b) = clip(k0, k0 + out.len() as i64, self.valid.len());
-        if a >= b {
-            out.fill(0);
-            return;
+        if let Some((dst, keys)) = clip_window(out, k0, self.valid.len()) {
+            dst.copy_from_slice(&self.valid[keys]);
         }
-        let start = (a as i64 - k0) as usize;
-        out[..start].fill(0);
-        out[start..start + (b - a)].copy_from_slice(&self.valid[a..b]);
-        out[start + (b - a)..].fill(0);
     }
 }
 
@@ -277,17 +288,11 @@ impl DocRow {
             return;
         }
         let id = self.ids[q as usize];
-        let (a, b) = clip(k0, k0 + out.len() as i64, self.ids.len());
-        if a >= b {
-            out.fill(0);
-            return;
+        if let Some((dst, keys)) = clip_window(out, k0, self.ids.len()) {
+            for (o, &x) in dst.iter_mut().zip(&self.ids[keys]) {
+                *o = u8::from(x == id);
+            }
         }
-        let start = (a as i64 - k0) as usize;
-        out[..start].fill(0);
-        for (o, &x) in out[start..start + (b - a)].iter_mut().zip(&self.ids[a..b]) {
-            *o = u8::from(x == id);
-        }
-        out[start + (b - a)..].fill(0);
     }
 }
 

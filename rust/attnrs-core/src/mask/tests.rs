@@ -1,5 +1,4 @@
 use super::*;
-use crate::block::MaskTiles;
 
 /// Checks `classify` and `fill` against `visible` on every block of the window `q x k`.
 fn consistent(expr: &MaskExpr, b: usize, q: Range<i64>, k: Range<i64>) {
@@ -166,16 +165,6 @@ fn compositions_resolve_ambiguous_blocks() {
         MaskExpr::or([]).classify(0, 0, 0..4, 0..4),
         BlockClass::Empty
     );
-}
-
-#[test]
-fn placed_masks_map_tiles_to_positions() {
-    let placed = PlacedMask::new(MaskExpr::causal(), 5, 0);
-    assert_eq!(placed.classify(0, 0, 0..1, 0..6), BlockClass::Full);
-    assert_eq!(placed.classify(0, 0, 0..1, 0..7), BlockClass::Partial);
-    let mut out = [0u8; 8];
-    placed.fill(0, 0, 0..1, 2..10, &mut out);
-    assert_eq!(out, [1, 1, 1, 1, 0, 0, 0, 0]);
 }
 
 #[test]

@@ -2,8 +2,8 @@
 
 use std::ops::Range;
 
-use super::MaskExpr;
-use crate::block::{BlockClass, MaskTiles};
+use super::{BlockClass, MaskTiles};
+use crate::mask::MaskExpr;
 
 /// `expr` seen from a `[Q, K]` grid whose row `i` is query position `q_offset + i` and column `j` is key
 /// position `kv_offset + j`.

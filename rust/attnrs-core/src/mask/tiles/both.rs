@@ -1,0 +1,38 @@
+//! The AND of two masks, tile by tile.
+
+use std::ops::Range;
+
+use super::{BlockClass, MaskTiles};
+
+/// Visible where both masks are. Classes combine conservatively (two partial tiles stay partial even if
+/// their intersection is empty), which costs work but never correctness: a partial tile is filled exactly.
+#[derive(Clone, Copy)]
+pub struct BothTiles<'a> {
+    pub first: &'a dyn MaskTiles,
+    pub second: &'a dyn MaskTiles,
+}
+
+impl std::fmt::Debug for BothTiles<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BothTiles")
+    }
+}
+
+impl MaskTiles for BothTiles<'_> {
+    fn classify(&self, b: usize, h: usize, rows: Range<usize>, cols: Range<usize>) -> BlockClass {
+        match self.first.classify(b, h, rows.clone(), cols.clone()) {
+            BlockClass::Empty => BlockClass::Empty,
+            BlockClass::Full => self.second.classify(b, h, rows, cols),
+            BlockClass::Partial => match self.second.classify(b, h, rows, cols) {
+                BlockClass::Empty => BlockClass::Empty,
+                _ => BlockClass::Partial,
+            },
+        }
+    }
+    fn fill(&self, b: usize, h: usize, rows: Range<usize>, cols: Range<usize>, out: &mut [u8]) {
+        self.first.fill(b, h, rows.clone(), cols.clone(), out);
+        let mut other = vec![0u8; out.len()];
+        self.second.fill(b, h, rows, cols, &mut other);
+        out.iter_mut().zip(&other).for_each(|(o, x)| *o &= x);
+    }
+}

@@ -5,7 +5,7 @@
 
 import sys
 
-from attnrs.bench import main
+from attnrs.cli.bench import main
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -23,7 +23,7 @@ from torch.nn.attention.flex_attention import create_block_mask as torch_create_
 
 import attnrs
 from attnrs import masks
-from attnrs.bench import median_ms
+from attnrs.cli.bench import median_ms
 
 WINDOW = 512
 DOCUMENTS = 8

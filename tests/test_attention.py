@@ -225,7 +225,7 @@ def test_opcheck() -> None:
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 4, 9, 32), torch.randn(1, 2, 11, 32), torch.randn(1, 2, 11, 16)
     empty_i, empty_b = torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.uint8)
-    program, ints, raw = masks.causal()._expr(None).encode()  # type: ignore[arg-type]
+    program, ints, raw = masks.causal().to_rust(None).encode()  # type: ignore[arg-type]
     samples = [
         (q, k, v, None, None, None, empty_i, empty_i, empty_b, 0, 0, 0.2, 0.0, 0.0, None),
         (q, k, v, torch.rand(1, 1, 9, 11) > 0.5, None, torch.randn(4), torch.frombuffer(program, dtype=torch.int64),
@@ -339,7 +339,7 @@ def test_dropout_keeps_the_expected_fraction_and_reproduces_under_manual_seed() 
 
 
 def test_dropout_keep_rate_is_one_minus_p_and_seeds_differ() -> None:
-    from attnrs.attention import dropout_keep_pattern
+    from attnrs.attention.ops import dropout_keep_pattern
 
     shape = (2, 4, 96, 128)
     n = 2 * 4 * 96 * 128
@@ -369,7 +369,7 @@ def _dropout_reference(
     if sinks is not None:
         s = torch.cat([s, sinks.reshape(1, h, 1, 1).expand(b, h, q_len, 1)], dim=-1)
     w = torch.softmax(s, dim=-1).nan_to_num(0.0)[..., : k.shape[2]]
-    from attnrs.attention import dropout_keep_pattern
+    from attnrs.attention.ops import dropout_keep_pattern
 
     keep = dropout_keep_pattern((b, h, q_len, k.shape[2]), p, seed)
     return (w * keep / (1 - p)) @ vv
@@ -377,7 +377,7 @@ def _dropout_reference(
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_dropout_forward_and_gradients_match_the_reference_with_the_same_pattern(dtype: torch.dtype) -> None:
-    from attnrs.attention import draw_dropout_seed
+    from attnrs.attention.ops import draw_dropout_seed
 
     torch.manual_seed(8)
     q = torch.randn(2, 4, 70, 32, dtype=dtype, requires_grad=True)
@@ -445,11 +445,11 @@ def test_gradients_flow_through_auto() -> None:
 
 
 def test_dispatch_table_reasons() -> None:
-    from attnrs.attention import _resolve_mask
-    from attnrs.dispatch import choose_backend
+    from attnrs.attention.resolve import resolve_mask
+    from attnrs.attention.dispatch import choose_backend
 
     q, k, v = _qkv()
-    resolved = _resolve_mask(None, True, (1, 4, 8, 8), q.device)
+    resolved = resolve_mask(None, True, (1, 4, 8, 8), q.device)
     assert choose_backend(q, k, v, resolved, None, None, 0.0, False)[0] == "native"
     assert choose_backend(q, k, v, resolved, None, None, 0.1, False)[0] == "native"
     q.requires_grad_(True)  # the Rust kernel has a backward: gradients do not change the choice

@@ -1,18 +1,19 @@
 """attnrs: pluggable, fast attention for PyTorch.
 
+* :func:`attention`: scaled dot-product attention with masks as values (:mod:`attnrs.masks`), on a Rust kernel.
 * Registries with transformers' semantics: :class:`AttentionInterface`, :class:`AttentionMaskInterface`.
+* Native kernels and plugins: :func:`register_native`, :func:`load_plugins`.
 * Typed errors: :mod:`attnrs.errors`.
 
-The compiled module ``attnrs._attnrs`` is private; everything public is re-exported here.
+The compiled module ``attnrs._attnrs`` is private; everything public is re-exported here. Importing the package
+also fills the registries (:mod:`attnrs.registrations`).
 """
 
 from __future__ import annotations
 
-from . import errors, functions, mask_builders, masks, plugins
+from . import errors, masks, plugins, registrations  # noqa: F401  (registrations: fills the registries)
 from ._attnrs import __version__, cpu_features, simd_path
-from .attention import attention
-from .plugins import load_plugins, native_kernels, plugin_errors, register_native
-from ._threads import num_threads
+from .attention.api import attention
 from .errors import (
     ArgumentError,
     AttnrsError,
@@ -24,8 +25,10 @@ from .errors import (
     UnknownNameError,
     UnsupportedError,
 )
-from .block_mask import BlockMask, create_block_mask
+from .integrations.transformers import functions, mask_builders
 from .masks import Mask, create_dense_mask
+from .masks.block_mask import BlockMask, create_block_mask
+from .plugins import load_plugins, native_kernels, plugin_errors, register_native
 from .registry import (
     ALL_ATTENTION_FUNCTIONS,
     ALL_MASK_ATTENTION_FUNCTIONS,
@@ -33,6 +36,7 @@ from .registry import (
     AttentionMaskInterface,
     GeneralInterface,
 )
+from .threads import num_threads
 
 __all__ = [
     "ALL_ATTENTION_FUNCTIONS",
@@ -46,8 +50,8 @@ __all__ = [
     "DtypeError",
     "GeneralInterface",
     "InternalError",
-    "Mask",
     "LayoutError",
+    "Mask",
     "ShapeError",
     "UnknownNameError",
     "UnsupportedError",
@@ -58,9 +62,9 @@ __all__ = [
     "create_dense_mask",
     "errors",
     "functions",
+    "load_plugins",
     "mask_builders",
     "masks",
-    "load_plugins",
     "native_kernels",
     "num_threads",
     "plugin_errors",
@@ -68,20 +72,3 @@ __all__ = [
     "register_native",
     "simd_path",
 ]
-
-_DENSE_MASK = {"devices": ["cpu", "cuda"], "mask_kinds": ["dense"]}
-_BLOCK_MASK = {"devices": ["cpu", "cuda"], "mask_kinds": ["block_sparse", "expression"]}
-AttentionMaskInterface.register("sdpa", mask_builders.sdpa_mask, capabilities=_DENSE_MASK)
-AttentionMaskInterface.register("eager", mask_builders.eager_mask, capabilities=_DENSE_MASK)
-AttentionMaskInterface.register("flex_attention", mask_builders.flex_attention_mask, capabilities=_BLOCK_MASK)
-AttentionMaskInterface.register("attnrs", mask_builders.attnrs_mask, capabilities=_BLOCK_MASK)
-
-from .integrations import transformers as _transformers_integration  # noqa: E402  (needs the registries)
-
-_transformers_integration._register_in_attnrs()
-
-AttentionInterface.register(
-    "sdpa",
-    functions.sdpa_attention_forward,
-    capabilities={"devices": ["cpu", "cuda"], "mask_kinds": ["none", "dense"], "backward": True},
-)

@@ -1,3 +1,5 @@
+"""``python -m attnrs``: the command line of :mod:`attnrs.cli`."""
+
 from attnrs.cli import main
 
 raise SystemExit(main())

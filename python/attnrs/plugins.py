@@ -1,4 +1,4 @@
-"""Native attention kernels: registered from a capsule, or discovered as installed plugins.
+"""The table of native attention kernels: registered from a capsule, or discovered as installed plugins.
 
 A native kernel is a table of C function pointers (``AttnKernelV1`` of the ``attnrs-abi`` crate) in a capsule
 named ``"attnrs.kernel.v1"``. :func:`register_native` checks the capsule and the table (ABI version, struct size,
@@ -19,6 +19,10 @@ They are loaded lazily, the first time a name attnrs does not know is looked up 
 :class:`~attnrs.AttentionInterface` miss), or explicitly with :func:`load_plugins`. A plugin that fails to load is
 logged as a warning and recorded in :func:`plugin_errors`; it never breaks ``import attnrs`` or other plugins.
 ``ATTNRS_DISABLE_PLUGINS=1`` turns discovery off.
+
+This module imports nothing above the compiled module: the attention function of each new kernel is added by
+a subscriber (:func:`on_register`; :mod:`attnrs.registrations` subscribes when ``attnrs`` is imported), because
+that function is built on :func:`attnrs.attention`, which itself looks kernels up here.
 """
 
 from __future__ import annotations
@@ -27,24 +31,46 @@ import importlib.metadata
 import logging
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from . import _attnrs
 from .errors import ArgumentError
 
-__all__ = ["ENTRY_POINT_GROUP", "load_plugins", "native_kernels", "plugin_errors", "register_native"]
+__all__ = [
+    "BUILTIN_KERNEL",
+    "CAPABILITY_KEYS",
+    "ENTRY_POINT_GROUP",
+    "is_native",
+    "load_once",
+    "load_plugins",
+    "native_kernels",
+    "on_register",
+    "plugin_errors",
+    "register_native",
+]
 
 ENTRY_POINT_GROUP = "attnrs.kernels"
 
 logger = logging.getLogger("attnrs")
 
+# The name of the Rust kernel in the native kernel table (``backend="attnrs"``).
+BUILTIN_KERNEL = "attnrs"
 # Names attnrs.attention reads as backends of its own, and the built-in kernel: a plugin cannot take them.
-_RESERVED = ("auto", "native", "sdpa", "flex", "flash", "math", "eager", "attnrs")
-_CAPABILITY_KEYS = ("devices", "dtypes", "mask_kinds", "backward", "lse")
+_RESERVED = ("auto", "native", "sdpa", "flex", "flash", "math", "eager", BUILTIN_KERNEL)
+# What a kernel's native_info says it supports, in the form of registry capabilities.
+CAPABILITY_KEYS = ("devices", "dtypes", "mask_kinds", "backward", "lse")
 
 _lock = threading.RLock()
 _loaded = False
 _errors: dict[str, str] = {}
+_subscribers: list[Callable[[str, dict[str, Any]], None]] = []
+
+
+def on_register(subscriber: Callable[[str, dict[str, Any]], None]) -> None:
+    """Calls ``subscriber(name, native_info(name))`` for every kernel :func:`register_native` adds from now on
+    (still under the table's lock, before ``register_native`` returns)."""
+    _subscribers.append(subscriber)
 
 
 def register_native(name: str, capsule: Any) -> None:
@@ -54,9 +80,6 @@ def register_native(name: str, capsule: Any) -> None:
     not ``"attnrs.kernel.v1"``, when the table's ABI version differs, when its ``struct_size`` is too small, or
     when its name or forward function is null. Nothing is registered then.
     """
-    from .integrations.transformers import attention_function
-    from .registry import AttentionInterface
-
     if not isinstance(name, str) or not name:
         raise TypeError(f"name: expected a non-empty str, got {name!r}")
     if name in _RESERVED:
@@ -64,16 +87,15 @@ def register_native(name: str, capsule: Any) -> None:
     with _lock:
         _attnrs.register_native(name, capsule)
         info = _attnrs.native_info(name)
-        AttentionInterface.register(
-            name, attention_function(name), capabilities={k: info[k] for k in _CAPABILITY_KEYS}
-        )
+        for subscriber in _subscribers:
+            subscriber(name, info)
 
 
 def native_kernels() -> dict[str, dict[str, Any]]:
     """Every registered native kernel (the built-in ``"attnrs"`` first, then plugins) with what it declares:
     ``devices``, ``dtypes``, ``mask_kinds``, ``backward``, ``lse``, ``features`` and ``origin``. Loads plugins
     first if they were not loaded yet."""
-    _load_once()
+    load_once()
     return {name: _attnrs.native_info(name) for name in _attnrs.native_kernels()}
 
 
@@ -81,7 +103,7 @@ def is_native(name: str) -> bool:
     """Whether ``name`` is a registered native kernel, loading plugins first when it is not (yet)."""
     if name in _attnrs.native_kernels():
         return True
-    return _load_once() and name in _attnrs.native_kernels()
+    return load_once() and name in _attnrs.native_kernels()
 
 
 def plugin_errors() -> dict[str, str]:
@@ -90,7 +112,7 @@ def plugin_errors() -> dict[str, str]:
         return dict(_errors)
 
 
-def _load_once() -> bool:
+def load_once() -> bool:
     """Loads the plugins unless that was done; True when this call loaded them."""
     with _lock:
         if _loaded:
@@ -146,4 +168,3 @@ def load_plugins(*, reload: bool = False) -> dict[str, str | None]:
             _errors[ep.name] = reason
             logger.warning("attnrs: the kernel plugin %r (%s) failed to load: %s", ep.name, ep.value, reason)
     return results
-

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 from ._attnrs import Registry
 from .errors import UnknownNameError
+from .plugins import load_once
 
 __all__ = [
     "ALL_ATTENTION_FUNCTIONS",
@@ -69,8 +70,8 @@ class GeneralInterface(MutableMapping[str, Callable[..., Any]]):
 
     def __getitem__(self, key: str) -> Callable[..., Any]:
         if key in self._local_mapping:
-            return self._local_mapping[key]  # type: ignore[no-any-return]
-        return self._global_mapping[key]  # type: ignore[no-any-return]
+            return self._local_mapping[key]
+        return self._global_mapping[key]
 
     def __setitem__(self, key: str, value: Callable[..., Any]) -> None:
         self._local_mapping[key] = value
@@ -105,7 +106,9 @@ class GeneralInterface(MutableMapping[str, Callable[..., Any]]):
             return self._local_mapping.capabilities(key)
         if key in self._global_mapping:
             return self._global_mapping.capabilities(key)
-        raise UnknownNameError(f"`{key}` is not registered in the `{type(self).__name__}`; valid names: {self.valid_keys()}")
+        raise UnknownNameError(
+            f"`{key}` is not registered in the `{type(self).__name__}`; valid names: {self.valid_keys()}"
+        )
 
 
 class AttentionInterface(GeneralInterface):
@@ -122,9 +125,7 @@ class AttentionInterface(GeneralInterface):
             return super().__getitem__(key)
         except KeyError:
             # Installed kernel plugins register themselves here; they are loaded at the first miss.
-            from .plugins import _load_once
-
-            if not _load_once():
+            if not load_once():
                 raise
         return super().__getitem__(key)
 

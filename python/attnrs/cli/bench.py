@@ -93,8 +93,8 @@ def peers(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
     module = torch.nn.Module()
-    module.is_causal = True
-    module.num_key_value_groups = H // H_KV
+    module.is_causal = True  # type: ignore[assignment]
+    module.num_key_value_groups = H // H_KV  # type: ignore[assignment]
     module.training = False
     out: dict[str, Callable[[], Any]] = {}
     if case.decode:
@@ -106,13 +106,21 @@ def peers(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict
         return out
     mask = case.mask if case.mask is not None else masks.causal()
     dense = attnrs.create_dense_mask(mask, 1, 1, case.q_len, case.kv_len)
-    out["attnrs"] = (lambda: attnrs.attention(q, k, v, is_causal=True)) if case.mask is None else (
-        lambda: attnrs.attention(q, k, v, case.mask))
+    out["attnrs"] = (
+        (lambda: attnrs.attention(q, k, v, is_causal=True))
+        if case.mask is None
+        else (lambda: attnrs.attention(q, k, v, case.mask))
+    )
     if case.mask is None:
         out["sdpa is_causal"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     out["sdpa dense mask"] = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
-    hf_mask = mu.sdpa_mask(batch_size=B, q_length=case.q_len, kv_length=case.kv_len, mask_function=mask,
-                           allow_is_causal_skip=case.mask is None)
+    hf_mask = mu.sdpa_mask(
+        batch_size=B,
+        q_length=case.q_len,
+        kv_length=case.kv_len,
+        mask_function=mask,
+        allow_is_causal_skip=case.mask is None,
+    )
     out["transformers sdpa"] = lambda: sdpa_attention_forward(module, q, k, v, hf_mask, scaling=D**-0.5)
     additive = torch.where(dense, 0.0, torch.finfo(q.dtype).min).to(q.dtype)
     out["transformers eager"] = lambda: eager_attention_forward(module, q, k, v, additive, scaling=D**-0.5)
@@ -141,7 +149,7 @@ def run_forward(cases: list[Case], threads: int, repeats: int, one_thread: bool)
                         fn()
                         print(f"  {'(flex compile + first call)':<24} {time.perf_counter() - start:>9.1f} s")
                     results[name] = median_ms(fn, 1 if slow else repeats, 0 if slow else 1)
-                except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+                except Exception as e:
                     print(f"  {name:<24} failed: {type(e).__name__}: {str(e)[:80]}")
                     continue
             ms = results[name]
@@ -171,8 +179,11 @@ def run_backward(lengths: list[int], threads: int, repeats: int) -> None:
     torch.set_num_threads(threads)
     print(f"\nforward + backward, B{B} H{H} Hkv{H_KV} D{D}, {threads} threads; median ms, peer/attnrs")
     for length in lengths:
-        for name, dtype, mask in (("causal fp32", torch.float32, None), ("causal bf16", torch.bfloat16, None),
-                                  ("sliding 512 fp32", torch.float32, masks.sliding_window(512))):
+        for name, dtype, mask in (
+            ("causal fp32", torch.float32, None),
+            ("causal bf16", torch.bfloat16, None),
+            ("sliding 512 fp32", torch.float32, masks.sliding_window(512)),
+        ):
             case = Case(f"{name} L{length}", length, length, dtype, mask)
             q, k, v = tensors(case, requires_grad=True)
             grad = torch.randn(B, H, length, D).to(dtype)
@@ -180,26 +191,33 @@ def run_backward(lengths: list[int], threads: int, repeats: int) -> None:
             def step(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
                 def run() -> None:
                     q.grad = k.grad = v.grad = None
-                    fn().backward(grad)
+                    fn().backward(grad)  # type: ignore[no-untyped-call]
 
                 return run
 
             ours = step(lambda: attnrs.attention(q, k, v, mask, is_causal=mask is None))
             if mask is None:
-                peer, label = step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                          enable_gqa=True)), "sdpa is_causal"
+                peer, label = (
+                    step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)),
+                    "sdpa is_causal",
+                )
             else:
                 dense = attnrs.create_dense_mask(mask, 1, 1, length, length)
-                peer, label = step(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense,
-                                                                          enable_gqa=True)), "sdpa dense mask"
+                peer, label = (
+                    step(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)),
+                    "sdpa dense mask",
+                )
             ours_ms, peer_ms = paired_median_ms(ours, peer, repeats)
-            print(f"  {case.name:<22} attnrs {ours_ms:>9.1f} ms | {label} {peer_ms:>9.1f} ms "
-                  f"{peer_ms / ours_ms:>6.2f}x", flush=True)
+            print(
+                f"  {case.name:<22} attnrs {ours_ms:>9.1f} ms | {label} {peer_ms:>9.1f} ms {peer_ms / ours_ms:>6.2f}x",
+                flush=True,
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="attnrs bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="attnrs bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="L 1024 and a short decode")
     parser.add_argument("--backward", action="store_true", help="forward + backward instead of forward")
     parser.add_argument("--threads", type=int, default=2)
@@ -218,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         Case(f"sliding 512 fp32 L{length}", length, length, torch.float32, masks.sliding_window(512)),
         Case(f"8 documents fp32 L{length}", length, length, torch.float32, masks.document(ids) & masks.causal()),
     ]
-    for kv_len in ([8192] if args.quick else [8192, 65536]):
+    for kv_len in [8192] if args.quick else [8192, 65536]:
         for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
             cases.append(Case(f"decode {label} Q1 Lk{kv_len}", 1, kv_len, dtype, None, decode=True))
     run_forward(cases, args.threads, args.repeats, not args.no_one_thread)

@@ -1,4 +1,6 @@
-"""``python -m attnrs`` / ``attnrs``: info, demo, bench, show-mask."""
+"""``python -m attnrs`` / ``attnrs``: the argument parser and the ``info`` and ``show-mask`` commands; ``demo``
+(:mod:`~attnrs.cli.demo`) and ``bench`` (:mod:`~attnrs.cli.bench`) have their own modules, and the pictures of
+``show-mask`` come from :mod:`~attnrs.cli.drawing`."""
 
 from __future__ import annotations
 
@@ -9,10 +11,16 @@ from collections.abc import Sequence
 
 import torch
 
+import attnrs
+
+from .. import masks
+from ..masks.block_mask import create_block_mask
+from .bench import main as bench_main
+from .demo import run_demo
+from .drawing import draw_block_layout, draw_mask, write_png
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    import attnrs
-
     attnrs.load_plugins()  # so that their attention functions are listed too
     print(f"attnrs {attnrs.__version__} (torch {torch.__version__}, python {platform.python_version()})")
     print(f"cpu: {platform.machine()}, features: {', '.join(attnrs.cpu_features()) or 'none'}")
@@ -43,38 +51,38 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """A small embedded model with attn_implementation="attnrs" against "sdpa": parity and speed."""
-    from attnrs.demo import run_demo
-
-    return run_demo(family=args.family, length=args.length, batch=args.batch, new_tokens=args.new_tokens,
-                    dtype=args.dtype, repeats=args.repeats)
+    return run_demo(
+        family=args.family,
+        length=args.length,
+        batch=args.batch,
+        new_tokens=args.new_tokens,
+        dtype=args.dtype,
+        repeats=args.repeats,
+    )
 
 
 def _cmd_show_mask(args: argparse.Namespace) -> int:
     """Draws a mask written as an expression of attnrs.masks constructors, and its block layout."""
-    from attnrs import masks
-    from attnrs.block_mask import create_block_mask
-    from attnrs.drawing import draw_block_layout, draw_mask, write_png
-
     namespace = {name: getattr(masks, name) for name in masks.__all__}
     namespace["sliding_window_overlay"] = masks.sliding_window_overlay
     namespace["torch"] = torch
     try:
         # The expression is the user's own command-line input, evaluated like `python -c` would.
-        mask = masks.from_callable(eval(args.mask, {"__builtins__": {}}, namespace))  # noqa: S307
-    except Exception as e:  # noqa: BLE001 - reported to the user
+        mask = masks.from_callable(eval(args.mask, {"__builtins__": {}}, namespace))
+    except Exception as e:
         print(f"show-mask: cannot build {args.mask!r}: {e}", file=sys.stderr)
         return 2
     kv_len = args.kv_length or args.length
     print(f"{mask!r}  Q={args.length} K={kv_len} q_offset={args.q_offset} kv_offset={args.kv_offset}")
     if max(args.length, kv_len) <= 128:
         print(draw_mask(mask, args.length, kv_len, q_offset=args.q_offset, kv_offset=args.kv_offset))
-    block_mask = create_block_mask(mask, 1, None, args.length, kv_len, BLOCK_SIZE=args.block,
-                                   q_offset=args.q_offset, kv_offset=args.kv_offset)
+    block_mask = create_block_mask(
+        mask, 1, None, args.length, kv_len, BLOCK_SIZE=args.block, q_offset=args.q_offset, kv_offset=args.kv_offset
+    )
     if block_mask.kv_num_blocks.shape[-1] <= 128:
         print(draw_block_layout(block_mask))
     if args.png:
-        height, width = write_png(args.png, mask, args.length, kv_len, q_offset=args.q_offset,
-                                  kv_offset=args.kv_offset)
+        height, width = write_png(args.png, mask, args.length, kv_len, q_offset=args.q_offset, kv_offset=args.kv_offset)
         print(f"wrote {args.png} ({width}x{height})")
     return 0
 
@@ -96,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "show-mask",
         help="draw a mask and its block layout",
         description="Draw a mask given as an expression of attnrs.masks constructors, "
-        "e.g. \"sliding_window(4) & causal()\" or \"document([0,0,0,1,1,1]) & causal()\".",
+        'e.g. "sliding_window(4) & causal()" or "document([0,0,0,1,1,1]) & causal()".',
     )
     show.add_argument("mask", nargs="?", default="causal()", help="mask expression (default: causal())")
     show.add_argument("--length", type=int, default=16, help="query length (default 16)")
@@ -108,8 +116,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.set_defaults(func=_cmd_show_mask)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # the benchmark has its own flags (python -m attnrs bench --help)
-        from attnrs.bench import main as bench_main
-
         bench_main(argv[1:])
         return 0
     args = parser.parse_args(argv)

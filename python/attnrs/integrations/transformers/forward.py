@@ -1,9 +1,4 @@
-"""``attn_implementation="attnrs"`` for Hugging Face transformers.
-
-:func:`register` puts an attention function *and* its mask builder into transformers' global registries under
-the same name (a missing mask builder silently disables masking in transformers), after which
-``from_pretrained(..., attn_implementation="attnrs")``, ``set_attn_implementation("attnrs")`` and
-``config._attn_implementation = "attnrs"`` all work.
+"""The transformers attention-function contract on top of :func:`attnrs.attention`.
 
 :func:`attention_forward` honours everything transformers passes to an attention function (see
 shared/reference/transformers-attention.md §4): ``scaling``, ``dropout`` with ``module.training``, ``is_causal``
@@ -11,6 +6,7 @@ shared/reference/transformers-attention.md §4): ``scaling``, ``dropout`` with `
 ``softcap``, ``s_aux`` and ``module.sinks``, ``position_bias``, ``output_attentions``, and packed sequences
 through ``cu_seq_lens_*`` or ``position_ids``; masks arrive as an attnrs/torch ``BlockMask``, dense bool (also
 stride-0 broadcasts), additive float or None. It returns ``(out [B, Q, H, Dv], weights | None)``.
+:func:`attention_function` binds it to one backend (e.g. a native kernel).
 """
 
 from __future__ import annotations
@@ -21,16 +17,13 @@ from typing import Any
 import torch
 from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
 
-from .. import masks as _masks
-from ..attention import _check_inputs, _check_scalars, _ResolvedMask, _resolve_mask, check_backend, run_resolved
-from ..errors import DtypeError, ShapeError
-from ..mask_builders import attnrs_mask
-from ..registry import AttentionInterface
+from ... import masks
+from ...attention.api import check_backend, run_resolved
+from ...attention.resolve import ResolvedMask, check_inputs, check_scalars, resolve_mask
+from ...attention.torch_backends import attention_with_weights
+from ...errors import DtypeError, ShapeError
 
-__all__ = ["attention_forward", "attention_function", "register"]
-
-# transformers treats names containing these specially (flash imports, sdpa checks, hub kernels).
-_RESERVED = ("flash", "sdpa", "flex_attention", "/", ":", "|")
+__all__ = ["attention_forward", "attention_function"]
 
 
 def _packed_document_ids(
@@ -75,7 +68,7 @@ def attention_forward(
 
     ``backend`` is attnrs's, not a transformers keyword: ``"auto"`` or any backend :func:`attnrs.attention`
     takes, including the name of a registered native kernel (see :func:`attention_function`)."""
-    _check_inputs(query, key, value)
+    check_inputs(query, key, value)
     batch, heads, q_len, _ = query.shape
     kv_len = key.shape[2]
     shape = (batch, heads, q_len, kv_len)
@@ -83,7 +76,7 @@ def attention_forward(
     if sinks is not None and sinks.dim() != 1:
         sinks = sinks.reshape(-1)
     dropout_p = float(dropout) if getattr(module, "training", False) else 0.0
-    scale = _check_scalars(query, scaling, softcap, sinks, dropout_p)
+    scale = check_scalars(query, scaling, softcap, sinks, dropout_p)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     mask = attention_mask
     if mask is not None and not isinstance(mask, (torch.Tensor, TorchBlockMask)):
@@ -97,7 +90,7 @@ def attention_forward(
             raise DtypeError(f"attention_mask: expected a bool or floating mask, got {mask.dtype}")
         if mask.shape[-1] != kv_len:  # e.g. a longer static-cache mask than the keys we received
             mask = mask[..., -kv_len:] if mask.shape[-1] > kv_len else mask
-    resolved = _resolve_mask(mask, False, shape, query.device)
+    resolved = resolve_mask(mask, False, shape, query.device)
     if mask is None:
         resolved = _mask_for_none(resolved, shape, bool(causal), sliding_window)
     if mask is None or isinstance(mask, TorchBlockMask):
@@ -107,8 +100,6 @@ def attention_forward(
         bias = position_bias.expand(shape) if position_bias.dim() == 4 else position_bias
         resolved.bias = bias if resolved.bias is None else resolved.bias + bias
     if output_attentions:
-        from .._reference import attention_with_weights
-
         out, weights = attention_with_weights(query, key, value, resolved, shape, scale, softcap, sinks, dropout_p)
         return out.transpose(1, 2).contiguous(), weights
     out, _ = run_resolved(query, key, value, resolved, scale, softcap, sinks, dropout_p, backend, False)
@@ -122,8 +113,12 @@ def attention_function(backend: str) -> Callable[..., tuple[torch.Tensor, torch.
     check_backend(backend)
 
     def forward(
-        module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-        attention_mask: Any = None, **kwargs: Any,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Any = None,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return attention_forward(module, query, key, value, attention_mask, backend=backend, **kwargs)
 
@@ -133,20 +128,20 @@ def attention_function(backend: str) -> Callable[..., tuple[torch.Tensor, torch.
 
 
 def _mask_for_none(
-    resolved: _ResolvedMask, shape: tuple[int, int, int, int], causal: bool, sliding_window: int | None
-) -> _ResolvedMask:
+    resolved: ResolvedMask, shape: tuple[int, int, int, int], causal: bool, sliding_window: int | None
+) -> ResolvedMask:
     """transformers' meaning of ``attention_mask=None``: top-left causal when Q > 1 (this also hides the empty
     slots of a static cache at prefill), plus a sliding window a mask builder would have encoded if it is in
     reach."""
     _, _, q_len, kv_len = shape
-    parts: list[_masks.Mask] = []
+    parts: list[masks.Mask] = []
     if causal and q_len > 1:
-        parts.append(_masks.causal())
+        parts.append(masks.causal())
     if sliding_window is not None and kv_len > sliding_window:
         window = int(sliding_window)
-        parts.append(_masks.sliding_window_overlay(window) if causal else _masks.sliding_window(window, causal=False))
+        parts.append(masks.sliding_window_overlay(window) if causal else masks.sliding_window(window, causal=False))
     if parts:
-        resolved.structural = _masks.and_masks(*parts)
+        resolved.structural = masks.and_masks(*parts)
         # The queries are the last Q keys, except at a static-cache prefill (K > Q, top-left).
         resolved.q_offset = 0 if (causal and q_len > 1) else kv_len - q_len
         resolved.kv_offset = 0
@@ -154,7 +149,10 @@ def _mask_for_none(
 
 
 def _keep_documents_apart(
-    resolved: _ResolvedMask, shape: tuple[int, int, int, int], cu_seq_lens_q: Any, cu_seq_lens_k: Any,
+    resolved: ResolvedMask,
+    shape: tuple[int, int, int, int],
+    cu_seq_lens_q: Any,
+    cu_seq_lens_k: Any,
     position_ids: Any,
 ) -> None:
     """Packed sequences (one row, documents told apart by cu_seq_lens or restarting position_ids) stay
@@ -163,45 +161,9 @@ def _keep_documents_apart(
     ids = _packed_document_ids(batch, q_len, kv_len, cu_seq_lens_q, cu_seq_lens_k, position_ids)
     if ids is None or (resolved.q_offset, resolved.kv_offset) != (0, 0) or _has_documents(resolved.structural):
         return
-    documents = _masks.document(ids)
+    documents = masks.document(ids)
     resolved.structural = documents if resolved.structural is None else resolved.structural & documents
 
 
-def _has_documents(mask: _masks.Mask | None) -> bool:
+def _has_documents(mask: masks.Mask | None) -> bool:
     return mask is not None and (mask.kind == "document" or any(_has_documents(c) for c in mask.children))
-
-
-def register(name: str = "attnrs", function: Callable[..., Any] | None = None) -> str:
-    """Registers ``function`` (default: :func:`attention_forward`; any callable or entry of attnrs's
-    :class:`~attnrs.AttentionInterface`) with its mask builder in transformers' global registries.
-
-    With ``function=None`` and a ``name`` that attnrs's ``AttentionInterface`` holds (a native kernel registered
-    with :func:`attnrs.register_native` or found as a plugin), that entry is used: ``register("example")``.
-
-    Idempotent; returns the name. The mask builder is attnrs's ``"attnrs"`` builder (block masks that carry
-    the structure)."""
-    from transformers.masking_utils import AttentionMaskInterface as HFAttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface as HFAttentionInterface
-
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"name: expected a non-empty str, got {name!r}")
-    reserved = [r for r in _RESERVED if r in name]
-    if reserved:
-        raise ValueError(
-            f"name: transformers treats names containing {reserved[0]!r} specially; choose another, e.g. 'attnrs'"
-        )
-    if function is None:
-        function = AttentionInterface().get(name, attention_forward)
-    if not callable(function):
-        raise TypeError(f"function: expected a callable attention function, got {type(function).__name__}")
-    HFAttentionInterface.register(name, function)
-    HFAttentionMaskInterface.register(name, attnrs_mask)
-    return name
-
-
-def _register_in_attnrs() -> None:
-    AttentionInterface.register(
-        "attnrs", attention_forward,
-        capabilities={"devices": ["cpu", "cuda"], "mask_kinds": ["none", "dense", "block_sparse", "expression"],
-                      "backward": True, "lse": True},
-    )

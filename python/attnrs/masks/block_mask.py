@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
 
-from ._threads import num_threads
-from .errors import ArgumentError
-from .masks import Mask, MaskLike, _check_grid, _check_tables, from_callable
+from ..errors import ArgumentError
+from ..threads import num_threads
+from .grid import Grid, check_grid
+from .mask import Mask, MaskLike, check_tables, from_callable
 
 __all__ = ["BlockMask", "create_block_mask"]
 
@@ -112,7 +113,7 @@ class BlockMask(TorchBlockMask):
         )
 
 
-def _counts(layout: Any, direction: str, grid: Any) -> torch.Tensor:
+def _counts(layout: Any, direction: str, grid: Grid) -> torch.Tensor:
     rows = layout.num_q_blocks if direction.endswith("kv") else layout.num_kv_blocks
     counts = torch.empty(layout.layout_batch, layout.layout_heads, rows, dtype=torch.int32)
     layout.write_counts(direction, counts)
@@ -142,12 +143,19 @@ def create_block_mask(
     ``create_block_mask`` for the same mask (``B``/``H`` None mean 1; H is kept at 1 when the mask ignores heads
     only if ``H`` is None, as in torch)."""
     mask = from_callable(mask)
-    grid = _check_grid(B, H, Q_LEN, KV_LEN, q_offset, kv_offset)
+    grid = check_grid(B, H, Q_LEN, KV_LEN, q_offset, kv_offset)
     q_block, kv_block = _block_sizes(BLOCK_SIZE)
-    _check_tables(mask, grid)
-    expr = mask._expr(grid)
+    check_tables(mask, grid)
+    expr = mask.to_rust(grid)
     layout = expr.block_sparse(
-        grid.batch, grid.heads, grid.q_len, grid.kv_len, grid.q_offset, grid.kv_offset, q_block, kv_block,
+        grid.batch,
+        grid.heads,
+        grid.q_len,
+        grid.kv_len,
+        grid.q_offset,
+        grid.kv_offset,
+        q_block,
+        kv_block,
         num_threads(),
     )
     counts = {name: _counts(layout, name, grid) for name in ("kv", "full_kv", "q", "full_q")}

@@ -20,15 +20,14 @@ from typing import Any
 
 import torch
 
-from .block_mask import BlockMask, create_block_mask
-from .masks import Mask, and_masks, causal, create_dense_mask, from_callable, padding
+from ...masks.block_mask import BlockMask, create_block_mask
+from ...masks.dense import create_dense_mask
+from ...masks.mask import Mask, and_masks, causal, from_callable, padding
 
-__all__ = ["attnrs_mask", "eager_mask", "flex_attention_mask", "sdpa_mask"]
+__all__ = ["attention_forward_mask", "attnrs_mask", "eager_mask", "flex_attention_mask", "sdpa_mask"]
 
 
-def _lengths(
-    q_length: int | None, q_offset: Any, cache_position: torch.Tensor | None
-) -> tuple[int, int]:
+def _lengths(q_length: int | None, q_offset: Any, cache_position: torch.Tensor | None) -> tuple[int, int]:
     """(q_length, q_offset) from either calling convention; a 0-d tensor offset is read now, never stored."""
     if cache_position is not None:
         if q_length is None:
@@ -51,7 +50,11 @@ def _padding_window(attention_mask: torch.Tensor | None, kv_length: int, kv_offs
 
 
 def _can_skip_causal(
-    padding_mask: torch.Tensor | None, q_length: int, kv_length: int, q_offset: int, kv_offset: int,
+    padding_mask: torch.Tensor | None,
+    q_length: int,
+    kv_length: int,
+    q_offset: int,
+    kv_offset: int,
     local_size: int | None,
 ) -> bool:
     """transformers' ``_ignore_causal_mask_sdpa`` (CPU, not tracing): True when SDPA's top-left ``is_causal``
@@ -63,8 +66,7 @@ def _can_skip_causal(
     if (q_length == 1 or kv_length == q_length) and (padding_mask is None or bool(padding_mask.all())):
         return True
     if q_offset == 0 and (
-        padding_mask is None
-        or (bool(padding_mask[:, :q_length].all()) and not bool(padding_mask[:, q_length:].any()))
+        padding_mask is None or (bool(padding_mask[:, :q_length].all()) and not bool(padding_mask[:, q_length:].any()))
     ):
         return True
     return False
@@ -131,9 +133,19 @@ def eager_mask(
     """An additive ``[B, 1, Q, K]`` mask: 0 where visible, ``finfo(dtype).min`` where masked."""
     kwargs.pop("allow_is_causal_skip", None)
     visible = sdpa_mask(
-        batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
-        allow_is_causal_skip=False, allow_is_bidirectional_skip=allow_is_bidirectional_skip, use_vmap=use_vmap,
-        device=device, cache_position=cache_position, **kwargs,
+        batch_size,
+        q_length,
+        kv_length,
+        q_offset,
+        kv_offset,
+        mask_function,
+        attention_mask,
+        allow_is_causal_skip=False,
+        allow_is_bidirectional_skip=allow_is_bidirectional_skip,
+        use_vmap=use_vmap,
+        device=device,
+        cache_position=cache_position,
+        **kwargs,
     )
     if visible is None:
         return None
@@ -163,10 +175,16 @@ def flex_attention_mask(
         padding_mask = _padding_window(attention_mask, kv_length, kv_offset)
     mask = _structural(mask_function, padding_mask, use_vmap)
     block_mask = create_block_mask(mask, batch_size, None, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset)
-    return block_mask.to(device) if torch.device(device).type != "cpu" else block_mask
+    if torch.device(device).type != "cpu":
+        return block_mask.to(device)  # type: ignore[return-value]  # torch's .to() keeps the subclass
+    return block_mask
 
 
-def attnrs_mask(**kwargs: Any) -> BlockMask:
-    """The mask builder paired with the ``"attnrs"`` attention function: always a block mask (never None), so
-    the kernel knows the structure and generate's static-cache path accepts it (a 4-D ``BlockMask``)."""
+def attention_forward_mask(**kwargs: Any) -> BlockMask:
+    """The mask builder paired with :func:`~attnrs.integrations.transformers.attention_forward` (registered as
+    ``"attnrs"``): always a block mask (never None), so the kernel knows the structure and generate's
+    static-cache path accepts it (a 4-D ``BlockMask``)."""
     return flex_attention_mask(**kwargs)
+
+
+attnrs_mask = attention_forward_mask  # its public name, after the registry key

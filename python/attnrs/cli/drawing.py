@@ -9,10 +9,12 @@ from __future__ import annotations
 import struct
 import zlib
 from pathlib import Path
+
 import torch
 
-from .block_mask import BlockMask, create_block_mask
-from .masks import MaskLike, create_dense_mask, from_callable
+from ..masks.block_mask import BlockMask, create_block_mask
+from ..masks.dense import create_dense_mask
+from ..masks.mask import MaskLike, from_callable
 
 __all__ = ["draw_block_layout", "draw_mask", "write_png"]
 
@@ -74,8 +76,16 @@ def draw_block_layout(block_mask: BlockMask, *, batch: int = 0, head: int = 0) -
     return "\n".join(lines)
 
 
-def write_png(path: str | Path, mask: MaskLike, q_len: int, kv_len: int | None = None, *, max_pixels: int = 1024,
-              q_offset: int = 0, kv_offset: int = 0) -> tuple[int, int]:
+def write_png(
+    path: str | Path,
+    mask: MaskLike,
+    q_len: int,
+    kv_len: int | None = None,
+    *,
+    max_pixels: int = 1024,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+) -> tuple[int, int]:
     """Writes a grayscale picture of the mask (black = visible) and returns its (height, width).
 
     Large masks are drawn from their block layout, one pixel per block (black full, grey partial, white
@@ -87,8 +97,9 @@ def write_png(path: str | Path, mask: MaskLike, q_len: int, kv_len: int | None =
         pixels = torch.where(dense, 0, 255).to(torch.uint8)
     else:
         block = -(-max(q_len, kv_len) // max_pixels)
-        layout = create_block_mask(mask, 1, None, q_len, kv_len, BLOCK_SIZE=block, q_offset=q_offset,
-                                   kv_offset=kv_offset)
+        layout = create_block_mask(
+            mask, 1, None, q_len, kv_len, BLOCK_SIZE=block, q_offset=q_offset, kv_offset=kv_offset
+        )
         shade = {FULL: 0, PARTIAL: 128, EMPTY: 255}
         pixels = torch.tensor([[shade[c] for c in row] for row in _block_grid(layout, 0, 0)], dtype=torch.uint8)
     _write_gray_png(Path(path), pixels)

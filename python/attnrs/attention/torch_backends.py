@@ -1,32 +1,42 @@
-"""The torch backends of ``attnrs.attention``: ``sdpa``, ``flex`` and ``math``.
+"""The torch backends of ``attnrs.attention``: delegation to torch's ``sdpa`` and ``flex_attention``, to
+flash-attn (``flash``), and the plain formula (``math``, also the weights for ``output_attentions``).
 
 They take the same resolved mask as the Rust kernel, so tests can force any of them and compare, and the
-CUDA path can delegate to torch. ``math`` is the plain formula (float32 accumulation for half types, float64
+CUDA path delegates to them. ``math`` is the plain formula (float32 accumulation for half types, float64
 for float64) and supports everything; ``sdpa`` and ``flex`` support what their torch functions support.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
-from .errors import UnsupportedError
-from .masks import create_dense_mask
+from ..errors import UnsupportedError
+from ..masks.block_mask import create_block_mask
+from ..masks.dense import create_dense_mask
+from ..masks.mask import from_callable
+from .dispatch import flash_reason
+from .resolve import ResolvedMask
 
-if TYPE_CHECKING:
-    from .attention import _ResolvedMask
+__all__ = ["attention_with_weights", "math_attention", "torch_attention", "visibility"]
 
 
-def visibility(resolved: _ResolvedMask, shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor | None:
+def visibility(resolved: ResolvedMask, shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor | None:
     """The resolved mask's bool visibility broadcastable to [B, H, Q, K] (None: everything visible)."""
     batch, heads, q_len, kv_len = shape
     visible = None
     if resolved.structural is not None:
         visible = create_dense_mask(
-            resolved.structural, batch, heads, q_len, kv_len, q_offset=resolved.q_offset,
+            resolved.structural,
+            batch,
+            heads,
+            q_len,
+            kv_len,
+            q_offset=resolved.q_offset,
             kv_offset=resolved.kv_offset,
         ).to(device)
     if resolved.dense_bool is not None:
@@ -85,7 +95,7 @@ def torch_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    resolved: _ResolvedMask,
+    resolved: ResolvedMask,
     shape: tuple[int, int, int, int],
     scale: float,
     softcap: float | None,
@@ -93,6 +103,7 @@ def torch_attention(
     return_lse: bool,
     dropout_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Runs ``backend`` (``math``, ``sdpa``, ``flex`` or ``flash``) on the resolved mask: (out, lse or None)."""
     if backend == "math":
         visible = visibility(resolved, shape, query.device)
         out, lse = math_attention(query, key, value, visible, resolved.bias, scale, softcap, sinks, dropout_p)
@@ -104,8 +115,10 @@ def torch_attention(
     if backend == "sdpa":
         for name, value_ in (("softcap", softcap), ("sinks", sinks)):
             if value_ is not None:
-                raise UnsupportedError(f"{name}: torch's scaled_dot_product_attention has no {name}; use "
-                                       "backend='native', 'flex' or 'math'")
+                raise UnsupportedError(
+                    f"{name}: torch's scaled_dot_product_attention has no {name}; use "
+                    "backend='native', 'flex' or 'math'"
+                )
         if return_lse:
             raise UnsupportedError("return_lse: torch's scaled_dot_product_attention does not return it")
         visible = visibility(resolved, shape, query.device)
@@ -114,7 +127,12 @@ def torch_attention(
             additive = resolved.bias.to(query.dtype)
             attn_mask = additive if visible is None else additive.masked_fill(~visible, float("-inf"))
         out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask, scale=scale, enable_gqa=key.shape[1] != query.shape[1],
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            scale=scale,
+            enable_gqa=key.shape[1] != query.shape[1],
             dropout_p=dropout_p,
         )
         if visible is not None:
@@ -129,17 +147,12 @@ def _flex(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    resolved: _ResolvedMask,
+    resolved: ResolvedMask,
     shape: tuple[int, int, int, int],
     scale: float,
     softcap: float | None,
     sinks: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
-
-    from .block_mask import create_block_mask
-    from .masks import from_callable
-
     batch, heads, q_len, kv_len = shape
     structural = resolved.structural
     if resolved.dense_bool is not None:
@@ -152,8 +165,9 @@ def _flex(
         structural = lookup if structural is None else structural & lookup
     block_mask = None
     if structural is not None:
-        block_mask = create_block_mask(structural, batch, heads, q_len, kv_len, q_offset=resolved.q_offset,
-                                       kv_offset=resolved.kv_offset)
+        block_mask = create_block_mask(
+            structural, batch, heads, q_len, kv_len, q_offset=resolved.q_offset, kv_offset=resolved.kv_offset
+        )
     bias = resolved.bias
 
     def score_mod(score: Any, b: Any, h: Any, q: Any, kv: Any) -> Any:
@@ -168,10 +182,16 @@ def _flex(
         # its kernel rejects (torch 2.15), so every shape gets its own static trace.
         warnings.simplefilter("ignore", UserWarning)  # "flex_attention called without torch.compile()"
         out, aux = flex_attention(
-            query, key, value, score_mod=score_mod if softcap is not None or bias is not None else None,
-            block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != heads, return_aux=AuxRequest(lse=True),
+            query,
+            key,
+            value,
+            score_mod=score_mod if softcap is not None or bias is not None else None,
+            block_mask=block_mask,
+            scale=scale,
+            enable_gqa=key.shape[1] != heads,
+            return_aux=AuxRequest(lse=True),
         )
-    lse = aux.lse.to(torch.float32)
+    lse = aux.lse.to(torch.float32)  # type: ignore[union-attr]  # asked for with AuxRequest(lse=True)
     if sinks is not None:
         # Renormalise through the LSE: out * exp(lse - logaddexp(lse, sink)), as transformers does on GPU.
         total = torch.logaddexp(lse, sinks.to(torch.float32).reshape(1, heads, 1))
@@ -184,7 +204,7 @@ def _flash(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    resolved: _ResolvedMask,
+    resolved: ResolvedMask,
     shape: tuple[int, int, int, int],
     scale: float,
     softcap: float | None,
@@ -193,17 +213,21 @@ def _flash(
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """flash-attn (CUDA, fp16/bf16) for the masks it expresses: none, or causal on a square grid."""
-    from flash_attn import flash_attn_func  # type: ignore[import-not-found]
-
-    from .dispatch import flash_reason
+    from flash_attn import flash_attn_func  # optional, CUDA only
 
     reason = flash_reason(query, key, value, resolved, sinks)
     if reason is not None:
         raise UnsupportedError(f"backend='flash': {reason}")
     causal = resolved.structural is not None  # flash_reason admits only a top-left causal mask on Q == K
     result = flash_attn_func(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), dropout_p=dropout_p,
-        softmax_scale=scale, causal=causal, softcap=softcap or 0.0, return_attn_probs=return_lse,
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        dropout_p=dropout_p,
+        softmax_scale=scale,
+        causal=causal,
+        softcap=softcap or 0.0,
+        return_attn_probs=return_lse,
     )
     if return_lse:
         out, lse, _ = result
@@ -215,7 +239,7 @@ def attention_with_weights(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    resolved: _ResolvedMask,
+    resolved: ResolvedMask,
     shape: tuple[int, int, int, int],
     scale: float,
     softcap: float | None,
@@ -224,6 +248,7 @@ def attention_with_weights(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, weights [B, H, Q, K]) for ``output_attentions``: the weights must exist, so this is the math path."""
     visible = visibility(resolved, shape, query.device)
-    out, _, weights = math_attention(query, key, value, visible, resolved.bias, scale, softcap, sinks, dropout_p,
-                                     return_weights=True)
+    out, _, weights = math_attention(
+        query, key, value, visible, resolved.bias, scale, softcap, sinks, dropout_p, return_weights=True
+    )
     return out, weights

@@ -1,4 +1,5 @@
-"""Masks as values.
+"""The :class:`Mask` value: its nodes, its algebra (``&``, ``|``, ``~``, :func:`from_callable`), its constructors,
+and the recognition of transformers' own mask functions as structural masks.
 
 A :class:`Mask` says which keys each query may see. It is built from structural pieces that Rust understands
 (causal, sliding window, chunked, padding, packed documents, prefix-LM) and from arbitrary ``mask_mod``
@@ -9,21 +10,31 @@ A ``Mask`` is also a ``mask_mod``: ``mask(b, h, q_idx, kv_idx)`` returns a bool 
 tensors and under ``torch.vmap``, so it can be handed unchanged to torch's ``create_block_mask`` or to
 transformers' ``sdpa_mask``.
 
-Evaluation happens in Rust: :func:`create_dense_mask` writes bool bytes with per-row interval fills, and
-:func:`create_block_mask` classifies blocks from intervals, in time and memory that grow with the number of
-blocks, not with Q*K.
+:func:`from_callable` (used by every function that takes a mask) turns transformers' mask functions (its
+``causal_mask_function`` and the closures of the factories in ``transformers.masking_utils``) into structural
+masks. A closure is recognised only when its code object is the very code object the *installed* factory
+produces, so a changed transformers release can never be misread: anything not recognised is evaluated as a
+callable, which is always correct, only slower. Recognition, conversion and composition call each other (a
+transformers ``and_masks`` closure holds mask functions to convert and combine), so they live together here.
+
+Evaluation happens in Rust (:meth:`Mask.to_rust`): :mod:`attnrs.masks.dense` writes bool bytes with per-row
+interval fills, and :mod:`attnrs.masks.block_mask` classifies blocks from intervals, in time and memory that
+grow with the number of blocks, not with Q*K.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+import types
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
 import torch
 
-from . import _attnrs
-from ._threads import num_threads
-from .errors import ArgumentError, AttnrsError, DeviceError, DtypeError, ShapeError
+from .. import _attnrs
+from ..errors import ArgumentError, DeviceError, DtypeError, ShapeError
+from .callables import evaluate_callable
+from .grid import Grid
 
 __all__ = [
     "Mask",
@@ -32,19 +43,16 @@ __all__ = [
     "bidirectional",
     "causal",
     "chunked",
-    "create_dense_mask",
     "document",
     "from_callable",
     "or_masks",
     "padding",
     "prefix_lm",
     "sliding_window",
+    "sliding_window_overlay",
 ]
 
 MaskLike = Union["Mask", Callable[..., Any]]
-
-# Rows of a callable evaluated per chunk: keeps peak memory at O(chunk x KV) for arbitrary mask_mods.
-_CALLABLE_CHUNK_ELEMENTS = 1 << 24
 
 
 class Mask:
@@ -98,6 +106,11 @@ class Mask:
         return self._children
 
     @property
+    def params(self) -> Mapping[str, Any]:
+        """The node's parameters (``causal``: ``offset``; ``document``/``padding``: ``table``; ...), read-only."""
+        return types.MappingProxyType(self._params)
+
+    @property
     def is_structural(self) -> bool:
         """True when no part is an arbitrary callable (so every evaluation is O(blocks) or O(rows))."""
         return self._kind != "callable" and all(c.is_structural for c in self._children)
@@ -147,7 +160,9 @@ class Mask:
         return "(" + joiner.join(repr(c) for c in self._children) + ")"
 
     # -- as a mask_mod ---------------------------------------------------------------------------------------------
-    def __call__(self, batch_idx: torch.Tensor, head_idx: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, batch_idx: torch.Tensor, head_idx: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+    ) -> torch.Tensor:
         """Evaluates the mask with torch ops (broadcasting index tensors, vmap-friendly)."""
         b, h, q, kv = batch_idx, head_idx, q_idx, kv_idx
         k, p = self._kind, self._params
@@ -167,7 +182,9 @@ class Mask:
         if k == "chunked":
             start = _per_batch(p["per_batch"], b, q)
             size = p["size"]
-            return torch.div(kv - start, size, rounding_mode="floor") == torch.div(q - start, size, rounding_mode="floor")
+            return torch.div(kv - start, size, rounding_mode="floor") == torch.div(
+                q - start, size, rounding_mode="floor"
+            )
         if k == "padding":  # keys outside the table are padding, as in Rust
             table = p["table"].to(q.device)
             row = b if table.shape[0] > 1 else torch.zeros_like(b)
@@ -200,7 +217,7 @@ class Mask:
         raise AssertionError(f"unknown mask kind {k}")
 
     # -- the Rust side ---------------------------------------------------------------------------------------------
-    def _expr(self, grid: _Grid) -> Any:
+    def to_rust(self, grid: Grid) -> Any:
         """The Rust expression of this mask for ``grid`` (structural parts are cached; callables are evaluated
         on the grid's rectangle)."""
         if self._rust is not None:
@@ -208,15 +225,15 @@ class Mask:
         k, p = self._kind, self._params
         E = _attnrs.MaskExpr
         if k == "callable":
-            return _evaluate_callable(self, grid)
+            return evaluate_callable(p["fn"], p["use_vmap"], grid)
         if k == "shift":
-            return self._children[0]._expr(grid.shifted(p["q"], p["kv"])).shift(p["q"], p["kv"])
+            return self._children[0].to_rust(grid.shifted(p["q"], p["kv"])).shift(p["q"], p["kv"])
         if k == "not":
-            expr = self._children[0]._expr(grid).negate()
+            expr = self._children[0].to_rust(grid).negate()
         elif k == "and":
-            expr = E.and_([c._expr(grid) for c in self._children])
+            expr = E.and_([c.to_rust(grid) for c in self._children])
         elif k == "or":
-            expr = E.or_([c._expr(grid) for c in self._children])
+            expr = E.or_([c.to_rust(grid) for c in self._children])
         elif k == "causal":
             expr = E.causal(p["offset"])
         elif k == "full":
@@ -241,23 +258,27 @@ class Mask:
             self._rust = expr
         return expr
 
+    def program(self, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The mask on ``grid`` as the flat tensors the attention operators take (program, ints, bytes), after
+        :func:`check_tables`. Structural masks encode the same on every grid, so theirs is cached (transformers
+        reuses one mask for every layer of a forward)."""
+        check_tables(self, grid)
+        if self._program is not None:
+            return self._program
+        program, ints, raw = self.to_rust(grid).encode()
+        encoded = (
+            torch.frombuffer(program, dtype=torch.int64) if program else torch.empty(0, dtype=torch.int64),
+            torch.frombuffer(ints, dtype=torch.int64) if ints else torch.empty(0, dtype=torch.int64),
+            torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8),
+        )
+        if self.is_structural:
+            self._program = encoded
+        return encoded
+
 
 def _per_batch(values: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     values = values.to(like.device)
     return values[b] if values.shape[0] > 1 else values[0]
-
-
-class _Grid:
-    """The rectangle a mask is evaluated on: batch, heads, and absolute query/key position ranges."""
-
-    __slots__ = ("batch", "heads", "kv_len", "kv_offset", "q_len", "q_offset")
-
-    def __init__(self, batch: int, heads: int, q_len: int, kv_len: int, q_offset: int, kv_offset: int) -> None:
-        self.batch, self.heads, self.q_len, self.kv_len = batch, heads, q_len, kv_len
-        self.q_offset, self.kv_offset = q_offset, kv_offset
-
-    def shifted(self, q: int, kv: int) -> _Grid:
-        return _Grid(self.batch, self.heads, self.q_len, self.kv_len, self.q_offset + q, self.kv_offset + kv)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -294,9 +315,10 @@ def _int_tensor(value: Any, name: str, rank: int) -> torch.Tensor:
     return value.detach().to("cpu", torch.int64).contiguous()
 
 
-def causal() -> Mask:
-    """Each query sees itself and earlier keys: ``kv_idx <= q_idx``."""
-    return Mask("causal", {"offset": 0})
+def causal(offset: int = 0) -> Mask:
+    """Each query sees itself and earlier keys: ``kv_idx <= q_idx`` (``kv_idx <= q_idx + offset`` with an
+    offset)."""
+    return Mask("causal", {"offset": int(offset)})
 
 
 def bidirectional() -> Mask:
@@ -370,8 +392,6 @@ def from_callable(fn: Callable[..., Any], *, use_vmap: bool = False) -> Mask:
         return fn
     if not callable(fn):
         raise TypeError(f"mask: expected a Mask or a callable mask_mod(b, h, q_idx, kv_idx), got {type(fn).__name__}")
-    from ._recognize import recognize
-
     recognized = recognize(fn)
     if recognized is not None:
         return recognized
@@ -396,8 +416,6 @@ def and_masks(*masks: MaskLike) -> Mask:
         return bidirectional()
     if len(parts) == 1:
         return parts[0]
-    from ._recognize import simplify_packed
-
     return simplify_packed(Mask("and", children=parts))
 
 
@@ -411,75 +429,11 @@ def or_masks(*masks: MaskLike) -> Mask:
     return Mask("or", children=parts)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation
-
-
-def _check_grid(batch: Any, heads: Any, q_len: Any, kv_len: Any, q_offset: Any, kv_offset: Any) -> _Grid:
-    def nonneg(value: Any, name: str, allow_none: bool = False) -> int:
-        if value is None and allow_none:
-            return 1
-        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ArgumentError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
-        return value
-
-    grid = _Grid(
-        nonneg(batch, "B", allow_none=True),
-        nonneg(heads, "H", allow_none=True),
-        nonneg(q_len, "Q_LEN"),
-        nonneg(kv_len, "KV_LEN"),
-        nonneg(q_offset, "q_offset"),
-        nonneg(kv_offset, "kv_offset"),
-    )
-    for name, value in (("B", grid.batch), ("H", grid.heads)):
-        if value < 1:
-            raise ArgumentError(f"{name}: expected a positive int, got {value}")
-    for name, value in (("Q_LEN", grid.q_len), ("KV_LEN", grid.kv_len)):
-        if value < 0:
-            raise ArgumentError(f"{name}: expected a non-negative int, got {value}")
-    return grid
-
-
-def create_dense_mask(
-    mask: MaskLike,
-    B: int | None,
-    H: int | None,
-    Q_LEN: int,
-    KV_LEN: int,
-    *,
-    q_offset: int = 0,
-    kv_offset: int = 0,
-    dtype: torch.dtype = torch.bool,
-) -> torch.Tensor:
-    """The mask as a dense ``[B, H|1, Q_LEN, KV_LEN]`` tensor.
-
-    ``dtype=torch.bool``: True = attend. A floating dtype gives an additive mask: 0 where visible,
-    ``torch.finfo(dtype).min`` where masked (transformers' eager convention). The head dimension is 1 when the
-    mask ignores heads; a mask that ignores the batch is computed once and expanded (batch stride 0), like
-    transformers' ``sdpa_mask``."""
-    mask = from_callable(mask)
-    grid = _check_grid(B, H, Q_LEN, KV_LEN, q_offset, kv_offset)
-    if dtype != torch.bool and not dtype.is_floating_point:
-        raise DtypeError(f"dtype: expected torch.bool or a floating dtype, got {dtype}")
-    _check_tables(mask, grid)
-    expr = mask._expr(grid)
-    batch_out = grid.batch if expr.depends_on_batch() else 1
-    heads_out = grid.heads if expr.depends_on_head() else 1
-    visible = torch.empty(batch_out, heads_out, grid.q_len, grid.kv_len, dtype=torch.bool)
-    if visible.numel():
-        expr.fill_dense(visible, grid.q_offset, grid.kv_offset, num_threads())
-    if dtype != torch.bool:
-        visible = torch.where(visible, torch.zeros((), dtype=dtype), torch.finfo(dtype).min)
-    return visible.expand(grid.batch, -1, -1, -1)
-
-
-def _check_tables(mask: Mask, grid: _Grid) -> None:
+def check_tables(mask: Mask, grid: Grid) -> None:
     """Document ids must reach the last query and key position of the grid (transformers' packed masks assume
     it); a shorter padding mask is fine (the missing keys are padding, as transformers pads it with False)."""
     if mask.kind == "shift":
-        _check_tables(mask.children[0], grid.shifted(mask._params["q"], mask._params["kv"]))
+        check_tables(mask.children[0], grid.shifted(mask._params["q"], mask._params["kv"]))
         return
     if mask.kind == "document" and grid.q_len and grid.kv_len:
         length = mask._params["table"].shape[1]
@@ -491,85 +445,155 @@ def _check_tables(mask: Mask, grid: _Grid) -> None:
                 f"got {length} positions"
             )
     for child in mask.children:
-        _check_tables(child, grid)
+        check_tables(child, grid)
 
 
-def _evaluate_callable(mask: Mask, grid: _Grid) -> Any:
-    """Evaluates a callable leaf over ``grid`` into a Rust bitmap, in row chunks.
-
-    Broadcasting first (transformers' default: index tensors shaped [B,1,1,1], [1,H,1,1], [1,1,Q,1], [1,1,1,K]);
-    ``torch.vmap`` over the four indices when that fails or ``use_vmap`` was asked for."""
-    fn, use_vmap = mask._params["fn"], mask._params["use_vmap"]
-    b_idx = torch.arange(grid.batch)
-    h_idx = torch.arange(grid.heads)
-    kv_idx = torch.arange(grid.kv_len) + grid.kv_offset
-    rows_per_chunk = max(1, _CALLABLE_CHUNK_ELEMENTS // max(1, grid.batch * grid.heads * grid.kv_len))
-    builder = None
-    for start in range(0, grid.q_len, rows_per_chunk):
-        stop = min(grid.q_len, start + rows_per_chunk)
-        q_idx = torch.arange(start, stop) + grid.q_offset
-        values = _call_mask_mod(fn, b_idx, h_idx, q_idx, kv_idx, use_vmap)
-        if builder is None:
-            shape = [values.shape[0], values.shape[1], grid.q_len, grid.kv_len]
-            builder = _attnrs.BitmapBuilder(shape, grid.q_offset, grid.kv_offset)
-        builder.write_rows(start, values)
-    if builder is None:  # no rows at all
-        return _attnrs.MaskExpr.empty()
-    return builder.finish()
+# ---------------------------------------------------------------------------------------------------------------
+# Recognition of transformers' mask functions (from_callable) and the packed-sequence rewrite (and_masks)
 
 
-def _call_mask_mod(
-    fn: Callable[..., Any],
-    b: torch.Tensor,
-    h: torch.Tensor,
-    q: torch.Tensor,
-    kv: torch.Tensor,
-    use_vmap: bool,
-) -> torch.Tensor:
-    """``fn`` over the grid ``b x h x q x kv`` as a bool tensor [B|1, H|1, q, kv] (batch/head kept at 1 when the
-    function ignores them)."""
-    errors: list[str] = []
-    if not use_vmap:
+@functools.lru_cache(maxsize=1)
+def _factories() -> dict[types.CodeType, str] | None:
+    """Code object of each known transformers closure -> its factory name (None without transformers)."""
+    try:
+        from transformers import masking_utils as mu
+    except ImportError:
+        return None
+    probes: dict[str, Callable[[], Any]] = {
+        "and_masks": lambda: mu.and_masks(mu.causal_mask_function),
+        "or_masks": lambda: mu.or_masks(mu.causal_mask_function),
+        "sliding_window_overlay": lambda: mu.sliding_window_overlay(1),
+        "sliding_window_bidirectional_overlay": lambda: mu.sliding_window_bidirectional_overlay(1),
+        "chunked_overlay": lambda: mu.chunked_overlay(1, torch.zeros(1, dtype=torch.long)),
+        "padding_mask_function": lambda: mu.padding_mask_function(torch.ones(1, 1, dtype=torch.bool)),
+        "packed_sequence_mask_function": lambda: mu.packed_sequence_mask_function(torch.zeros(1, 1, dtype=torch.long)),
+        "add_offsets_to_mask_function": lambda: mu.add_offsets_to_mask_function(mu.causal_mask_function, 0, 0),
+        "remap_positions_for_packed_sequence": lambda: mu.remap_positions_for_packed_sequence(
+            mu.causal_mask_function, torch.zeros(1, 1, dtype=torch.long)
+        ),
+    }
+    codes: dict[types.CodeType, str] = {}
+    for name, make in probes.items():
         try:
-            out = fn(b[:, None, None, None], h[None, :, None, None], q[None, None, :, None], kv[None, None, None, :])
-            return _as_bool_grid(out, len(b), len(h), len(q), len(kv))
-        except AttnrsError:
-            raise  # it ran, but returned something unusable: no point trying vmap
-        except (RuntimeError, TypeError, IndexError, ValueError) as e:
-            errors.append(f"broadcasting failed: {e}")
+            codes[make().__code__] = name
+        except Exception:
+            continue
+    return codes
+
+
+def _plain_functions() -> dict[Any, Callable[[], Mask]]:
     try:
-        from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
-
-        vmapped = fn
-        for dims in ((None, None, None, 0), (None, None, 0, None), (None, 0, None, None), (0, None, None, None)):
-            vmapped = torch.vmap(vmapped, in_dims=dims, out_dims=0)
-        with TransformGetItemToIndex():
-            out = vmapped(b, h, q, kv)
-        return _as_bool_grid(out, len(b), len(h), len(q), len(kv))
-    except AttnrsError:
-        raise
-    except (RuntimeError, TypeError, IndexError, ValueError) as e:
-        errors.append(f"vmap failed: {e}")
-    raise ArgumentError(
-        "mask: the mask_mod cannot be vectorised; mask functions must be built from elementwise tensor ops and "
-        "tensor indexing (no .item(), no Python `if` on tensors). " + "; ".join(errors)
-    )
+        from transformers import masking_utils as mu
+    except ImportError:
+        return {}
+    return {mu.causal_mask_function: causal, mu.bidirectional_mask_function: bidirectional}
 
 
-def _as_bool_grid(out: Any, batch: int, heads: int, q: int, kv: int) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor):
-        raise DtypeError(f"mask: the mask_mod returned {type(out).__name__}, expected a bool tensor")
-    if out.dtype != torch.bool:
-        raise DtypeError(f"mask: the mask_mod returned a {out.dtype} tensor, expected torch.bool")
-    while out.dim() < 4:
-        out = out.unsqueeze(0)
-    keep_b = batch if out.shape[0] != 1 else 1
-    keep_h = heads if out.shape[1] != 1 else 1
-    try:
-        out = out.expand(keep_b, keep_h, q, kv)
-    except RuntimeError:
-        raise ShapeError(
-            f"mask_mod returned shape {list(out.shape)}, which does not broadcast to [{batch}, {heads}, {q}, {kv}]"
-        ) from None
-    return out.to("cpu").contiguous()
+def _cells(fn: Any) -> dict[str, Any]:
+    closure = getattr(fn, "__closure__", None) or ()
+    return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in closure)))
 
+
+def recognize(fn: Any) -> Mask | None:
+    """The structural :class:`Mask` equivalent to ``fn``, or None when ``fn`` is not a known transformers mask."""
+    plain = _plain_functions().get(fn)
+    if plain is not None:
+        return plain()
+    code = getattr(fn, "__code__", None)
+    factories = _factories()
+    if code is None or not factories or code not in factories:
+        return None
+    cells = _cells(fn)
+    factory = factories[code]
+    if factory == "and_masks":
+        return and_masks(*cells["mask_functions"])
+    if factory == "or_masks":
+        return or_masks(*cells["mask_functions"])
+    if factory == "sliding_window_overlay":
+        return sliding_window_overlay(int(cells["sliding_window"]))
+    if factory == "sliding_window_bidirectional_overlay":
+        return sliding_window(int(cells["sliding_window"]), causal=False)
+    if factory == "chunked_overlay":
+        return chunked(int(cells["chunk_size"]), cells["left_padding"], causal=False)
+    if factory == "padding_mask_function":
+        return padding(cells["padding_mask"])
+    if factory == "packed_sequence_mask_function":
+        return document(cells["packed_sequence_mask"])
+    if factory == "add_offsets_to_mask_function":
+        return from_callable(cells["mask_function"]).shifted(int(cells["q_offset"]), int(cells["kv_offset"]))
+    if factory == "remap_positions_for_packed_sequence":
+        inner = from_callable(cells["mask_function"])
+        return _remap(inner, cells)
+    return None
+
+
+def _remap(inner: Mask, cells: dict[str, Any]) -> Mask:
+    """``fn(b, h, pos[b, q], pos[b, kv])``: kept as a callable unless an enclosing ``and`` with the matching
+    packed-document mask makes it structural (see :func:`simplify_packed`)."""
+    fn_remap = _remap_callable(inner, cells["position_ids"])
+    leaf = Mask("callable", {"fn": fn_remap, "use_vmap": False})
+    leaf._params["remap_of"] = inner
+    leaf._params["position_ids"] = cells["position_ids"]
+    return leaf
+
+
+def _remap_callable(inner: Mask, position_ids: torch.Tensor) -> Callable[..., Any]:
+    def remapped(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        pos = position_ids.to(q.device)
+        return inner(b, h, pos[b, q], pos[b, kv])
+
+    return remapped
+
+
+_TRANSLATION_INVARIANT = {"causal", "full", "empty", "sliding_window", "sliding_overlay"}
+
+
+def _translation_invariant(mask: Mask) -> bool:
+    """True when visibility depends on q - kv only (so remapping positions inside a document changes nothing)."""
+    if mask.kind in ("and", "or", "not"):
+        return all(_translation_invariant(c) for c in mask.children)
+    return mask.kind in _TRANSLATION_INVARIANT
+
+
+def simplify_packed(mask: Mask) -> Mask:
+    """``and(remap(f, pos), document(ids))`` -> ``and(f, document(ids))`` when it is exact.
+
+    transformers masks packed sequences with causal on per-document positions AND a same-document test. When
+    ``ids`` are the documents that ``pos`` describes (a new document wherever ``pos`` does not step by one) and
+    ``f`` depends only on ``q - kv``, positions inside one document differ exactly as indices do, so ``f`` can
+    read indices directly and the whole mask becomes structural."""
+    docs = [c for c in mask.children if c.kind == "document"]
+    if not docs:
+        return mask
+    children = list(mask.children)
+    for i, child in enumerate(children):
+        inner = child._params.get("remap_of") if child.kind == "callable" else None
+        if inner is None or not _translation_invariant(inner):
+            continue
+        pos = child._params["position_ids"]
+        if any(_documents_match(pos, d._params["table"]) for d in docs):
+            children[i] = inner
+    if children == list(mask.children):
+        return mask
+    return Mask("and", children=children)
+
+
+def _documents_match(position_ids: torch.Tensor, ids: torch.Tensor) -> bool:
+    """True when ``ids`` are contiguous runs whose boundaries are exactly where ``position_ids`` does not step
+    by one."""
+    pos = position_ids.detach().to("cpu", torch.int64)
+    if pos.dim() == 1:
+        pos = pos[None]
+    if pos.shape[-1] != ids.shape[-1] or pos.shape[-1] == 0:
+        return False
+    if pos.shape[0] != ids.shape[0]:
+        if pos.shape[0] == 1:
+            pos = pos.expand(ids.shape[0], -1)
+        elif ids.shape[0] == 1:
+            ids = ids.expand(pos.shape[0], -1)
+        else:
+            return False
+    step_ids = torch.diff(ids, dim=-1)
+    if bool((step_ids < 0).any()):
+        return False  # a document id that comes back later would join two separate runs
+    return bool(torch.equal(torch.diff(pos, dim=-1) != 1, step_ids != 0))

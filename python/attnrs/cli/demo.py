@@ -16,11 +16,24 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 128}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"sliding_window": 128, "attn_logit_softcapping": 50.0,
-                                                      "head_dim": 64}),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {"sliding_window": 128, "attn_logit_softcapping": 50.0, "head_dim": 64},
+    ),
 }
-BASE = dict(vocab_size=2048, hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-            num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+BASE = dict(
+    vocab_size=2048,
+    hidden_size=512,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def _progress(items: list[str]) -> Iterator[str]:
@@ -43,11 +56,17 @@ def _timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
     return result, best
 
 
-def run_demo(family: str = "llama", length: int = 512, batch: int = 4, new_tokens: int = 32,
-             dtype: str = "float32", repeats: int = 2) -> int:
+def run_demo(
+    family: str = "llama",
+    length: int = 512,
+    batch: int = 4,
+    new_tokens: int = 32,
+    dtype: str = "float32",
+    repeats: int = 2,
+) -> int:
     import transformers
 
-    from .integrations.transformers import register
+    from ..integrations.transformers import register
 
     register()
     config_name, model_name, extra = FAMILIES[family]
@@ -60,9 +79,11 @@ def run_demo(family: str = "llama", length: int = 512, batch: int = 4, new_token
     mask = torch.ones(batch, length, dtype=torch.long)
     for row in range(1, batch):  # left padding of different lengths
         mask[row, : row * length // (2 * batch)] = 0
-    print(f"{family}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads "
-          f"({config.num_key_value_heads} kv), {dtype}; batch {batch} x {length} tokens, left-padded; "
-          f"greedy generate of {new_tokens} tokens; {torch.get_num_threads()} threads")
+    print(
+        f"{family}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads "
+        f"({config.num_key_value_heads} kv), {dtype}; batch {batch} x {length} tokens, left-padded; "
+        f"greedy generate of {new_tokens} tokens; {torch.get_num_threads()} threads"
+    )
     results: dict[str, dict[str, Any]] = {}
     steps = [f"{impl}: {what}" for impl in ("sdpa", "attnrs") for what in ("prefill", "generate")]
     for step in _progress(steps):
@@ -74,8 +95,10 @@ def run_demo(family: str = "llama", length: int = 512, batch: int = 4, new_token
                 results.setdefault(impl, {}).update(logits=logits, prefill=seconds)
             else:
                 tokens, seconds = _timed(
-                    lambda: model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                                           min_new_tokens=new_tokens), max(1, repeats - 1)
+                    lambda: model.generate(
+                        ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens
+                    ),
+                    max(1, repeats - 1),
                 )
                 results[impl].update(tokens=tokens, generate=seconds)
     real = mask.bool()
@@ -84,8 +107,10 @@ def run_demo(family: str = "llama", length: int = 512, batch: int = 4, new_token
     print(f"{'':<10} {'prefill ms':>12} {'generate ms':>12} {'tokens/s':>10}")
     for impl in ("sdpa", "attnrs"):
         r = results[impl]
-        print(f"{impl:<10} {r['prefill'] * 1e3:>12.1f} {r['generate'] * 1e3:>12.1f} "
-              f"{batch * new_tokens / r['generate']:>10.1f}")
+        print(
+            f"{impl:<10} {r['prefill'] * 1e3:>12.1f} {r['generate'] * 1e3:>12.1f} "
+            f"{batch * new_tokens / r['generate']:>10.1f}"
+        )
     speedup = results["sdpa"]["prefill"] / results["attnrs"]["prefill"]
     gen_speedup = results["sdpa"]["generate"] / results["attnrs"]["generate"]
     print(f"parity: max |logit difference| on real tokens {diff:.2e}; generated tokens equal: {same}")

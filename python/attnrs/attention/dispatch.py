@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from .attention import _ResolvedMask
+from .resolve import ResolvedMask
 
-__all__ = ["choose_backend", "flash_reason"]
+__all__ = ["choose_backend", "flash_attn_available", "flash_reason", "needs_grad"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -36,12 +34,16 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record a call on these tensors."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def flash_reason(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, resolved: _ResolvedMask,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    resolved: ResolvedMask,
     sinks: torch.Tensor | None,
 ) -> str | None:
     """Why flash-attn cannot run these inputs, or None when it can."""
@@ -55,7 +57,7 @@ def flash_reason(
         return "flash-attn has no sinks, additive bias or dense mask"
     mask = resolved.structural
     if mask is not None:
-        causal_top_left = mask.kind == "causal" and mask._params["offset"] == resolved.kv_offset - resolved.q_offset
+        causal_top_left = mask.kind == "causal" and mask.params["offset"] == resolved.kv_offset - resolved.q_offset
         if not (causal_top_left and query.shape[2] == key.shape[2]):
             return "flash-attn expresses only no mask or causal on a square grid here"
     return None
@@ -65,7 +67,7 @@ def choose_backend(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    resolved: _ResolvedMask,
+    resolved: ResolvedMask,
     softcap: float | None,
     sinks: torch.Tensor | None,
     dropout_p: float,

@@ -1,0 +1,209 @@
+"""``attnrs.attention``: scaled dot-product attention with masks as values, on a Rust CPU kernel; this module runs
+a resolved call on the backend asked for (or chosen by :mod:`attnrs.attention.dispatch`).
+
+Layout and conventions follow ``torch.nn.functional.scaled_dot_product_attention``: ``query [B, H, Q, D]``,
+``key [B, Hkv, K, D]``, ``value [B, Hkv, K, Dv]``, GQA when ``H % Hkv == 0``, output ``[B, H, Q, Dv]``.
+
+Masks:
+
+* ``None``; ``is_causal=True`` is SDPA's top-left causal mask (``kv <= q`` on row/column indices);
+* an attnrs :class:`~attnrs.masks.Mask` or a plain ``mask_mod`` callable works on absolute positions and is
+  aligned bottom-right when ``Q != K`` (query ``i`` sits at position ``K - Q + i``, the KV-cache convention);
+* an :class:`attnrs.BlockMask` carries its own offsets and lengths, which must match the inputs exactly; a
+  torch ``BlockMask`` is honoured block by block with its ``mask_mod`` on partial blocks;
+* a dense bool (True = attend) or additive float tensor broadcastable to ``[B, H, Q, K]``.
+
+Rows that see no key give zeros (and a log-sum-exp of ``-inf``), never NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, cast, overload
+
+import torch
+
+from .. import _attnrs
+from ..errors import ArgumentError, DeviceError, UnsupportedError
+from ..plugins import BUILTIN_KERNEL, is_native
+from .dispatch import choose_backend, needs_grad
+from .ops import draw_dropout_seed
+from .resolve import ResolvedMask, check_inputs, check_scalars, kernel_operands, resolve_mask
+from .torch_backends import torch_attention
+
+__all__ = ["BACKENDS", "attention", "check_backend", "run_resolved"]
+
+BACKENDS = ("auto", "native", "sdpa", "flex", "flash", "math")
+
+
+@overload
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: Any = None,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_lse: Literal[False] = False,
+    backend: str = "auto",
+) -> torch.Tensor: ...
+
+
+@overload
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: Any = None,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_lse: Literal[True],
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: Any = None,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: Any = None,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention over ``[B, H, S, D]`` tensors; see the module documentation for masks and alignment.
+
+    Args:
+        scale: multiplies ``Q Kᵀ`` (default ``D ** -0.5``).
+        softcap: ``s = softcap * tanh(s / softcap)`` after scaling, before the mask (Gemma 2).
+        sinks: ``[H]`` logits that join each row's softmax denominator only (GPT-OSS).
+        return_lse: also return the float32 log-sum-exp ``[B, H, Q]`` of each row.
+        dropout_p: dropout on the attention weights (always applied when > 0, as SDPA does). On CPU the Rust
+            kernel drops with a counter-based generator seeded by one draw from torch's default generator
+            (:func:`draw_dropout_seed`), so ``torch.manual_seed`` reproduces a run and the backward regenerates
+            the forward's pattern (see :func:`dropout_keep_pattern`).
+        backend: ``"auto"`` (see :mod:`attnrs.attention.dispatch`), ``"native"`` (the Rust CPU kernel), ``"sdpa"``,
+            ``"flex"``, ``"flash"`` (flash-attn, CUDA), ``"math"`` (plain differentiable torch), or the name of a
+            registered native kernel (:func:`attnrs.register_native`, installed plugins, ``"attnrs"``: the
+            built-in kernel through the kernel table).
+    """
+    check_inputs(query, key, value)
+    scale = check_scalars(query, scale, softcap, sinks, dropout_p)
+    check_backend(backend)
+    shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    resolved = resolve_mask(mask, bool(is_causal), shape, query.device)
+    out, lse = run_resolved(query, key, value, resolved, scale, softcap, sinks, dropout_p, backend, return_lse)
+    if return_lse:
+        return out, cast(torch.Tensor, lse)  # every backend returns it when asked (or raises)
+    return out
+
+
+def check_backend(backend: Any) -> None:
+    """Raises ArgumentError unless ``backend`` is one of :data:`BACKENDS` or a registered native kernel (installed
+    plugins are loaded the first time an unknown name is asked for)."""
+    if isinstance(backend, str) and (backend in BACKENDS or is_native(backend)):
+        return
+    raise ArgumentError(
+        f"backend: expected one of {BACKENDS} or a registered native kernel {_attnrs.native_kernels()}, got {backend!r}"
+    )
+
+
+def _run_kernel(
+    name: str,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    resolved: ResolvedMask,
+    scale: float,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    dropout_p: float,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Runs the registered native kernel ``name`` (forward only)."""
+    if dropout_p > 0:
+        raise UnsupportedError(f"dropout_p > 0: native kernel {name!r} has no dropout; use backend='native'")
+    if needs_grad(query, key, value, sinks, resolved.bias):
+        raise UnsupportedError(
+            f"native kernel {name!r}: gradients through plugin kernels are not supported yet; run under "
+            "torch.no_grad() / torch.inference_mode(), or use backend='auto'"
+        )
+    if query.device.type != "cpu":
+        raise DeviceError(f"query: native kernel {name!r} gets CPU tensors from attnrs, got a tensor on {query.device}")
+    shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    operands = kernel_operands(resolved, shape, sinks, scale, softcap)
+    out, lse = torch.ops.attnrs.native_attention(name, query, key, value, *operands, return_lse)
+    return out.transpose(1, 2), (lse if return_lse else None)
+
+
+def run_resolved(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    resolved: ResolvedMask,
+    scale: float,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    dropout_p: float,
+    backend: str,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Runs attention on an already resolved mask with the chosen backend (``auto``: see
+    :mod:`attnrs.attention.dispatch`)."""
+    shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    if backend == BUILTIN_KERNEL and (dropout_p > 0 or needs_grad(query, key, value, sinks, resolved.bias)):
+        # The built-in kernel's dropout and backward are wired through autograd on the "native" operator.
+        backend = "native"
+    if backend not in BACKENDS:
+        check_backend(backend)
+        return _run_kernel(
+            name=backend,
+            query=query,
+            key=key,
+            value=value,
+            resolved=resolved,
+            scale=scale,
+            softcap=softcap,
+            sinks=sinks,
+            dropout_p=dropout_p,
+            return_lse=return_lse,
+        )
+    if backend == "auto":
+        backend, _reason = choose_backend(query, key, value, resolved, softcap, sinks, dropout_p, return_lse)
+    if backend == "native":
+        if query.device.type != "cpu":
+            raise DeviceError(f"query: the native backend runs on CPU, got a tensor on {query.device}")
+        operands = kernel_operands(resolved, shape, sinks, scale, softcap)
+        seed = draw_dropout_seed() if dropout_p > 0 else None
+        out, lse = torch.ops.attnrs.attention(query, key, value, *operands, float(dropout_p), seed)
+        return out.transpose(1, 2), lse
+    return torch_attention(backend, query, key, value, resolved, shape, scale, softcap, sinks, return_lse, dropout_p)

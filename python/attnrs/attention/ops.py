@@ -1,0 +1,280 @@
+"""The custom operators of the Rust kernels: ``attnrs::attention`` (forward, with autograd), its
+``attnrs::attention_backward``, and ``attnrs::native_attention`` (a registered native kernel by name, forward
+only); their fake (meta) implementations, the autograd glue, and the dropout seed they take.
+
+Each schema is written once: the operands every operator takes after ``query, key, value`` are the fields of
+:class:`KernelOperands` (which every Rust entry point also takes, in the same order, after its outputs), and the
+schema strings below are built from it and from the per-operator tails. The Python implementations unpack the
+schema's arguments by those fields, so an operand added or removed is one edit of :class:`KernelOperands`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from .. import _attnrs
+from ..errors import ArgumentError, UnsupportedError
+from ..threads import num_threads
+
+__all__ = [
+    "KernelOperands",
+    "attention_backward_op",
+    "attention_op",
+    "draw_dropout_seed",
+    "dropout_keep_pattern",
+    "native_attention_op",
+    "seed_value",
+]
+
+
+class KernelOperands(NamedTuple):
+    """The mask, the sinks and the score's scalars: what every operator takes after ``query, key, value``."""
+
+    dense_mask: torch.Tensor | None
+    bias: torch.Tensor | None
+    sinks: torch.Tensor | None
+    program: torch.Tensor
+    program_ints: torch.Tensor
+    program_bytes: torch.Tensor
+    q_offset: int
+    kv_offset: int
+    scale: float
+    softcap: float
+
+
+class DropoutOperands(NamedTuple):
+    """What the forward and backward take after :class:`KernelOperands`. ``dropout_seed`` is an int64 scalar
+    tensor (a tensor, so that a new seed per call needs no recompilation)."""
+
+    dropout_p: float
+    dropout_seed: torch.Tensor | None
+
+
+class GradientOperands(NamedTuple):
+    """What the backward takes after :class:`DropoutOperands`: the forward's results and their gradients."""
+
+    out: torch.Tensor
+    lse: torch.Tensor
+    grad_out: torch.Tensor
+    grad_lse: torch.Tensor | None
+    want_sinks: bool
+    want_bias: bool
+
+
+# Python annotation (as written above) -> torch schema type.
+_SCHEMA_TYPES = {
+    "torch.Tensor": "Tensor",
+    "torch.Tensor | None": "Tensor?",
+    "int": "SymInt",
+    "float": "float",
+    "bool": "bool",
+    "str": "str",
+}
+
+
+def _arguments(*groups: type) -> str:
+    """``"Tensor? dense_mask, ..."``: the schema arguments of these NamedTuples' fields, in order."""
+    return ", ".join(
+        f"{_SCHEMA_TYPES[str(getattr(kind, '__forward_arg__', kind))]} {name}"  # annotations are ForwardRefs here
+        for group in groups
+        for name, kind in group.__annotations__.items()
+    )
+
+
+_QKV = "Tensor query, Tensor key, Tensor value"
+_N = len(KernelOperands._fields)  # the operands after query, key, value
+_G = _N + len(DropoutOperands._fields)  # where the backward's GradientOperands start
+_BIAS = 3 + KernelOperands._fields.index("bias")  # input positions, for needs_input_grad
+_SINKS = 3 + KernelOperands._fields.index("sinks")
+
+ATTENTION_SCHEMA = f"({_QKV}, {_arguments(KernelOperands, DropoutOperands)}) -> (Tensor, Tensor)"
+ATTENTION_BACKWARD_SCHEMA = (
+    f"({_QKV}, {_arguments(KernelOperands, DropoutOperands, GradientOperands)}) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+NATIVE_ATTENTION_SCHEMA = f"(str name, {_QKV}, {_arguments(KernelOperands)}, bool want_lse) -> (Tensor, Tensor)"
+
+
+def draw_dropout_seed() -> torch.Tensor:
+    """The int64 scalar seed one dropout call takes from torch's default CPU generator (one draw, so
+    ``torch.manual_seed`` reproduces the pattern; under ``torch.compile`` the draw is traced like any random op)."""
+    return torch.empty((), dtype=torch.int64).random_()
+
+
+def dropout_keep_pattern(shape: tuple[int, int, int, int], dropout_p: float, seed: torch.Tensor | int) -> torch.Tensor:
+    """The bool ``[B, H, Q, K]`` pattern (True = kept) the Rust kernel applies for this probability and seed:
+    kept weights are scaled by ``1 / (1 - dropout_p)``. For tests and debugging; O(B·H·Q·K)."""
+    out = torch.empty(tuple(shape), dtype=torch.bool)
+    _attnrs.dropout_keep_pattern(out, float(dropout_p), seed_value(float(dropout_p), torch.as_tensor(seed)))
+    return out
+
+
+def seed_value(dropout_p: float, seed: torch.Tensor | None) -> int:
+    """The seed tensor as the unsigned 64-bit integer the kernel takes (0 without dropout)."""
+    if dropout_p == 0:
+        return 0
+    if seed is None or seed.numel() != 1 or seed.dtype != torch.int64:
+        raise ArgumentError(f"dropout_seed: expected an int64 scalar tensor with dropout_p > 0, got {seed!r}")
+    return int(seed.item()) & 0xFFFF_FFFF_FFFF_FFFF
+
+
+# -- attnrs::attention -------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("attnrs::attention", mutates_args=(), device_types="cpu", schema=ATTENTION_SCHEMA)
+def attention_op(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Rust CPU kernel. Returns ``out`` laid out ``[B, Q, H, Dv]`` (contiguous) and the f32 LSE [B, H, Q]."""
+    operands, dropout = KernelOperands(*args[:_N]), DropoutOperands(*args[_N:])
+    b, h, q_len, _ = query.shape
+    out = torch.empty(b, q_len, h, value.shape[-1], dtype=query.dtype)
+    lse = torch.empty(b, h, q_len, dtype=torch.float32)
+    _attnrs.attention_forward(
+        query,
+        key,
+        value,
+        out.transpose(1, 2),
+        lse,
+        *operands,
+        num_threads(),
+        dropout.dropout_p,
+        seed_value(dropout.dropout_p, dropout.dropout_seed),
+    )
+    return out, lse
+
+
+@attention_op.register_fake
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, q_len, _ = query.shape
+    out = query.new_empty(b, q_len, h, value.shape[-1])
+    lse = query.new_empty(b, h, q_len, dtype=torch.float32)
+    return out, lse
+
+
+# -- attnrs::attention_backward ----------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    "attnrs::attention_backward", mutates_args=(), device_types="cpu", schema=ATTENTION_BACKWARD_SCHEMA
+)
+def attention_backward_op(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Rust backward. ``out``/``grad_out`` are laid out [B, Q, H, Dv] like the forward's output. Returns
+    (dq, dk, dv, dsinks f32 [H] or empty, dbias f32 [B, H, Q, K] or empty)."""
+    operands = KernelOperands(*args[:_N])
+    dropout = DropoutOperands(*args[_N:_G])
+    grads = GradientOperands(*args[_G:])
+    grad_query = torch.empty(query.shape, dtype=query.dtype)
+    grad_key = torch.empty(key.shape, dtype=key.dtype)
+    grad_value = torch.empty(value.shape, dtype=value.dtype)
+    grad_sinks = torch.empty(query.shape[1] if grads.want_sinks else 0, dtype=torch.float32)
+    b, h, q_len, _ = query.shape
+    grad_bias = torch.empty((b, h, q_len, key.shape[2]) if grads.want_bias else (0,), dtype=torch.float32)
+    _attnrs.attention_backward(
+        query,
+        key,
+        value,
+        grads.out.transpose(1, 2),
+        grads.grad_out.transpose(1, 2),
+        grads.lse,
+        *operands,
+        grad_query,
+        grad_key,
+        grad_value,
+        grad_sinks if grads.want_sinks else None,
+        grad_bias if grads.want_bias else None,
+        grads.grad_lse,
+        num_threads(),
+        dropout.dropout_p,
+        seed_value(dropout.dropout_p, dropout.dropout_seed),
+    )
+    return grad_query, grad_key, grad_value, grad_sinks, grad_bias
+
+
+@attention_backward_op.register_fake
+def _(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = GradientOperands(*args[_G:])
+    b, h, q_len, _ = query.shape
+    return (
+        torch.empty_like(query),
+        torch.empty_like(key),
+        torch.empty_like(value),
+        query.new_empty(h if grads.want_sinks else 0, dtype=torch.float32),
+        query.new_empty((b, h, q_len, key.shape[2]) if grads.want_bias else (0,), dtype=torch.float32),
+    )
+
+
+# -- autograd of attnrs::attention -------------------------------------------------------------------------------
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    # Tensors (and absent optional tensors) are saved for backward; the other inputs are kept on ctx.
+    ctx.is_tensor = [x is None or isinstance(x, torch.Tensor) for x in inputs]
+    ctx.save_for_backward(*(x for x, t in zip(inputs, ctx.is_tensor) if t), *output)
+    ctx.others = [x for x, t in zip(inputs, ctx.is_tensor) if not t]
+
+
+def _backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple[Any, ...]:
+    saved, others = iter(ctx.saved_tensors), iter(ctx.others)
+    inputs = [next(saved) if t else next(others) for t in ctx.is_tensor]
+    out, lse = saved
+    bias, sinks = inputs[_BIAS], inputs[_SINKS]
+    want_bias, want_sinks = ctx.needs_input_grad[_BIAS], ctx.needs_input_grad[_SINKS]
+    dq, dk, dv, dsinks, dbias = torch.ops.attnrs.attention_backward(
+        *inputs, out, lse, grad_out, grad_lse, bool(want_sinks), bool(want_bias)
+    )
+    grads: list[Any] = [None] * len(inputs)
+    grads[:3] = dq, dk, dv
+    grads[_BIAS] = dbias.to(bias.dtype) if want_bias else None
+    grads[_SINKS] = dsinks.to(sinks.dtype) if want_sinks else None
+    return tuple(grads)
+
+
+attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:
+    raise UnsupportedError(
+        "attnrs.attention: second-order gradients (double backward, e.g. create_graph=True then backward) are not "
+        "supported by the Rust kernel; use backend='math' for them"
+    )
+
+
+attention_backward_op.register_autograd(_no_double_backward)
+
+
+# -- attnrs::native_attention ------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    "attnrs::native_attention", mutates_args=(), device_types="cpu", schema=NATIVE_ATTENTION_SCHEMA
+)
+def native_attention_op(
+    name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A registered native kernel by name. Returns ``out`` laid out ``[B, Q, H, Dv]`` and the f32 LSE [B, H, Q]
+    (left unwritten when ``want_lse`` is False: kernels without an LSE are not asked for one)."""
+    operands, (want_lse,) = KernelOperands(*args[:_N]), args[_N:]
+    b, h, q_len, _ = query.shape
+    out = torch.empty(b, q_len, h, value.shape[-1], dtype=query.dtype)
+    lse = torch.empty(b, h, q_len, dtype=torch.float32)
+    _attnrs.native_attention_forward(
+        name, query, key, value, out.transpose(1, 2), lse if want_lse else None, *operands, num_threads()
+    )
+    return out, lse
+
+
+@native_attention_op.register_fake
+def _(
+    name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, q_len, _ = query.shape
+    out = query.new_empty(b, q_len, h, value.shape[-1])
+    lse = query.new_empty(b, h, q_len, dtype=torch.float32)
+    return out, lse

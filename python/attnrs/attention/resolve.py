@@ -1,0 +1,207 @@
+"""Resolving the arguments of ``attnrs.attention``: the checks of query/key/value and the scalars, and the mask
+argument turned into a :class:`ResolvedMask` (a structural mask placed on the grid plus dense tensors), the form
+every backend takes; :func:`kernel_operands` packs it for the custom operators."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
+
+from ..errors import ArgumentError, DeviceError, DtypeError, ShapeError
+from ..masks.block_mask import BlockMask
+from ..masks.grid import Grid
+from ..masks.mask import Mask, causal, from_callable
+from .ops import KernelOperands
+
+__all__ = ["ResolvedMask", "check_inputs", "check_scalars", "kernel_operands", "resolve_mask"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@dataclass
+class ResolvedMask:
+    """A mask in the forms the kernels take: a structural mask placed on the grid, plus dense tensors."""
+
+    structural: Mask | None = None
+    q_offset: int = 0
+    kv_offset: int = 0
+    dense_bool: torch.Tensor | None = None  # [B, H, Q, K] view (stride 0 where broadcast)
+    bias: torch.Tensor | None = None  # additive float, [B, H, Q, K] view
+
+    def program(self, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The structural mask as the flat tensors the custom operator takes (empty when there is none)."""
+        if self.structural is None:
+            empty = torch.empty(0, dtype=torch.int64)
+            return empty, empty, torch.empty(0, dtype=torch.uint8)
+        return self.structural.program(grid)
+
+
+def check_inputs(query: Any, key: Any, value: Any) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise DtypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ShapeError(f"{name}: expected a 4-D tensor [B, H, S, D], got shape {list(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise DtypeError(f"{name}: expected float32, bfloat16, float16 or float64, got {t.dtype}")
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        raise DtypeError(
+            f"key/value: expected the query's dtype {query.dtype}, got key {key.dtype} and value {value.dtype}"
+        )
+    if key.device != query.device or value.device != query.device:
+        raise DeviceError(
+            f"key/value: expected the query's device {query.device}, got key on {key.device} and value on "
+            f"{value.device}"
+        )
+    b, h, _, d = query.shape
+    if key.shape[0] != b or value.shape[0] != b:
+        raise ShapeError(f"key/value: expected batch {b}, got key {key.shape[0]} and value {value.shape[0]}")
+    if key.shape[1] != value.shape[1] or key.shape[2] != value.shape[2]:
+        raise ShapeError(
+            f"value: expected the key's heads and length {list(key.shape[1:3])}, got {list(value.shape[1:3])}"
+        )
+    if key.shape[3] != d:
+        raise ShapeError(f"key: expected head dim {d} (the query's), got {key.shape[3]}")
+    if key.shape[1] == 0 or h % key.shape[1] != 0:
+        raise ShapeError(f"key: expected a head count dividing the query's {h} (GQA), got {key.shape[1]}")
+
+
+def _check_dense(mask: torch.Tensor, shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor:
+    if mask.device != device:
+        raise DeviceError(f"mask: expected a tensor on {device} (the query's device), got {mask.device}")
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise DtypeError(f"mask: expected a bool or floating tensor, got {mask.dtype}")
+    if mask.dim() > 4:
+        raise ShapeError(f"mask: expected a tensor broadcastable to {list(shape)}, got shape {list(mask.shape)}")
+    try:
+        broadcast = torch.broadcast_shapes(mask.shape, shape)  # type: ignore[no-untyped-call]
+    except RuntimeError:
+        broadcast = None
+    if broadcast != torch.Size(shape):
+        raise ShapeError(f"mask: expected a tensor broadcastable to {list(shape)}, got shape {list(mask.shape)}")
+    return mask.expand(shape)
+
+
+def _listed_blocks(counts: torch.Tensor, indices: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """Bool [B, H, rows, n_cols]: the blocks each row lists (the first ``counts`` entries of ``indices``)."""
+    valid = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
+    dense = torch.zeros(*indices.shape[:-1], n_cols + 1, dtype=torch.bool, device=indices.device)
+    dense.scatter_(-1, torch.where(valid, indices.long(), n_cols), True)  # unlisted slots land in a spare column
+    return dense[..., :n_cols]
+
+
+def _block_mask_as_mask(block_mask: TorchBlockMask, batch: int, heads: int) -> Mask:
+    """A torch BlockMask as a Mask: full blocks visible, partial blocks through ``mask_mod``, others hidden."""
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    n_cols = -(-block_mask.seq_lengths[1] // kv_block)
+    listed = _listed_blocks(block_mask.kv_num_blocks, block_mask.kv_indices, n_cols).cpu()
+    full = torch.zeros_like(listed)
+    if block_mask.full_kv_num_blocks is not None:
+        full = _listed_blocks(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, n_cols).cpu()  # type: ignore[arg-type]
+
+    def lookup(table: torch.Tensor) -> Any:
+        def blocks(b: Any, h: Any, q: Any, kv: Any) -> Any:
+            rows = b if table.shape[0] > 1 else torch.zeros_like(b)
+            cols = h if table.shape[1] > 1 else torch.zeros_like(h)
+            return table[rows, cols, q // q_block, kv // kv_block]
+
+        return blocks
+
+    partial = from_callable(lookup(listed)) & from_callable(block_mask.mask_mod)
+    return from_callable(lookup(full)) | partial
+
+
+def resolve_mask(mask: Any, is_causal: bool, shape: tuple[int, int, int, int], device: torch.device) -> ResolvedMask:
+    batch, heads, q_len, kv_len = shape
+    resolved = ResolvedMask()
+    structural: Mask | None = None
+    if mask is None:
+        pass
+    elif isinstance(mask, torch.Tensor):
+        dense = _check_dense(mask, shape, device)
+        if dense.dtype == torch.bool:
+            resolved.dense_bool = dense
+        else:
+            resolved.bias = dense
+    elif isinstance(mask, TorchBlockMask):
+        if tuple(mask.seq_lengths) != (q_len, kv_len):
+            raise ShapeError(
+                f"mask: expected a BlockMask for Q={q_len}, K={kv_len}, got seq_lengths {tuple(mask.seq_lengths)}"
+            )
+        mb, mh = mask.shape[0], mask.shape[1]
+        if mb not in (1, batch) or mh not in (1, heads):
+            raise ShapeError(f"mask: expected a BlockMask for B={batch}, H={heads} (or 1), got B={mb}, H={mh}")
+        if isinstance(mask, BlockMask) and mask.attnrs_mask is not None:
+            structural, resolved.q_offset, resolved.kv_offset = mask.attnrs_mask, mask.q_offset, mask.kv_offset
+        else:
+            structural = _block_mask_as_mask(mask, batch, heads)
+    elif isinstance(mask, Mask) or callable(mask):
+        structural = from_callable(mask)
+        resolved.q_offset = kv_len - q_len  # bottom-right: the queries are the last Q positions
+    else:
+        raise DtypeError(
+            f"mask: expected None, an attnrs Mask, a mask_mod callable, a BlockMask or a tensor, got "
+            f"{type(mask).__name__}"
+        )
+    if is_causal:
+        # SDPA's top-left rule on row/column indices, whatever the offsets of the other mask.
+        top_left = causal(resolved.kv_offset - resolved.q_offset)
+        structural = top_left if structural is None else structural & top_left
+    resolved.structural = structural
+    return resolved
+
+
+@torch.compiler.disable  # type: ignore[untyped-decorator]
+def _program(resolved: ResolvedMask, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, ...]:
+    """The mask program for the grid. Mask evaluation runs in Rust (and may call Python mask_mods), so under
+    torch.compile it stays outside the graph; the operator itself is traced."""
+    grid = Grid(shape[0], shape[1], shape[2], shape[3], resolved.q_offset, resolved.kv_offset)
+    return resolved.program(grid)
+
+
+def check_scalars(query: torch.Tensor, scale: Any, softcap: Any, sinks: Any, dropout_p: Any) -> float:
+    if scale is None:
+        scale = query.shape[-1] ** -0.5 if query.shape[-1] else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ArgumentError(f"scale: expected a finite number, got {scale!r}")
+    if softcap is not None and (
+        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0
+    ):
+        raise ArgumentError(f"softcap: expected None or a positive finite number, got {softcap!r}")
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or not sinks.dtype.is_floating_point:
+            raise DtypeError(f"sinks: expected a floating tensor [H], got {getattr(sinks, 'dtype', type(sinks))}")
+        if sinks.shape != (query.shape[1],):
+            raise ShapeError(f"sinks: expected shape [{query.shape[1]}] (one per query head), got {list(sinks.shape)}")
+        if sinks.device != query.device:
+            raise DeviceError(f"sinks: expected a tensor on {query.device}, got {sinks.device}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ArgumentError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
+    return float(scale)
+
+
+def kernel_operands(
+    resolved: ResolvedMask,
+    shape: tuple[int, int, int, int],
+    sinks: torch.Tensor | None,
+    scale: float,
+    softcap: float | None,
+) -> KernelOperands:
+    """The operands the custom operators take after query/key/value, for this mask on the ``[B, H, Q, K]`` grid."""
+    program, program_ints, program_bytes = _program(resolved, shape)
+    return KernelOperands(
+        resolved.dense_bool,
+        resolved.bias,
+        sinks,
+        program,
+        program_ints,
+        program_bytes,
+        resolved.q_offset,
+        resolved.kv_offset,
+        scale,
+        float(softcap or 0.0),
+    )

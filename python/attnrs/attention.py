@@ -46,24 +46,22 @@ class _ResolvedMask:
     dense_bool: torch.Tensor | None = None  # [B, H, Q, K] view (stride 0 where broadcast)
     bias: torch.Tensor | None = None  # additive float, [B, H, Q, K] view
 
-    def program(self, grid: _Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The structural mask as the flat tensors the custom operator takes (empty when there is none)."""
+    def program(self, grid: _Grid) -> torch.Tensor:
+        """The structural mask placed at the offsets as the packed uint8 operand the custom operator takes (empty
+        when there is none)."""
         if self.structural is None:
-            empty = torch.empty(0, dtype=torch.int64)
-            return empty, empty, torch.empty(0, dtype=torch.uint8)
+            return torch.empty(0, dtype=torch.uint8)
         _check_tables(self.structural, grid)
+        offsets = (self.q_offset, self.kv_offset)
         cached = self.structural._program
-        if cached is not None:  # structural masks encode the same on every grid (transformers reuses one per forward)
-            return cached
-        program, ints, raw = self.structural._expr(grid).encode()
-        encoded = (
-            torch.frombuffer(program, dtype=torch.int64) if program else torch.empty(0, dtype=torch.int64),
-            torch.frombuffer(ints, dtype=torch.int64) if ints else torch.empty(0, dtype=torch.int64),
-            torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8),
-        )
+        if cached is not None and cached[0] == offsets:
+            # Structural masks encode the same on every grid (transformers reuses one per forward): one entry,
+            # for the last offsets.
+            return cached[1]
+        operand = torch.frombuffer(_attnrs.mask_operand(self.structural._expr(grid), *offsets), dtype=torch.uint8)
         if self.structural.is_structural:
-            self.structural._program = encoded
-        return encoded
+            self.structural._program = (offsets, operand)
+        return operand
 
 
 def _check_inputs(query: Any, key: Any, value: Any) -> None:
@@ -184,7 +182,7 @@ def _resolve_mask(
 
 
 @torch.compiler.disable
-def _program(resolved: _ResolvedMask, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, ...]:
+def _program(resolved: _ResolvedMask, shape: tuple[int, int, int, int]) -> torch.Tensor:
     """The mask program for the grid. Mask evaluation runs in Rust (and may call Python mask_mods), so under
     torch.compile it stays outside the graph; the operator itself is traced."""
     grid = _Grid(shape[0], shape[1], shape[2], shape[3], resolved.q_offset, resolved.kv_offset)
@@ -290,10 +288,9 @@ def _run_kernel(
     if query.device.type != "cpu":
         raise DeviceError(f"query: native kernel {name!r} gets CPU tensors from attnrs, got a tensor on {query.device}")
     shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
-    program, program_ints, program_bytes = _program(resolved, shape)
     out, lse = torch.ops.attnrs.native_attention(
-        name, query, key, value, resolved.dense_bool, resolved.bias, sinks, program, program_ints, program_bytes,
-        resolved.q_offset, resolved.kv_offset, scale, float(softcap or 0.0), return_lse,
+        name, query, key, value, resolved.dense_bool, resolved.bias, sinks, _program(resolved, shape), scale,
+        float(softcap or 0.0), return_lse,
     )
     return out.transpose(1, 2), (lse if return_lse else None)
 
@@ -326,11 +323,11 @@ def run_resolved(
     if backend == "native":
         if query.device.type != "cpu":
             raise DeviceError(f"query: the native backend runs on CPU, got a tensor on {query.device}")
-        program, program_ints, program_bytes = _program(resolved, shape)
+        mask_program = _program(resolved, shape)
         seed = draw_dropout_seed() if dropout_p > 0 else None
         out, lse = torch.ops.attnrs.attention(
-            query, key, value, resolved.dense_bool, resolved.bias, sinks, program, program_ints, program_bytes,
-            resolved.q_offset, resolved.kv_offset, scale, float(softcap or 0.0), float(dropout_p), seed,
+            query, key, value, resolved.dense_bool, resolved.bias, sinks, mask_program, scale, float(softcap or 0.0),
+            float(dropout_p), seed,
         )
         return out.transpose(1, 2), lse
     from ._reference import torch_attention
@@ -369,11 +366,7 @@ def _attention_op(
     dense_mask: torch.Tensor | None,
     bias: torch.Tensor | None,
     sinks: torch.Tensor | None,
-    program: torch.Tensor,
-    program_ints: torch.Tensor,
-    program_bytes: torch.Tensor,
-    q_offset: int,
-    kv_offset: int,
+    mask_program: torch.Tensor,
     scale: float,
     softcap: float,
     dropout_p: float,
@@ -385,8 +378,8 @@ def _attention_op(
     out = torch.empty(b, q_len, h, value.shape[-1], dtype=query.dtype)
     lse = torch.empty(b, h, q_len, dtype=torch.float32)
     _attnrs.attention_forward(
-        query, key, value, out.transpose(1, 2), lse, dense_mask, bias, sinks, program, program_ints, program_bytes,
-        q_offset, kv_offset, scale, softcap, num_threads(), dropout_p, _seed_value(dropout_p, dropout_seed),
+        (query, key, value, sinks), out.transpose(1, 2), lse, (mask_program, dense_mask, bias),
+        (scale, softcap, dropout_p, _seed_value(dropout_p, dropout_seed), num_threads()),
     )
     return out, lse
 
@@ -399,11 +392,7 @@ def _(
     dense_mask: torch.Tensor | None,
     bias: torch.Tensor | None,
     sinks: torch.Tensor | None,
-    program: torch.Tensor,
-    program_ints: torch.Tensor,
-    program_bytes: torch.Tensor,
-    q_offset: int,
-    kv_offset: int,
+    mask_program: torch.Tensor,
     scale: float,
     softcap: float,
     dropout_p: float,
@@ -423,11 +412,7 @@ def _attention_backward_op(
     dense_mask: torch.Tensor | None,
     bias: torch.Tensor | None,
     sinks: torch.Tensor | None,
-    program: torch.Tensor,
-    program_ints: torch.Tensor,
-    program_bytes: torch.Tensor,
-    q_offset: int,
-    kv_offset: int,
+    mask_program: torch.Tensor,
     scale: float,
     softcap: float,
     dropout_p: float,
@@ -448,10 +433,10 @@ def _attention_backward_op(
     b, h, q_len, _ = query.shape
     grad_bias = torch.empty((b, h, q_len, key.shape[2]) if want_bias else (0,), dtype=torch.float32)
     _attnrs.attention_backward(
-        query, key, value, out.transpose(1, 2), grad_out.transpose(1, 2), lse, dense_mask, bias, sinks, program,
-        program_ints, program_bytes, q_offset, kv_offset, scale, softcap, grad_query, grad_key, grad_value,
-        grad_sinks if want_sinks else None, grad_bias if want_bias else None, grad_lse, num_threads(), dropout_p,
-        _seed_value(dropout_p, dropout_seed),
+        (query, key, value, sinks), out.transpose(1, 2), lse, (mask_program, dense_mask, bias),
+        (scale, softcap, dropout_p, _seed_value(dropout_p, dropout_seed), num_threads()),
+        (grad_out.transpose(1, 2), grad_lse, grad_query, grad_key, grad_value, grad_sinks if want_sinks else None,
+         grad_bias if want_bias else None),
     )
     return grad_query, grad_key, grad_value, grad_sinks, grad_bias
 
@@ -464,11 +449,7 @@ def _(
     dense_mask: torch.Tensor | None,
     bias: torch.Tensor | None,
     sinks: torch.Tensor | None,
-    program: torch.Tensor,
-    program_ints: torch.Tensor,
-    program_bytes: torch.Tensor,
-    q_offset: int,
-    kv_offset: int,
+    mask_program: torch.Tensor,
     scale: float,
     softcap: float,
     dropout_p: float,
@@ -489,28 +470,24 @@ def _(
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    (query, key, value, dense_mask, bias, sinks, program, program_ints, program_bytes, q_offset, kv_offset, scale,
-     softcap, dropout_p, dropout_seed) = inputs
+    query, key, value, dense_mask, bias, sinks, mask_program, scale, softcap, dropout_p, dropout_seed = inputs
     out, lse = output
-    ctx.save_for_backward(
-        query, key, value, dense_mask, bias, sinks, program, program_ints, program_bytes, dropout_seed, out, lse
-    )
-    ctx.params = (q_offset, kv_offset, scale, softcap, dropout_p)
+    ctx.save_for_backward(query, key, value, dense_mask, bias, sinks, mask_program, dropout_seed, out, lse)
+    ctx.params = (scale, softcap, dropout_p)
 
 
 def _backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple[Any, ...]:
-    (query, key, value, dense_mask, bias, sinks, program, program_ints, program_bytes, dropout_seed, out,
-     lse) = ctx.saved_tensors
+    query, key, value, dense_mask, bias, sinks, mask_program, dropout_seed, out, lse = ctx.saved_tensors
     want_bias, want_sinks = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
     dq, dk, dv, dsinks, dbias = torch.ops.attnrs.attention_backward(
-        query, key, value, dense_mask, bias, sinks, program, program_ints, program_bytes, *ctx.params, dropout_seed,
-        out, lse, grad_out, grad_lse, bool(want_sinks), bool(want_bias),
+        query, key, value, dense_mask, bias, sinks, mask_program, *ctx.params, dropout_seed, out, lse, grad_out,
+        grad_lse, bool(want_sinks), bool(want_bias),
     )
     return (
         dq, dk, dv, None,
         dbias.to(bias.dtype) if want_bias else None,
         dsinks.to(sinks.dtype) if want_sinks else None,
-        None, None, None, None, None, None, None, None, None,
+        None, None, None, None, None,
     )
 
 
@@ -536,11 +513,7 @@ def _native_attention_op(
     dense_mask: torch.Tensor | None,
     bias: torch.Tensor | None,
     sinks: torch.Tensor | None,
-    program: torch.Tensor,
-    program_ints: torch.Tensor,
-    program_bytes: torch.Tensor,
-    q_offset: int,
-    kv_offset: int,
+    mask_program: torch.Tensor,
     scale: float,
     softcap: float,
     want_lse: bool,
@@ -551,8 +524,8 @@ def _native_attention_op(
     out = torch.empty(b, q_len, h, value.shape[-1], dtype=query.dtype)
     lse = torch.empty(b, h, q_len, dtype=torch.float32)
     _attnrs.native_attention_forward(
-        name, query, key, value, out.transpose(1, 2), lse if want_lse else None, dense_mask, bias, sinks, program,
-        program_ints, program_bytes, q_offset, kv_offset, scale, softcap, num_threads(),
+        name, (query, key, value, sinks), out.transpose(1, 2), lse if want_lse else None,
+        (mask_program, dense_mask, bias), (scale, softcap, 0.0, 0, num_threads()),
     )
     return out, lse
 
@@ -566,11 +539,7 @@ def _(
     dense_mask: torch.Tensor | None,
     bias: torch.Tensor | None,
     sinks: torch.Tensor | None,
-    program: torch.Tensor,
-    program_ints: torch.Tensor,
-    program_bytes: torch.Tensor,
-    q_offset: int,
-    kv_offset: int,
+    mask_program: torch.Tensor,
     scale: float,
     softcap: float,
     want_lse: bool,

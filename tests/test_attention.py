@@ -557,6 +557,27 @@ def test_fully_masked_rows_have_no_nan_gradients() -> None:
     assert bool((q.grad[:, :, :5] == 0).all())
 
 
+def test_malformed_mask_programs_are_argument_errors() -> None:
+    q = k = v = torch.randn(1, 1, 4, 8)
+    packed = bytes(_attnrs.mask_operand(masks.causal()._expr(None), 0, 0))  # type: ignore[arg-type]
+    header_word = 8  # the first section length follows the 8-byte magic
+    too_long = bytearray(packed)
+    too_long[header_word] += 1
+    bad_magic = bytearray(packed)
+    bad_magic[0] ^= 0xFF
+    for raw, message in [
+        (packed[:10], "shorter than its 32-byte header"),
+        (packed[:-3], "do not fill"),
+        (bytes(too_long), "do not fill"),
+        (bytes(bad_magic), "a header starting with"),
+    ]:
+        program = torch.tensor(list(raw), dtype=torch.uint8)
+        with pytest.raises(attnrs.ArgumentError, match=f"mask_program: expected a packed mask program.*{message}"):
+            torch.ops.attnrs.attention(q, k, v, None, None, None, program, 0.5, 0.0, 0.0, None)
+    with pytest.raises(attnrs.DtypeError, match="mask_program: expected a 1-D torch.uint8 tensor"):
+        torch.ops.attnrs.attention(q, k, v, None, None, None, torch.zeros(4, dtype=torch.int64), 0.5, 0.0, 0.0, None)
+
+
 def test_opcheck_with_gradients() -> None:
     torch.manual_seed(0)
     q = torch.randn(1, 4, 9, 16, requires_grad=True)

@@ -378,7 +378,7 @@ def _attention_op(
     out = torch.empty(b, q_len, h, value.shape[-1], dtype=query.dtype)
     lse = torch.empty(b, h, q_len, dtype=torch.float32)
     _attnrs.attention_forward(
-        (query, key, value, sinks), out.transpose(1, 2), lse, (mask_program, dense_mask, bias),
+        (query, key, value, sinks), (out.transpose(1, 2), lse), (mask_program, dense_mask, bias),
         (scale, softcap, dropout_p, _seed_value(dropout_p, dropout_seed), num_threads()),
     )
     return out, lse
@@ -433,7 +433,7 @@ def _attention_backward_op(
     b, h, q_len, _ = query.shape
     grad_bias = torch.empty((b, h, q_len, key.shape[2]) if want_bias else (0,), dtype=torch.float32)
     _attnrs.attention_backward(
-        (query, key, value, sinks), out.transpose(1, 2), lse, (mask_program, dense_mask, bias),
+        (query, key, value, sinks), (out.transpose(1, 2), lse), (mask_program, dense_mask, bias),
         (scale, softcap, dropout_p, _seed_value(dropout_p, dropout_seed), num_threads()),
         (grad_out.transpose(1, 2), grad_lse, grad_query, grad_key, grad_value, grad_sinks if want_sinks else None,
          grad_bias if want_bias else None),
@@ -524,7 +524,7 @@ def _native_attention_op(
     out = torch.empty(b, q_len, h, value.shape[-1], dtype=query.dtype)
     lse = torch.empty(b, h, q_len, dtype=torch.float32)
     _attnrs.native_attention_forward(
-        name, (query, key, value, sinks), out.transpose(1, 2), lse if want_lse else None,
+        name, (query, key, value, sinks), (out.transpose(1, 2), lse if want_lse else None),
         (mask_program, dense_mask, bias), (scale, softcap, 0.0, 0, num_threads()),
     )
     return out, lse

@@ -3,7 +3,7 @@
 //!
 //! Python validates and allocates the outputs; this converts the tensors and the mask operand
 //! ([`crate::operand`]), releases the GIL and runs the kernel. Arguments that belong together arrive as one
-//! tuple each ([`Inputs`], [`MaskArgs`], [`Scalars`], [`GradArgs`]), so the three calls share one
+//! tuple each ([`Inputs`], [`Outputs`], [`MaskArgs`], [`Scalars`], [`GradArgs`]), so the three calls share one
 //! [`Prepared`].
 
 use attnrs_core::block::{BothTiles, DenseTiles, MaskTiles, NoMask};
@@ -30,6 +30,11 @@ pub struct Inputs<'py>(
     Bound<'py, PyAny>,
     Option<Bound<'py, PyAny>>,
 );
+
+/// The forward's results: `(out, lse)`, written by the forward (`lse` f32 `[B, H, Q]`, when given), read by
+/// the backward (which needs `lse`).
+#[derive(FromPyObject)]
+pub struct Outputs<'py>(Bound<'py, PyAny>, Option<Bound<'py, PyAny>>);
 
 /// The scalars of a call: `(scale, softcap, dropout_p, dropout_seed, num_threads)`. `softcap <= 0` means
 /// none; `dropout_p > 0` drops weights with the pattern of `dropout_seed` (see
@@ -95,16 +100,15 @@ struct Prepared {
 impl Prepared {
     fn new(
         inputs: &Inputs<'_>,
-        out: &Bound<'_, PyAny>,
-        lse: Option<&Bound<'_, PyAny>>,
+        outputs: &Outputs<'_>,
         mask: &MaskArgs<'_>,
         scalars: Scalars,
     ) -> PyResult<Prepared> {
         let query = dlpack::import(&inputs.0, "query")?;
         let key = dlpack::import(&inputs.1, "key")?;
         let value = dlpack::import(&inputs.2, "value")?;
-        let out = dlpack::import_output(out, "out")?;
-        let lse = dlpack::import_output_optional(lse, "lse")?;
+        let out = dlpack::import_output(&outputs.0, "out")?;
+        let lse = dlpack::import_output_optional(outputs.1.as_ref(), "lse")?;
         let (q, k) = (query.view.shape(), key.view.shape());
         if q.len() != 4 || k.len() != 4 {
             let got = format!("query {q:?}, key {k:?}");
@@ -166,7 +170,7 @@ impl Prepared {
     }
 }
 
-/// Runs the CPU kernel: `out[B,H,Q,Dv]` (and `lse[B,H,Q]` f32 if given) from `inputs`.
+/// Runs the CPU kernel: `out[B,H,Q,Dv]` (and `lse[B,H,Q]` f32 if given) of `outputs` from `inputs`.
 ///
 /// The mask is the AND of the structural mask packed in `mask_program` (see [`crate::operand`]; empty:
 /// none) and `dense_mask` (bool, viewed as `[B, H, Q, K]`); `bias` is an additive float tensor viewed as
@@ -175,12 +179,11 @@ impl Prepared {
 pub fn attention_forward(
     py: Python<'_>,
     inputs: Inputs<'_>,
-    out: &Bound<'_, PyAny>,
-    lse: Option<&Bound<'_, PyAny>>,
+    outputs: Outputs<'_>,
     mask: MaskArgs<'_>,
     scalars: Scalars,
 ) -> PyResult<()> {
-    Prepared::new(&inputs, out, lse, &mask, scalars)?.run(py, run_kernel)
+    Prepared::new(&inputs, &outputs, &mask, scalars)?.run(py, run_kernel)
 }
 
 /// [`attention_forward`] on the registered native kernel `name` (the built-in "attnrs" or a plugin). The
@@ -190,8 +193,7 @@ pub fn native_attention_forward(
     py: Python<'_>,
     name: &str,
     inputs: Inputs<'_>,
-    out: &Bound<'_, PyAny>,
-    lse: Option<&Bound<'_, PyAny>>,
+    outputs: Outputs<'_>,
     mask: MaskArgs<'_>,
     scalars: Scalars,
 ) -> PyResult<()> {
@@ -201,7 +203,7 @@ pub fn native_attention_forward(
             format!("dropout_p > 0: native kernel '{name}' has no dropout; use backend='native'");
         return Err(PyAttnrsError(Error::Unsupported(what)).into());
     }
-    let call = Prepared::new(&inputs, out, lse, &mask, scalars)?;
+    let call = Prepared::new(&inputs, &outputs, &mask, scalars)?;
     let masked = call.masked();
     let name = name.to_owned();
     call.run(py, move |args| {
@@ -211,19 +213,18 @@ pub fn native_attention_forward(
 }
 
 /// Gradients of [`attention_forward`]: writes the gradients of [`GradArgs`] from the forward's inputs, its
-/// `out` and `lse`, and `grad_out` (and `grad_lse`). Deterministic: the same inputs give bitwise the same
-/// gradients on every run and thread count.
+/// `outputs` (`out` and `lse`), and `grad_out` (and `grad_lse`). Deterministic: the same inputs give bitwise
+/// the same gradients on every run and thread count.
 #[pyfunction]
 pub fn attention_backward(
     py: Python<'_>,
     inputs: Inputs<'_>,
-    out: &Bound<'_, PyAny>,
-    lse: &Bound<'_, PyAny>,
+    outputs: Outputs<'_>,
     mask: MaskArgs<'_>,
     scalars: Scalars,
     grads: GradArgs<'_>,
 ) -> PyResult<()> {
-    let call = Prepared::new(&inputs, out, Some(lse), &mask, scalars)?;
+    let call = Prepared::new(&inputs, &outputs, &mask, scalars)?;
     let GradArgs(grad_out, grad_lse, grad_query, grad_key, grad_value, grad_sinks, grad_bias) =
         &grads;
     let grad_out = dlpack::import(grad_out, "grad_out")?;

@@ -15,6 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyCapsule, PyCapsuleMethods, PyDict, PyList};
 
 use crate::errors::PyAttnrsError;
+use crate::registry::capabilities_to_dict;
 
 /// Validates `capsule` (its name, then the table's ABI version, struct size, name and forward pointer) and
 /// registers the kernel under `name`, replacing any kernel of that name. Nothing is stored on error.
@@ -70,15 +71,7 @@ pub fn remove_native(name: &str) -> bool {
 #[pyfunction]
 pub fn native_info<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyDict>> {
     let kernel = kernels().lookup(name).map_err(PyAttnrsError)?;
-    let caps = kernel.capabilities();
-    let d = PyDict::new(py);
-    d.set_item("devices", PyList::new(py, &caps.devices)?)?;
-    let dtypes: Vec<&str> = caps.dtypes.iter().map(|t| t.torch_name()).collect();
-    d.set_item("dtypes", PyList::new(py, dtypes)?)?;
-    let kinds: Vec<&str> = caps.mask_kinds.iter().map(|k| k.name()).collect();
-    d.set_item("mask_kinds", PyList::new(py, kinds)?)?;
-    d.set_item("backward", caps.backward)?;
-    d.set_item("lse", caps.lse)?;
+    let d = capabilities_to_dict(py, kernel.capabilities())?;
     let f = kernel.features();
     let features: Vec<&str> = [
         (f.softcap, "softcap"),

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import attnrs
-from attnrs import masks
+from attnrs import _attnrs, masks
 
 HEAD_DIMS = [32, 64, 80, 96, 128, 256]
 
@@ -224,15 +224,14 @@ def test_fully_masked_rows_are_zeros_not_nan() -> None:
 def test_opcheck() -> None:
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 4, 9, 32), torch.randn(1, 2, 11, 32), torch.randn(1, 2, 11, 16)
-    empty_i, empty_b = torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.uint8)
-    program, ints, raw = masks.causal().to_rust(None).encode()  # type: ignore[arg-type]
+    empty = torch.empty(0, dtype=torch.uint8)
+    causal_expr = masks.causal().to_rust(None)  # type: ignore[arg-type]
+    causal = torch.frombuffer(_attnrs.mask_operand(causal_expr, 2, 0), dtype=torch.uint8)
     samples = [
-        (q, k, v, None, None, None, empty_i, empty_i, empty_b, 0, 0, 0.2, 0.0, 0.0, None),
-        (q, k, v, torch.rand(1, 1, 9, 11) > 0.5, None, torch.randn(4), torch.frombuffer(program, dtype=torch.int64),
-         empty_i, empty_b, 2, 0, 0.2, 10.0, 0.0, None),
-        (q.double(), k.double(), v.double(), None, torch.randn(1, 4, 9, 11), None, empty_i, empty_i, empty_b, 0, 0,
-         0.5, 0.0, 0.0, None),
-        (q, k, v, None, None, None, empty_i, empty_i, empty_b, 0, 0, 0.2, 0.0, 0.3, torch.tensor(12345)),
+        (q, k, v, None, None, None, empty, 0.2, 0.0, 0.0, None),
+        (q, k, v, torch.rand(1, 1, 9, 11) > 0.5, None, torch.randn(4), causal, 0.2, 10.0, 0.0, None),
+        (q.double(), k.double(), v.double(), None, torch.randn(1, 4, 9, 11), None, empty, 0.5, 0.0, 0.0, None),
+        (q, k, v, None, None, None, empty, 0.2, 0.0, 0.3, torch.tensor(12345)),
     ]
     for args in samples:
         torch.library.opcheck(torch.ops.attnrs.attention.default, args)
@@ -558,15 +557,36 @@ def test_fully_masked_rows_have_no_nan_gradients() -> None:
     assert bool((q.grad[:, :, :5] == 0).all())
 
 
+def test_malformed_mask_programs_are_argument_errors() -> None:
+    q = k = v = torch.randn(1, 1, 4, 8)
+    packed = bytes(_attnrs.mask_operand(masks.causal().to_rust(None), 0, 0))  # type: ignore[arg-type]
+    header_word = 8  # the first section length follows the 8-byte magic
+    too_long = bytearray(packed)
+    too_long[header_word] += 1
+    bad_magic = bytearray(packed)
+    bad_magic[0] ^= 0xFF
+    for raw, message in [
+        (packed[:10], "shorter than its 32-byte header"),
+        (packed[:-3], "do not fill"),
+        (bytes(too_long), "do not fill"),
+        (bytes(bad_magic), "a header starting with"),
+    ]:
+        program = torch.tensor(list(raw), dtype=torch.uint8)
+        with pytest.raises(attnrs.ArgumentError, match=f"mask_program: expected a packed mask program.*{message}"):
+            torch.ops.attnrs.attention(q, k, v, None, None, None, program, 0.5, 0.0, 0.0, None)
+    with pytest.raises(attnrs.DtypeError, match="mask_program: expected a 1-D torch.uint8 tensor"):
+        torch.ops.attnrs.attention(q, k, v, None, None, None, torch.zeros(4, dtype=torch.int64), 0.5, 0.0, 0.0, None)
+
+
 def test_opcheck_with_gradients() -> None:
     torch.manual_seed(0)
     q = torch.randn(1, 4, 9, 16, requires_grad=True)
     k = torch.randn(1, 2, 11, 16, requires_grad=True)
     v = torch.randn(1, 2, 11, 8, requires_grad=True)
     sinks = torch.randn(4, requires_grad=True)
-    empty_i, empty_b = torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.uint8)
+    empty = torch.empty(0, dtype=torch.uint8)
     for dropout in ((0.0, None), (0.2, torch.tensor(77))):
-        args = (q, k, v, None, None, sinks, empty_i, empty_i, empty_b, 0, 0, 0.25, 0.0, *dropout)
+        args = (q, k, v, None, None, sinks, empty, 0.25, 0.0, *dropout)
         with warnings.catch_warnings():
             # opcheck itself reads .grad of non-leaf tensors it creates (a torch-internal warning).
             warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")

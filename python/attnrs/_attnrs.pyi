@@ -7,6 +7,7 @@ __all__ = [
     "attention_backward",
     "attention_forward",
     "dropout_keep_pattern",
+    "mask_operand",
     "native_attention_forward",
     "native_info",
     "native_kernels",
@@ -119,80 +120,35 @@ class BlockLayout:
     def write(self, name: str, counts: Any, indices: Any) -> None: ...
     def write_counts(self, name: str, counts: Any) -> None: ...
 
+# (query, key, value, sinks)
+_Inputs = tuple[Any, Any, Any, Any | None]
+# (out, lse): written by the forward, read by the backward (which needs lse)
+_Outputs = tuple[Any, Any | None]
+# (mask_program: the packed uint8 operand of mask_operand, or empty; dense_mask; bias)
+_MaskArgs = tuple[Any, Any | None, Any | None]
+# (scale, softcap, dropout_p, dropout_seed, num_threads)
+_Scalars = tuple[float, float, float, int, int]
+# (grad_out, grad_lse, grad_query, grad_key, grad_value, grad_sinks, grad_bias)
+_GradArgs = tuple[Any, Any | None, Any, Any, Any, Any | None, Any | None]
+
 def attention_backward(
-    query: Any,
-    key: Any,
-    value: Any,
-    out: Any,
-    grad_out: Any,
-    lse: Any,
-    dense_mask: Any | None,
-    bias: Any | None,
-    sinks: Any | None,
-    program: Any,
-    program_ints: Any,
-    program_bytes: Any,
-    q_offset: int,
-    kv_offset: int,
-    scale: float,
-    softcap: float,
-    grad_query: Any,
-    grad_key: Any,
-    grad_value: Any,
-    grad_sinks: Any | None,
-    grad_bias: Any | None,
-    grad_lse: Any | None,
-    num_threads: int,
-    dropout_p: float = 0.0,
-    dropout_seed: int = 0,
+    inputs: _Inputs, outputs: _Outputs, mask: _MaskArgs, scalars: _Scalars, grads: _GradArgs
 ) -> None: ...
-def attention_forward(
-    query: Any,
-    key: Any,
-    value: Any,
-    out: Any,
-    lse: Any | None,
-    dense_mask: Any | None,
-    bias: Any | None,
-    sinks: Any | None,
-    program: Any,
-    program_ints: Any,
-    program_bytes: Any,
-    q_offset: int,
-    kv_offset: int,
-    scale: float,
-    softcap: float,
-    num_threads: int,
-    dropout_p: float = 0.0,
-    dropout_seed: int = 0,
-) -> None: ...
+def attention_forward(inputs: _Inputs, outputs: _Outputs, mask: _MaskArgs, scalars: _Scalars) -> None: ...
 def dropout_keep_pattern(out: Any, dropout_p: float, dropout_seed: int) -> None: ...
+def mask_operand(expr: MaskExpr, q_offset: int, kv_offset: int) -> bytearray: ...
 def native_attention_forward(
-    name: str,
-    query: Any,
-    key: Any,
-    value: Any,
-    out: Any,
-    lse: Any | None,
-    dense_mask: Any | None,
-    bias: Any | None,
-    sinks: Any | None,
-    program: Any,
-    program_ints: Any,
-    program_bytes: Any,
-    q_offset: int,
-    kv_offset: int,
-    scale: float,
-    softcap: float,
-    num_threads: int,
+    name: str, inputs: _Inputs, outputs: _Outputs, mask: _MaskArgs, scalars: _Scalars
 ) -> None: ...
 def register_native(name: str, capsule: Any) -> None: ...
 def native_kernels() -> list[str]: ...
 def native_info(name: str) -> dict[str, Any]: ...
 def remove_native(name: str) -> bool: ...
-def _test_capsule(kind: str) -> Any: ...
 def cpu_features() -> list[str]: ...
 def simd_path() -> str: ...
+
+# Test hooks: present only in the test build (cargo feature "test-hooks", which scripts/test.sh installs).
+def _test_capsule(kind: str) -> Any: ...
 def _strided_copy(src: Any, dst: Any) -> None: ...
 def _strided_sum(src: Any) -> float: ...
 def _pool_threads(num_threads: int) -> int: ...

@@ -3,8 +3,8 @@
 only); their fake (meta) implementations, the autograd glue, and the dropout seed they take.
 
 Each schema is written once: the operands every operator takes after ``query, key, value`` are the fields of
-:class:`KernelOperands` (which every Rust entry point also takes, in the same order, after its outputs), and the
-schema strings below are built from it and from the per-operator tails. The Python implementations unpack the
+:class:`KernelOperands` (which :meth:`KernelOperands.binding_args` groups as the Rust entry points take them), and
+the schema strings below are built from it and from the per-operator tails. The Python implementations unpack the
 schema's arguments by those fields, so an operand added or removed is one edit of :class:`KernelOperands`.
 """
 
@@ -35,13 +35,20 @@ class KernelOperands(NamedTuple):
     dense_mask: torch.Tensor | None
     bias: torch.Tensor | None
     sinks: torch.Tensor | None
-    program: torch.Tensor
-    program_ints: torch.Tensor
-    program_bytes: torch.Tensor
-    q_offset: int
-    kv_offset: int
+    mask_program: torch.Tensor  # the structural mask at its offsets, packed (``_attnrs.mask_operand``); or empty
     scale: float
     softcap: float
+
+    def binding_args(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float, seed: int
+    ) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]]:
+        """The groups every Rust entry point takes around its outputs: ``(query, key, value, sinks)`` before them,
+        then ``(mask_program, dense_mask, bias)`` and ``(scale, softcap, dropout_p, dropout_seed, num_threads)``."""
+        return (
+            (query, key, value, self.sinks),
+            (self.mask_program, self.dense_mask, self.bias),
+            (self.scale, self.softcap, dropout_p, seed, num_threads()),
+        )
 
 
 class DropoutOperands(NamedTuple):
@@ -132,17 +139,10 @@ def attention_op(
     b, h, q_len, _ = query.shape
     out = torch.empty(b, q_len, h, value.shape[-1], dtype=query.dtype)
     lse = torch.empty(b, h, q_len, dtype=torch.float32)
-    _attnrs.attention_forward(
-        query,
-        key,
-        value,
-        out.transpose(1, 2),
-        lse,
-        *operands,
-        num_threads(),
-        dropout.dropout_p,
-        seed_value(dropout.dropout_p, dropout.dropout_seed),
+    inputs, mask, scalars = operands.binding_args(
+        query, key, value, dropout.dropout_p, seed_value(dropout.dropout_p, dropout.dropout_seed)
     )
+    _attnrs.attention_forward(inputs, (out.transpose(1, 2), lse), mask, scalars)
     return out, lse
 
 
@@ -174,24 +174,19 @@ def attention_backward_op(
     grad_sinks = torch.empty(query.shape[1] if grads.want_sinks else 0, dtype=torch.float32)
     b, h, q_len, _ = query.shape
     grad_bias = torch.empty((b, h, q_len, key.shape[2]) if grads.want_bias else (0,), dtype=torch.float32)
-    _attnrs.attention_backward(
-        query,
-        key,
-        value,
-        grads.out.transpose(1, 2),
+    inputs, mask, scalars = operands.binding_args(
+        query, key, value, dropout.dropout_p, seed_value(dropout.dropout_p, dropout.dropout_seed)
+    )
+    gradients = (
         grads.grad_out.transpose(1, 2),
-        grads.lse,
-        *operands,
+        grads.grad_lse,
         grad_query,
         grad_key,
         grad_value,
         grad_sinks if grads.want_sinks else None,
         grad_bias if grads.want_bias else None,
-        grads.grad_lse,
-        num_threads(),
-        dropout.dropout_p,
-        seed_value(dropout.dropout_p, dropout.dropout_seed),
     )
+    _attnrs.attention_backward(inputs, (grads.out.transpose(1, 2), grads.lse), mask, scalars, gradients)
     return grad_query, grad_key, grad_value, grad_sinks, grad_bias
 
 
@@ -264,9 +259,8 @@ def native_attention_op(
     b, h, q_len, _ = query.shape
     out = torch.empty(b, q_len, h, value.shape[-1], dtype=query.dtype)
     lse = torch.empty(b, h, q_len, dtype=torch.float32)
-    _attnrs.native_attention_forward(
-        name, query, key, value, out.transpose(1, 2), lse if want_lse else None, *operands, num_threads()
-    )
+    inputs, mask, scalars = operands.binding_args(query, key, value, 0.0, 0)
+    _attnrs.native_attention_forward(name, inputs, (out.transpose(1, 2), lse if want_lse else None), mask, scalars)
     return out, lse
 
 

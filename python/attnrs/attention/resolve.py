@@ -32,11 +32,11 @@ class ResolvedMask:
     dense_bool: torch.Tensor | None = None  # [B, H, Q, K] view (stride 0 where broadcast)
     bias: torch.Tensor | None = None  # additive float, [B, H, Q, K] view
 
-    def program(self, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The structural mask as the flat tensors the custom operator takes (empty when there is none)."""
+    def program(self, grid: Grid) -> torch.Tensor:
+        """The structural mask placed at the offsets as the packed uint8 operand the custom operators take (empty
+        when there is none)."""
         if self.structural is None:
-            empty = torch.empty(0, dtype=torch.int64)
-            return empty, empty, torch.empty(0, dtype=torch.uint8)
+            return torch.empty(0, dtype=torch.uint8)
         return self.structural.program(grid)
 
 
@@ -156,7 +156,7 @@ def resolve_mask(mask: Any, is_causal: bool, shape: tuple[int, int, int, int], d
 
 
 @torch.compiler.disable  # type: ignore[untyped-decorator]
-def _program(resolved: ResolvedMask, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, ...]:
+def _program(resolved: ResolvedMask, shape: tuple[int, int, int, int]) -> torch.Tensor:
     """The mask program for the grid. Mask evaluation runs in Rust (and may call Python mask_mods), so under
     torch.compile it stays outside the graph; the operator itself is traced."""
     grid = Grid(shape[0], shape[1], shape[2], shape[3], resolved.q_offset, resolved.kv_offset)
@@ -192,16 +192,6 @@ def kernel_operands(
     softcap: float | None,
 ) -> KernelOperands:
     """The operands the custom operators take after query/key/value, for this mask on the ``[B, H, Q, K]`` grid."""
-    program, program_ints, program_bytes = _program(resolved, shape)
     return KernelOperands(
-        resolved.dense_bool,
-        resolved.bias,
-        sinks,
-        program,
-        program_ints,
-        program_bytes,
-        resolved.q_offset,
-        resolved.kv_offset,
-        scale,
-        float(softcap or 0.0),
+        resolved.dense_bool, resolved.bias, sinks, _program(resolved, shape), scale, float(softcap or 0.0)
     )

@@ -65,7 +65,7 @@ class Mask:
         self._params = dict(params or {})
         self._children = tuple(children)
         self._rust: Any = None  # the Rust expression, built on first use (never for callables)
-        self._program: Any = None  # its flat encoding for the attention operator, likewise
+        self._program: Any = None  # ((q_offset, kv_offset), its packed operand for the attention operator)
 
     # -- composition -------------------------------------------------------------------------------------------
     def __and__(self, other: MaskLike) -> Mask:
@@ -258,22 +258,19 @@ class Mask:
             self._rust = expr
         return expr
 
-    def program(self, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The mask on ``grid`` as the flat tensors the attention operators take (program, ints, bytes), after
-        :func:`check_tables`. Structural masks encode the same on every grid, so theirs is cached (transformers
-        reuses one mask for every layer of a forward)."""
+    def program(self, grid: Grid) -> torch.Tensor:
+        """The mask placed at the grid's offsets as the packed uint8 operand the attention operators take, after
+        :func:`check_tables`. Structural masks encode the same on every grid, so theirs is cached for the last
+        offsets it was placed at (transformers reuses one mask for every layer of a forward; one entry, so a
+        decode loop whose offsets move every step does not grow it)."""
         check_tables(self, grid)
-        if self._program is not None:
-            return self._program
-        program, ints, raw = self.to_rust(grid).encode()
-        encoded = (
-            torch.frombuffer(program, dtype=torch.int64) if program else torch.empty(0, dtype=torch.int64),
-            torch.frombuffer(ints, dtype=torch.int64) if ints else torch.empty(0, dtype=torch.int64),
-            torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8),
-        )
+        offsets = (grid.q_offset, grid.kv_offset)
+        if self._program is not None and self._program[0] == offsets:
+            return self._program[1]
+        operand = torch.frombuffer(_attnrs.mask_operand(self.to_rust(grid), *offsets), dtype=torch.uint8)
         if self.is_structural:
-            self._program = encoded
-        return encoded
+            self._program = (offsets, operand)
+        return operand
 
 
 def _per_batch(values: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

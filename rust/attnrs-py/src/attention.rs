@@ -1,14 +1,17 @@
-//! `attnrs._attnrs.attention_forward`: the CPU kernel behind `attnrs.attention`.
+//! `attnrs._attnrs.attention_forward`, `native_attention_forward`, `attention_backward` and
+//! `dropout_keep_pattern`: the CPU kernels behind `attnrs.attention`.
 //!
-//! Python validates and allocates (out, lse); this converts the tensors, decodes the structural mask
-//! program, releases the GIL and runs the kernel.
+//! Python validates and allocates the outputs; this converts the tensors and the mask operand
+//! ([`crate::operand`]), releases the GIL and runs the kernel. Arguments that belong together arrive as one
+//! tuple each ([`Inputs`], [`Outputs`], [`MaskArgs`], [`Scalars`], [`GradArgs`]), so the three calls share one
+//! [`Prepared`].
 
-use attnrs_core::block::{BothTiles, DenseTiles, MaskTiles, NoMask};
 use attnrs_core::kernel::{
     attention_backward as run_backward, attention_forward as run_kernel, keep_pattern,
     AttentionArgs, AttentionGradArgs, Dropout,
 };
-use attnrs_core::mask::{MaskExpr, PlacedMask};
+use attnrs_core::mask::tiles::{CallMask, Grid};
+use attnrs_core::mask::PlacedMask;
 use attnrs_core::registry::{check_call, kernels};
 use attnrs_core::tensor::DType;
 use attnrs_core::Error;
@@ -17,122 +20,108 @@ use pyo3::prelude::*;
 use crate::dlpack::{self, Imported};
 use crate::door::run_detached;
 use crate::errors::PyAttnrsError;
+use crate::operand::MaskArgs;
 
-fn optional(obj: Option<&Bound<'_, PyAny>>, arg: &str) -> PyResult<Option<Imported>> {
-    obj.filter(|o| !o.is_none())
-        .map(|o| dlpack::import(o, arg))
-        .transpose()
-}
+/// The tensors every call reads: `(query, key, value, sinks)`.
+#[derive(FromPyObject)]
+pub struct Inputs<'py>(
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Option<Bound<'py, PyAny>>,
+);
 
-fn ints(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Vec<i64>> {
-    let t = dlpack::import(obj, arg)?;
-    if t.view.dtype() != DType::I64 {
-        return Err(PyAttnrsError(Error::dtype(
-            arg,
-            "torch.int64",
-            t.view.dtype().torch_name(),
-        ))
-        .into());
+/// The forward's results: `(out, lse)`, written by the forward (`lse` f32 `[B, H, Q]`, when given), read by
+/// the backward (which needs `lse`).
+#[derive(FromPyObject)]
+pub struct Outputs<'py>(Bound<'py, PyAny>, Option<Bound<'py, PyAny>>);
+
+/// The scalars of a call: `(scale, softcap, dropout_p, dropout_seed, num_threads)`. `softcap <= 0` means
+/// none; `dropout_p > 0` drops weights with the pattern of `dropout_seed` (see
+/// `attnrs_core::kernel::Dropout`).
+#[derive(FromPyObject, Clone, Copy)]
+pub struct Scalars(f64, f64, f64, u64, usize);
+
+impl Scalars {
+    fn dropout(&self) -> Option<Dropout> {
+        (self.2 != 0.0).then_some(Dropout {
+            p: self.2,
+            seed: self.3,
+        })
     }
-    Ok(t.view
-        .to_contiguous_bytes()
-        .chunks_exact(8)
-        .map(|c| i64::from_ne_bytes(c.try_into().unwrap_or([0; 8])))
-        .collect())
 }
+
+/// The gradient tensors of the backward: `(grad_out, grad_lse, grad_query, grad_key, grad_value,
+/// grad_sinks, grad_bias)`, the first two read, the others written (`grad_sinks` f32 `[H]`, `grad_bias`
+/// f32 `[B, H, Q, K]`, each when given).
+#[derive(FromPyObject)]
+pub struct GradArgs<'py>(
+    Bound<'py, PyAny>,
+    Option<Bound<'py, PyAny>>,
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+);
 
 /// The tensors and mask of one call, imported and checked, ready to run without the GIL.
 struct Prepared {
     query: Imported,
     key: Imported,
     value: Imported,
+    sinks: Option<Imported>,
     out: Imported,
     lse: Option<Imported>,
-    dense: Option<(DenseTiles, Imported)>,
+    /// The call's mask as the kernel reads it (the core picks its representation).
+    mask: CallMask,
+    /// Keeps the dense mask tensor that `mask` reads alive.
+    _dense: Option<Imported>,
     bias: Option<Imported>,
-    sinks: Option<Imported>,
-    expr: Option<MaskExpr>,
-    q_offset: i64,
-    kv_offset: i64,
-    scale: f64,
-    softcap: f64,
-    dropout: Option<Dropout>,
-    num_threads: usize,
+    scalars: Scalars,
 }
 
 impl Prepared {
-    #[allow(clippy::too_many_arguments)]
     fn new(
-        query: &Bound<'_, PyAny>,
-        key: &Bound<'_, PyAny>,
-        value: &Bound<'_, PyAny>,
-        out: &Bound<'_, PyAny>,
-        lse: Option<&Bound<'_, PyAny>>,
-        dense_mask: Option<&Bound<'_, PyAny>>,
-        bias: Option<&Bound<'_, PyAny>>,
-        sinks: Option<&Bound<'_, PyAny>>,
-        program: &Bound<'_, PyAny>,
-        program_ints: &Bound<'_, PyAny>,
-        program_bytes: &Bound<'_, PyAny>,
-        q_offset: i64,
-        kv_offset: i64,
-        scale: f64,
-        softcap: f64,
-        dropout: Option<Dropout>,
-        num_threads: usize,
+        inputs: &Inputs<'_>,
+        outputs: &Outputs<'_>,
+        mask: &MaskArgs<'_>,
+        scalars: Scalars,
     ) -> PyResult<Prepared> {
-        let query = dlpack::import(query, "query")?;
-        let key = dlpack::import(key, "key")?;
-        let value = dlpack::import(value, "value")?;
-        let out = dlpack::import_output(out, "out")?;
-        let lse = lse
-            .filter(|o| !o.is_none())
-            .map(|o| dlpack::import_output(o, "lse"))
-            .transpose()?;
+        let query = dlpack::import(&inputs.0, "query")?;
+        let key = dlpack::import(&inputs.1, "key")?;
+        let value = dlpack::import(&inputs.2, "value")?;
+        let out = dlpack::import_output(&outputs.0, "out")?;
+        let lse = dlpack::import_output_optional(outputs.1.as_ref(), "lse")?;
         let (q, k) = (query.view.shape(), key.view.shape());
         if q.len() != 4 || k.len() != 4 {
             let got = format!("query {q:?}, key {k:?}");
             return Err(PyAttnrsError(Error::shape("query", "4-D query and key", got)).into());
         }
-        let grid = [q[0], q[1], q[2], k[2]];
-        let dense = optional(dense_mask, "attn_mask")?
-            .map(|t| DenseTiles::new(t.view.clone(), grid).map(|d| (d, t)))
-            .transpose()
-            .map_err(PyAttnrsError)?;
-        let bias = optional(bias, "attn_mask")?;
-        let sinks = optional(sinks, "sinks")?;
-        let program = ints(program, "program")?;
-        let expr = if program.is_empty() {
-            None
-        } else {
-            let table = ints(program_ints, "program_ints")?;
-            let bytes = dlpack::import(program_bytes, "program_bytes")?
-                .view
-                .to_contiguous_bytes();
-            Some(MaskExpr::decode(&program, &table, &bytes).map_err(PyAttnrsError)?)
-        };
+        let grid = Grid::new(q[0], q[1], q[2], k[2]);
+        let imported = mask.import()?;
+        // The operand already carries the offsets (a shift node), so the expression is placed at 0.
+        let structural = imported.expr.map(|e| PlacedMask::new(e, 0, 0));
+        let dense_view = imported.dense.as_ref().map(|t| t.view.clone());
+        let call_mask = CallMask::new(grid, structural, dense_view).map_err(PyAttnrsError)?;
+        let sinks = dlpack::import_optional(inputs.3.as_ref(), "sinks")?;
         Ok(Prepared {
             query,
             key,
             value,
+            sinks,
             out,
             lse,
-            dense,
-            bias,
-            sinks,
-            expr,
-            q_offset,
-            kv_offset,
-            scale,
-            softcap,
-            dropout,
-            num_threads,
+            mask: call_mask,
+            _dense: imported.dense,
+            bias: imported.bias,
+            scalars,
         })
     }
 
     /// Whether a mask may hide pairs.
     fn masked(&self) -> bool {
-        self.expr.is_some() || self.dense.is_some()
+        self.mask.is_masked()
     }
 
     /// Runs `kernel` on the call with the GIL released.
@@ -142,184 +131,59 @@ impl Prepared {
         kernel: impl FnOnce(&AttentionArgs) -> attnrs_core::Result<()> + Send,
     ) -> PyResult<()> {
         run_detached(py, move || {
-            let placed = self
-                .expr
-                .map(|e| PlacedMask::new(e, self.q_offset, self.kv_offset));
-            let structural: Option<&dyn MaskTiles> = placed.as_ref().map(|p| p as &dyn MaskTiles);
-            let dense_tiles: Option<&dyn MaskTiles> =
-                self.dense.as_ref().map(|(d, _)| d as &dyn MaskTiles);
-            let both;
-            let mask: &dyn MaskTiles = match (structural, dense_tiles) {
-                (Some(first), Some(second)) => {
-                    both = BothTiles { first, second };
-                    &both
-                }
-                (Some(m), None) | (None, Some(m)) => m,
-                (None, None) => &NoMask,
-            };
-            let args = AttentionArgs {
+            let Scalars(scale, softcap, _, _, num_threads) = self.scalars;
+            kernel(&AttentionArgs {
                 query: &self.query.view,
                 key: &self.key.view,
                 value: &self.value.view,
                 out: &self.out.view,
                 lse: self.lse.as_ref().map(|t| &t.view),
-                mask,
+                mask: &self.mask,
                 bias: self.bias.as_ref().map(|t| &t.view),
-                scale: self.scale,
-                softcap: (self.softcap > 0.0).then_some(self.softcap),
+                scale,
+                softcap: (softcap > 0.0).then_some(softcap),
                 sinks: self.sinks.as_ref().map(|t| &t.view),
-                dropout: self.dropout,
-                num_threads: self.num_threads,
-            };
-            kernel(&args)
+                dropout: self.scalars.dropout(),
+                num_threads,
+            })
         })
     }
 }
 
-/// Runs the CPU kernel: `out[B,H,Q,Dv]` (and `lse[B,H,Q]` f32 if given) from q, k, v.
+/// Runs the CPU kernel: `out[B,H,Q,Dv]` (and `lse[B,H,Q]` f32 if given) of `outputs` from `inputs`.
 ///
-/// The mask is the AND of: the structural mask encoded by `program` / `program_ints` / `program_bytes`
-/// (placed so that row `i` is position `q_offset + i`, column `j` position `kv_offset + j`; an empty
-/// program means none) and `dense_mask` (bool, viewed as `[B, H, Q, K]`). `bias` is an additive float
-/// tensor viewed as `[B, H, Q, K]`. `softcap <= 0` means none. `dropout_p > 0` drops weights with the
-/// pattern of `dropout_seed` (see `attnrs_core::kernel::Dropout`).
+/// The mask is the AND of the structural mask packed in `mask_program` (see [`crate::operand`]; empty:
+/// none) and `dense_mask` (bool, viewed as `[B, H, Q, K]`); `bias` is an additive float tensor viewed as
+/// `[B, H, Q, K]`.
 #[pyfunction]
-#[pyo3(signature = (query, key, value, out, lse, dense_mask, bias, sinks, program, program_ints, program_bytes,
-                    q_offset, kv_offset, scale, softcap, num_threads, dropout_p=0.0, dropout_seed=0))]
-#[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     py: Python<'_>,
-    query: &Bound<'_, PyAny>,
-    key: &Bound<'_, PyAny>,
-    value: &Bound<'_, PyAny>,
-    out: &Bound<'_, PyAny>,
-    lse: Option<&Bound<'_, PyAny>>,
-    dense_mask: Option<&Bound<'_, PyAny>>,
-    bias: Option<&Bound<'_, PyAny>>,
-    sinks: Option<&Bound<'_, PyAny>>,
-    program: &Bound<'_, PyAny>,
-    program_ints: &Bound<'_, PyAny>,
-    program_bytes: &Bound<'_, PyAny>,
-    q_offset: i64,
-    kv_offset: i64,
-    scale: f64,
-    softcap: f64,
-    num_threads: usize,
-    dropout_p: f64,
-    dropout_seed: u64,
+    inputs: Inputs<'_>,
+    outputs: Outputs<'_>,
+    mask: MaskArgs<'_>,
+    scalars: Scalars,
 ) -> PyResult<()> {
-    let call = Prepared::new(
-        query,
-        key,
-        value,
-        out,
-        lse,
-        dense_mask,
-        bias,
-        sinks,
-        program,
-        program_ints,
-        program_bytes,
-        q_offset,
-        kv_offset,
-        scale,
-        softcap,
-        dropout(dropout_p, dropout_seed),
-        num_threads,
-    )?;
-    call.run(py, run_kernel)
-}
-
-fn dropout(p: f64, seed: u64) -> Option<Dropout> {
-    (p != 0.0).then_some(Dropout { p, seed })
-}
-
-/// Writes the dropout keep pattern (`True` = kept) of a `[B, H, Q, K]` call with `dropout_p` and
-/// `dropout_seed` into the bool tensor `out` (contiguous): exactly the pairs the kernels keep.
-#[pyfunction]
-pub fn dropout_keep_pattern(
-    out: &Bound<'_, PyAny>,
-    dropout_p: f64,
-    dropout_seed: u64,
-) -> PyResult<()> {
-    let out = dlpack::import_output(out, "out")?;
-    let view = &out.view;
-    let shape: [usize; 4] = view.shape().try_into().map_err(|_| {
-        PyAttnrsError(Error::shape(
-            "out",
-            "a 4-D tensor [B, H, Q, K]",
-            format!("shape {:?}", view.shape()),
-        ))
-    })?;
-    if view.dtype() != DType::Bool || !view.is_contiguous() {
-        return Err(PyAttnrsError(Error::layout(
-            "out",
-            "a contiguous torch.bool tensor",
-            format!(
-                "{} with strides {:?}",
-                view.dtype().torch_name(),
-                view.strides()
-            ),
-        ))
-        .into());
-    }
-    // SAFETY: `out` is a contiguous bool tensor of `numel` elements (checked above), imported as a writable
-    // output and alive until the end of this function; a bool is one byte and only 0 or 1 is written.
-    let bools =
-        unsafe { std::slice::from_raw_parts_mut(view.as_ptr().cast::<bool>(), view.numel()) };
-    let dropout = Dropout {
-        p: dropout_p,
-        seed: dropout_seed,
-    };
-    keep_pattern(dropout, shape, bools).map_err(|e| PyAttnrsError(e).into())
+    Prepared::new(&inputs, &outputs, &mask, scalars)?.run(py, run_kernel)
 }
 
 /// [`attention_forward`] on the registered native kernel `name` (the built-in "attnrs" or a plugin). The
 /// call is checked against the kernel's declared capabilities first, then runs with the GIL released.
 #[pyfunction]
-#[pyo3(signature = (name, query, key, value, out, lse, dense_mask, bias, sinks, program, program_ints,
-                    program_bytes, q_offset, kv_offset, scale, softcap, num_threads))]
-#[allow(clippy::too_many_arguments)]
 pub fn native_attention_forward(
     py: Python<'_>,
     name: &str,
-    query: &Bound<'_, PyAny>,
-    key: &Bound<'_, PyAny>,
-    value: &Bound<'_, PyAny>,
-    out: &Bound<'_, PyAny>,
-    lse: Option<&Bound<'_, PyAny>>,
-    dense_mask: Option<&Bound<'_, PyAny>>,
-    bias: Option<&Bound<'_, PyAny>>,
-    sinks: Option<&Bound<'_, PyAny>>,
-    program: &Bound<'_, PyAny>,
-    program_ints: &Bound<'_, PyAny>,
-    program_bytes: &Bound<'_, PyAny>,
-    q_offset: i64,
-    kv_offset: i64,
-    scale: f64,
-    softcap: f64,
-    num_threads: usize,
+    inputs: Inputs<'_>,
+    outputs: Outputs<'_>,
+    mask: MaskArgs<'_>,
+    scalars: Scalars,
 ) -> PyResult<()> {
     let kernel = kernels().lookup(name).map_err(PyAttnrsError)?;
-    let call = Prepared::new(
-        query,
-        key,
-        value,
-        out,
-        lse,
-        dense_mask,
-        bias,
-        sinks,
-        program,
-        program_ints,
-        program_bytes,
-        q_offset,
-        kv_offset,
-        scale,
-        softcap,
-        None,
-        num_threads,
-    )?;
+    if scalars.dropout().is_some() {
+        let what =
+            format!("dropout_p > 0: native kernel '{name}' has no dropout; use backend='native'");
+        return Err(PyAttnrsError(Error::Unsupported(what)).into());
+    }
+    let call = Prepared::new(&inputs, &outputs, &mask, scalars)?;
     let masked = call.masked();
     let name = name.to_owned();
     call.run(py, move |args| {
@@ -328,73 +192,28 @@ pub fn native_attention_forward(
     })
 }
 
-/// Gradients of [`attention_forward`]: writes `grad_query`, `grad_key`, `grad_value` (and `grad_sinks` f32 [H],
-/// `grad_bias` f32 [B,H,Q,K] when given) from the forward's inputs, its `out` and `lse`, and `grad_out`.
-/// Deterministic: the same inputs give bitwise the same gradients on every run and thread count.
+/// Gradients of [`attention_forward`]: writes the gradients of [`GradArgs`] from the forward's inputs, its
+/// `outputs` (`out` and `lse`), and `grad_out` (and `grad_lse`). Deterministic: the same inputs give bitwise
+/// the same gradients on every run and thread count.
 #[pyfunction]
-#[pyo3(signature = (query, key, value, out, grad_out, lse, dense_mask, bias, sinks, program, program_ints,
-                    program_bytes, q_offset, kv_offset, scale, softcap, grad_query, grad_key, grad_value,
-                    grad_sinks, grad_bias, grad_lse, num_threads, dropout_p=0.0, dropout_seed=0))]
-#[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     py: Python<'_>,
-    query: &Bound<'_, PyAny>,
-    key: &Bound<'_, PyAny>,
-    value: &Bound<'_, PyAny>,
-    out: &Bound<'_, PyAny>,
-    grad_out: &Bound<'_, PyAny>,
-    lse: &Bound<'_, PyAny>,
-    dense_mask: Option<&Bound<'_, PyAny>>,
-    bias: Option<&Bound<'_, PyAny>>,
-    sinks: Option<&Bound<'_, PyAny>>,
-    program: &Bound<'_, PyAny>,
-    program_ints: &Bound<'_, PyAny>,
-    program_bytes: &Bound<'_, PyAny>,
-    q_offset: i64,
-    kv_offset: i64,
-    scale: f64,
-    softcap: f64,
-    grad_query: &Bound<'_, PyAny>,
-    grad_key: &Bound<'_, PyAny>,
-    grad_value: &Bound<'_, PyAny>,
-    grad_sinks: Option<&Bound<'_, PyAny>>,
-    grad_bias: Option<&Bound<'_, PyAny>>,
-    grad_lse: Option<&Bound<'_, PyAny>>,
-    num_threads: usize,
-    dropout_p: f64,
-    dropout_seed: u64,
+    inputs: Inputs<'_>,
+    outputs: Outputs<'_>,
+    mask: MaskArgs<'_>,
+    scalars: Scalars,
+    grads: GradArgs<'_>,
 ) -> PyResult<()> {
-    let call = Prepared::new(
-        query,
-        key,
-        value,
-        out,
-        Some(lse),
-        dense_mask,
-        bias,
-        sinks,
-        program,
-        program_ints,
-        program_bytes,
-        q_offset,
-        kv_offset,
-        scale,
-        softcap,
-        dropout(dropout_p, dropout_seed),
-        num_threads,
-    )?;
+    let call = Prepared::new(&inputs, &outputs, &mask, scalars)?;
+    let GradArgs(grad_out, grad_lse, grad_query, grad_key, grad_value, grad_sinks, grad_bias) =
+        &grads;
     let grad_out = dlpack::import(grad_out, "grad_out")?;
     let grad_query = dlpack::import_output(grad_query, "grad_query")?;
     let grad_key = dlpack::import_output(grad_key, "grad_key")?;
     let grad_value = dlpack::import_output(grad_value, "grad_value")?;
-    let output = |obj: Option<&Bound<'_, PyAny>>, arg: &str| {
-        obj.filter(|o| !o.is_none())
-            .map(|o| dlpack::import_output(o, arg))
-            .transpose()
-    };
-    let grad_sinks = output(grad_sinks, "grad_sinks")?;
-    let grad_bias = output(grad_bias, "grad_bias")?;
-    let grad_lse = optional(grad_lse, "grad_lse")?;
+    let grad_sinks = dlpack::import_output_optional(grad_sinks.as_ref(), "grad_sinks")?;
+    let grad_bias = dlpack::import_output_optional(grad_bias.as_ref(), "grad_bias")?;
+    let grad_lse = dlpack::import_optional(grad_lse.as_ref(), "grad_lse")?;
     call.run(py, move |args| {
         let lse = args
             .lse
@@ -420,5 +239,51 @@ pub fn attention_backward(
             grad_lse: grad_lse.as_ref().map(|t| &t.view),
             num_threads: args.num_threads,
         })
+    })
+}
+
+/// Writes the dropout keep pattern (`True` = kept) of a `[B, H, Q, K]` call with `dropout_p` and
+/// `dropout_seed` into the bool tensor `out` (contiguous): exactly the pairs the kernels keep. O(B*H*Q*K),
+/// so it runs with the GIL released.
+#[pyfunction]
+pub fn dropout_keep_pattern(
+    py: Python<'_>,
+    out: &Bound<'_, PyAny>,
+    dropout_p: f64,
+    dropout_seed: u64,
+) -> PyResult<()> {
+    let out = dlpack::import_output(out, "out")?;
+    let view = &out.view;
+    let shape: [usize; 4] = view.shape().try_into().map_err(|_| {
+        PyAttnrsError(Error::shape(
+            "out",
+            "a 4-D tensor [B, H, Q, K]",
+            format!("shape {:?}", view.shape()),
+        ))
+    })?;
+    if view.dtype() != DType::Bool || !view.is_contiguous() {
+        return Err(PyAttnrsError(Error::layout(
+            "out",
+            "a contiguous torch.bool tensor",
+            format!(
+                "{} with strides {:?}",
+                view.dtype().torch_name(),
+                view.strides()
+            ),
+        ))
+        .into());
+    }
+    let dropout = Dropout {
+        p: dropout_p,
+        seed: dropout_seed,
+    };
+    run_detached(py, move || {
+        let view = &out.view;
+        // SAFETY: `out` is a contiguous bool tensor of `numel` elements (checked above), imported as a
+        // writable output and alive until the end of this closure (it owns `out`); nothing else touches it
+        // while the GIL is released; a bool is one byte and only 0 or 1 is written.
+        let bools =
+            unsafe { std::slice::from_raw_parts_mut(view.as_ptr().cast::<bool>(), view.numel()) };
+        keep_pattern(dropout, shape, bools)
     })
 }

@@ -218,6 +218,23 @@ pub fn import_output(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Imported> {
     Ok(imported)
 }
 
+/// [`import`] of an optional argument (`None` or absent: `None`).
+pub fn import_optional(obj: Option<&Bound<'_, PyAny>>, arg: &str) -> PyResult<Option<Imported>> {
+    obj.filter(|o| !o.is_none())
+        .map(|o| import(o, arg))
+        .transpose()
+}
+
+/// [`import_output`] of an optional argument (`None` or absent: `None`).
+pub fn import_output_optional(
+    obj: Option<&Bound<'_, PyAny>>,
+    arg: &str,
+) -> PyResult<Option<Imported>> {
+    obj.filter(|o| !o.is_none())
+        .map(|o| import_output(o, arg))
+        .transpose()
+}
+
 fn consume(capsule: &Bound<'_, PyCapsule>, arg: &str) -> PyResult<Imported> {
     let py = capsule.py();
     let name = capsule.name()?;

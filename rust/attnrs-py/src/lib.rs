@@ -1,5 +1,11 @@
 //! `attnrs._attnrs`: the compiled half of attnrs. It converts Python arguments into plain Rust data,
 //! validates them, releases the GIL, calls `attnrs-core` and converts back. It holds no algorithm.
+//!
+//! Modules: `attention` (the forward, native forward, backward and dropout-pattern calls), `operand` (the
+//! packed mask program those calls take), `masks` (mask expressions, dense fills, block layouts), `native`
+//! and `registry` (the kernel table and the Python-side registries), `dlpack` (zero-copy tensor import),
+//! `door` (the one way into heavy work: GIL released, panics caught), `errors` (core errors as Python
+//! exceptions) and, with the `test-hooks` feature only, `test_hooks` (entry points for the tests).
 
 mod attention;
 mod dlpack;
@@ -7,18 +13,17 @@ mod door;
 mod errors;
 mod masks;
 mod native;
+mod operand;
 mod registry;
+#[cfg(feature = "test-hooks")]
+mod test_hooks;
 
 use pyo3::prelude::*;
 
 #[pymodule]
 mod _attnrs {
     use attnrs_core::isa::Isa;
-    use attnrs_core::tensor;
     use pyo3::prelude::*;
-
-    use crate::dlpack;
-    use crate::door::run_detached;
 
     #[pymodule_export]
     use crate::attention::{
@@ -27,15 +32,17 @@ mod _attnrs {
     #[pymodule_export]
     use crate::masks::{PyBitmapBuilder, PyBlockLayout, PyMaskExpr};
     #[pymodule_export]
-    use crate::native::{
-        _test_capsule, native_info, native_kernels, register_native, remove_native,
-    };
+    use crate::native::{native_info, native_kernels, register_native, remove_native};
+    #[pymodule_export]
+    use crate::operand::mask_operand;
     #[pymodule_export]
     use crate::registry::PyRegistry;
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        #[cfg(feature = "test-hooks")]
+        crate::test_hooks::register(m)?;
         Ok(())
     }
 
@@ -49,32 +56,5 @@ mod _attnrs {
     #[pyfunction]
     fn simd_path() -> &'static str {
         Isa::get().best()
-    }
-
-    /// Copies `src` into `dst` element by element through DLPack views (tests of the tensor bridge).
-    #[pyfunction]
-    fn _strided_copy(
-        py: Python<'_>,
-        src: &Bound<'_, PyAny>,
-        dst: &Bound<'_, PyAny>,
-    ) -> PyResult<()> {
-        let src = dlpack::import(src, "src")?;
-        let dst = dlpack::import_output(dst, "dst")?;
-        run_detached(py, || tensor::strided_copy(&src.view, &dst.view))
-    }
-
-    /// Sums a floating tensor in float64 through its DLPack view (tests of the tensor bridge).
-    #[pyfunction]
-    fn _strided_sum(py: Python<'_>, src: &Bound<'_, PyAny>) -> PyResult<f64> {
-        let src = dlpack::import(src, "src")?;
-        run_detached(py, || tensor::strided_sum(&src.view))
-    }
-
-    /// Worker threads of the pool `num_threads` selects (starts it if needed).
-    #[pyfunction]
-    fn _pool_threads(py: Python<'_>, num_threads: usize) -> PyResult<usize> {
-        run_detached(py, || {
-            attnrs_core::threads::install(num_threads, attnrs_core::threads::current_num_threads)
-        })
     }
 }

@@ -1,15 +1,12 @@
 //! Native kernels from Python: `register_native(name, capsule)` validates a capsule holding a
 //! `*const AttnKernelV1` and stores it in the core's kernel table; `native_info`, `native_kernels` and
-//! `remove_native` read and edit that table. `_test_capsule(kind)` publishes deliberately broken or
-//! misbehaving tables for the tests.
+//! `remove_native` read and edit that table. (The deliberately broken tables of the tests live in
+//! `test_hooks`.)
 
-use std::ffi::{c_void, CStr};
-use std::ptr::NonNull;
+use std::ffi::CStr;
 use std::sync::Arc;
 
-use attnrs_abi::{
-    feature, forward_fn, AttnArgsV1, AttnKernelV1, AttnTile, KernelError, KERNEL_CAPSULE_NAME,
-};
+use attnrs_abi::KERNEL_CAPSULE_NAME;
 use attnrs_core::plugin::AbiKernel;
 use attnrs_core::registry::{kernels, register_kernel, validate_name};
 use attnrs_core::Error;
@@ -18,6 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyCapsule, PyCapsuleMethods, PyDict, PyList};
 
 use crate::errors::PyAttnrsError;
+use crate::registry::capabilities_to_dict;
 
 /// Validates `capsule` (its name, then the table's ABI version, struct size, name and forward pointer) and
 /// registers the kernel under `name`, replacing any kernel of that name. Nothing is stored on error.
@@ -73,15 +71,7 @@ pub fn remove_native(name: &str) -> bool {
 #[pyfunction]
 pub fn native_info<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyDict>> {
     let kernel = kernels().lookup(name).map_err(PyAttnrsError)?;
-    let caps = kernel.capabilities();
-    let d = PyDict::new(py);
-    d.set_item("devices", PyList::new(py, &caps.devices)?)?;
-    let dtypes: Vec<&str> = caps.dtypes.iter().map(|t| t.torch_name()).collect();
-    d.set_item("dtypes", PyList::new(py, dtypes)?)?;
-    let kinds: Vec<&str> = caps.mask_kinds.iter().map(|k| k.name()).collect();
-    d.set_item("mask_kinds", PyList::new(py, kinds)?)?;
-    d.set_item("backward", caps.backward)?;
-    d.set_item("lse", caps.lse)?;
+    let d = capabilities_to_dict(py, kernel.capabilities())?;
     let f = kernel.features();
     let features: Vec<&str> = [
         (f.softcap, "softcap"),
@@ -95,101 +85,4 @@ pub fn native_info<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyDi
     d.set_item("features", PyList::new(py, features)?)?;
     d.set_item("origin", kernel.origin())?;
     Ok(d)
-}
-
-// ---- test tables ---------------------------------------------------------------------------------------
-
-fn refuses(_: *mut c_void, _: &AttnArgsV1) -> Result<(), KernelError> {
-    Err(KernelError::unsupported(
-        "the test kernel refuses every call",
-    ))
-}
-forward_fn!(fn refuses_c = refuses;);
-
-fn panics(_: *mut c_void, args: &AttnArgsV1) -> Result<(), KernelError> {
-    panic!("the test kernel panicked (scale {})", args.scale);
-}
-forward_fn!(fn panics_c = panics;);
-
-fn asks_outside(_: *mut c_void, args: &AttnArgsV1) -> Result<(), KernelError> {
-    let tile = AttnTile {
-        row_end: 1,
-        col_end: u64::MAX,
-        ..AttnTile::default()
-    };
-    // SAFETY: the host's mask pointer is null or valid during the call; the host checks the tile.
-    unsafe {
-        if let Some(mask) = args.mask.as_ref() {
-            mask.classify(&tile);
-        }
-    }
-    Ok(())
-}
-forward_fn!(fn asks_outside_c = asks_outside;);
-
-const ALL_FEATURES: u64 =
-    feature::LSE | feature::SOFTCAP | feature::SINKS | feature::BIAS | feature::GQA;
-const ALL_DTYPES: u32 = attnrs_abi::dtype::F32
-    | attnrs_abi::dtype::F64
-    | attnrs_abi::dtype::BF16
-    | attnrs_abi::dtype::F16;
-
-static REFUSES: AttnKernelV1 = AttnKernelV1 {
-    features: ALL_FEATURES,
-    dtypes: ALL_DTYPES,
-    ..AttnKernelV1::new(c"test-refuses", refuses_c)
-};
-static PANICS: AttnKernelV1 = AttnKernelV1 {
-    name: c"test-panics".as_ptr(),
-    forward: Some(panics_c),
-    ..REFUSES
-};
-static ASKS_OUTSIDE: AttnKernelV1 = AttnKernelV1 {
-    name: c"test-asks-outside".as_ptr(),
-    forward: Some(asks_outside_c),
-    ..REFUSES
-};
-static WRONG_VERSION: AttnKernelV1 = AttnKernelV1 {
-    abi_version: 2,
-    ..REFUSES
-};
-static SMALL: AttnKernelV1 = AttnKernelV1 {
-    struct_size: 24,
-    ..REFUSES
-};
-static NULL_FORWARD: AttnKernelV1 = AttnKernelV1 {
-    forward: None,
-    ..REFUSES
-};
-static NULL_NAME: AttnKernelV1 = AttnKernelV1 {
-    name: std::ptr::null(),
-    ..REFUSES
-};
-
-/// A capsule for the tests: "refuses" (status UNSUPPORTED), "panics", "asks_outside" (requests a mask tile
-/// outside the grid), "wrong_name" (a valid table in a capsule named "attnrs.kernel.v0"), "wrong_version",
-/// "small_size", "null_forward", "null_name".
-#[pyfunction]
-pub fn _test_capsule<'py>(py: Python<'py>, kind: &str) -> PyResult<Bound<'py, PyCapsule>> {
-    let (table, name): (&'static AttnKernelV1, &'static CStr) = match kind {
-        "refuses" => (&REFUSES, KERNEL_CAPSULE_NAME),
-        "panics" => (&PANICS, KERNEL_CAPSULE_NAME),
-        "asks_outside" => (&ASKS_OUTSIDE, KERNEL_CAPSULE_NAME),
-        "wrong_name" => (&REFUSES, c"attnrs.kernel.v0"),
-        "wrong_version" => (&WRONG_VERSION, KERNEL_CAPSULE_NAME),
-        "small_size" => (&SMALL, KERNEL_CAPSULE_NAME),
-        "null_forward" => (&NULL_FORWARD, KERNEL_CAPSULE_NAME),
-        "null_name" => (&NULL_NAME, KERNEL_CAPSULE_NAME),
-        other => {
-            return Err(PyAttnrsError(Error::value(
-                "kind",
-                "refuses, panics, asks_outside, wrong_name, wrong_version, small_size, null_forward or null_name",
-                format!("'{other}'"),
-            ))
-            .into())
-        }
-    };
-    let pointer = NonNull::from(table).cast::<c_void>();
-    // SAFETY: the pointer refers to a `static` table, valid for the life of the process.
-    unsafe { PyCapsule::new_with_pointer(py, pointer, name) }
 }

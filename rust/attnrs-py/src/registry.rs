@@ -115,7 +115,11 @@ fn capabilities_from_dict(d: &Bound<'_, PyDict>) -> PyResult<Capabilities> {
     Ok(caps)
 }
 
-fn capabilities_to_dict<'py>(py: Python<'py>, caps: &Capabilities) -> PyResult<Bound<'py, PyDict>> {
+/// The dict form of `caps` (the keys `capabilities_from_dict` reads).
+pub fn capabilities_to_dict<'py>(
+    py: Python<'py>,
+    caps: &Capabilities,
+) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("devices", PyList::new(py, &caps.devices)?)?;
     let dtypes: Vec<&str> = caps.dtypes.iter().map(|t| t.torch_name()).collect();

@@ -52,11 +52,15 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::args::{
+    check_disjoint, expect_float, expect_like, expect_shape, Call, Checked, Dims, FLOATS,
+};
+use super::dispatch::{select, Backend, Body, Isa, Select};
 use super::dropout::DropMask;
-use super::gemm::{Kern, Portable};
-use super::plan::{read_sinks, BiasRef, Dims, Strided};
+use super::gemm::Kern;
 use super::softmax::Acc;
-use super::Backend;
+use super::strided::{read_sinks, BiasRef, Strided};
+use super::AttentionArgs;
 use crate::block::{BlockClass, MaskTiles};
 use crate::tensor::{DType, Float, TensorView};
 use crate::{threads, Error, Result};
@@ -194,145 +198,63 @@ pub(crate) fn backward_with(
         bk,
         pack_budget: tuning.pack_budget,
     };
-    if checked.dtype == DType::F64 {
-        return run::<f64, Portable<f64>>(args, &checked, strategy);
+    struct Backward<'a, 'b> {
+        args: &'a AttentionGradArgs<'b>,
+        checked: &'a Checked,
+        strategy: Resolved,
     }
-    let backend = backend.resolve(checked.dtype)?;
-    match checked.dtype {
-        DType::F32 => by_backend::<f32>(args, &checked, backend, strategy),
-        DType::BF16 => by_backend::<bf16>(args, &checked, backend, strategy),
-        _ => by_backend::<f16>(args, &checked, backend, strategy),
-    }
-}
-
-/// f32 accumulation on the micro-kernel `backend` resolved to.
-fn by_backend<T: Float>(
-    args: &AttentionGradArgs,
-    checked: &Checked,
-    backend: Backend,
-    strategy: Resolved,
-) -> Result<()> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use super::gemm::{Avx2F32, Avx512Bf16, Avx512F32};
-        // `Backend::resolve` only returns a path whose features this CPU has.
-        match backend {
-            // bf16 inputs: `vdpbf16ps` products (P and dS rounded to bf16 as operands, f32 accumulation).
-            Backend::Avx512Bf16 if T::DTYPE == DType::BF16 => {
-                return run::<T, Avx512Bf16>(args, checked, strategy)
-            }
-            Backend::Avx512 | Backend::Avx512Bf16 => {
-                return run::<T, Avx512F32>(args, checked, strategy)
-            }
-            Backend::Avx2 => return run::<T, Avx2F32>(args, checked, strategy),
-            _ => {}
+    impl Select for Backward<'_, '_> {
+        type Out = Result<()>;
+        fn with<K: Isa, T: Float>(self) -> Result<()> {
+            run::<T, K>(self.args, self.checked, self.strategy)
         }
     }
-    let _ = backend;
-    run::<T, Portable<f32>>(args, checked, strategy)
+    // f64 runs the portable f64 loops whatever the backend (so a forced one missing here is no error).
+    let backend = if checked.dtype == DType::F64 {
+        Backend::Portable
+    } else {
+        backend.resolve(checked.dtype)?
+    };
+    let call = Backward {
+        args,
+        checked: &checked,
+        strategy,
+    };
+    select(checked.dtype, backend, call)
 }
 
 // ------------------------------------------------------------------------------------------------------------
 // Validation
 
-/// A validated call.
-#[derive(Debug, Clone)]
-struct Checked {
-    dims: Dims,
-    dtype: DType,
-    bias_strides: Option<[isize; 4]>,
-    threads: usize,
-}
-
-fn shape_str(v: &TensorView) -> String {
-    format!("shape {:?}", v.shape())
-}
-
-fn four(v: &TensorView, arg: &str, layout: &str) -> Result<[usize; 4]> {
-    match v.shape() {
-        &[a, b, c, d] => Ok([a, b, c, d]),
-        _ => Err(Error::shape(
-            arg,
-            format!("a 4-D tensor {layout}"),
-            shape_str(v),
-        )),
-    }
-}
-
-fn expect_shape(v: &TensorView, arg: &str, want: &[usize], layout: &str) -> Result<()> {
-    if v.shape() == want {
-        Ok(())
-    } else {
-        Err(Error::shape(
-            arg,
-            format!("shape {want:?} ({layout})"),
-            shape_str(v),
-        ))
-    }
-}
-
-fn expect_float(v: &TensorView, arg: &str) -> Result<()> {
-    if v.dtype().is_float() {
-        Ok(())
-    } else {
-        Err(Error::dtype(
-            arg,
-            "float32, bfloat16, float16 or float64",
-            v.dtype().torch_name(),
-        ))
-    }
-}
-
-/// Strides that read `bias` as a `[B, H, Q, K]` tensor (torch broadcasting: dims align right, size 1 repeats).
-fn broadcast_strides(bias: &TensorView, target: [usize; 4]) -> Result<[isize; 4]> {
-    let n = bias.ndim();
-    let expected = || format!("a shape broadcastable to {target:?} ([B, H, Q, K])");
-    if n > 4 {
-        return Err(Error::shape("bias", expected(), shape_str(bias)));
-    }
-    let mut strides = [0isize; 4];
-    for i in 0..n {
-        let t = 4 - n + i;
-        let size = bias.shape()[i];
-        if size == target[t] {
-            strides[t] = if size == 1 { 0 } else { bias.strides()[i] };
-        } else if size != 1 {
-            return Err(Error::shape("bias", expected(), shape_str(bias)));
-        }
-    }
-    Ok(strides)
-}
-
+/// The forward's checks ([`AttentionArgs::check_inputs`], with `out` and `lse` as inputs), then the
+/// gradients' shapes, dtypes and memory.
 fn validate(a: &AttentionGradArgs) -> Result<Checked> {
-    let [b, h, q, d] = four(a.query, "query", "[B, H, Q, D]")?;
-    let [kb, hkv, k, kd] = four(a.key, "key", "[B, Hkv, K, D]")?;
-    four(a.value, "value", "[B, Hkv, K, Dv]")?;
-    let dv = a.value.shape()[3];
-    if kb != b || kd != d {
-        return Err(Error::shape(
-            "key",
-            format!("shape [{b}, Hkv, K, {d}] (batch and head dim of query)"),
-            shape_str(a.key),
-        ));
-    }
-    if hkv == 0 && h > 0 {
-        return Err(Error::shape(
-            "key",
-            "at least one kv head",
-            shape_str(a.key),
-        ));
-    }
-    if hkv > 0 && h % hkv != 0 {
-        return Err(Error::shape(
-            "key",
-            format!("a number of kv heads dividing the {h} query heads"),
-            format!("{hkv} kv heads"),
-        ));
-    }
-    expect_shape(a.value, "value", &[b, hkv, k, dv], "[B, Hkv, K, Dv]")?;
-    expect_shape(a.out, "out", &[b, h, q, dv], "[B, H, Q, Dv]")?;
+    let forward = AttentionArgs {
+        query: a.query,
+        key: a.key,
+        value: a.value,
+        out: a.out,
+        lse: Some(a.lse),
+        mask: a.mask,
+        bias: a.bias,
+        scale: a.scale,
+        softcap: a.softcap,
+        sinks: a.sinks,
+        dropout: a.dropout,
+        num_threads: a.num_threads,
+    };
+    let checked = forward.check_inputs(Call::Backward)?;
+    let Dims {
+        b,
+        h,
+        hkv,
+        q,
+        k,
+        d,
+        dv,
+        ..
+    } = checked.dims;
     expect_shape(a.grad_out, "grad_out", &[b, h, q, dv], "[B, H, Q, Dv]")?;
-    expect_shape(a.lse, "lse", &[b, h, q], "[B, H, Q]")?;
     if let Some(g) = a.grad_lse {
         expect_shape(g, "grad_lse", &[b, h, q], "[B, H, Q]")?;
         if g.dtype() != DType::F32 {
@@ -351,42 +273,13 @@ fn validate(a: &AttentionGradArgs) -> Result<Checked> {
         &[b, hkv, k, dv],
         "[B, Hkv, K, Dv]",
     )?;
-    let dtype = a.query.dtype();
-    expect_float(a.query, "query")?;
     for (arg, t) in [
-        ("key", a.key),
-        ("value", a.value),
-        ("out", a.out),
         ("grad_out", a.grad_out),
         ("grad_query", a.grad_query),
         ("grad_key", a.grad_key),
         ("grad_value", a.grad_value),
     ] {
-        if t.dtype() != dtype {
-            return Err(Error::dtype(
-                arg,
-                format!("{} like query", dtype.torch_name()),
-                t.dtype().torch_name(),
-            ));
-        }
-    }
-    if a.lse.dtype() != DType::F32 {
-        return Err(Error::dtype(
-            "lse",
-            DType::F32.torch_name(),
-            a.lse.dtype().torch_name(),
-        ));
-    }
-    let bias_strides = match a.bias {
-        None => None,
-        Some(bias) => {
-            expect_float(bias, "bias")?;
-            Some(broadcast_strides(bias, [b, h, q, k])?)
-        }
-    };
-    if let Some(sinks) = a.sinks {
-        expect_float(sinks, "sinks")?;
-        expect_shape(sinks, "sinks", &[h], "one per query head")?;
+        expect_like(t, arg, checked.dtype)?;
     }
     if let Some(gs) = a.grad_sinks {
         if a.sinks.is_none() {
@@ -396,31 +289,15 @@ fn validate(a: &AttentionGradArgs) -> Result<Checked> {
                 "a tensor",
             ));
         }
-        expect_float(gs, "grad_sinks")?;
+        expect_float(gs, "grad_sinks", FLOATS)?;
         expect_shape(gs, "grad_sinks", &[h], "one per query head")?;
     }
     if let Some(gb) = a.grad_bias {
-        expect_float(gb, "grad_bias")?;
+        expect_float(gb, "grad_bias", FLOATS)?;
         expect_shape(gb, "grad_bias", &[b, h, q, k], "[B, H, Q, K]")?;
     }
-    super::plan::check_scale_softcap(a.scale, a.softcap)?;
-    super::dropout::check(a.dropout)?;
     check_outputs(a)?;
-    Ok(Checked {
-        dims: Dims {
-            b,
-            h,
-            hkv,
-            g: h.checked_div(hkv).unwrap_or(1),
-            q,
-            k,
-            d,
-            dv,
-        },
-        dtype,
-        bias_strides,
-        threads: a.num_threads.max(1),
-    })
+    Ok(checked)
 }
 
 /// The gradients must not alias themselves, each other, or anything the call reads.
@@ -443,28 +320,7 @@ fn check_outputs(a: &AttentionGradArgs) -> Result<()> {
     ];
     outputs.extend(a.grad_sinks.map(|t| ("grad_sinks", t)));
     outputs.extend(a.grad_bias.map(|t| ("grad_bias", t)));
-    for (i, (name, o)) in outputs.iter().enumerate() {
-        if o.numel() == 0 {
-            continue; // nothing is written
-        }
-        if o.has_internal_overlap() {
-            return Err(Error::layout(
-                *name,
-                "a writable view whose elements do not overlap",
-                "an overlapping view",
-            ));
-        }
-        for (other, t) in inputs.iter().chain(&outputs[..i]) {
-            if o.overlaps(t) {
-                return Err(Error::layout(
-                    *name,
-                    format!("memory disjoint from {other}"),
-                    format!("a view aliasing {other}"),
-                ));
-            }
-        }
-    }
-    Ok(())
+    check_disjoint(&inputs, &outputs, true)
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -1259,145 +1115,66 @@ fn q_body<T: Float, K: Kern>(
     unsafe { write_rows(&job.dq, b, h, q0, m, d, &sc.acc_k, dp, job.scale) };
 }
 
-/// The per-ISA entry points: the generic bodies above, compiled inside `#[target_feature]` functions (so
-/// their element-wise loops vectorise for the ISA too) around the micro-kernel `Self`.
-trait Entry: Kern {
-    /// # Safety
-    /// The CPU must support the kernel's target features.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn kv<T: Float>(
-        job: &Job<T, Self::A>,
-        sc: &mut Scratch<Self>,
-        rows: &mut Packed<Self::E>,
-        b: usize,
-        kvh: usize,
-        kb: usize,
-        dq: Option<&mut [Self::A]>,
-    );
-    /// # Safety
-    /// As for [`Entry::kv`].
-    unsafe fn q<T: Float>(
-        job: &Job<T, Self::A>,
-        sc: &mut Scratch<Self>,
-        rows: &mut Packed<Self::E>,
-        b: usize,
-        h: usize,
-        qb: usize,
-    );
-    /// # Safety
-    /// As for [`Entry::kv`].
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn stats<T: Float>(
-        job: &Job<T, Self::A>,
-        sc: &mut Scratch<Self>,
-        rows: &mut Packed<Self::E>,
-        b: usize,
-        h: usize,
-        shift: &mut [Self::A],
-        norm: &mut [Self::A],
-        delta: &mut [Self::A],
-    );
+// The per-ISA entry points: the generic bodies above as [`Body`]s, compiled inside the target features of the
+// micro-kernel `K` (so their element-wise loops vectorise for the ISA too).
+
+struct KvItem<'a, 'j, T, K: Kern> {
+    job: &'a Job<'j, T, K::A>,
+    sc: &'a mut Scratch<K>,
+    rows: &'a mut Packed<K::E>,
+    b: usize,
+    kvh: usize,
+    kb: usize,
+    dq: Option<&'a mut [K::A]>,
 }
 
-macro_rules! entry {
-    ($kern:ty, $a:ty, $e:ty $(, $feature:literal)?) => {
-        impl Entry for $kern {
-            unsafe fn kv<T: Float>(
-                job: &Job<T, $a>,
-                sc: &mut Scratch<$kern>,
-                rows: &mut Packed<$e>,
-                b: usize,
-                kvh: usize,
-                kb: usize,
-                dq: Option<&mut [$a]>,
-            ) {
-                $(#[target_feature(enable = $feature)])?
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn go<T: Float>(
-                    job: &Job<T, $a>,
-                    sc: &mut Scratch<$kern>,
-                    rows: &mut Packed<$e>,
-                    b: usize,
-                    kvh: usize,
-                    kb: usize,
-                    dq: Option<&mut [$a]>,
-                ) {
-                    kv_body::<T, $kern>(job, sc, rows, b, kvh, kb, dq)
-                }
-                // SAFETY: the caller guarantees the CPU has the features `go` is compiled for.
-                unsafe { go::<T>(job, sc, rows, b, kvh, kb, dq) }
-            }
-            unsafe fn q<T: Float>(
-                job: &Job<T, $a>,
-                sc: &mut Scratch<$kern>,
-                rows: &mut Packed<$e>,
-                b: usize,
-                h: usize,
-                qb: usize,
-            ) {
-                $(#[target_feature(enable = $feature)])?
-                unsafe fn go<T: Float>(
-                    job: &Job<T, $a>,
-                    sc: &mut Scratch<$kern>,
-                    rows: &mut Packed<$e>,
-                    b: usize,
-                    h: usize,
-                    qb: usize,
-                ) {
-                    q_body::<T, $kern>(job, sc, rows, b, h, qb)
-                }
-                // SAFETY: as above.
-                unsafe { go::<T>(job, sc, rows, b, h, qb) }
-            }
-            unsafe fn stats<T: Float>(
-                job: &Job<T, $a>,
-                sc: &mut Scratch<$kern>,
-                rows: &mut Packed<$e>,
-                b: usize,
-                h: usize,
-                shift: &mut [$a],
-                norm: &mut [$a],
-                delta: &mut [$a],
-            ) {
-                $(#[target_feature(enable = $feature)])?
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn go<T: Float>(
-                    job: &Job<T, $a>,
-                    sc: &mut Scratch<$kern>,
-                    rows: &mut Packed<$e>,
-                    b: usize,
-                    h: usize,
-                    shift: &mut [$a],
-                    norm: &mut [$a],
-                    delta: &mut [$a],
-                ) {
-                    row_stats::<T, $kern>(job, sc, rows, b, h, shift, norm, delta)
-                }
-                // SAFETY: as above.
-                unsafe { go::<T>(job, sc, rows, b, h, shift, norm, delta) }
-            }
-        }
-    };
+impl<T: Float, K: Kern> Body for KvItem<'_, '_, T, K> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        kv_body::<T, K>(
+            self.job, self.sc, self.rows, self.b, self.kvh, self.kb, self.dq,
+        )
+    }
 }
 
-entry!(Portable<f32>, f32, f32);
-entry!(Portable<f64>, f64, f64);
-#[cfg(target_arch = "x86_64")]
-entry!(super::gemm::Avx2F32, f32, f32, "avx2,fma");
-#[cfg(target_arch = "x86_64")]
-entry!(
-    super::gemm::Avx512F32,
-    f32,
-    f32,
-    "avx512f,avx512bw,avx512vl,avx2,fma"
-);
-#[cfg(target_arch = "x86_64")]
-entry!(
-    super::gemm::Avx512Bf16,
-    f32,
-    u16,
-    "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"
-);
+struct QItem<'a, 'j, T, K: Kern> {
+    job: &'a Job<'j, T, K::A>,
+    sc: &'a mut Scratch<K>,
+    rows: &'a mut Packed<K::E>,
+    b: usize,
+    h: usize,
+    qb: usize,
+}
+
+impl<T: Float, K: Kern> Body for QItem<'_, '_, T, K> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        q_body::<T, K>(self.job, self.sc, self.rows, self.b, self.h, self.qb)
+    }
+}
+
+struct StatsItem<'a, 'j, T, K: Kern> {
+    job: &'a Job<'j, T, K::A>,
+    sc: &'a mut Scratch<K>,
+    rows: &'a mut Packed<K::E>,
+    b: usize,
+    h: usize,
+    shift: &'a mut [K::A],
+    norm: &'a mut [K::A],
+    delta: &'a mut [K::A],
+}
+
+impl<T: Float, K: Kern> Body for StatsItem<'_, '_, T, K> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        row_stats::<T, K>(
+            self.job, self.sc, self.rows, self.b, self.h, self.shift, self.norm, self.delta,
+        )
+    }
+}
 
 /// Saved lse values at least this large in magnitude are too coarse in f32 to recover `P` from (their ulp
 /// is 2^-13 or more): such rows (in practice, rows whose every logit is ~`finfo.min`) are recomputed.
@@ -1599,11 +1376,7 @@ fn split_chunks(dims: &Dims, dp: usize, elem: usize, nkb: usize) -> Option<usize
 
 /// Runs the call on inputs of type `T` with micro-kernel `K` (whose features the CPU has: see
 /// [`backward_with`]).
-fn run<T: Float, K: Entry>(
-    args: &AttentionGradArgs,
-    chk: &Checked,
-    tuning: Resolved,
-) -> Result<()> {
+fn run<T: Float, K: Isa>(args: &AttentionGradArgs, chk: &Checked, tuning: Resolved) -> Result<()> {
     let (strategy, bk) = (tuning.dq, tuning.bk);
     type A<K> = <K as Kern>::A;
     let dims = chk.dims;
@@ -1659,7 +1432,18 @@ fn run<T: Float, K: Entry>(
                     || init(&job),
                     |(sc, pk), (bh, ((s, nm), dl))| {
                         // SAFETY: `K` is only chosen when the CPU has its features (`backward_with`).
-                        unsafe { K::stats(&job, sc, pk, bh / h, bh % h, s, nm, dl) }
+                        unsafe {
+                            K::enter(StatsItem::<T, K> {
+                                job: &job,
+                                sc,
+                                rows: pk,
+                                b: bh / h,
+                                h: bh % h,
+                                shift: s,
+                                norm: nm,
+                                delta: dl,
+                            })
+                        }
                     },
                 );
         }
@@ -1713,7 +1497,17 @@ fn run<T: Float, K: Entry>(
                     dq.fill(zero);
                     for kb in 0..nkb {
                         // SAFETY: as above.
-                        unsafe { K::kv(job, sc, pk, b, kvh, kb, Some(&mut dq[..])) };
+                        unsafe {
+                            K::enter(KvItem::<T, K> {
+                                job,
+                                sc,
+                                rows: pk,
+                                b,
+                                kvh,
+                                kb,
+                                dq: Some(&mut dq[..]),
+                            })
+                        };
                     }
                     for gi in 0..g {
                         let rows = &dq[gi * qpad * job.dp..];
@@ -1747,7 +1541,17 @@ fn run<T: Float, K: Entry>(
                     pack_group(pk, bh / hkv, bh % hkv);
                     for kb in (chunk..nkb).step_by(chunks) {
                         // SAFETY: as above.
-                        unsafe { K::kv(job, sc, pk, bh / hkv, bh % hkv, kb, Some(&mut *dq)) };
+                        unsafe {
+                            K::enter(KvItem::<T, K> {
+                                job,
+                                sc,
+                                rows: pk,
+                                b: bh / hkv,
+                                kvh: bh % hkv,
+                                kb,
+                                dq: Some(&mut *dq),
+                            })
+                        };
                     }
                 },
             );
@@ -1776,7 +1580,17 @@ fn run<T: Float, K: Entry>(
                     *packed_for = bh;
                 }
                 // SAFETY: as above.
-                unsafe { K::kv(job, sc, pk, bh / hkv, bh % hkv, kb, None) };
+                unsafe {
+                    K::enter(KvItem::<T, K> {
+                        job,
+                        sc,
+                        rows: pk,
+                        b: bh / hkv,
+                        kvh: bh % hkv,
+                        kb,
+                        dq: None,
+                    })
+                };
             },
         );
         let nqb = job.nqb();
@@ -1786,7 +1600,16 @@ fn run<T: Float, K: Entry>(
             |(sc, pk), idx| {
                 let (bh, qb) = (idx / nqb, nqb - 1 - idx % nqb);
                 // SAFETY: as above.
-                unsafe { K::q(job, sc, pk, bh / h, bh % h, qb) };
+                unsafe {
+                    K::enter(QItem::<T, K> {
+                        job,
+                        sc,
+                        rows: pk,
+                        b: bh / h,
+                        h: bh % h,
+                        qb,
+                    })
+                };
             },
         );
     })

@@ -8,16 +8,17 @@
 
 use std::ops::Range;
 
-use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::args::{Checked, Dims};
+use super::dispatch::{select, Backend, Body, Isa, Select};
 use super::dropout::DropMask;
-use super::gemm::{Kern, Portable};
-use super::plan::{read_sinks, BiasRef, Dims, Plan, Strided};
+use super::gemm::Kern;
 use super::softmax::{finish, merge_into, online_step, rescale, Acc, Logits};
-use super::{AttentionArgs, Backend};
+use super::strided::{read_sinks, BiasRef, Strided};
+use super::AttentionArgs;
 use crate::block::{BlockClass, MaskTiles};
-use crate::tensor::{DType, Float};
+use crate::tensor::Float;
 use crate::{threads, Result};
 
 /// Key/value columns per tile.
@@ -481,131 +482,79 @@ fn write_rows<A: Acc, T: Float>(
     }
 }
 
-/// The per-ISA entry points: the generic bodies above, compiled inside `#[target_feature]` functions.
-trait Entry: Kern {
-    /// # Safety
-    /// The CPU must support the kernel's target features.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn item<T: Float>(
-        job: &Job<T>,
-        b: usize,
-        kvh: usize,
-        q0: usize,
-        q1: usize,
-        tiles: Range<usize>,
-        src: KvSrc<'_, Self::E>,
-        sc: &mut Scratch<Self>,
-    );
-    /// # Safety
-    /// As for [`Entry::item`].
-    unsafe fn pack<T: Float>(
-        job: &Job<T>,
-        b: usize,
-        kvh: usize,
-        t: usize,
-        dst: &mut [Self::E],
-        stage: &mut Vec<u32>,
-    );
+/// [`item_body`] as a [`Body`], to run inside an ISA's features.
+struct Item<'a, 'j, K: Kern, T> {
+    job: &'a Job<'j, T>,
+    b: usize,
+    kvh: usize,
+    q0: usize,
+    q1: usize,
+    tiles: Range<usize>,
+    src: KvSrc<'a, K::E>,
+    sc: &'a mut Scratch<K>,
 }
 
-macro_rules! entry {
-    ($kern:ty $(, $feature:literal)?) => {
-        impl Entry for $kern {
-            unsafe fn item<T: Float>(
-                job: &Job<T>,
-                b: usize,
-                kvh: usize,
-                q0: usize,
-                q1: usize,
-                tiles: Range<usize>,
-                src: KvSrc<'_, Self::E>,
-                sc: &mut Scratch<Self>,
-            ) {
-                $(#[target_feature(enable = $feature)])?
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn go<T: Float>(
-                    job: &Job<T>,
-                    b: usize,
-                    kvh: usize,
-                    q0: usize,
-                    q1: usize,
-                    tiles: Range<usize>,
-                    src: KvSrc<'_, <$kern as Kern>::E>,
-                    sc: &mut Scratch<$kern>,
-                ) {
-                    item_body::<$kern, T>(job, b, kvh, q0, q1, tiles, src, sc)
-                }
-                // SAFETY: the caller guarantees the CPU has the features `go` is compiled for.
-                unsafe { go::<T>(job, b, kvh, q0, q1, tiles, src, sc) }
-            }
-            unsafe fn pack<T: Float>(job: &Job<T>, b: usize, kvh: usize, t: usize, dst: &mut [Self::E], stage: &mut Vec<u32>) {
-                $(#[target_feature(enable = $feature)])?
-                unsafe fn go<T: Float>(
-                    job: &Job<T>,
-                    b: usize,
-                    kvh: usize,
-                    t: usize,
-                    dst: &mut [<$kern as Kern>::E],
-                    stage: &mut Vec<u32>,
-                ) {
-                    pack_tile::<$kern, T>(job, b, kvh, t, dst, stage)
-                }
-                // SAFETY: as above.
-                unsafe { go::<T>(job, b, kvh, t, dst, stage) }
-            }
-        }
-    };
+impl<K: Kern, T: Float> Body for Item<'_, '_, K, T> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        let Item {
+            job,
+            b,
+            kvh,
+            q0,
+            q1,
+            tiles,
+            src,
+            sc,
+        } = self;
+        item_body::<K, T>(job, b, kvh, q0, q1, tiles, src, sc)
+    }
 }
 
-entry!(Portable<f32>);
-entry!(Portable<f64>);
-#[cfg(target_arch = "x86_64")]
-entry!(super::gemm::Avx2F32, "avx2,fma");
-#[cfg(target_arch = "x86_64")]
-entry!(super::gemm::Avx512F32, "avx512f,avx512bw,avx512vl,avx2,fma");
-#[cfg(target_arch = "x86_64")]
-entry!(
-    super::gemm::Avx512Bf16,
-    "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"
-);
+/// [`pack_tile`] as a [`Body`].
+struct Pack<'a, 'j, K: Kern, T> {
+    job: &'a Job<'j, T>,
+    b: usize,
+    kvh: usize,
+    t: usize,
+    dst: &'a mut [K::E],
+    stage: &'a mut Vec<u32>,
+}
+
+impl<K: Kern, T: Float> Body for Pack<'_, '_, K, T> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        pack_tile::<K, T>(self.job, self.b, self.kvh, self.t, self.dst, self.stage)
+    }
+}
 
 /// Validated arguments in, output written.
 /// `rows` is the number of query rows (all heads of a group) a work item aims for ([`ROWS`]; tests shrink it).
-pub(crate) fn run(args: &AttentionArgs, plan: &Plan, backend: Backend, rows: usize) -> Result<()> {
-    match plan.dtype {
-        DType::F64 => go::<Portable<f64>, f64>(args, plan, rows),
-        DType::F32 => by_backend::<f32>(args, plan, backend, rows),
-        DType::BF16 => by_backend::<bf16>(args, plan, backend, rows),
-        _ => by_backend::<f16>(args, plan, backend, rows),
-    }
-}
-
-fn by_backend<T: Float>(
+pub(crate) fn run(
     args: &AttentionArgs,
-    plan: &Plan,
+    plan: &Checked,
     backend: Backend,
     rows: usize,
 ) -> Result<()> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use super::gemm::{Avx2F32, Avx512Bf16, Avx512F32};
-        // SAFETY (all three): `backend` came from `Backend::resolve`, which checked the CPU's features.
-        match backend {
-            Backend::Avx512Bf16 if T::DTYPE == DType::BF16 => {
-                return go::<Avx512Bf16, T>(args, plan, rows)
-            }
-            Backend::Avx512 | Backend::Avx512Bf16 => return go::<Avx512F32, T>(args, plan, rows),
-            Backend::Avx2 => return go::<Avx2F32, T>(args, plan, rows),
-            _ => {}
+    struct Forward<'a, 'b> {
+        args: &'a AttentionArgs<'b>,
+        plan: &'a Checked,
+        rows: usize,
+    }
+    impl Select for Forward<'_, '_> {
+        type Out = Result<()>;
+        fn with<K: Isa, T: Float>(self) -> Result<()> {
+            go::<K, T>(self.args, self.plan, self.rows)
         }
     }
-    let _ = backend;
-    go::<Portable<f32>, T>(args, plan, rows)
+    select(plan.dtype, backend, Forward { args, plan, rows })
 }
 
 /// Runs the call with kernel family `K` on inputs of type `T`. Only called with a `K` whose features the CPU
-/// has (see [`by_backend`]).
-fn go<K: Entry, T: Float>(args: &AttentionArgs, plan: &Plan, rows: usize) -> Result<()> {
+/// has (see [`select`]).
+fn go<K: Isa, T: Float>(args: &AttentionArgs, plan: &Checked, rows: usize) -> Result<()> {
     let dims = plan.dims;
     let bq = rows.div_ceil(dims.g).clamp(1, dims.q.max(1));
     let job = Job::<T> {
@@ -642,7 +591,7 @@ fn go<K: Entry, T: Float>(args: &AttentionArgs, plan: &Plan, rows: usize) -> Res
     })
 }
 
-fn prefill<K: Entry, T: Float>(job: &Job<T>) {
+fn prefill<K: Isa, T: Float>(job: &Job<T>) {
     let Dims { b: nb, hkv, .. } = job.dims;
     let (ntiles, nqb) = (job.ntiles(), job.nqb());
     let tile_len = job.klen() + job.vlen();
@@ -661,7 +610,16 @@ fn prefill<K: Entry, T: Float>(job: &Job<T>) {
                 |stage, (idx, dst)| {
                     let (b, kvh) = group[idx / ntiles];
                     // SAFETY: `K` was chosen by `Backend::resolve` for this CPU.
-                    unsafe { K::pack::<T>(job, b, kvh, idx % ntiles, dst, stage) };
+                    unsafe {
+                        K::enter(Pack::<K, T> {
+                            job,
+                            b,
+                            kvh,
+                            t: idx % ntiles,
+                            dst,
+                            stage,
+                        })
+                    };
                 },
             );
         }
@@ -676,7 +634,18 @@ fn prefill<K: Entry, T: Float>(job: &Job<T>) {
                 let q1 = (q0 + job.bq).min(job.dims.q);
                 let all = &packed[hi * ntiles * tile_len..(hi + 1) * ntiles * tile_len];
                 // SAFETY: as above.
-                unsafe { K::item::<T>(job, b, kvh, q0, q1, 0..ntiles, KvSrc::Packed(all), sc) };
+                unsafe {
+                    K::enter(Item::<K, T> {
+                        job,
+                        b,
+                        kvh,
+                        q0,
+                        q1,
+                        tiles: 0..ntiles,
+                        src: KvSrc::Packed(all),
+                        sc,
+                    })
+                };
                 let rows = job.dims.g * (q1 - q0);
                 write_rows(
                     job,
@@ -711,7 +680,7 @@ impl State<f32> for super::decode::Scratch {
     }
 }
 
-fn decode<K: Entry, T: Float>(job: &Job<T>, threads: usize) {
+fn decode<K: Isa, T: Float>(job: &Job<T>, threads: usize) {
     #[cfg(target_arch = "x86_64")]
     if K::AVX512 && super::decode::applies(job) {
         // bf16 pairs: the AVX-512 BF16 kernel, whose CPU has `vdpbf16ps`.
@@ -727,7 +696,16 @@ fn decode<K: Entry, T: Float>(job: &Job<T>, threads: usize) {
     let q = job.dims.q;
     // SAFETY: `K` was chosen by `Backend::resolve` for this CPU.
     let run = |sc: &mut Scratch<K>, b, kvh, tiles| unsafe {
-        K::item::<T>(job, b, kvh, 0, q, tiles, KvSrc::Stream, sc)
+        K::enter(Item::<K, T> {
+            job,
+            b,
+            kvh,
+            q0: 0,
+            q1: q,
+            tiles,
+            src: KvSrc::Stream,
+            sc,
+        })
     };
     split_kv::<K::A, T, _>(job, threads, || Scratch::<K>::new(job), run);
 }

@@ -6,9 +6,12 @@ use half::{bf16, f16};
 use proptest::prelude::*;
 
 use super::*;
-use crate::block::{BlockClass, CausalTiles, NoMask};
+use crate::block::{BlockClass, CausalTiles, MaskTiles, NoMask};
+use crate::isa::Isa;
 use crate::kernel::test_support::{layout, Layout, Rng};
 use crate::tensor::Float;
+use crate::tensor::{DType, TensorView};
+use crate::Error;
 
 /// Owned storage plus a strided view of it.
 struct Buf {
@@ -257,7 +260,7 @@ fn check(
         dropout: None,
         num_threads: threads,
     };
-    let plan = plan::Plan::new(&args).unwrap();
+    let plan = args.check().unwrap();
     let resolved = backend.resolve(dtype).unwrap();
     driver::run(&args, &plan, resolved, rows).unwrap();
     let (want, want_lse) = reference(x, mask);

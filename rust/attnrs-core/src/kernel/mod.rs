@@ -27,17 +27,14 @@
 
 mod args;
 mod backward;
-#[cfg(target_arch = "x86_64")]
-mod decode;
 mod dispatch;
-mod driver;
 mod dropout;
+mod forward;
 mod gemm;
+mod pack;
 mod softmax;
 mod strided;
 
-#[cfg(test)]
-mod test_support;
 #[cfg(test)]
 mod tests;
 
@@ -62,5 +59,5 @@ pub fn attention_forward_with(args: &AttentionArgs, backend: Backend) -> Result<
     if plan.dims.is_empty() {
         return Ok(());
     }
-    driver::run(args, &plan, backend, driver::ROWS)
+    forward::run(args, &plan, backend, forward::ROWS)
 }

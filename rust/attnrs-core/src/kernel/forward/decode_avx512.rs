@@ -12,10 +12,10 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::driver::{round_up, softmax_tile, Job, Rows, BC};
-use super::gemm::bf16_bits;
-use super::softmax::Logits;
+use super::tile::{round_up, softmax_tile, Job, Rows, BC};
 use crate::block::BlockClass;
+use crate::kernel::gemm::bf16_bits;
+use crate::kernel::softmax::Logits;
 use crate::tensor::{DType, Float};
 
 /// Most query rows (Q·G) one decode item takes; more go through the packed path.

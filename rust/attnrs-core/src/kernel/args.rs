@@ -274,7 +274,7 @@ fn expect_kv_heads(key: &TensorView, h: usize, hkv: usize) -> Result<()> {
     if hkv == 0 && h > 0 {
         return Err(Error::shape("key", "at least one kv head", shape_str(key)));
     }
-    if hkv > 0 && h % hkv != 0 {
+    if hkv > 0 && !h.is_multiple_of(hkv) {
         return Err(Error::shape(
             "key",
             format!("a number of kv heads dividing the {h} query heads"),

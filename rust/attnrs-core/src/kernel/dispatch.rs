@@ -1,14 +1,14 @@
 //! The one dtype × ISA selection. [`Backend::resolve`] turns a requested [`Backend`] into one this CPU has;
-//! [`select`] maps (dtype, resolved backend) to a micro-kernel family `K` and element type `T` and calls the
-//! phase's generic code with them; [`Isa::enter`] runs a phase's loop compiled inside `K`'s target features.
-//! Forward (prefill, split-KV decode) and backward all go through here: adding an ISA is one row of
-//! [`select`], one `isa!` line and its micro-kernel in [`super::gemm`].
+//! `select!` maps (dtype, resolved backend) to a micro-kernel family `K` and element type `T` and calls the
+//! phase's generic code with them; `for_each_isa!` lists the families and their target features, from
+//! which every per-ISA entry point is generated (each phase's `#[target_feature]` trampolines, and
+//! [`Isa::enter`] for a loop given as a [`Body`]). Forward (prefill, split-KV decode) and backward all go
+//! through here: adding an ISA is one row of `select!`, one of `for_each_isa!` and its micro-kernel file in
+//! [`super::gemm`].
 
-use half::{bf16, f16};
-
-use super::gemm::{Kern, Portable};
+use super::gemm::Kern;
 use crate::isa::Isa as Cpu;
-use crate::tensor::{DType, Float};
+use crate::tensor::DType;
 use crate::{Error, Result};
 
 /// Which micro-kernels to run. [`Backend::Auto`] picks the best the CPU has; the others force a path and
@@ -73,6 +73,29 @@ pub(crate) trait Isa: Kern {
     unsafe fn enter<B: Body>(body: B) -> B::Out;
 }
 
+/// The ISA rows: `$m!(family)` or `$m!(family, "target features")` for every micro-kernel family. Every
+/// per-ISA entry point (each phase's `#[target_feature]` trampolines, [`Isa::enter`]) is generated from this
+/// one list.
+macro_rules! for_each_isa {
+    ($m:ident) => {
+        $m!($crate::kernel::gemm::Portable<f32>);
+        $m!($crate::kernel::gemm::Portable<f64>);
+        #[cfg(target_arch = "x86_64")]
+        $m!($crate::kernel::gemm::Avx2F32, "avx2,fma");
+        #[cfg(target_arch = "x86_64")]
+        $m!(
+            $crate::kernel::gemm::Avx512F32,
+            "avx512f,avx512bw,avx512vl,avx2,fma"
+        );
+        #[cfg(target_arch = "x86_64")]
+        $m!(
+            $crate::kernel::gemm::Avx512Bf16,
+            "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"
+        );
+    };
+}
+pub(crate) use for_each_isa;
+
 macro_rules! isa {
     ($kern:ty $(, $feature:literal)?) => {
         impl Isa for $kern {
@@ -89,49 +112,38 @@ macro_rules! isa {
     };
 }
 
-isa!(Portable<f32>);
-isa!(Portable<f64>);
-#[cfg(target_arch = "x86_64")]
-isa!(super::gemm::Avx2F32, "avx2,fma");
-#[cfg(target_arch = "x86_64")]
-isa!(super::gemm::Avx512F32, "avx512f,avx512bw,avx512vl,avx2,fma");
-#[cfg(target_arch = "x86_64")]
-isa!(
-    super::gemm::Avx512Bf16,
-    "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"
-);
+for_each_isa!(isa);
 
-/// Code generic over the micro-kernel family `K` and the input element type `T`.
-pub(crate) trait Select {
-    type Out;
-    /// Called only with a `K` whose features this CPU has.
-    fn with<K: Isa, T: Float>(self) -> Self::Out;
-}
-
-/// The dtype × ISA table: calls `call` with the family that `backend` (already [`Backend::resolve`]d for
-/// `dtype`) names. f64 always runs the portable f64 family; the others accumulate in f32.
-pub(crate) fn select<S: Select>(dtype: DType, backend: Backend, call: S) -> S::Out {
-    match dtype {
-        DType::F64 => call.with::<Portable<f64>, f64>(),
-        DType::F32 => by_backend::<f32, S>(backend, call),
-        DType::BF16 => by_backend::<bf16, S>(backend, call),
-        _ => by_backend::<f16, S>(backend, call),
-    }
-}
-
-fn by_backend<T: Float, S: Select>(backend: Backend, call: S) -> S::Out {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use super::gemm::{Avx2F32, Avx512Bf16, Avx512F32};
-        // `backend` came from `Backend::resolve`, which checked the CPU's features.
-        match backend {
-            // bf16 inputs: `vdpbf16ps` products (f32 accumulation).
-            Backend::Avx512Bf16 if T::DTYPE == DType::BF16 => return call.with::<Avx512Bf16, T>(),
-            Backend::Avx512 | Backend::Avx512Bf16 => return call.with::<Avx512F32, T>(),
-            Backend::Avx2 => return call.with::<Avx2F32, T>(),
-            _ => {}
+/// The dtype × ISA table: `select!(dtype, backend, f(args..))` calls `f::<K, T>(args..)` with the family `K`
+/// that `backend` (already [`Backend::resolve`]d for `dtype`) names and the element type `T` of `dtype`. f64
+/// always runs the portable f64 family; the others accumulate in f32. (A macro, so that each phase's `f` can
+/// require its own per-ISA entry trait of `K`.)
+macro_rules! select {
+    ($dtype:expr, $backend:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $dtype {
+            $crate::tensor::DType::F64 => $f::<$crate::kernel::gemm::Portable<f64>, f64>($($arg),*),
+            $crate::tensor::DType::F32 => $crate::kernel::dispatch::select!(@isa f32, $backend, $f($($arg),*)),
+            $crate::tensor::DType::BF16 => {
+                $crate::kernel::dispatch::select!(@isa half::bf16, $backend, $f($($arg),*))
+            }
+            _ => $crate::kernel::dispatch::select!(@isa half::f16, $backend, $f($($arg),*)),
         }
-    }
-    let _ = backend;
-    call.with::<Portable<f32>, T>()
+    };
+    (@isa $t:ty, $backend:expr, $f:ident($($arg:expr),*)) => {{
+        use $crate::kernel::dispatch::Backend;
+        // `backend` came from `Backend::resolve`, which checked the CPU's features.
+        match $backend {
+            // bf16 inputs: `vdpbf16ps` products (f32 accumulation).
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512Bf16 if <$t as $crate::tensor::Float>::DTYPE == $crate::tensor::DType::BF16 => {
+                $f::<$crate::kernel::gemm::Avx512Bf16, $t>($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512 | Backend::Avx512Bf16 => $f::<$crate::kernel::gemm::Avx512F32, $t>($($arg),*),
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 => $f::<$crate::kernel::gemm::Avx2F32, $t>($($arg),*),
+            _ => $f::<$crate::kernel::gemm::Portable<f32>, $t>($($arg),*),
+        }
+    }};
 }
+pub(crate) use select;

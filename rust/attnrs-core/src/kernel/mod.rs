@@ -1,4 +1,4 @@
-//! The CPU attention kernel: forward (prefill) and split-KV decode.
+//! The CPU attention kernel: forward (prefill and split-KV decode) and backward.
 //!
 //! One entry point, [`attention_forward`], computes
 //!
@@ -14,7 +14,7 @@
 //!
 //! How it runs: work items are (batch, kv head, query block); the query rows of all `G` heads of a GQA group
 //! are stacked into one block so every packed K/V tile serves all of them. For each kv tile the mask
-//! ([`MaskTiles`]) is asked for the tile's class: empty tiles are skipped, full tiles run with no mask work,
+//! ([`crate::block::MaskTiles`]) is asked for the tile's class: empty tiles are skipped, full tiles run with no mask work,
 //! partial tiles get their visibility bytes. `S = Q·Kᵀ` and `O += P·V` run on a register-blocked micro-kernel
 //! ([`gemm`]) over packed operands; every variant shares one online-softmax step ([`softmax`]). When there
 //! is a single query block per kv head (decode: few query rows), the KV length is split across threads and
@@ -23,7 +23,22 @@
 //! Dtypes: q, k, v and out share one of f32, bf16, f16 (computed with f32 accumulators) or f64 (computed in
 //! f64 throughout: the reference / gradcheck path). ISA: AVX-512F (f32 micro-kernel), AVX-512 BF16
 //! (`vdpbf16ps` for both products when the inputs are bf16), AVX2+FMA, and a portable path that is correct
-//! everywhere. The CPU is inspected once ([`Isa::get`]); [`attention_forward_with`] forces a path (tests).
+//! everywhere. The CPU is inspected once ([`crate::isa::Isa::get`]); [`attention_forward_with`] forces a path (tests).
+//!
+//! Layout, by phase (each module's docs say what it owns):
+//!
+//! | module | owns |
+//! |---|---|
+//! | `args` | [`AttentionArgs`] and its one validation, [`AttentionArgs::check`] (every argument error message) |
+//! | `dispatch` | [`Backend`], and the one dtype × ISA table every phase runs through |
+//! | `gemm` | the micro-kernel trait and one file per ISA: `portable`, `avx2`, `avx512` |
+//! | `pack` | strided input rows packed into operand layouts (forward K/V tiles, backward rows) |
+//! | `softmax` | the online-softmax step, finishing and merging rows |
+//! | `dropout` | [`Dropout`], the keep pattern both passes regenerate |
+//! | `strided` | typed raw views of validated tensors |
+//! | `forward` | `tile` (shared per-tile step), `item` (packed path), `prefill`, `split_kv`, `decode_avx512` |
+//! | `backward` | [`AttentionGradArgs`], `job`, `tile` (one query × key tile), `stats` (per-row Δ), `schedule` |
+//! | `tests` | every kernel test: forward and backward against f64 references, errors, helpers |
 
 mod args;
 mod backward;

@@ -1,10 +1,9 @@
 //! Packing strided input rows into the micro-kernels' operand layouts (see [`super::gemm`]): the forward's
-//! K/V tiles ([`pack_tile`], with its [`Body`] [`Pack`]) and the backward's query, dO, K and V rows
+//! K/V tiles ([`pack_tile`]) and the backward's query, dO, K and V rows
 //! ([`pack_a`], [`scatter_rows`], [`pack_b_rows`], [`pack_t`]). Packing is exact: how rows are packed never
 //! changes a result.
 
 use crate::kernel::args::Dims;
-use crate::kernel::dispatch::Body;
 use crate::kernel::forward::tile::{Job, BC};
 use crate::kernel::gemm::Kern;
 use crate::kernel::strided::Strided;
@@ -136,24 +135,6 @@ pub(crate) fn pack_tile<K: Kern, T: Float>(
                 }
             }
         }
-    }
-}
-
-/// [`pack_tile`] as a [`Body`].
-pub(crate) struct Pack<'a, 'j, K: Kern, T> {
-    pub(crate) job: &'a Job<'j, T>,
-    pub(crate) b: usize,
-    pub(crate) kvh: usize,
-    pub(crate) t: usize,
-    pub(crate) dst: &'a mut [K::E],
-    pub(crate) stage: &'a mut Vec<u32>,
-}
-
-impl<K: Kern, T: Float> Body for Pack<'_, '_, K, T> {
-    type Out = ();
-    #[inline(always)]
-    fn run(self) {
-        pack_tile::<K, T>(self.job, self.b, self.kvh, self.t, self.dst, self.stage)
     }
 }
 

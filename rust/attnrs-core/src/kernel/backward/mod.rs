@@ -64,7 +64,7 @@ use tile::*;
 use super::args::{
     check_disjoint, expect_float, expect_like, expect_shape, Call, Checked, Dims, FLOATS,
 };
-use super::dispatch::{select, Backend, Isa, Select};
+use super::dispatch::{select, Backend, Isa};
 use super::strided::read_sinks;
 use super::AttentionArgs;
 use crate::block::MaskTiles;
@@ -204,29 +204,22 @@ pub(crate) fn backward_with(
         bk,
         pack_budget: tuning.pack_budget,
     };
-    struct Backward<'a, 'b> {
-        args: &'a AttentionGradArgs<'b>,
-        checked: &'a Checked,
-        strategy: Resolved,
-    }
-    impl Select for Backward<'_, '_> {
-        type Out = Result<()>;
-        fn with<K: Isa, T: Float>(self) -> Result<()> {
-            run::<T, K>(self.args, self.checked, self.strategy)
-        }
-    }
     // f64 runs the portable f64 loops whatever the backend (so a forced one missing here is no error).
     let backend = if checked.dtype == DType::F64 {
         Backend::Portable
     } else {
         backend.resolve(checked.dtype)?
     };
-    let call = Backward {
-        args,
-        checked: &checked,
-        strategy,
-    };
-    select(checked.dtype, backend, call)
+    select!(checked.dtype, backend, on(args, &checked, strategy))
+}
+
+/// [`run`] with the type parameters in `select!`'s order.
+fn on<K: Isa, T: Float>(
+    args: &AttentionGradArgs,
+    checked: &Checked,
+    strategy: Resolved,
+) -> Result<()> {
+    run::<T, K>(args, checked, strategy)
 }
 
 // ------------------------------------------------------------------------------------------------------------

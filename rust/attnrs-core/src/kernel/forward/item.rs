@@ -7,7 +7,6 @@ use std::ops::Range;
 use super::tile::{round_up, softmax_tile, Job, Rows, BC};
 use crate::block::BlockClass;
 use crate::kernel::args::Dims;
-use crate::kernel::dispatch::Body;
 use crate::kernel::gemm::Kern;
 use crate::kernel::pack::pack_tile;
 use crate::kernel::softmax::{Acc, Logits};
@@ -186,32 +185,88 @@ fn item_body<K: Kern, T: Float>(
     }
 }
 
-/// [`item_body`] as a [`Body`], to run inside an ISA's features.
-pub(super) struct Item<'a, 'j, K: Kern, T> {
-    pub(super) job: &'a Job<'j, T>,
-    pub(super) b: usize,
-    pub(super) kvh: usize,
-    pub(super) q0: usize,
-    pub(super) q1: usize,
-    pub(super) tiles: Range<usize>,
-    pub(super) src: KvSrc<'a, K::E>,
-    pub(super) sc: &'a mut Scratch<K>,
+/// The per-ISA entry points of the forward: [`item_body`] and [`pack_tile`] compiled inside
+/// `#[target_feature]` functions, one pair per row of `for_each_isa!`.
+pub(crate) trait Entry: Kern {
+    /// # Safety
+    /// The CPU must support the kernel's target features.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn item<T: Float>(
+        job: &Job<T>,
+        b: usize,
+        kvh: usize,
+        q0: usize,
+        q1: usize,
+        tiles: Range<usize>,
+        src: KvSrc<'_, Self::E>,
+        sc: &mut Scratch<Self>,
+    );
+    /// # Safety
+    /// As for [`Entry::item`].
+    unsafe fn pack<T: Float>(
+        job: &Job<T>,
+        b: usize,
+        kvh: usize,
+        t: usize,
+        dst: &mut [Self::E],
+        stage: &mut Vec<u32>,
+    );
 }
 
-impl<K: Kern, T: Float> Body for Item<'_, '_, K, T> {
-    type Out = ();
-    #[inline(always)]
-    fn run(self) {
-        let Item {
-            job,
-            b,
-            kvh,
-            q0,
-            q1,
-            tiles,
-            src,
-            sc,
-        } = self;
-        item_body::<K, T>(job, b, kvh, q0, q1, tiles, src, sc)
-    }
+macro_rules! entry {
+    ($kern:ty $(, $feature:literal)?) => {
+        impl Entry for $kern {
+            unsafe fn item<T: Float>(
+                job: &Job<T>,
+                b: usize,
+                kvh: usize,
+                q0: usize,
+                q1: usize,
+                tiles: Range<usize>,
+                src: KvSrc<'_, Self::E>,
+                sc: &mut Scratch<Self>,
+            ) {
+                $(#[target_feature(enable = $feature)])?
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn go<T: Float>(
+                    job: &Job<T>,
+                    b: usize,
+                    kvh: usize,
+                    q0: usize,
+                    q1: usize,
+                    tiles: Range<usize>,
+                    src: KvSrc<'_, <$kern as Kern>::E>,
+                    sc: &mut Scratch<$kern>,
+                ) {
+                    item_body::<$kern, T>(job, b, kvh, q0, q1, tiles, src, sc)
+                }
+                // SAFETY: the caller guarantees the CPU has the features `go` is compiled for.
+                unsafe { go::<T>(job, b, kvh, q0, q1, tiles, src, sc) }
+            }
+            unsafe fn pack<T: Float>(
+                job: &Job<T>,
+                b: usize,
+                kvh: usize,
+                t: usize,
+                dst: &mut [Self::E],
+                stage: &mut Vec<u32>,
+            ) {
+                $(#[target_feature(enable = $feature)])?
+                unsafe fn go<T: Float>(
+                    job: &Job<T>,
+                    b: usize,
+                    kvh: usize,
+                    t: usize,
+                    dst: &mut [<$kern as Kern>::E],
+                    stage: &mut Vec<u32>,
+                ) {
+                    pack_tile::<$kern, T>(job, b, kvh, t, dst, stage)
+                }
+                // SAFETY: as above.
+                unsafe { go::<T>(job, b, kvh, t, dst, stage) }
+            }
+        }
+    };
 }
+
+crate::kernel::dispatch::for_each_isa!(entry);

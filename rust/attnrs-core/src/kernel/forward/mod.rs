@@ -1,8 +1,8 @@
 //! The forward pass: from validated arguments to the typed [`tile::Job`], then prefill ([`prefill`]) or
-//! split-KV decode ([`split_kv`]) on the micro-kernel family [`select`] picks.
+//! split-KV decode ([`split_kv`]) on the micro-kernel family `select!` picks.
 
 #[cfg(target_arch = "x86_64")]
-mod decode_avx512;
+pub(crate) mod decode_avx512;
 mod item;
 mod prefill;
 mod split_kv;
@@ -11,12 +11,13 @@ pub(crate) mod tile;
 pub(crate) use tile::ROWS;
 
 use super::args::Checked;
-use super::dispatch::{select, Backend, Isa, Select};
+use super::dispatch::{select, Backend};
 use super::dropout::DropMask;
 use super::strided::{read_sinks, BiasRef, Strided};
 use super::AttentionArgs;
 use crate::tensor::Float;
 use crate::{threads, Result};
+use item::Entry;
 use tile::{round_up, Job};
 
 /// Validated arguments in, output written.
@@ -27,23 +28,12 @@ pub(crate) fn run(
     backend: Backend,
     rows: usize,
 ) -> Result<()> {
-    struct Forward<'a, 'b> {
-        args: &'a AttentionArgs<'b>,
-        plan: &'a Checked,
-        rows: usize,
-    }
-    impl Select for Forward<'_, '_> {
-        type Out = Result<()>;
-        fn with<K: Isa, T: Float>(self) -> Result<()> {
-            go::<K, T>(self.args, self.plan, self.rows)
-        }
-    }
-    select(plan.dtype, backend, Forward { args, plan, rows })
+    select!(plan.dtype, backend, go(args, plan, rows))
 }
 
 /// Runs the call with kernel family `K` on inputs of type `T`. Only called with a `K` whose features the CPU
-/// has (see [`select`]).
-fn go<K: Isa, T: Float>(args: &AttentionArgs, plan: &Checked, rows: usize) -> Result<()> {
+/// has (see `select!`).
+fn go<K: Entry, T: Float>(args: &AttentionArgs, plan: &Checked, rows: usize) -> Result<()> {
     let dims = plan.dims;
     let bq = rows.div_ceil(dims.g).clamp(1, dims.q.max(1));
     let job = Job::<T> {

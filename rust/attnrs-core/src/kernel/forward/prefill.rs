@@ -3,17 +3,15 @@
 
 use rayon::prelude::*;
 
-use super::item::{Item, KvSrc, Scratch};
+use super::item::{Entry, KvSrc, Scratch};
 use super::tile::{write_rows, Job};
 use crate::kernel::args::Dims;
-use crate::kernel::dispatch::Isa;
-use crate::kernel::pack::Pack;
 use crate::tensor::Float;
 
 /// Bytes of packed K/V held at once by the prefill path.
 const PACK_BUDGET: usize = 64 << 20;
 
-pub(super) fn prefill<K: Isa, T: Float>(job: &Job<T>) {
+pub(super) fn prefill<K: Entry, T: Float>(job: &Job<T>) {
     let Dims { b: nb, hkv, .. } = job.dims;
     let (ntiles, nqb) = (job.ntiles(), job.nqb());
     let tile_len = job.klen() + job.vlen();
@@ -32,16 +30,7 @@ pub(super) fn prefill<K: Isa, T: Float>(job: &Job<T>) {
                 |stage, (idx, dst)| {
                     let (b, kvh) = group[idx / ntiles];
                     // SAFETY: `K` was chosen by `Backend::resolve` for this CPU.
-                    unsafe {
-                        K::enter(Pack::<K, T> {
-                            job,
-                            b,
-                            kvh,
-                            t: idx % ntiles,
-                            dst,
-                            stage,
-                        })
-                    };
+                    unsafe { K::pack::<T>(job, b, kvh, idx % ntiles, dst, stage) };
                 },
             );
         }
@@ -56,18 +45,7 @@ pub(super) fn prefill<K: Isa, T: Float>(job: &Job<T>) {
                 let q1 = (q0 + job.bq).min(job.dims.q);
                 let all = &packed[hi * ntiles * tile_len..(hi + 1) * ntiles * tile_len];
                 // SAFETY: as above.
-                unsafe {
-                    K::enter(Item::<K, T> {
-                        job,
-                        b,
-                        kvh,
-                        q0,
-                        q1,
-                        tiles: 0..ntiles,
-                        src: KvSrc::Packed(all),
-                        sc,
-                    })
-                };
+                unsafe { K::item::<T>(job, b, kvh, q0, q1, 0..ntiles, KvSrc::Packed(all), sc) };
                 let rows = job.dims.g * (q1 - q0);
                 write_rows(
                     job,

@@ -7,10 +7,9 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::item::{Item, KvSrc, Scratch};
+use super::item::{Entry, KvSrc, Scratch};
 use super::tile::{write_rows, Job};
 use crate::kernel::args::Dims;
-use crate::kernel::dispatch::Isa;
 use crate::kernel::gemm::Kern;
 use crate::kernel::softmax::{merge_into, Acc};
 use crate::tensor::Float;
@@ -36,7 +35,7 @@ impl State<f32> for super::decode_avx512::Scratch {
     }
 }
 
-pub(super) fn decode<K: Isa, T: Float>(job: &Job<T>, threads: usize) {
+pub(super) fn decode<K: Entry, T: Float>(job: &Job<T>, threads: usize) {
     #[cfg(target_arch = "x86_64")]
     if K::AVX512 && super::decode_avx512::applies(job) {
         // bf16 pairs: the AVX-512 BF16 kernel, whose CPU has `vdpbf16ps`.
@@ -52,16 +51,7 @@ pub(super) fn decode<K: Isa, T: Float>(job: &Job<T>, threads: usize) {
     let q = job.dims.q;
     // SAFETY: `K` was chosen by `Backend::resolve` for this CPU.
     let run = |sc: &mut Scratch<K>, b, kvh, tiles| unsafe {
-        K::enter(Item::<K, T> {
-            job,
-            b,
-            kvh,
-            q0: 0,
-            q1: q,
-            tiles,
-            src: KvSrc::Stream,
-            sc,
-        })
+        K::item::<T>(job, b, kvh, 0, q, tiles, KvSrc::Stream, sc)
     };
     split_kv::<K::A, T, _>(job, threads, || Scratch::<K>::new(job), run);
 }

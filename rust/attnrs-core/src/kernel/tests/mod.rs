@@ -5,7 +5,11 @@ mod backward;
 mod backward_errors;
 mod backward_reference;
 mod backward_support;
+#[cfg(target_arch = "x86_64")]
+mod decode_avx512;
+mod dropout;
 mod forward;
 mod forward_errors;
 mod forward_support;
+mod softmax;
 pub(crate) mod support;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use attnrs_abi::{feature, forward_fn, mask_kind, AttnArgsV1, AttnKernelV1, AttnTile, KernelError};
 
 use super::*;
-use crate::block::{CausalTiles, NoMask};
+use crate::block::NoMask;
 use crate::mask::{MaskExpr, PlacedMask};
 use crate::registry::{kernels, register_kernel, run_kernel, BUILTIN_KERNEL};
 
@@ -146,7 +146,7 @@ fn naive_plugin_matches_the_builtin_kernel() {
                 softcap: None,
                 sinks: false,
             },
-            &CausalTiles { diagonal: 33 },
+            &PlacedMask::new(MaskExpr::causal_with_offset(33), 0, 0),
             true,
         ),
         (
@@ -164,7 +164,7 @@ fn naive_plugin_matches_the_builtin_kernel() {
                 softcap: None,
                 sinks: true,
             },
-            &CausalTiles { diagonal: -2 },
+            &PlacedMask::new(MaskExpr::causal_with_offset(-2), 0, 0),
             true,
         ),
     ];
@@ -258,7 +258,13 @@ fn panics_and_refusals_become_errors() {
         ..NAIVE
     };
     register_kernel("naive-unmasked", Arc::new(kernel(&unmasked).unwrap())).unwrap();
-    let err = compare("naive-unmasked", &case, &CausalTiles { diagonal: 0 }, true).unwrap_err();
+    let err = compare(
+        "naive-unmasked",
+        &case,
+        &PlacedMask::new(MaskExpr::causal_with_offset(0), 0, 0),
+        true,
+    )
+    .unwrap_err();
     assert!(
         matches!(&err, Error::Unsupported(m) if m.contains("no masks")),
         "{err}"
@@ -339,7 +345,13 @@ fn rust_kernels_register_through_the_core_api() {
         sinks: true,
     };
     assert_eq!(
-        compare("counting", &case, &CausalTiles { diagonal: 1 }, true).unwrap(),
+        compare(
+            "counting",
+            &case,
+            &PlacedMask::new(MaskExpr::causal_with_offset(1), 0, 0),
+            true
+        )
+        .unwrap(),
         0.0
     );
     assert_eq!(counting.calls.load(Ordering::Relaxed), 1);

@@ -12,10 +12,10 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::driver::{round_up, softmax_tile, Job, Rows, BC};
-use super::gemm::bf16_bits;
-use super::softmax::Logits;
+use super::tile::{round_up, softmax_tile, Job, Rows, BC};
 use crate::block::BlockClass;
+use crate::kernel::gemm::bf16_bits;
+use crate::kernel::softmax::Logits;
 use crate::tensor::{DType, Float};
 
 /// Most query rows (Q·G) one decode item takes; more go through the packed path.
@@ -127,7 +127,7 @@ fn lanes_mask(v: usize, len: usize) -> __mmask16 {
 /// Sums each of 16 vectors: lane `i` of the result is the sum of the lanes of `x[i]`.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn reduce16(x: &[__m512; 16]) -> __m512 {
+pub(crate) fn reduce16(x: &[__m512; 16]) -> __m512 {
     // Per 128-bit segment: [a0+a2, b0+b2, a1+a3, b1+b3] for each pair (a, b).
     let mut t = [_mm512_setzero_ps(); 8];
     for (i, y) in t.iter_mut().enumerate() {
@@ -665,35 +665,6 @@ pub(super) unsafe fn item<T: Float>(
             DType::F32 => go::<F32s, T>(job, b, kvh, tiles, sc),
             DType::BF16 => go::<Bf16s, T>(job, b, kvh, tiles, sc),
             _ => go::<F16s, T>(job, b, kvh, tiles, sc),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reduce16_sums_each_vector() {
-        if !crate::isa::Isa::get().avx512f {
-            return;
-        }
-        #[target_feature(enable = "avx512f")]
-        unsafe fn go() -> [f32; 16] {
-            let x: [__m512; 16] = std::array::from_fn(|i| {
-                let v: [f32; 16] = std::array::from_fn(|l| (i * 100 + l) as f32);
-                // SAFETY: v holds 16 floats.
-                unsafe { _mm512_loadu_ps(v.as_ptr()) }
-            });
-            let mut out = [0f32; 16];
-            // SAFETY: AVX-512F is present; out holds 16 floats.
-            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), reduce16(&x)) };
-            out
-        }
-        // SAFETY: checked above.
-        let out = unsafe { go() };
-        for (i, &s) in out.iter().enumerate() {
-            assert_eq!(s, (i * 1600 + 120) as f32, "lane {i}: {out:?}");
         }
     }
 }

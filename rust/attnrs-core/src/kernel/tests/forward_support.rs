@@ -1,23 +1,26 @@
-//! The kernel against a naive f64 reference, on every path this CPU has.
+//! The forward tests' naive f64 reference, strided test buffers, a bitmap mask and the case runner.
 
 use std::ops::Range;
 
 use half::{bf16, f16};
 use proptest::prelude::*;
 
-use super::*;
-use crate::block::{BlockClass, CausalTiles, NoMask};
-use crate::kernel::test_support::{layout, Layout, Rng};
+use crate::block::{BlockClass, MaskTiles, NoMask};
+use crate::kernel::args::*;
+use crate::kernel::forward;
+use crate::kernel::tests::support::{causal, layout, Layout, Rng};
+use crate::kernel::*;
 use crate::tensor::Float;
+use crate::tensor::{DType, TensorView};
 
 /// Owned storage plus a strided view of it.
-struct Buf {
-    _store: Vec<u64>,
-    view: TensorView,
+pub(super) struct Buf {
+    pub(super) _store: Vec<u64>,
+    pub(super) view: TensorView,
 }
 
 impl Buf {
-    fn new(
+    pub(super) fn new(
         dtype: DType,
         shape: &[usize],
         layout: Layout,
@@ -66,12 +69,12 @@ impl Buf {
         }
     }
 
-    fn zeros(dtype: DType, shape: &[usize], layout: Layout, rng: &mut Rng) -> Buf {
+    pub(super) fn zeros(dtype: DType, shape: &[usize], layout: Layout, rng: &mut Rng) -> Buf {
         Buf::new(dtype, shape, layout, rng, &mut |_| f64::NAN)
     }
 
     /// Element `idx` read through the view, as f64.
-    fn get(&self, idx: &[usize]) -> f64 {
+    pub(super) fn get(&self, idx: &[usize]) -> f64 {
         let off: isize = idx
             .iter()
             .zip(self.view.strides())
@@ -91,15 +94,15 @@ impl Buf {
 }
 
 /// Random per-element visibility (per batch and head), some rows fully hidden.
-struct Bitmap {
-    h: usize,
-    q: usize,
-    k: usize,
-    bits: Vec<u8>,
+pub(super) struct Bitmap {
+    pub(super) h: usize,
+    pub(super) q: usize,
+    pub(super) k: usize,
+    pub(super) bits: Vec<u8>,
 }
 
 impl Bitmap {
-    fn new(b: usize, h: usize, q: usize, k: usize, rng: &mut Rng) -> Bitmap {
+    pub(super) fn new(b: usize, h: usize, q: usize, k: usize, rng: &mut Rng) -> Bitmap {
         let density = rng.range(0.05, 0.95);
         let mut bits: Vec<u8> = (0..b * h * q * k)
             .map(|_| u8::from(rng.chance(density)))
@@ -113,7 +116,7 @@ impl Bitmap {
         }
         Bitmap { h, q, k, bits }
     }
-    fn at(&self, b: usize, h: usize, i: usize, j: usize) -> u8 {
+    pub(super) fn at(&self, b: usize, h: usize, i: usize, j: usize) -> u8 {
         self.bits[((b * self.h + h) * self.q + i) * self.k + j]
     }
 }
@@ -141,24 +144,24 @@ impl MaskTiles for Bitmap {
     }
 }
 
-fn visible(mask: &dyn MaskTiles, b: usize, h: usize, i: usize, j: usize) -> bool {
+pub(super) fn visible(mask: &dyn MaskTiles, b: usize, h: usize, i: usize, j: usize) -> bool {
     let mut v = [0u8];
     mask.fill(b, h, i..i + 1, j..j + 1, &mut v);
     v[0] != 0
 }
 
-struct Inputs {
-    q: Buf,
-    k: Buf,
-    v: Buf,
-    bias: Option<Buf>,
-    sinks: Option<Buf>,
-    scale: f32,
-    softcap: Option<f32>,
+pub(super) struct Inputs {
+    pub(super) q: Buf,
+    pub(super) k: Buf,
+    pub(super) v: Buf,
+    pub(super) bias: Option<Buf>,
+    pub(super) sinks: Option<Buf>,
+    pub(super) scale: f32,
+    pub(super) softcap: Option<f32>,
 }
 
 /// The definition, in f64, by straightforward loops: `(out [B,H,Q,Dv], lse [B,H,Q])`.
-fn reference(x: &Inputs, mask: &dyn MaskTiles) -> (Vec<f64>, Vec<f64>) {
+pub(super) fn reference(x: &Inputs, mask: &dyn MaskTiles) -> (Vec<f64>, Vec<f64>) {
     let [b_, h_, q_, d] = x.q.view.shape().try_into().unwrap();
     let [_, hkv, k_, _]: [usize; 4] = x.k.view.shape().try_into().unwrap();
     let dv = x.v.view.shape()[3];
@@ -229,7 +232,7 @@ fn reference(x: &Inputs, mask: &dyn MaskTiles) -> (Vec<f64>, Vec<f64>) {
 
 /// Runs the kernel on `backend` with `rows` query rows per item and checks it against the reference.
 #[allow(clippy::too_many_arguments)]
-fn check(
+pub(super) fn check(
     x: &Inputs,
     mask: &dyn MaskTiles,
     backend: Backend,
@@ -257,9 +260,9 @@ fn check(
         dropout: None,
         num_threads: threads,
     };
-    let plan = plan::Plan::new(&args).unwrap();
+    let plan = args.check().unwrap();
     let resolved = backend.resolve(dtype).unwrap();
-    driver::run(&args, &plan, resolved, rows).unwrap();
+    forward::run(&args, &plan, resolved, rows).unwrap();
     let (want, want_lse) = reference(x, mask);
     let vmax = (0..want.len())
         .map(|i| want[i].abs())
@@ -308,7 +311,7 @@ fn check(
 }
 
 /// Every path this CPU can run for `dtype`.
-fn backends(dtype: DType) -> Vec<Backend> {
+pub(super) fn backends(dtype: DType) -> Vec<Backend> {
     let mut all = vec![Backend::Portable];
     for b in [Backend::Avx2, Backend::Avx512, Backend::Avx512Bf16] {
         if let Ok(r) = b.resolve(dtype) {
@@ -321,21 +324,21 @@ fn backends(dtype: DType) -> Vec<Backend> {
 }
 
 #[derive(Debug, Clone)]
-struct Case {
-    seed: u64,
-    dtype: DType,
-    b: usize,
-    hkv: usize,
-    g: usize,
-    q: usize,
-    k: usize,
-    d: usize,
-    dv: usize,
-    mask: u8,
-    rows: usize,
+pub(super) struct Case {
+    pub(super) seed: u64,
+    pub(super) dtype: DType,
+    pub(super) b: usize,
+    pub(super) hkv: usize,
+    pub(super) g: usize,
+    pub(super) q: usize,
+    pub(super) k: usize,
+    pub(super) d: usize,
+    pub(super) dv: usize,
+    pub(super) mask: u8,
+    pub(super) rows: usize,
 }
 
-fn run_case(c: &Case) {
+pub(super) fn run_case(c: &Case) {
     let mut rng = Rng(c.seed);
     let h = c.hkv * c.g;
     let dt = c.dtype;
@@ -414,9 +417,8 @@ fn run_case(c: &Case) {
         scale,
         softcap,
     };
-    let causal = CausalTiles {
-        diagonal: rng.below(11) as i64 - 5 + (c.k as i64 - c.q as i64) * (rng.below(2) as i64),
-    };
+    let causal =
+        causal(rng.below(11) as i64 - 5 + (c.k as i64 - c.q as i64) * (rng.below(2) as i64));
     let bitmap = Bitmap::new(c.b, h, c.q, c.k, &mut rng);
     let mask: &dyn MaskTiles = match c.mask {
         0 => &NoMask,
@@ -430,7 +432,7 @@ fn run_case(c: &Case) {
     }
 }
 
-fn dtype_strategy() -> impl Strategy<Value = DType> {
+pub(super) fn dtype_strategy() -> impl Strategy<Value = DType> {
     prop_oneof![
         Just(DType::F32),
         Just(DType::BF16),
@@ -439,422 +441,11 @@ fn dtype_strategy() -> impl Strategy<Value = DType> {
     ]
 }
 
-fn head_dims() -> impl Strategy<Value = (usize, usize)> {
+pub(super) fn head_dims() -> impl Strategy<Value = (usize, usize)> {
     let d = prop_oneof![4 => Just(32usize), 3 => Just(64), 1 => Just(80), 1 => Just(96), 1 => Just(128), 1 => Just(256)];
     (
         d,
         prop_oneof![3 => Just(0usize), 1 => Just(16), 1 => Just(24), 1 => Just(7)],
     )
         .prop_map(|(d, dv)| (d, if dv == 0 { d } else { dv }))
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
-
-    #[test]
-    fn forward_matches_reference(
-        seed in any::<u64>(),
-        dtype in dtype_strategy(),
-        b in 1usize..=2,
-        (hkv, g) in prop_oneof![Just((1usize, 1usize)), Just((1, 2)), Just((2, 2)), Just((1, 4)), Just((2, 1)), Just((1, 3))],
-        q in 1usize..70,
-        k in 1usize..70,
-        (d, dv) in head_dims(),
-        mask in 0u8..3,
-        rows in prop_oneof![Just(6usize), Just(13), Just(32), Just(96)],
-    ) {
-        run_case(&Case { seed, dtype, b, hkv, g, q, k, d, dv, mask, rows });
-    }
-
-    #[test]
-    fn decode_matches_reference(
-        seed in any::<u64>(),
-        dtype in dtype_strategy(),
-        (hkv, g) in prop_oneof![
-            Just((1usize, 4usize)), Just((2, 2)), Just((1, 1)), Just((1, 8)), Just((2, 4)), Just((1, 3)), Just((1, 5))
-        ],
-        q in 1usize..=4,
-        k in prop_oneof![1usize..70, 120usize..700],
-        (d, dv) in head_dims(),
-        mask in 0u8..3,
-    ) {
-        run_case(&Case { seed, dtype, b: 1, hkv, g, q, k, d, dv, mask, rows: 96 });
-    }
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
-
-    /// Decode over a few thousand keys: several tiles, the split-KV merge, prefetches running ahead.
-    #[test]
-    fn long_decode_matches_reference(
-        seed in any::<u64>(),
-        dtype in prop_oneof![Just(DType::F32), Just(DType::BF16), Just(DType::F16)],
-        (hkv, g) in prop_oneof![Just((1usize, 4usize)), Just((1, 8)), Just((2, 1))],
-        q in 1usize..=2,
-        k in 1500usize..3000,
-        mask in 0u8..3,
-    ) {
-        run_case(&Case { seed, dtype, b: 1, hkv, g, q, k, d: 64, dv: 64, mask, rows: 96 });
-    }
-}
-
-/// The portable path and every SIMD path agree on long decodes (too long for the f64 reference).
-#[test]
-fn decode_paths_agree_with_portable() {
-    for dtype in [DType::F32, DType::BF16, DType::F16] {
-        let (hkv, g, q, k, d) = (2, 4, 1, 9000, 128);
-        let mut rng = Rng(k as u64);
-        let mut unit = |r: &mut Rng| r.range(-1.0, 1.0);
-        let qb = Buf::new(
-            dtype,
-            &[1, hkv * g, q, d],
-            Layout::Contiguous,
-            &mut rng,
-            &mut unit,
-        );
-        let kb = Buf::new(dtype, &[1, hkv, k, d], Layout::Padded, &mut rng, &mut unit);
-        let vb = Buf::new(
-            dtype,
-            &[1, hkv, k, d],
-            Layout::Transposed,
-            &mut rng,
-            &mut unit,
-        );
-        let run = |backend: Backend, rng: &mut Rng| {
-            let out = Buf::zeros(dtype, &[1, hkv * g, q, d], Layout::Contiguous, rng);
-            let args = AttentionArgs {
-                query: &qb.view,
-                key: &kb.view,
-                value: &vb.view,
-                out: &out.view,
-                lse: None,
-                mask: &NoMask,
-                bias: None,
-                scale: 2.0 / (d as f64).sqrt(),
-                softcap: None,
-                sinks: None,
-                dropout: None,
-                num_threads: 2,
-            };
-            attention_forward_with(&args, backend).unwrap();
-            out
-        };
-        let want = run(Backend::Portable, &mut rng);
-        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
-        for backend in backends(dtype).into_iter().skip(1) {
-            let got = run(backend, &mut rng);
-            for h in 0..hkv * g {
-                for c in 0..d {
-                    let (x, y) = (got.get(&[0, h, 0, c]), want.get(&[0, h, 0, c]));
-                    assert!(
-                        (x - y).abs() <= tol,
-                        "{backend:?} {dtype:?} out[{h},{c}] = {x}, portable {y}"
-                    );
-                }
-            }
-        }
-    }
-}
-
-#[test]
-fn odd_and_degenerate_sizes() {
-    for (q, k, d, dv) in [
-        (3, 0, 8, 8),
-        (2, 5, 1, 1),
-        (2, 5, 3, 5),
-        (130, 129, 16, 16),
-        (1, 1, 0, 4),
-    ] {
-        for dtype in [DType::F32, DType::BF16, DType::F64] {
-            for mask in [0u8, 1, 2] {
-                run_case(&Case {
-                    seed: (q * 1000 + k) as u64,
-                    dtype,
-                    b: 1,
-                    hkv: 1,
-                    g: 2,
-                    q,
-                    k,
-                    d,
-                    dv,
-                    mask,
-                    rows: 96,
-                });
-            }
-        }
-    }
-}
-
-fn f32_buf(shape: &[usize]) -> Buf {
-    Buf::new(
-        DType::F32,
-        shape,
-        Layout::Contiguous,
-        &mut Rng(7),
-        &mut |r| r.range(-1.0, 1.0),
-    )
-}
-
-#[test]
-fn errors_name_the_argument_and_never_panic() {
-    let q = f32_buf(&[1, 4, 3, 8]);
-    let k = f32_buf(&[1, 2, 5, 8]);
-    let v = f32_buf(&[1, 2, 5, 6]);
-    let out = f32_buf(&[1, 4, 3, 6]);
-    let lse = f32_buf(&[1, 4, 3]);
-    let base = AttentionArgs {
-        query: &q.view,
-        key: &k.view,
-        value: &v.view,
-        out: &out.view,
-        lse: Some(&lse.view),
-        mask: &NoMask,
-        bias: None,
-        scale: 0.3,
-        softcap: None,
-        sinks: None,
-        dropout: None,
-        num_threads: 2,
-    };
-    attention_forward(&base).unwrap();
-    let arg_of = |r: Result<()>| match r.unwrap_err() {
-        Error::Shape { arg, .. }
-        | Error::Dtype { arg, .. }
-        | Error::Layout { arg, .. }
-        | Error::Value { arg, .. } => arg,
-        other => panic!("unexpected error {other}"),
-    };
-    let k3 = f32_buf(&[1, 3, 5, 8]);
-    assert_eq!(
-        arg_of(attention_forward(&AttentionArgs {
-            key: &k3.view,
-            ..base
-        })),
-        "key"
-    );
-    let q3 = f32_buf(&[4, 3, 8]);
-    assert_eq!(
-        arg_of(attention_forward(&AttentionArgs {
-            query: &q3.view,
-            ..base
-        })),
-        "query"
-    );
-    let kd = f32_buf(&[1, 2, 5, 7]);
-    assert_eq!(
-        arg_of(attention_forward(&AttentionArgs {
-            key: &kd.view,
-            ..base
-        })),
-        "key"
-    );
-    let kb = f32_buf(&[2, 2, 5, 8]);
-    assert_eq!(
-        arg_of(attention_forward(&AttentionArgs {
-            key: &kb.view,
-            ..base
-        })),
-        "key"
-    );
-    let vk = f32_buf(&[1, 2, 4, 6]);
-    assert_eq!(
-        arg_of(attention_forward(&AttentionArgs {
-            value: &vk.view,
-            ..base
-        })),
-        "value"
-    );
-    let ov = f32_buf(&[1, 4, 3, 5]);
-    assert_eq!(
-        arg_of(attention_forward(&AttentionArgs {
-            out: &ov.view,
-            ..base
-        })),
-        "out"
-    );
-    let vb = Buf::new(
-        DType::BF16,
-        &[1, 2, 5, 6],
-        Layout::Contiguous,
-        &mut Rng(1),
-        &mut |_| 0.0,
-    );
-    assert_eq!(
-        arg_of(attention_forward(&AttentionArgs {
-            value: &vb.view,
-            ..base
-        })),
-        "value"
-    );
-    let lb = Buf::new(
-        DType::F64,
-        &[1, 4, 3],
-        Layout::Contiguous,
-        &mut Rng(1),
-        &mut |_| 0.0,
-    );
-    assert_eq!(
-        arg_of(attention_forward(&AttentionArgs {
-            lse: Some(&lb.view),
-            ..base
-        })),
-        "lse"
-    );
-    let ls = f32_buf(&[1, 4, 2]);
-    assert_eq!(
-        arg_of(attention_forward(&AttentionArgs {
-            lse: Some(&ls.view),
-            ..base
-        })),
-        "lse"
-    );
-    let bias = f32_buf(&[2, 3, 5]);
-    assert_eq!(
-        arg_of(attention_forward(&AttentionArgs {
-            bias: Some(&bias.view),
-            ..base
-        })),
-        "bias"
-    );
-    let bias_ok = f32_buf(&[3, 1]);
-    attention_forward(&AttentionArgs {
-        bias: Some(&bias_ok.view),
-        ..base
-    })
-    .unwrap();
-    let sinks = f32_buf(&[2]);
-    assert_eq!(
-        arg_of(attention_forward(&AttentionArgs {
-            sinks: Some(&sinks.view),
-            ..base
-        })),
-        "sinks"
-    );
-    assert_eq!(
-        arg_of(attention_forward(&AttentionArgs {
-            scale: f64::NAN,
-            ..base
-        })),
-        "scale"
-    );
-    assert_eq!(
-        arg_of(attention_forward(&AttentionArgs {
-            softcap: Some(0.0),
-            ..base
-        })),
-        "softcap"
-    );
-    assert_eq!(
-        arg_of(attention_forward(&AttentionArgs {
-            softcap: Some(f64::INFINITY),
-            ..base
-        })),
-        "softcap"
-    );
-    // Outputs aliasing inputs or themselves.
-    assert_eq!(
-        arg_of(attention_forward(&AttentionArgs {
-            out: &q.view,
-            ..base
-        })),
-        "out"
-    );
-    let ob = Buf::new(
-        DType::F32,
-        &[1, 4, 3, 6],
-        Layout::Broadcast(1),
-        &mut Rng(1),
-        &mut |_| 0.0,
-    );
-    assert_eq!(
-        arg_of(attention_forward(&AttentionArgs {
-            out: &ob.view,
-            ..base
-        })),
-        "out"
-    );
-    // SAFETY: the view covers the first 12 elements of `out`'s storage, which is larger.
-    let lse_alias =
-        unsafe { TensorView::new(out.view.as_ptr(), DType::F32, vec![1, 4, 3], vec![12, 3, 1]) }
-            .unwrap();
-    assert_eq!(
-        arg_of(attention_forward(&AttentionArgs {
-            lse: Some(&lse_alias),
-            ..base
-        })),
-        "lse"
-    );
-    let qi = Buf::new(
-        DType::I32,
-        &[1, 4, 3, 8],
-        Layout::Contiguous,
-        &mut Rng(1),
-        &mut |_| 0.0,
-    );
-    assert!(matches!(
-        attention_forward(&AttentionArgs {
-            query: &qi.view,
-            ..base
-        }),
-        Err(Error::Dtype { .. })
-    ));
-    // Forcing a path the CPU lacks is an error, not a crash.
-    let isa = Isa::get();
-    if !isa.avx512f {
-        assert!(matches!(
-            attention_forward_with(&base, Backend::Avx512),
-            Err(Error::Unsupported(_))
-        ));
-    }
-}
-
-#[test]
-fn finfo_min_bias_row_is_the_mean_of_v_and_empty_rows_are_zero() {
-    let q = f32_buf(&[1, 1, 2, 4]);
-    let k = f32_buf(&[1, 1, 3, 4]);
-    let v = f32_buf(&[1, 1, 3, 2]);
-    let out = f32_buf(&[1, 1, 2, 2]);
-    let lse = f32_buf(&[1, 1, 2]);
-    // Row 0: every entry finfo.min (transformers' "masked"); row 1: every entry -inf.
-    let mut rows = [
-        f32::MIN,
-        f32::MIN,
-        f32::MIN,
-        f32::NEG_INFINITY,
-        f32::NEG_INFINITY,
-        f32::NEG_INFINITY,
-    ]
-    .into_iter();
-    let bias = Buf::new(
-        DType::F32,
-        &[2, 3],
-        Layout::Contiguous,
-        &mut Rng(0),
-        &mut |_| rows.next().unwrap() as f64,
-    );
-    let args = AttentionArgs {
-        query: &q.view,
-        key: &k.view,
-        value: &v.view,
-        out: &out.view,
-        lse: Some(&lse.view),
-        mask: &NoMask,
-        bias: Some(&bias.view),
-        scale: 1.0,
-        softcap: None,
-        sinks: None,
-        dropout: None,
-        num_threads: 1,
-    };
-    for backend in backends(DType::F32) {
-        attention_forward_with(&args, backend).unwrap();
-        for c in 0..2 {
-            let mean = (0..3).map(|j| v.get(&[0, 0, j, c])).sum::<f64>() / 3.0;
-            assert!((out.get(&[0, 0, 0, c]) - mean).abs() < 1e-6);
-            assert_eq!(out.get(&[0, 0, 1, c]), 0.0);
-        }
-        assert_eq!(lse.get(&[0, 0, 1]), f64::NEG_INFINITY);
-        assert!(lse.get(&[0, 0, 0]).is_finite());
-    }
 }

@@ -50,3 +50,9 @@ pub(crate) fn layout(rng: &mut Rng, broadcastable: bool) -> Layout {
         _ => Layout::Broadcast(rng.below(2)),
     }
 }
+
+/// The causal mask whose row `i` sees columns `j <= i + diagonal`, as the kernels get it from a mask
+/// expression.
+pub(crate) fn causal(diagonal: i64) -> crate::mask::PlacedMask {
+    crate::mask::PlacedMask::new(crate::mask::MaskExpr::causal_with_offset(diagonal), 0, 0)
+}

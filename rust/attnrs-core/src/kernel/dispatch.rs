@@ -1,0 +1,149 @@
+//! The one dtype × ISA selection. [`Backend::resolve`] turns a requested [`Backend`] into one this CPU has;
+//! `select!` maps (dtype, resolved backend) to a micro-kernel family `K` and element type `T` and calls the
+//! phase's generic code with them; `for_each_isa!` lists the families and their target features, from
+//! which every per-ISA entry point is generated (each phase's `#[target_feature]` trampolines, and
+//! [`Isa::enter`] for a loop given as a [`Body`]). Forward (prefill, split-KV decode) and backward all go
+//! through here: adding an ISA is one row of `select!`, one of `for_each_isa!` and its micro-kernel file in
+//! [`super::gemm`].
+
+use super::gemm::Kern;
+use crate::isa::Isa as Cpu;
+use crate::tensor::DType;
+use crate::{Error, Result};
+
+/// Which micro-kernels to run. [`Backend::Auto`] picks the best the CPU has; the others force a path and
+/// fail with [`Error::Unsupported`] when the CPU lacks it. f64 inputs always run the portable f64 path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Backend {
+    /// The best available path (AVX-512 BF16 for bf16 inputs, then AVX-512F, then AVX2+FMA, then portable).
+    #[default]
+    Auto,
+    /// Plain Rust, no `target_feature`: correct on every CPU.
+    Portable,
+    /// AVX2 + FMA, f32 accumulation.
+    Avx2,
+    /// AVX-512F, f32 accumulation (bf16 inputs are widened to f32).
+    Avx512,
+    /// AVX-512 BF16 dot products for bf16 inputs (other dtypes run [`Backend::Avx512`]).
+    Avx512Bf16,
+}
+
+impl Backend {
+    /// The concrete path `self` resolves to on this CPU for inputs of `dtype`.
+    pub fn resolve(self, dtype: DType) -> Result<Backend> {
+        let isa = Cpu::get();
+        let avx2 = isa.avx2 && isa.fma;
+        let missing =
+            |what: &str| Err(Error::Unsupported(format!("the {what} kernel on this CPU")));
+        let chosen = match self {
+            Backend::Auto if isa.avx512bf16 && dtype == DType::BF16 => Backend::Avx512Bf16,
+            Backend::Auto if isa.avx512f => Backend::Avx512,
+            Backend::Auto if avx2 => Backend::Avx2,
+            Backend::Auto | Backend::Portable => Backend::Portable,
+            Backend::Avx2 if avx2 => Backend::Avx2,
+            Backend::Avx512 if isa.avx512f => Backend::Avx512,
+            Backend::Avx512Bf16 if isa.avx512bf16 && dtype == DType::BF16 => Backend::Avx512Bf16,
+            Backend::Avx512Bf16 if isa.avx512bf16 => Backend::Avx512,
+            Backend::Avx2 => return missing("AVX2+FMA"),
+            Backend::Avx512 => return missing("AVX-512F"),
+            Backend::Avx512Bf16 => return missing("AVX-512 BF16"),
+        };
+        Ok(if dtype == DType::F64 {
+            Backend::Portable
+        } else {
+            chosen
+        })
+    }
+}
+
+/// A phase's loop, to be compiled inside an ISA's target features. Every impl marks [`Body::run`]
+/// `#[inline(always)]`, so the loop (and the `#[inline(always)]` generic code it calls) is compiled for the
+/// ISA [`Isa::enter`] runs it under.
+pub(crate) trait Body {
+    type Out;
+    fn run(self) -> Self::Out;
+}
+
+/// A micro-kernel family and the target features its loops are compiled with.
+pub(crate) trait Isa: Kern {
+    /// Runs `body` compiled with this family's target features.
+    ///
+    /// # Safety
+    /// The CPU must support those features (true of every family [`select`] picks).
+    unsafe fn enter<B: Body>(body: B) -> B::Out;
+}
+
+/// The ISA rows: `$m!(family)` or `$m!(family, "target features")` for every micro-kernel family. Every
+/// per-ISA entry point (each phase's `#[target_feature]` trampolines, [`Isa::enter`]) is generated from this
+/// one list.
+macro_rules! for_each_isa {
+    ($m:ident) => {
+        $m!($crate::kernel::gemm::Portable<f32>);
+        $m!($crate::kernel::gemm::Portable<f64>);
+        #[cfg(target_arch = "x86_64")]
+        $m!($crate::kernel::gemm::Avx2F32, "avx2,fma");
+        #[cfg(target_arch = "x86_64")]
+        $m!(
+            $crate::kernel::gemm::Avx512F32,
+            "avx512f,avx512bw,avx512vl,avx2,fma"
+        );
+        #[cfg(target_arch = "x86_64")]
+        $m!(
+            $crate::kernel::gemm::Avx512Bf16,
+            "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"
+        );
+    };
+}
+pub(crate) use for_each_isa;
+
+macro_rules! isa {
+    ($kern:ty $(, $feature:literal)?) => {
+        impl Isa for $kern {
+            #[inline(always)]
+            unsafe fn enter<B: Body>(body: B) -> B::Out {
+                $(#[target_feature(enable = $feature)])?
+                unsafe fn go<B: Body>(body: B) -> B::Out {
+                    body.run()
+                }
+                // SAFETY: the caller guarantees the CPU has the features `go` is compiled for.
+                unsafe { go(body) }
+            }
+        }
+    };
+}
+
+for_each_isa!(isa);
+
+/// The dtype × ISA table: `select!(dtype, backend, f(args..))` calls `f::<K, T>(args..)` with the family `K`
+/// that `backend` (already [`Backend::resolve`]d for `dtype`) names and the element type `T` of `dtype`. f64
+/// always runs the portable f64 family; the others accumulate in f32. (A macro, so that each phase's `f` can
+/// require its own per-ISA entry trait of `K`.)
+macro_rules! select {
+    ($dtype:expr, $backend:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $dtype {
+            $crate::tensor::DType::F64 => $f::<$crate::kernel::gemm::Portable<f64>, f64>($($arg),*),
+            $crate::tensor::DType::F32 => $crate::kernel::dispatch::select!(@isa f32, $backend, $f($($arg),*)),
+            $crate::tensor::DType::BF16 => {
+                $crate::kernel::dispatch::select!(@isa half::bf16, $backend, $f($($arg),*))
+            }
+            _ => $crate::kernel::dispatch::select!(@isa half::f16, $backend, $f($($arg),*)),
+        }
+    };
+    (@isa $t:ty, $backend:expr, $f:ident($($arg:expr),*)) => {{
+        use $crate::kernel::dispatch::Backend;
+        // `backend` came from `Backend::resolve`, which checked the CPU's features.
+        match $backend {
+            // bf16 inputs: `vdpbf16ps` products (f32 accumulation).
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512Bf16 if <$t as $crate::tensor::Float>::DTYPE == $crate::tensor::DType::BF16 => {
+                $f::<$crate::kernel::gemm::Avx512Bf16, $t>($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512 | Backend::Avx512Bf16 => $f::<$crate::kernel::gemm::Avx512F32, $t>($($arg),*),
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 => $f::<$crate::kernel::gemm::Avx2F32, $t>($($arg),*),
+            _ => $f::<$crate::kernel::gemm::Portable<f32>, $t>($($arg),*),
+        }
+    }};
+}
+pub(crate) use select;

@@ -1,0 +1,114 @@
+//! The register-blocked micro-kernels: `C[m×n] (+)= A[m×k] · B[k×n]` over packed operands.
+//!
+//! Both products of attention have this shape: `S = Q·Kᵀ` (A = packed Q rows, B = a Kᵀ tile) and
+//! `O += P·V` (A = the probabilities, B = a V tile). B is packed so one SIMD load reads `16` consecutive
+//! output columns: `[k][ldb]` for f32/f64, and `[k/2][ldb][2]` (pairs along k) for bf16, which is the
+//! operand order of AVX-512 BF16's `vdpbf16ps`. A is row-major with each row's `k` (pairs) contiguous, so
+//! one broadcast feeds a whole row of accumulators. `n` is always a multiple of 16.
+//!
+//! This module owns the [`Kern`] trait; each ISA's kernels live in their own file ([`portable`], `avx2`,
+//! `avx512`), and [`super::dispatch`] picks among them.
+
+use crate::tensor::{DType, Float};
+
+use super::softmax::Acc;
+
+/// A family of micro-kernels: the accumulator type, the packed operand type and the product itself.
+pub(crate) trait Kern: Copy + Send + Sync + 'static {
+    /// Accumulator (S, O, softmax state).
+    type A: Acc;
+    /// Packed operand element.
+    type E: Copy + Default + Send + Sync + 'static;
+    /// k-elements per packed unit: 1, or 2 for bf16 pairs.
+    const PAIR: usize;
+    /// The input dtype whose bits are exactly the packed operand's (`PAIR` of them make one 32-bit unit),
+    /// so contiguous rows of it pack by moving 32-bit units.
+    const RAW: Option<DType>;
+    /// The CPU runs AVX-512F/BW/VL, so decode may use the in-place kernels of [`super::decode`].
+    const AVX512: bool = false;
+    /// Converts an accumulator value (a probability) to an operand.
+    fn to_e(x: Self::A) -> Self::E;
+    /// Transposes 32-bit units: `dst[u * ld + c] = unit u of row c` for `c < n`, `u < units`, where row `c`
+    /// starts `c * row_bytes` bytes after `src`.
+    ///
+    /// # Safety
+    /// Every unit read lies in readable memory, `dst` holds `(units - 1) * ld + n` units, `n <= ld`, and the
+    /// CPU has the kernel's target features.
+    #[inline(always)]
+    unsafe fn transpose_units(
+        src: *const u8,
+        row_bytes: isize,
+        n: usize,
+        units: usize,
+        dst: *mut u32,
+        ld: usize,
+    ) {
+        for c in 0..n {
+            // SAFETY: row c and its `units` units are readable; `u * ld + c` is inside `dst` (caller's promise).
+            unsafe {
+                let row = src.offset(c as isize * row_bytes).cast::<u32>();
+                for u in 0..units {
+                    dst.add(u * ld + c)
+                        .write_unaligned(row.add(u).read_unaligned());
+                }
+            }
+        }
+    }
+    /// Converts an input element to an operand.
+    fn load<T: Float>(x: T) -> Self::E;
+    /// `C (+)= A·B` with `kp` packed units of k. Element `(i, p)` of A is at `a[i*lda + p*PAIR ..]`, element
+    /// `(p, j)` of B at `b[(p*ldb + j)*PAIR ..]`, element `(i, j)` of C at `c[i*ldc + j]`.
+    ///
+    /// # Safety
+    /// The pointers must address the whole ranges named above; `n % 16 == 0`; the CPU must support the
+    /// kernel's target features (the driver only builds a kernel its [`super::Backend`] resolved to).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm(
+        m: usize,
+        n: usize,
+        kp: usize,
+        a: *const Self::E,
+        lda: usize,
+        b: *const Self::E,
+        ldb: usize,
+        c: *mut Self::A,
+        ldc: usize,
+        accumulate: bool,
+    );
+}
+
+/// Rounds an f32 to the nearest bf16 (ties to even) and returns its bits. Exact for bf16 values.
+#[inline(always)]
+pub(crate) fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// Dispatches the runtime tile shape `(rows, vecs)` to a const-generic tile function.
+#[cfg(target_arch = "x86_64")]
+macro_rules! dispatch_tile {
+    ($f:ident, $mr:expr, $nv:expr, $args:tt, [$($r:literal)*], $vs:tt) => {
+        match $mr {
+            $($r => dispatch_tile!(@vecs $f, $r, $nv, $args, $vs),)*
+            _ => unreachable!("row block larger than the micro-tile"),
+        }
+    };
+    (@vecs $f:ident, $r:literal, $nv:expr, $args:tt, [$($v:literal)*]) => {
+        match $nv {
+            $($v => $f::<$r, $v> $args,)*
+            _ => unreachable!("column block larger than the micro-tile"),
+        }
+    };
+}
+
+mod portable;
+pub(crate) use portable::Portable;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx2::Avx2F32;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx512::{Avx512Bf16, Avx512F32};

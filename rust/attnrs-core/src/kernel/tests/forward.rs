@@ -1,0 +1,148 @@
+//! The kernel against a naive f64 reference, on every path this CPU has.
+
+use proptest::prelude::*;
+
+use super::forward_support::*;
+use crate::block::NoMask;
+use crate::kernel::args::*;
+use crate::kernel::tests::support::{Layout, Rng};
+use crate::kernel::*;
+use crate::tensor::DType;
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn forward_matches_reference(
+        seed in any::<u64>(),
+        dtype in dtype_strategy(),
+        b in 1usize..=2,
+        (hkv, g) in prop_oneof![Just((1usize, 1usize)), Just((1, 2)), Just((2, 2)), Just((1, 4)), Just((2, 1)), Just((1, 3))],
+        q in 1usize..70,
+        k in 1usize..70,
+        (d, dv) in head_dims(),
+        mask in 0u8..3,
+        rows in prop_oneof![Just(6usize), Just(13), Just(32), Just(96)],
+    ) {
+        run_case(&Case { seed, dtype, b, hkv, g, q, k, d, dv, mask, rows });
+    }
+
+    #[test]
+    fn decode_matches_reference(
+        seed in any::<u64>(),
+        dtype in dtype_strategy(),
+        (hkv, g) in prop_oneof![
+            Just((1usize, 4usize)), Just((2, 2)), Just((1, 1)), Just((1, 8)), Just((2, 4)), Just((1, 3)), Just((1, 5))
+        ],
+        q in 1usize..=4,
+        k in prop_oneof![1usize..70, 120usize..700],
+        (d, dv) in head_dims(),
+        mask in 0u8..3,
+    ) {
+        run_case(&Case { seed, dtype, b: 1, hkv, g, q, k, d, dv, mask, rows: 96 });
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
+
+    /// Decode over a few thousand keys: several tiles, the split-KV merge, prefetches running ahead.
+    #[test]
+    fn long_decode_matches_reference(
+        seed in any::<u64>(),
+        dtype in prop_oneof![Just(DType::F32), Just(DType::BF16), Just(DType::F16)],
+        (hkv, g) in prop_oneof![Just((1usize, 4usize)), Just((1, 8)), Just((2, 1))],
+        q in 1usize..=2,
+        k in 1500usize..3000,
+        mask in 0u8..3,
+    ) {
+        run_case(&Case { seed, dtype, b: 1, hkv, g, q, k, d: 64, dv: 64, mask, rows: 96 });
+    }
+}
+
+/// The portable path and every SIMD path agree on long decodes (too long for the f64 reference).
+#[test]
+fn decode_paths_agree_with_portable() {
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let (hkv, g, q, k, d) = (2, 4, 1, 9000, 128);
+        let mut rng = Rng(k as u64);
+        let mut unit = |r: &mut Rng| r.range(-1.0, 1.0);
+        let qb = Buf::new(
+            dtype,
+            &[1, hkv * g, q, d],
+            Layout::Contiguous,
+            &mut rng,
+            &mut unit,
+        );
+        let kb = Buf::new(dtype, &[1, hkv, k, d], Layout::Padded, &mut rng, &mut unit);
+        let vb = Buf::new(
+            dtype,
+            &[1, hkv, k, d],
+            Layout::Transposed,
+            &mut rng,
+            &mut unit,
+        );
+        let run = |backend: Backend, rng: &mut Rng| {
+            let out = Buf::zeros(dtype, &[1, hkv * g, q, d], Layout::Contiguous, rng);
+            let args = AttentionArgs {
+                query: &qb.view,
+                key: &kb.view,
+                value: &vb.view,
+                out: &out.view,
+                lse: None,
+                mask: &NoMask,
+                bias: None,
+                scale: 2.0 / (d as f64).sqrt(),
+                softcap: None,
+                sinks: None,
+                dropout: None,
+                num_threads: 2,
+            };
+            attention_forward_with(&args, backend).unwrap();
+            out
+        };
+        let want = run(Backend::Portable, &mut rng);
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        for backend in backends(dtype).into_iter().skip(1) {
+            let got = run(backend, &mut rng);
+            for h in 0..hkv * g {
+                for c in 0..d {
+                    let (x, y) = (got.get(&[0, h, 0, c]), want.get(&[0, h, 0, c]));
+                    assert!(
+                        (x - y).abs() <= tol,
+                        "{backend:?} {dtype:?} out[{h},{c}] = {x}, portable {y}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn odd_and_degenerate_sizes() {
+    for (q, k, d, dv) in [
+        (3, 0, 8, 8),
+        (2, 5, 1, 1),
+        (2, 5, 3, 5),
+        (130, 129, 16, 16),
+        (1, 1, 0, 4),
+    ] {
+        for dtype in [DType::F32, DType::BF16, DType::F64] {
+            for mask in [0u8, 1, 2] {
+                run_case(&Case {
+                    seed: (q * 1000 + k) as u64,
+                    dtype,
+                    b: 1,
+                    hkv: 1,
+                    g: 2,
+                    q,
+                    k,
+                    d,
+                    dv,
+                    mask,
+                    rows: 96,
+                });
+            }
+        }
+    }
+}

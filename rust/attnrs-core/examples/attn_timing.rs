@@ -15,8 +15,8 @@ mod common;
 
 use std::time::Instant;
 
-use attnrs_core::block::{MaskTiles, NoMask};
 use attnrs_core::kernel::{attention_forward_with, AttentionArgs};
+use attnrs_core::mask::tiles::{MaskTiles, NoMask};
 use attnrs_core::mask::{MaskExpr, PlacedMask};
 use attnrs_core::tensor::DType;
 use common::{cpu_seconds, tensor, Flags, Mask};

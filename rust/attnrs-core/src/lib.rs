@@ -3,7 +3,6 @@
 //! It owns the registry of attention functions, the mask algebra and its layouts, and the CPU attention
 //! kernels. Nothing here knows about Python; `rust/attnrs-py` converts, validates and calls in.
 
-mod causal_tiles;
 pub mod error;
 pub mod isa;
 pub mod kernel;
@@ -15,10 +14,3 @@ pub mod tensor;
 pub mod threads;
 
 pub use error::{Error, Result};
-
-/// The old home of the kernel-facing mask types, now [`mask::tiles`]. Removed when the kernel branch merges.
-#[doc(hidden)]
-pub mod block {
-    pub use crate::causal_tiles::CausalTiles;
-    pub use crate::mask::tiles::{BlockClass, BothTiles, DenseTiles, MaskTiles, NoMask};
-}

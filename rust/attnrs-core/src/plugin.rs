@@ -17,8 +17,8 @@ use attnrs_abi::{
     ATTNRS_ABI_VERSION,
 };
 
-use crate::block::{BlockClass, MaskTiles};
 use crate::kernel::AttentionArgs;
+use crate::mask::tiles::{BlockClass, MaskTiles};
 use crate::registry::{AttentionKernel, Capabilities, KernelFeatures, MaskKind};
 use crate::tensor::{DType, TensorView};
 use crate::{Error, Result};

@@ -166,7 +166,7 @@ pub fn register_kernel(name: &str, kernel: KernelRef) -> Result<Option<KernelRef
 }
 
 /// Checks that `kernel` declared everything this call needs. `masked` says whether a mask may hide pairs
-/// (the call's [`MaskTiles`](crate::block::MaskTiles) alone cannot tell).
+/// (the call's [`MaskTiles`](crate::mask::tiles::MaskTiles) alone cannot tell).
 pub fn check_call(
     name: &str,
     kernel: &dyn AttentionKernel,

@@ -167,7 +167,7 @@ impl MaskArgs<'_> {
 mod tests {
     use std::ops::Range;
 
-    use attnrs_core::block::MaskTiles;
+    use attnrs_core::mask::tiles::MaskTiles;
     use attnrs_core::mask::PlacedMask;
 
     use super::*;

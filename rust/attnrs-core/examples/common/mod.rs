@@ -8,8 +8,8 @@
 
 #![allow(dead_code)] // each example uses part of this
 
-use attnrs_core::block::{MaskTiles, NoMask};
 use attnrs_core::kernel::Backend;
+use attnrs_core::mask::tiles::{MaskTiles, NoMask};
 use attnrs_core::mask::{MaskExpr, PlacedMask};
 use attnrs_core::tensor::{DType, TensorView};
 use half::bf16;

@@ -4,7 +4,7 @@
 //! checks on its forward arguments and adds only its gradients'. Every argument error message lives here.
 
 use super::Dropout;
-use crate::block::MaskTiles;
+use crate::mask::tiles::MaskTiles;
 use crate::tensor::{DType, TensorView};
 use crate::{Error, Result};
 

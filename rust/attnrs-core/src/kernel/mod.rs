@@ -14,8 +14,8 @@
 //!
 //! How it runs: work items are (batch, kv head, query block); the query rows of all `G` heads of a GQA group
 //! are stacked into one block so every packed K/V tile serves all of them. For each kv tile the mask
-//! ([`crate::block::MaskTiles`]) is asked for the tile's class: empty tiles are skipped, full tiles run with no mask work,
-//! partial tiles get their visibility bytes. `S = Q·Kᵀ` and `O += P·V` run on a register-blocked micro-kernel
+//! ([`crate::mask::tiles::MaskTiles`]) is asked for the tile's class: empty tiles are skipped, full tiles
+//! run with no mask work, partial tiles get their visibility bytes. `S = Q·Kᵀ` and `O += P·V` run on a register-blocked micro-kernel
 //! ([`gemm`]) over packed operands; every variant shares one online-softmax step ([`softmax`]). When there
 //! is a single query block per kv head (decode: few query rows), the KV length is split across threads and
 //! the partial results are merged by their log-sum-exp.

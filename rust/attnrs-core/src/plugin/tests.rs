@@ -9,7 +9,7 @@ use std::sync::Arc;
 use attnrs_abi::{feature, forward_fn, mask_kind, AttnArgsV1, AttnKernelV1, AttnTile, KernelError};
 
 use super::*;
-use crate::block::NoMask;
+use crate::mask::tiles::NoMask;
 use crate::mask::{MaskExpr, PlacedMask};
 use crate::registry::{kernels, register_kernel, run_kernel, BUILTIN_KERNEL};
 

@@ -2,13 +2,13 @@
 //! and dO rows ([`Packed`]) and the per-item tile buffers ([`Scratch`]).
 
 use super::*;
-use crate::block::MaskTiles;
 use crate::kernel::args::Dims;
 use crate::kernel::dropout::DropMask;
 use crate::kernel::gemm::Kern;
 use crate::kernel::pack::{pack_a, pack_b_rows};
 use crate::kernel::softmax::Acc;
 use crate::kernel::strided::{BiasRef, Strided};
+use crate::mask::tiles::MaskTiles;
 use crate::tensor::{DType, Float, TensorView};
 use half::{bf16, f16};
 

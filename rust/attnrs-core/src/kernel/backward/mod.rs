@@ -67,7 +67,7 @@ use super::args::{
 use super::dispatch::{select, Backend, Isa};
 use super::strided::read_sinks;
 use super::AttentionArgs;
-use crate::block::MaskTiles;
+use crate::mask::tiles::MaskTiles;
 use crate::tensor::{DType, Float, TensorView};
 use crate::{threads, Error, Result};
 

@@ -2,13 +2,13 @@
 //! per-chunk partials, or a second pass over query tiles) and the parallel loops that run the items.
 
 use super::*;
-use crate::block::{BlockClass, MaskTiles};
 use crate::kernel::args::Dims;
 use crate::kernel::dispatch::Isa;
 use crate::kernel::dropout::DropMask;
 use crate::kernel::gemm::Kern;
 use crate::kernel::softmax::Acc;
 use crate::kernel::strided::{BiasRef, Strided};
+use crate::mask::tiles::{BlockClass, MaskTiles};
 use crate::tensor::Float;
 use rayon::prelude::*;
 

@@ -2,11 +2,11 @@
 //! lse, or recomputed where it is too coarse, and always for f64).
 
 use super::*;
-use crate::block::BlockClass;
 use crate::kernel::args::Dims;
 use crate::kernel::gemm::Kern;
 use crate::kernel::pack::pack_t;
 use crate::kernel::softmax::Acc;
+use crate::mask::tiles::BlockClass;
 use crate::tensor::Float;
 
 /// Saved lse values at least this large in magnitude are too coarse in f32 to recover `P` from (their ulp

@@ -3,13 +3,13 @@
 //! [`Isa::enter`].
 
 use super::*;
-use crate::block::BlockClass;
 use crate::kernel::args::Dims;
 use crate::kernel::dispatch::Body;
 use crate::kernel::gemm::Kern;
 use crate::kernel::pack::{pack_b_rows, pack_t};
 use crate::kernel::softmax::Acc;
 use crate::kernel::strided::Strided;
+use crate::mask::tiles::BlockClass;
 use crate::tensor::Float;
 
 /// `c[i*ldc + j] (+)= Σ_p A(i, p) · B(p, j)` for `i < m`, `j < n` over `kp` packed units of k (pairs for

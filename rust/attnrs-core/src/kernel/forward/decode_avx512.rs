@@ -13,9 +13,9 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::tile::{round_up, softmax_tile, Job, Rows, BC};
-use crate::block::BlockClass;
 use crate::kernel::gemm::bf16_bits;
 use crate::kernel::softmax::Logits;
+use crate::mask::tiles::BlockClass;
 use crate::tensor::{DType, Float};
 
 /// Most query rows (Q·G) one decode item takes; more go through the packed path.

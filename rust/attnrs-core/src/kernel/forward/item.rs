@@ -5,11 +5,11 @@
 use std::ops::Range;
 
 use super::tile::{round_up, softmax_tile, Job, Rows, BC};
-use crate::block::BlockClass;
 use crate::kernel::args::Dims;
 use crate::kernel::gemm::Kern;
 use crate::kernel::pack::pack_tile;
 use crate::kernel::softmax::{Acc, Logits};
+use crate::mask::tiles::BlockClass;
 use crate::tensor::Float;
 
 /// Per-item buffers.

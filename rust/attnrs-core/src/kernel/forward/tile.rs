@@ -5,11 +5,11 @@
 
 use std::ops::Range;
 
-use crate::block::{BlockClass, MaskTiles};
 use crate::kernel::args::Dims;
 use crate::kernel::dropout::DropMask;
 use crate::kernel::softmax::{finish, online_step, rescale, Acc, Logits};
 use crate::kernel::strided::{BiasRef, Strided};
+use crate::mask::tiles::{BlockClass, MaskTiles};
 use crate::tensor::Float;
 
 /// Key/value columns per tile.

@@ -1,12 +1,12 @@
 //! The backward's argument errors (each names its argument; none panics) and the key-tile width choice.
 
 use super::backward_reference::*;
-use crate::block::NoMask;
 use crate::isa::Isa;
 use crate::kernel::args::*;
 use crate::kernel::backward::*;
 use crate::kernel::tests::support::{causal, Layout, Rng};
 use crate::kernel::*;
+use crate::mask::tiles::NoMask;
 use crate::tensor::{DType, TensorView};
 use crate::{Error, Result};
 

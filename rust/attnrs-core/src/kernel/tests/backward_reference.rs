@@ -4,9 +4,9 @@ use std::ops::Range;
 
 use half::{bf16, f16};
 
-use crate::block::{BlockClass, MaskTiles};
 use crate::kernel::tests::support::{Layout, Rng};
 use crate::kernel::*;
+use crate::mask::tiles::{BlockClass, MaskTiles};
 use crate::tensor::{DType, Float, TensorView};
 
 pub(super) fn round_to(dtype: DType, x: f64) -> f64 {

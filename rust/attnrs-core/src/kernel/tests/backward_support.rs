@@ -4,11 +4,11 @@ use half::{bf16, f16};
 use proptest::prelude::*;
 
 use super::backward_reference::*;
-use crate::block::{MaskTiles, NoMask};
 use crate::kernel::args::*;
 use crate::kernel::backward::*;
 use crate::kernel::tests::support::{causal, layout, Layout, Rng};
 use crate::kernel::*;
+use crate::mask::tiles::{MaskTiles, NoMask};
 use crate::tensor::DType;
 
 /// A random problem. `mask`: 0 none, 1 causal (random diagonal), 2 random bitmap.

@@ -3,10 +3,10 @@
 use proptest::prelude::*;
 
 use super::forward_support::*;
-use crate::block::NoMask;
 use crate::kernel::args::*;
 use crate::kernel::tests::support::{Layout, Rng};
 use crate::kernel::*;
+use crate::mask::tiles::NoMask;
 use crate::tensor::DType;
 
 proptest! {

@@ -1,11 +1,11 @@
 //! The forward's argument errors (each names its argument; none panics) and edge rows.
 
 use super::forward_support::*;
-use crate::block::NoMask;
 use crate::isa::Isa;
 use crate::kernel::args::*;
 use crate::kernel::tests::support::{Layout, Rng};
 use crate::kernel::*;
+use crate::mask::tiles::NoMask;
 use crate::tensor::{DType, TensorView};
 use crate::Error;
 use crate::Result;

@@ -5,11 +5,11 @@ use std::ops::Range;
 use half::{bf16, f16};
 use proptest::prelude::*;
 
-use crate::block::{BlockClass, MaskTiles, NoMask};
 use crate::kernel::args::*;
 use crate::kernel::forward;
 use crate::kernel::tests::support::{causal, layout, Layout, Rng};
 use crate::kernel::*;
+use crate::mask::tiles::{BlockClass, MaskTiles, NoMask};
 use crate::tensor::Float;
 use crate::tensor::{DType, TensorView};
 

@@ -10,7 +10,7 @@ mod naive;
 use std::ffi::c_void;
 use std::ptr::NonNull;
 
-use attnrs_abi::{feature, forward_fn, AttnKernelV1, KERNEL_CAPSULE_NAME};
+use attnrs_abi::{AttnKernelV1, KERNEL_CAPSULE_NAME, feature, forward_fn};
 use pyo3::prelude::*;
 use pyo3::types::PyCapsule;
 

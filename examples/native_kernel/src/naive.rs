@@ -8,7 +8,7 @@
 use std::ffi::c_void;
 
 use attnrs_abi::{
-    device_type, tile_class, type_code, AttnArgsV1, AttnMaskV1, AttnTile, DLTensor, KernelError,
+    AttnArgsV1, AttnMaskV1, AttnTile, DLTensor, KernelError, device_type, tile_class, type_code,
 };
 
 /// What `user_data` points to in this crate's tables.
@@ -121,10 +121,10 @@ unsafe impl Sync for Call<'_> {}
 /// The forward function (wrapped by `attnrs_abi::forward_fn!` in `lib.rs`).
 pub fn forward(user_data: *mut c_void, args: &AttnArgsV1) -> Result<(), KernelError> {
     // SAFETY: this crate's tables set `user_data` to null or to a `static Settings`.
-    if let Some(settings) = unsafe { user_data.cast::<Settings>().as_ref() } {
-        if settings.panic_on_call {
-            panic!("the example kernel was asked to panic (debug switch)");
-        }
+    if let Some(settings) = unsafe { user_data.cast::<Settings>().as_ref() }
+        && settings.panic_on_call
+    {
+        panic!("the example kernel was asked to panic (debug switch)");
     }
     let required = |v: Option<View>, arg: &str| {
         v.ok_or_else(|| KernelError::invalid_argument(format!("{arg}: null")))

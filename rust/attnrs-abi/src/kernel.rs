@@ -20,7 +20,7 @@
 //!   no Python.
 
 use std::ffi::{self, c_char, c_void};
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use crate::DLTensor;
 

@@ -14,10 +14,10 @@ mod common;
 use std::time::Instant;
 
 use attnrs_core::kernel::{
-    attention_backward_with, attention_forward_with, AttentionArgs, AttentionGradArgs,
+    AttentionArgs, AttentionGradArgs, attention_backward_with, attention_forward_with,
 };
 use attnrs_core::tensor::DType;
-use common::{cpu_seconds, tensor, Flags};
+use common::{Flags, cpu_seconds, tensor};
 
 fn main() {
     let flags = Flags::parse(2, 2048);

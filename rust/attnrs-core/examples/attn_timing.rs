@@ -15,11 +15,11 @@ mod common;
 
 use std::time::Instant;
 
-use attnrs_core::kernel::{attention_forward_with, AttentionArgs};
+use attnrs_core::kernel::{AttentionArgs, attention_forward_with};
 use attnrs_core::mask::tiles::{MaskTiles, NoMask};
 use attnrs_core::mask::{MaskExpr, PlacedMask};
 use attnrs_core::tensor::DType;
-use common::{cpu_seconds, tensor, Flags, Mask};
+use common::{Flags, Mask, cpu_seconds, tensor};
 
 struct Case {
     name: String,
@@ -110,7 +110,7 @@ fn main() {
             num_threads: threads,
         };
         attention_forward_with(&args, backend).unwrap(); // warm-up (pools, page faults)
-                                                         // Short cases repeat more, so that each is timed over at least ~0.3 s in all.
+        // Short cases repeat more, so that each is timed over at least ~0.3 s in all.
         let t = Instant::now();
         attention_forward_with(&args, backend).unwrap();
         let once = t.elapsed().as_secs_f64();

@@ -6,7 +6,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use attnrs_core::layout::{fill_dense, BlockSparse, Grid};
+use attnrs_core::layout::{BlockSparse, Grid, fill_dense};
 use attnrs_core::mask::{MaskExpr, PlacedMask};
 
 /// Counts live heap bytes so that each build's peak can be reported.

@@ -7,14 +7,14 @@
 //! The callbacks check every tile the kernel asks about and never unwind into it.
 
 use std::any::Any;
-use std::ffi::{c_void, CStr};
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ffi::{CStr, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
 
 use attnrs_abi::{
-    device_type, dtype as abi_dtype, feature, mask_kind, read_message, status, tile_class,
-    type_code, AttnArgsV1, AttnKernelV1, AttnMaskV1, AttnTile, DLDataType, DLDevice, DLTensor,
-    ATTNRS_ABI_VERSION,
+    ATTNRS_ABI_VERSION, AttnArgsV1, AttnKernelV1, AttnMaskV1, AttnTile, DLDataType, DLDevice,
+    DLTensor, device_type, dtype as abi_dtype, feature, mask_kind, read_message, status,
+    tile_class, type_code,
 };
 
 use crate::kernel::AttentionArgs;
@@ -112,7 +112,7 @@ impl AbiKernel {
                 return Err(bad_table(
                     "a non-empty UTF-8 kernel name",
                     format!("{name:?}"),
-                ))
+                ));
             }
         };
         if table.forward.is_none() {

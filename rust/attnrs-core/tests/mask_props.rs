@@ -1,7 +1,7 @@
 //! Property tests: every fast path of the mask evaluator against per-element `visible`, and block layouts
 //! against a naive dense construction that follows torch's `_convert_mask_to_block_mask` literally.
 
-use attnrs_core::layout::{fill_dense, BlockSparse, Grid};
+use attnrs_core::layout::{BlockSparse, Grid, fill_dense};
 use attnrs_core::mask::tiles::{BlockClass, MaskTiles};
 use attnrs_core::mask::{MaskExpr, PlacedMask};
 use proptest::prelude::*;

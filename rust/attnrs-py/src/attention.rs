@@ -6,15 +6,15 @@
 //! tuple each ([`Inputs`], [`Outputs`], [`MaskArgs`], [`Scalars`], [`GradArgs`]), so the three calls share one
 //! [`Prepared`].
 
+use attnrs_core::Error;
 use attnrs_core::kernel::{
-    attention_backward as run_backward, attention_forward as run_kernel, keep_pattern,
-    AttentionArgs, AttentionGradArgs, Dropout,
+    AttentionArgs, AttentionGradArgs, Dropout, attention_backward as run_backward,
+    attention_forward as run_kernel, keep_pattern,
 };
-use attnrs_core::mask::tiles::{CallMask, Grid};
 use attnrs_core::mask::PlacedMask;
+use attnrs_core::mask::tiles::{CallMask, Grid};
 use attnrs_core::registry::{check_call, kernels};
 use attnrs_core::tensor::DType;
-use attnrs_core::Error;
 use pyo3::prelude::*;
 
 use crate::dlpack::{self, Imported};

@@ -5,21 +5,21 @@
 //! `used_dltensor[_versioned]` (so its destructor leaves the tensor alone) and the producer's deleter is
 //! called exactly once, when the [`Imported`] value is dropped.
 
-use std::ffi::{c_char, CStr};
+use std::ffi::{CStr, c_char};
 use std::ptr::NonNull;
 
 use attnrs_abi::{
-    device_type, type_code, DLDataType, DLManagedTensor, DLManagedTensorVersioned, DLTensor,
-    DLPACK_FLAG_BITMASK_READ_ONLY,
+    DLDataType, DLManagedTensor, DLManagedTensorVersioned, DLPACK_FLAG_BITMASK_READ_ONLY, DLTensor,
+    device_type, type_code,
 };
-use attnrs_core::tensor::{DType, TensorView};
 use attnrs_core::Error;
+use attnrs_core::tensor::{DType, TensorView};
 use pyo3::exceptions::PyTypeError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyCapsule, PyCapsuleMethods, PyDict};
 
-use crate::errors::{to_pyerr, PyAttnrsError};
+use crate::errors::{PyAttnrsError, to_pyerr};
 
 const VERSIONED: &CStr = c"dltensor_versioned";
 const USED_VERSIONED: &CStr = c"used_dltensor_versioned";

@@ -1,6 +1,6 @@
 //! The one door into heavy work: detach from the interpreter, catch panics, map errors.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use attnrs_core::{Error, Result};
 use pyo3::prelude::*;

@@ -3,10 +3,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use attnrs_core::layout::{fill_dense, BlockIndex, BlockSparse, Grid};
+use attnrs_core::Error;
+use attnrs_core::layout::{BlockIndex, BlockSparse, Grid, fill_dense};
 use attnrs_core::mask::{BitmapBuilder, MaskExpr, PlacedMask};
 use attnrs_core::tensor::{DType, TensorView};
-use attnrs_core::Error;
 use pyo3::prelude::*;
 use pyo3::types::PyByteArray;
 

@@ -7,9 +7,9 @@ use std::ffi::CStr;
 use std::sync::Arc;
 
 use attnrs_abi::KERNEL_CAPSULE_NAME;
+use attnrs_core::Error;
 use attnrs_core::plugin::AbiKernel;
 use attnrs_core::registry::{kernels, register_kernel, validate_name};
-use attnrs_core::Error;
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyCapsule, PyCapsuleMethods, PyDict, PyList};

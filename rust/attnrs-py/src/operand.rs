@@ -167,8 +167,8 @@ impl MaskArgs<'_> {
 mod tests {
     use std::ops::Range;
 
-    use attnrs_core::mask::tiles::MaskTiles;
     use attnrs_core::mask::PlacedMask;
+    use attnrs_core::mask::tiles::MaskTiles;
 
     use super::*;
 

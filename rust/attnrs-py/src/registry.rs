@@ -7,9 +7,9 @@
 
 use std::sync::Arc;
 
-use attnrs_core::registry::{validate_name, Capabilities, MaskKind, Registry};
-use attnrs_core::tensor::DType;
 use attnrs_core::Error;
+use attnrs_core::registry::{Capabilities, MaskKind, Registry, validate_name};
+use attnrs_core::tensor::DType;
 use pyo3::exceptions::{PyKeyError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
@@ -53,7 +53,7 @@ fn dtype_from_name(name: &str) -> Result<DType, Error> {
                 "capabilities['dtypes']",
                 "float32, float64, bfloat16 or float16",
                 name,
-            ))
+            ));
         }
     })
 }

@@ -3,13 +3,13 @@
 //! (`_test_capsule`), element-by-element copies and sums through DLPack views (`_strided_copy`,
 //! `_strided_sum`) and the size of a thread pool (`_pool_threads`).
 
-use std::ffi::{c_void, CStr};
+use std::ffi::{CStr, c_void};
 use std::ptr::NonNull;
 
 use attnrs_abi::{
-    feature, forward_fn, AttnArgsV1, AttnKernelV1, AttnTile, KernelError, KERNEL_CAPSULE_NAME,
+    AttnArgsV1, AttnKernelV1, AttnTile, KERNEL_CAPSULE_NAME, KernelError, feature, forward_fn,
 };
-use attnrs_core::{tensor, Error};
+use attnrs_core::{Error, tensor};
 use pyo3::prelude::*;
 use pyo3::types::PyCapsule;
 

@@ -54,9 +54,9 @@ mod strided;
 mod tests;
 
 pub use args::{AttentionArgs, Checked};
-pub use backward::{attention_backward, attention_backward_with, AttentionGradArgs};
+pub use backward::{AttentionGradArgs, attention_backward, attention_backward_with};
 pub use dispatch::Backend;
-pub use dropout::{keep_pattern, Dropout};
+pub use dropout::{Dropout, keep_pattern};
 
 use crate::Result;
 

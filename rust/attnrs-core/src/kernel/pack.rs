@@ -4,7 +4,7 @@
 //! changes a result.
 
 use crate::kernel::args::Dims;
-use crate::kernel::forward::tile::{Job, BC};
+use crate::kernel::forward::tile::{BC, Job};
 use crate::kernel::gemm::Kern;
 use crate::kernel::strided::Strided;
 use crate::tensor::Float;

@@ -94,11 +94,7 @@ impl Acc for f32 {
     }
     #[inline(always)]
     fn max(self, other: Self) -> Self {
-        if other > self {
-            other
-        } else {
-            self
-        }
+        if other > self { other } else { self }
     }
 }
 
@@ -153,11 +149,7 @@ impl Acc for f64 {
     }
     #[inline(always)]
     fn max(self, other: Self) -> Self {
-        if other > self {
-            other
-        } else {
-            self
-        }
+        if other > self { other } else { self }
     }
 }
 

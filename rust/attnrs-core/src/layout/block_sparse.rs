@@ -11,10 +11,10 @@
 
 use rayon::prelude::*;
 
-use super::{check, Grid};
-use crate::mask::tiles::BlockClass;
+use super::{Grid, check};
 use crate::mask::PlacedMask;
-use crate::{threads, Error, Result};
+use crate::mask::tiles::BlockClass;
+use crate::{Error, Result, threads};
 
 /// Per-(batch, head, block) lists of block indices, as FlexAttention stores them, in ragged (CSR) storage.
 ///
@@ -436,9 +436,10 @@ mod tests {
         assert_eq!(counts, vec![2, 0, 5]);
         assert_eq!(indices, vec![1, 3, 0, 2, 4, 0, 1, 2, 3, 4, 0, 1, 2, 3, 4]);
         // Wrong sizes and blocks outside 0..n are errors.
-        assert!(x
-            .write_torch_order(&mut counts, &mut indices[..14], 5)
-            .is_err());
+        assert!(
+            x.write_torch_order(&mut counts, &mut indices[..14], 5)
+                .is_err()
+        );
         let mut short = vec![0; 12];
         assert!(x.write_torch_order(&mut counts, &mut short, 4).is_err());
         let (mut c0, mut i0) = (vec![0; 3], Vec::new());

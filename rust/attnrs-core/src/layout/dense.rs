@@ -2,9 +2,9 @@
 
 use rayon::prelude::*;
 
-use super::{check, Grid};
+use super::{Grid, check};
 use crate::mask::PlacedMask;
-use crate::{threads, Error, Result};
+use crate::{Error, Result, threads};
 
 /// Bytes each parallel task writes (at least one row).
 const TASK_BYTES: usize = 1 << 18;

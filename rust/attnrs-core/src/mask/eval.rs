@@ -1,6 +1,6 @@
 //! The evaluator: per-element visibility, per-row intervals and counts, exact block classes, dense rows.
 
-use super::interval::{fill_iv, span, Iv, Union};
+use super::interval::{Iv, Union, fill_iv, span};
 use super::tables::pick;
 use super::tiles::BlockClass;
 use super::{MaskExpr, Node};

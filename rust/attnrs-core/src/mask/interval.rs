@@ -125,11 +125,7 @@ pub(crate) fn span(width: usize, k0: i64, iv: Iv) -> (usize, usize) {
     let rel = |x: i128| x.clamp(0, width as i128) as usize;
     let a = rel(iv.lo as i128 - k0 as i128);
     let b = rel(iv.hi as i128 - k0 as i128 + 1);
-    if a >= b {
-        (0, 0)
-    } else {
-        (a, b)
-    }
+    if a >= b { (0, 0) } else { (a, b) }
 }
 
 /// Merges up to `N` intervals into the sorted, disjoint, non-adjacent union; `None` when there are more.

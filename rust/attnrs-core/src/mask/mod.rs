@@ -634,7 +634,7 @@ impl BitmapTable {
                     "bitmap",
                     "a grid that fits in memory",
                     format!("{shape:?}"),
-                ))
+                ));
             }
         };
         let table = BitmapTable {

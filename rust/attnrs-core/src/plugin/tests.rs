@@ -3,15 +3,15 @@
 //! against the built-in kernel; bad tables, panics and misbehaving kernels become errors.
 
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use attnrs_abi::{feature, forward_fn, mask_kind, AttnArgsV1, AttnKernelV1, AttnTile, KernelError};
+use attnrs_abi::{AttnArgsV1, AttnKernelV1, AttnTile, KernelError, feature, forward_fn, mask_kind};
 
 use super::*;
 use crate::mask::tiles::NoMask;
 use crate::mask::{MaskExpr, PlacedMask};
-use crate::registry::{kernels, register_kernel, run_kernel, BUILTIN_KERNEL};
+use crate::registry::{BUILTIN_KERNEL, kernels, register_kernel, run_kernel};
 
 #[path = "../../../../examples/native_kernel/src/naive.rs"]
 mod naive;
@@ -115,11 +115,7 @@ fn compare(name: &str, case: &Case, mask: &dyn MaskTiles, masked: bool) -> Resul
         a.iter().zip(b).fold(
             0.0f32,
             |m, (x, y)| {
-                if x == y {
-                    m
-                } else {
-                    m.max((x - y).abs())
-                }
+                if x == y { m } else { m.max((x - y).abs()) }
             },
         )
     };
@@ -181,32 +177,42 @@ fn naive_plugin_matches_the_builtin_kernel() {
 #[test]
 fn bad_tables_are_refused_with_their_reason() {
     let reason = |t: &AttnKernelV1| kernel(t).unwrap_err().to_string();
-    assert!(reason(&AttnKernelV1 {
-        abi_version: 2,
-        ..NAIVE
-    })
-    .contains("ABI version 2"));
-    assert!(reason(&AttnKernelV1 {
-        struct_size: 16,
-        ..NAIVE
-    })
-    .contains("struct_size 16"));
-    assert!(reason(&AttnKernelV1 {
-        name: std::ptr::null(),
-        ..NAIVE
-    })
-    .contains("null name"));
-    assert!(reason(&AttnKernelV1 {
-        forward: None,
-        ..NAIVE
-    })
-    .contains("null forward"));
+    assert!(
+        reason(&AttnKernelV1 {
+            abi_version: 2,
+            ..NAIVE
+        })
+        .contains("ABI version 2")
+    );
+    assert!(
+        reason(&AttnKernelV1 {
+            struct_size: 16,
+            ..NAIVE
+        })
+        .contains("struct_size 16")
+    );
+    assert!(
+        reason(&AttnKernelV1 {
+            name: std::ptr::null(),
+            ..NAIVE
+        })
+        .contains("null name")
+    );
+    assert!(
+        reason(&AttnKernelV1 {
+            forward: None,
+            ..NAIVE
+        })
+        .contains("null forward")
+    );
     assert!(reason(&AttnKernelV1 { dtypes: 0, ..NAIVE }).contains("at least one dtype"));
-    assert!(reason(&AttnKernelV1 {
-        mask_kinds: 0,
-        ..NAIVE
-    })
-    .contains("mask kinds"));
+    assert!(
+        reason(&AttnKernelV1 {
+            mask_kinds: 0,
+            ..NAIVE
+        })
+        .contains("mask kinds")
+    );
     // SAFETY: a null pointer is refused before anything is read.
     let null = unsafe { AbiKernel::from_raw(std::ptr::null(), None) };
     assert!(null.unwrap_err().to_string().contains("null pointer"));

@@ -57,19 +57,19 @@ mod tile;
 use job::*;
 use schedule::*;
 #[cfg(test)]
-pub(crate) use schedule::{kv_tile_width, DqPath};
+pub(crate) use schedule::{DqPath, kv_tile_width};
 use stats::*;
 use tile::*;
 
-use super::args::{
-    check_disjoint, expect_float, expect_like, expect_shape, Call, Checked, Dims, FLOATS,
-};
-use super::dispatch::{select, Backend, Isa};
-use super::strided::read_sinks;
 use super::AttentionArgs;
+use super::args::{
+    Call, Checked, Dims, FLOATS, check_disjoint, expect_float, expect_like, expect_shape,
+};
+use super::dispatch::{Backend, Isa, select};
+use super::strided::read_sinks;
 use crate::mask::tiles::MaskTiles;
 use crate::tensor::{DType, Float, TensorView};
-use crate::{threads, Error, Result};
+use crate::{Error, Result, threads};
 
 /// Key columns per tile: 64, or 128 where the mask's partial tiles waste little at that width (see
 /// [`kv_tile_width`]); wider tiles halve the traffic of the dQ rows and of the packed query rows per product.

@@ -286,11 +286,9 @@ pub(super) fn tile<T, K: Kern>(
                 *x = pv * (*x - delta);
             }
         }
-        if write_bias {
-            if let Some(gb) = &job.grad_bias {
-                // SAFETY: (b, h, q0 + r, c0..c0 + n) is in range; this kv tile's columns belong to this item.
-                unsafe { gb.write_row([b, h, q0 + r, c0], &dr[..n]) };
-            }
+        if write_bias && let Some(gb) = &job.grad_bias {
+            // SAFETY: (b, h, q0 + r, c0..c0 + n) is in range; this kv tile's columns belong to this item.
+            unsafe { gb.write_row([b, h, q0 + r, c0], &dr[..n]) };
         }
         if job.softcap.is_some() {
             for (x, &gv) in dr.iter_mut().zip(&g[r * bk..(r + 1) * bk]) {

@@ -12,7 +12,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::tile::{round_up, softmax_tile, Job, Rows, BC};
+use super::tile::{BC, Job, Rows, round_up, softmax_tile};
 use crate::kernel::gemm::bf16_bits;
 use crate::kernel::softmax::Logits;
 use crate::mask::tiles::BlockClass;
@@ -415,11 +415,7 @@ unsafe fn pv_bf16_cols<const NC: usize>(
 ) {
     let masks: [__mmask32; NC] = std::array::from_fn(|x| {
         let left = dv.saturating_sub(32 * (c0 + x)).min(32);
-        if left == 32 {
-            !0
-        } else {
-            (1u32 << left) - 1
-        }
+        if left == 32 { !0 } else { (1u32 << left) - 1 }
     });
     for rb in (0..rpad).step_by(4) {
         // SAFETY: O rows rb..rb+4 hold ld >= 32 (c0 + NC) columns; V rows j < n hold Dv contiguous elements

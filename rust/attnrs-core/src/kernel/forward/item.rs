@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use super::tile::{round_up, softmax_tile, Job, Rows, BC};
+use super::tile::{BC, Job, Rows, round_up, softmax_tile};
 use crate::kernel::args::Dims;
 use crate::kernel::gemm::Kern;
 use crate::kernel::pack::pack_tile;

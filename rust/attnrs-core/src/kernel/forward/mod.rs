@@ -10,15 +10,15 @@ pub(crate) mod tile;
 
 pub(crate) use tile::ROWS;
 
-use super::args::Checked;
-use super::dispatch::{select, Backend};
-use super::dropout::DropMask;
-use super::strided::{read_sinks, BiasRef, Strided};
 use super::AttentionArgs;
+use super::args::Checked;
+use super::dispatch::{Backend, select};
+use super::dropout::DropMask;
+use super::strided::{BiasRef, Strided, read_sinks};
 use crate::tensor::Float;
-use crate::{threads, Result};
+use crate::{Result, threads};
 use item::Entry;
-use tile::{round_up, Job};
+use tile::{Job, round_up};
 
 /// Validated arguments in, output written.
 /// `rows` is the number of query rows (all heads of a group) a work item aims for ([`ROWS`]; tests shrink it).

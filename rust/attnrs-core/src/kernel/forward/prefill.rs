@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use super::item::{Entry, KvSrc, Scratch};
-use super::tile::{write_rows, Job};
+use super::tile::{Job, write_rows};
 use crate::kernel::args::Dims;
 use crate::tensor::Float;
 

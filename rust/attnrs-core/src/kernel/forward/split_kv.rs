@@ -8,10 +8,10 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::item::{Entry, KvSrc, Scratch};
-use super::tile::{write_rows, Job};
+use super::tile::{Job, write_rows};
 use crate::kernel::args::Dims;
 use crate::kernel::gemm::Kern;
-use crate::kernel::softmax::{merge_into, Acc};
+use crate::kernel::softmax::{Acc, merge_into};
 use crate::tensor::Float;
 
 /// The state `(m, l, O)` of an item's rows over part of the key range.

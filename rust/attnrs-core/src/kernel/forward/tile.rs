@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use crate::kernel::args::Dims;
 use crate::kernel::dropout::DropMask;
-use crate::kernel::softmax::{finish, online_step, rescale, Acc, Logits};
+use crate::kernel::softmax::{Acc, Logits, finish, online_step, rescale};
 use crate::kernel::strided::{BiasRef, Strided};
 use crate::mask::tiles::{BlockClass, MaskTiles};
 use crate::tensor::Float;

@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{bf16_bits, Kern};
+use super::{Kern, bf16_bits};
 use crate::tensor::{DType, Float};
 
 /// [`Kern::transpose_units`] on AVX-512: 16×16 blocks of 32-bit units transposed in registers

@@ -4,7 +4,7 @@ use super::backward_reference::*;
 use crate::isa::Isa;
 use crate::kernel::args::*;
 use crate::kernel::backward::*;
-use crate::kernel::tests::support::{causal, Layout, Rng};
+use crate::kernel::tests::support::{Layout, Rng, causal};
 use crate::kernel::*;
 use crate::mask::tiles::NoMask;
 use crate::tensor::{DType, TensorView};

@@ -6,7 +6,7 @@ use proptest::prelude::*;
 use super::backward_reference::*;
 use crate::kernel::args::*;
 use crate::kernel::backward::*;
-use crate::kernel::tests::support::{causal, layout, Layout, Rng};
+use crate::kernel::tests::support::{Layout, Rng, causal, layout};
 use crate::kernel::*;
 use crate::mask::tiles::{MaskTiles, NoMask};
 use crate::tensor::DType;
@@ -50,7 +50,7 @@ pub(super) fn setup(c: &Case) -> Setup {
         layout(&mut rng, false),
         layout(&mut rng, true),
     ];
-    let gen = |shape: &[usize], lay: Layout, rng: &mut Rng| {
+    let make = |shape: &[usize], lay: Layout, rng: &mut Rng| {
         let n: usize = shape.iter().product();
         let mut v: Vec<f64> = (0..n).map(|_| round_to(dt, rng.range(-1.0, 1.0))).collect();
         if let Layout::Broadcast(d) = lay {
@@ -58,10 +58,10 @@ pub(super) fn setup(c: &Case) -> Setup {
         }
         v
     };
-    let q = gen(&shapes[0], layouts[0], &mut rng);
-    let k = gen(&shapes[1], layouts[1], &mut rng);
-    let v = gen(&shapes[2], layouts[2], &mut rng);
-    let dout = gen(&[c.b, h, c.q, c.dv], layouts[4], &mut rng);
+    let q = make(&shapes[0], layouts[0], &mut rng);
+    let k = make(&shapes[1], layouts[1], &mut rng);
+    let v = make(&shapes[2], layouts[2], &mut rng);
+    let dout = make(&[c.b, h, c.q, c.dv], layouts[4], &mut rng);
     let bias = rng.chance(0.35).then(|| {
         let choices: [Vec<usize>; 4] = [
             vec![c.b, h, c.q, c.k],
@@ -325,10 +325,10 @@ pub(super) const fn tuning(dq: DqPath, kv_tile: usize, per_tile: bool) -> Tuning
 pub(super) fn backends(dtype: DType) -> Vec<Backend> {
     let mut all = vec![Backend::Portable];
     for b in [Backend::Avx2, Backend::Avx512, Backend::Avx512Bf16] {
-        if let Ok(r) = b.resolve(dtype) {
-            if !all.contains(&r) {
-                all.push(r);
-            }
+        if let Ok(r) = b.resolve(dtype)
+            && !all.contains(&r)
+        {
+            all.push(r);
         }
     }
     all

@@ -1,14 +1,14 @@
 //! The forward's argument errors (each names its argument; none panics) and edge rows.
 
 use super::forward_support::*;
+use crate::Error;
+use crate::Result;
 use crate::isa::Isa;
 use crate::kernel::args::*;
 use crate::kernel::tests::support::{Layout, Rng};
 use crate::kernel::*;
 use crate::mask::tiles::NoMask;
 use crate::tensor::{DType, TensorView};
-use crate::Error;
-use crate::Result;
 
 fn f32_buf(shape: &[usize]) -> Buf {
     Buf::new(

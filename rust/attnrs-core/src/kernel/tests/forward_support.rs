@@ -7,7 +7,7 @@ use proptest::prelude::*;
 
 use crate::kernel::args::*;
 use crate::kernel::forward;
-use crate::kernel::tests::support::{causal, layout, Layout, Rng};
+use crate::kernel::tests::support::{Layout, Rng, causal, layout};
 use crate::kernel::*;
 use crate::mask::tiles::{BlockClass, MaskTiles, NoMask};
 use crate::tensor::Float;
@@ -314,10 +314,10 @@ pub(super) fn check(
 pub(super) fn backends(dtype: DType) -> Vec<Backend> {
     let mut all = vec![Backend::Portable];
     for b in [Backend::Avx2, Backend::Avx512, Backend::Avx512Bf16] {
-        if let Ok(r) = b.resolve(dtype) {
-            if !all.contains(&r) {
-                all.push(r);
-            }
+        if let Ok(r) = b.resolve(dtype)
+            && !all.contains(&r)
+        {
+            all.push(r);
         }
     }
     all

@@ -3,8 +3,8 @@
 use std::ops::Range;
 
 use super::{BlockClass, BothTiles, DenseTiles, Grid, MaskTiles, NoMask, PlacedMask};
-use crate::tensor::TensorView;
 use crate::Result;
+use crate::tensor::TensorView;
 
 /// The mask of one attention call: the AND of an optional structural mask (a [`PlacedMask`]) and an
 /// optional dense bool tensor, as the kernel consumes it.

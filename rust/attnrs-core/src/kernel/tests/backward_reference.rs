@@ -1,12 +1,9 @@
 //! The backward tests' naive f64 reference: explicit formulas in plain loops over strided test buffers.
 
-use std::ops::Range;
-
 use half::{bf16, f16};
 
-use crate::kernel::tests::support::{Layout, Rng};
+use crate::kernel::tests::support::Layout;
 use crate::kernel::*;
-use crate::mask::tiles::{BlockClass, MaskTiles};
 use crate::tensor::{DType, Float, TensorView};
 
 pub(super) fn round_to(dtype: DType, x: f64) -> f64 {
@@ -126,55 +123,6 @@ pub(super) fn broadcast_fix(data: &mut [f64], shape: &[usize], d: usize) {
         let mut idx = unravel(flat, shape);
         idx[d] = 0;
         data[flat] = data[ravel(&idx, shape)];
-    }
-}
-
-/// Random per-element visibility, some rows fully hidden.
-pub(super) struct Bitmap {
-    pub(super) shape: [usize; 4],
-    pub(super) bits: Vec<u8>,
-}
-
-impl Bitmap {
-    pub(super) fn new(shape: [usize; 4], rng: &mut Rng) -> Bitmap {
-        let density = rng.range(0.05, 0.95);
-        let mut bits: Vec<u8> = (0..shape.iter().product())
-            .map(|_| u8::from(rng.chance(density)))
-            .collect();
-        for row in bits.chunks_mut(shape[3].max(1)) {
-            if rng.chance(0.1) {
-                row.fill(0);
-            } else if rng.chance(0.1) {
-                row.fill(1);
-            }
-        }
-        Bitmap { shape, bits }
-    }
-    pub(super) fn at(&self, b: usize, h: usize, i: usize, j: usize) -> u8 {
-        self.bits[ravel(&[b, h, i, j], &self.shape)]
-    }
-}
-
-impl MaskTiles for Bitmap {
-    fn classify(&self, b: usize, h: usize, rows: Range<usize>, cols: Range<usize>) -> BlockClass {
-        let total = rows.len() * cols.len();
-        let seen: usize = rows
-            .flat_map(|i| cols.clone().map(move |j| (i, j)))
-            .map(|(i, j)| self.at(b, h, i, j) as usize)
-            .sum();
-        match seen {
-            0 => BlockClass::Empty,
-            s if s == total => BlockClass::Full,
-            _ => BlockClass::Partial,
-        }
-    }
-    fn fill(&self, b: usize, h: usize, rows: Range<usize>, cols: Range<usize>, out: &mut [u8]) {
-        let w = cols.len();
-        for (r, i) in rows.enumerate() {
-            for (c, j) in cols.clone().enumerate() {
-                out[r * w + c] = self.at(b, h, i, j);
-            }
-        }
     }
 }
 

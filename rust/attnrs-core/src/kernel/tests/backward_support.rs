@@ -6,7 +6,7 @@ use proptest::prelude::*;
 use super::backward_reference::*;
 use crate::kernel::args::*;
 use crate::kernel::backward::*;
-use crate::kernel::tests::support::{Layout, Rng, causal, layout};
+use crate::kernel::tests::support::{Bitmap, Layout, Rng, causal, layout};
 use crate::kernel::*;
 use crate::mask::tiles::{MaskTiles, NoMask};
 use crate::tensor::DType;

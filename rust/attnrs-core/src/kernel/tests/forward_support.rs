@@ -1,15 +1,13 @@
 //! The forward tests' naive f64 reference, strided test buffers, a bitmap mask and the case runner.
 
-use std::ops::Range;
-
 use half::{bf16, f16};
 use proptest::prelude::*;
 
 use crate::kernel::args::*;
 use crate::kernel::forward;
-use crate::kernel::tests::support::{Layout, Rng, causal, layout};
+use crate::kernel::tests::support::{Bitmap, Layout, Rng, causal, layout};
 use crate::kernel::*;
-use crate::mask::tiles::{BlockClass, MaskTiles, NoMask};
+use crate::mask::tiles::{MaskTiles, NoMask};
 use crate::tensor::Float;
 use crate::tensor::{DType, TensorView};
 
@@ -89,57 +87,6 @@ impl Buf {
             DType::F64 => rd::<f64>(self.view.as_ptr(), off),
             DType::BF16 => rd::<bf16>(self.view.as_ptr(), off),
             _ => rd::<f16>(self.view.as_ptr(), off),
-        }
-    }
-}
-
-/// Random per-element visibility (per batch and head), some rows fully hidden.
-pub(super) struct Bitmap {
-    pub(super) h: usize,
-    pub(super) q: usize,
-    pub(super) k: usize,
-    pub(super) bits: Vec<u8>,
-}
-
-impl Bitmap {
-    pub(super) fn new(b: usize, h: usize, q: usize, k: usize, rng: &mut Rng) -> Bitmap {
-        let density = rng.range(0.05, 0.95);
-        let mut bits: Vec<u8> = (0..b * h * q * k)
-            .map(|_| u8::from(rng.chance(density)))
-            .collect();
-        for row in bits.chunks_mut(k.max(1)) {
-            if rng.chance(0.1) {
-                row.fill(0);
-            } else if rng.chance(0.1) {
-                row.fill(1);
-            }
-        }
-        Bitmap { h, q, k, bits }
-    }
-    pub(super) fn at(&self, b: usize, h: usize, i: usize, j: usize) -> u8 {
-        self.bits[((b * self.h + h) * self.q + i) * self.k + j]
-    }
-}
-
-impl MaskTiles for Bitmap {
-    fn classify(&self, b: usize, h: usize, rows: Range<usize>, cols: Range<usize>) -> BlockClass {
-        let total = rows.len() * cols.len();
-        let seen: usize = rows
-            .flat_map(|i| cols.clone().map(move |j| (i, j)))
-            .map(|(i, j)| self.at(b, h, i, j) as usize)
-            .sum();
-        match seen {
-            0 => BlockClass::Empty,
-            s if s == total => BlockClass::Full,
-            _ => BlockClass::Partial,
-        }
-    }
-    fn fill(&self, b: usize, h: usize, rows: Range<usize>, cols: Range<usize>, out: &mut [u8]) {
-        let w = cols.len();
-        for (r, i) in rows.enumerate() {
-            for (c, j) in cols.clone().enumerate() {
-                out[r * w + c] = self.at(b, h, i, j);
-            }
         }
     }
 }
@@ -419,7 +366,7 @@ pub(super) fn run_case(c: &Case) {
     };
     let causal =
         causal(rng.below(11) as i64 - 5 + (c.k as i64 - c.q as i64) * (rng.below(2) as i64));
-    let bitmap = Bitmap::new(c.b, h, c.q, c.k, &mut rng);
+    let bitmap = Bitmap::new([c.b, h, c.q, c.k], &mut rng);
     let mask: &dyn MaskTiles = match c.mask {
         0 => &NoMask,
         1 => &causal,

@@ -1,5 +1,9 @@
-//! Test support shared by the forward and backward kernel tests: deterministic randomness and the memory
-//! layouts test tensors take.
+//! Test support shared by the forward and backward kernel tests: deterministic randomness, the memory
+//! layouts test tensors take, and the random bitmap mask.
+
+use std::ops::Range;
+
+use crate::mask::tiles::{BlockClass, MaskTiles};
 
 /// splitmix64: the tests' own deterministic randomness, seeded by proptest.
 pub(crate) struct Rng(pub(crate) u64);
@@ -55,4 +59,55 @@ pub(crate) fn layout(rng: &mut Rng, broadcastable: bool) -> Layout {
 /// expression.
 pub(crate) fn causal(diagonal: i64) -> crate::mask::PlacedMask {
     crate::mask::PlacedMask::new(crate::mask::MaskExpr::causal_with_offset(diagonal), 0, 0)
+}
+
+/// A random per-element visibility mask over `[B, H, Q, K]` (some rows fully hidden, some fully visible),
+/// with tile classes computed by brute force: the mask both kernels' tests check masking with.
+pub(crate) struct Bitmap {
+    pub(crate) shape: [usize; 4],
+    pub(crate) bits: Vec<u8>,
+}
+
+impl Bitmap {
+    pub(crate) fn new(shape: [usize; 4], rng: &mut Rng) -> Bitmap {
+        let density = rng.range(0.05, 0.95);
+        let mut bits: Vec<u8> = (0..shape.iter().product())
+            .map(|_| u8::from(rng.chance(density)))
+            .collect();
+        for row in bits.chunks_mut(shape[3].max(1)) {
+            if rng.chance(0.1) {
+                row.fill(0);
+            } else if rng.chance(0.1) {
+                row.fill(1);
+            }
+        }
+        Bitmap { shape, bits }
+    }
+    pub(crate) fn at(&self, b: usize, h: usize, i: usize, j: usize) -> u8 {
+        let [_, hs, qs, ks] = self.shape;
+        self.bits[((b * hs + h) * qs + i) * ks + j]
+    }
+}
+
+impl MaskTiles for Bitmap {
+    fn classify(&self, b: usize, h: usize, rows: Range<usize>, cols: Range<usize>) -> BlockClass {
+        let total = rows.len() * cols.len();
+        let seen: usize = rows
+            .flat_map(|i| cols.clone().map(move |j| (i, j)))
+            .map(|(i, j)| self.at(b, h, i, j) as usize)
+            .sum();
+        match seen {
+            0 => BlockClass::Empty,
+            s if s == total => BlockClass::Full,
+            _ => BlockClass::Partial,
+        }
+    }
+    fn fill(&self, b: usize, h: usize, rows: Range<usize>, cols: Range<usize>, out: &mut [u8]) {
+        let w = cols.len();
+        for (r, i) in rows.enumerate() {
+            for (c, j) in cols.clone().enumerate() {
+                out[r * w + c] = self.at(b, h, i, j);
+            }
+        }
+    }
 }

@@ -8,7 +8,6 @@ use attnrs_core::layout::{BlockIndex, BlockSparse, Grid, fill_dense};
 use attnrs_core::mask::{BitmapBuilder, MaskExpr, PlacedMask};
 use attnrs_core::tensor::{DType, TensorView};
 use pyo3::prelude::*;
-use pyo3::types::PyByteArray;
 
 use crate::dlpack::{self, Imported};
 use crate::door::run_detached;
@@ -203,25 +202,6 @@ impl PyMaskExpr {
 
     fn __repr__(&self) -> String {
         format!("MaskExpr({:?})", self.expr)
-    }
-
-    /// The flat program the attention operator takes: (program, ints, bytes) as bytearrays (i64 words are
-    /// native-endian), ready for `torch.frombuffer`.
-    fn encode<'py>(
-        &self,
-        py: Python<'py>,
-    ) -> (
-        Bound<'py, PyByteArray>,
-        Bound<'py, PyByteArray>,
-        Bound<'py, PyByteArray>,
-    ) {
-        let p = self.expr.encode();
-        let words = |w: &[i64]| w.iter().flat_map(|x| x.to_ne_bytes()).collect::<Vec<u8>>();
-        (
-            PyByteArray::new(py, &words(&p.program)),
-            PyByteArray::new(py, &words(&p.ints)),
-            PyByteArray::new(py, &p.bytes),
-        )
     }
 
     /// Writes visibility into `out`, a contiguous bool tensor [B', H', Q, K] (B'/H' of 1 broadcast).

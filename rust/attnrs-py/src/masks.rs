@@ -279,8 +279,14 @@ impl PyBitmapBuilder {
         })
     }
 
-    /// Sets rows `q_start..q_start + n` from `values`, a bool tensor [Bm, Hm, n, K].
-    fn write_rows(&self, q_start: usize, values: &Bound<'_, PyAny>) -> PyResult<()> {
+    /// Sets rows `q_start..q_start + n` from `values`, a bool tensor [Bm, Hm, n, K]. The copy (O(Bm·Hm·n·K))
+    /// runs with the GIL released.
+    fn write_rows(
+        &self,
+        py: Python<'_>,
+        q_start: usize,
+        values: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let t = dlpack::import(values, "values")?;
         expect(&t, "values", &[DType::Bool], 4)?;
         let s = t.view.shape();
@@ -291,24 +297,24 @@ impl PyBitmapBuilder {
             );
             return err(Error::shape("values", expected, format!("{s:?}")));
         }
-        let bytes = t.view.to_contiguous_bytes();
-        let per_bh = s[2] * s[3];
-        let mut guard = self.builder.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(builder) = guard.as_mut() else {
-            return err(Error::value(
-                "BitmapBuilder",
-                "a builder that is not finished",
-                "a finished one",
-            ));
-        };
-        if per_bh > 0 {
-            for (i, slab) in bytes.chunks_exact(per_bh).enumerate() {
-                builder
-                    .write_rows(i / s[1], i % s[1], q_start, slab)
-                    .map_err(PyAttnrsError)?;
+        let (heads, per_bh) = (s[1], s[2] * s[3]);
+        run_detached(py, || {
+            let mut guard = self.builder.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(builder) = guard.as_mut() else {
+                return Err(Error::value(
+                    "BitmapBuilder",
+                    "a builder that is not finished",
+                    "a finished one",
+                ));
+            };
+            if per_bh > 0 {
+                let bytes = t.view.to_contiguous_bytes();
+                for (i, slab) in bytes.chunks_exact(per_bh).enumerate() {
+                    builder.write_rows(i / heads, i % heads, q_start, slab)?;
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn finish(&self) -> PyResult<PyMaskExpr> {

@@ -1,4 +1,4 @@
-"""attnrs.attention against torch SDPA, transformers' paths and compiled flex. See attnrs/bench.py for flags:
+"""attnrs.attention against torch SDPA, transformers' paths and compiled flex. See attnrs/cli/bench.py for flags:
 
     python benchmarks/bench_attention.py [--quick] [--backward] [--threads N]
 """

@@ -1,5 +1,5 @@
 //! Mask expressions, dense fills and block layouts for Python (`attnrs._attnrs.MaskExpr`, `BitmapBuilder`,
-//! `BlockLayout`). `attnrs/masks.py` is the public face; this module only converts and calls the core.
+//! `BlockLayout`). `attnrs/masks/` is the public face; this module only converts and calls the core.
 
 use std::sync::{Arc, Mutex};
 

@@ -616,3 +616,40 @@ def test_gradcheck_through_the_returned_lse() -> None:
         lambda q, k, v, s: attnrs.attention(q, k, v, window, sinks=s, softcap=2.0, return_lse=True), (q, k, v, sinks),
         eps=1e-3, atol=2e-3, rtol=1e-3,
     )
+
+
+@pytest.mark.parametrize("variant", ["upper_left", "lower_right"])
+@pytest.mark.parametrize(("q_len", "kv_len"), [(3, 6), (5, 5), (70, 130)])
+def test_torch_causal_bias_is_the_causal_mask_it_means(variant: str, q_len: int, kv_len: int) -> None:
+    """torch's CausalBias is a tensor subclass whose storage is uninitialised: it must be read as the causal mask
+    SDPA gives it, never as an additive bias."""
+    from torch.nn.attention import bias as torch_bias
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, q_len, 16), torch.randn(2, 2, kv_len, 16), torch.randn(2, 2, kv_len, 16)
+    causal_bias = getattr(torch_bias, f"causal_{variant}")(q_len, kv_len)
+    got = attnrs.attention(q, k, v, causal_bias)
+    want = F.scaled_dot_product_attention(q, k, v, causal_bias, enable_gqa=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_bias_of_other_lengths_and_other_tensor_subclasses_are_refused() -> None:
+    from torch.nn.attention.bias import causal_upper_left
+
+    q = k = v = torch.randn(1, 1, 4, 8)
+    with pytest.raises(attnrs.ShapeError, match="mask: expected a CausalBias for Q=4, K=4, got one for Q=3, K=6"):
+        attnrs.attention(q, k, v, causal_upper_left(3, 6))
+
+    class Lazy(torch.Tensor):  # a subclass whose values are not its storage
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    lazy = torch.zeros(4, 4).as_subclass(Lazy)
+    with pytest.raises(attnrs.DtypeError, match="mask: expected a plain tensor.*tensor subclass Lazy"):
+        attnrs.attention(q, k, v, lazy)
+    # A Parameter (a learned bias) is plain data and stays accepted.
+    bias = torch.nn.Parameter(torch.randn(4, 4))
+    torch.testing.assert_close(
+        attnrs.attention(q, k, v, bias), F.scaled_dot_product_attention(q, k, v, bias.detach()), atol=1e-5, rtol=1e-5
+    )

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.attention.bias import CausalBias, CausalVariant
 from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
 
 from ..errors import ArgumentError, DeviceError, DtypeError, ShapeError
@@ -115,12 +116,43 @@ def _block_mask_as_mask(block_mask: TorchBlockMask, batch: int, heads: int) -> M
     return from_callable(lookup(full)) | partial
 
 
+def _is_plain_tensor(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values are its storage: a torch.Tensor, or a subclass that does not override
+    ``__torch_function__`` (Parameter, and the fake and functional tensors of tracing, disable it)."""
+    override = getattr(type(t), "__torch_function__", None)
+    override = getattr(override, "__func__", override)
+    return override in (torch.Tensor.__torch_function__.__func__, torch._C._disabled_torch_function_impl)  # type: ignore[attr-defined]
+
+
+def _causal_bias_mask(bias: CausalBias, q_len: int, kv_len: int) -> Mask:
+    """torch's ``CausalBias`` as the structural mask it means, on row/column indices: ``causal_upper_left``
+    lets query ``i`` see keys ``j <= i``, ``causal_lower_right`` keys ``j <= i + (K - Q)``."""
+    if (bias.seq_len_q, bias.seq_len_kv) != (q_len, kv_len):
+        raise ShapeError(
+            f"mask: expected a CausalBias for Q={q_len}, K={kv_len}, got one for Q={bias.seq_len_q}, "
+            f"K={bias.seq_len_kv}"
+        )
+    if bias.variant == CausalVariant.UPPER_LEFT:
+        return causal(0)
+    if bias.variant == CausalVariant.LOWER_RIGHT:
+        return causal(kv_len - q_len)
+    raise ArgumentError(f"mask: expected a CausalBias of variant UPPER_LEFT or LOWER_RIGHT, got {bias.variant!r}")
+
+
 def resolve_mask(mask: Any, is_causal: bool, shape: tuple[int, int, int, int], device: torch.device) -> ResolvedMask:
     batch, heads, q_len, kv_len = shape
     resolved = ResolvedMask()
     structural: Mask | None = None
     if mask is None:
         pass
+    elif isinstance(mask, CausalBias):
+        structural = _causal_bias_mask(mask, q_len, kv_len)
+    elif isinstance(mask, torch.Tensor) and not _is_plain_tensor(mask):
+        # Its storage need not hold its values (CausalBias's is uninitialised): never read it.
+        raise DtypeError(
+            f"mask: expected a plain tensor, a CausalBias or a mask value, got the tensor subclass "
+            f"{type(mask).__name__} (it overrides __torch_function__, so its storage may not hold its values)"
+        )
     elif isinstance(mask, torch.Tensor):
         dense = _check_dense(mask, shape, device)
         if dense.dtype == torch.bool:

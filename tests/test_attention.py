@@ -653,3 +653,31 @@ def test_causal_bias_of_other_lengths_and_other_tensor_subclasses_are_refused() 
     torch.testing.assert_close(
         attnrs.attention(q, k, v, bias), F.scaled_dot_product_attention(q, k, v, bias.detach()), atol=1e-5, rtol=1e-5
     )
+
+
+def test_errors_are_runtime_errors_too_as_torchs_are() -> None:
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    with pytest.raises(RuntimeError, match="broadcastable"):  # what code written for SDPA catches
+        attnrs.attention(q, k, v, torch.ones(1, 1, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="broadcastable"):  # and still the attnrs-style builtin
+        attnrs.attention(q, k, v, torch.ones(1, 1, 4, 4, dtype=torch.bool))
+    for error in (attnrs.ShapeError, attnrs.DtypeError, attnrs.ArgumentError, attnrs.UnknownNameError):
+        assert issubclass(error, RuntimeError) and issubclass(error, attnrs.AttnrsError)
+
+
+def test_numpy_scalars_are_numbers() -> None:
+    import numpy as np
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    want = attnrs.attention(q, k, v, is_causal=True, scale=0.5, softcap=20.0)
+    got = attnrs.attention(q, k, v, is_causal=True, scale=np.float32(0.5), softcap=np.float64(20.0), dropout_p=np.float32(0))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5), atol=2e-2, rtol=0)
+    with pytest.raises(attnrs.ArgumentError, match="scale: expected a finite number"):
+        attnrs.attention(q, k, v, scale=np.bool_(True))
+
+
+def test_flash_backend_on_cpu_says_what_it_needs() -> None:
+    q = k = v = torch.randn(1, 1, 4, 8)
+    with pytest.raises(attnrs.UnsupportedError, match="backend='flash': flash-attn runs on CUDA tensors"):
+        attnrs.attention(q, k, v, backend="flash")

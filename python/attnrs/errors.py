@@ -2,7 +2,8 @@
 
 Every error derives from :class:`AttnrsError`, and also from the builtin exception a caller would expect, so
 ``except ValueError`` keeps working: bad shapes, devices and layouts are ``ValueError``\\ s, bad dtypes are
-``TypeError``\\ s. Messages name the argument, what was expected and what was received.
+``TypeError``\\ s; and every one is a ``RuntimeError``, like torch's own errors, so SDPA-style ``except
+RuntimeError`` handlers catch them too. Messages name the argument, what was expected and what was received.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ __all__ = [
 ]
 
 
-class AttnrsError(Exception):
-    """Base class of every attnrs error."""
+class AttnrsError(RuntimeError):
+    """Base class of every attnrs error. It is a ``RuntimeError``, as torch's own errors are, so code written for
+    ``F.scaled_dot_product_attention`` (``except RuntimeError``) catches attnrs's too."""
 
 
 class ShapeError(AttnrsError, ValueError):
@@ -55,5 +57,5 @@ class UnsupportedError(AttnrsError, NotImplementedError):
     """A valid request that this version does not implement yet."""
 
 
-class InternalError(AttnrsError, RuntimeError):
+class InternalError(AttnrsError):
     """An invariant of attnrs broke. Please report it."""

@@ -5,9 +5,11 @@ every backend takes; :func:`kernel_operands` packs it for the custom operators."
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.attention.bias import CausalBias, CausalVariant
 from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
@@ -195,14 +197,17 @@ def _program(resolved: ResolvedMask, shape: tuple[int, int, int, int]) -> torch.
     return resolved.program(grid)
 
 
+def _is_real(x: Any) -> bool:
+    """A real number that is not a bool: Python's int and float, and NumPy's scalars (numbers.Real)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
 def check_scalars(query: torch.Tensor, scale: Any, softcap: Any, sinks: Any, dropout_p: Any) -> float:
     if scale is None:
         scale = query.shape[-1] ** -0.5 if query.shape[-1] else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not _is_real(scale) or not math.isfinite(scale):
         raise ArgumentError(f"scale: expected a finite number, got {scale!r}")
-    if softcap is not None and (
-        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0
-    ):
+    if softcap is not None and (not _is_real(softcap) or not math.isfinite(softcap) or softcap <= 0):
         raise ArgumentError(f"softcap: expected None or a positive finite number, got {softcap!r}")
     if sinks is not None:
         if not isinstance(sinks, torch.Tensor) or not sinks.dtype.is_floating_point:
@@ -211,7 +216,7 @@ def check_scalars(query: torch.Tensor, scale: Any, softcap: Any, sinks: Any, dro
             raise ShapeError(f"sinks: expected shape [{query.shape[1]}] (one per query head), got {list(sinks.shape)}")
         if sinks.device != query.device:
             raise DeviceError(f"sinks: expected a tensor on {query.device}, got {sinks.device}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    if not _is_real(dropout_p) or not 0.0 <= dropout_p < 1.0:
         raise ArgumentError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
     return float(scale)
 

@@ -213,11 +213,15 @@ def _flash(
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """flash-attn (CUDA, fp16/bf16) for the masks it expresses: none, or causal on a square grid."""
-    from flash_attn import flash_attn_func  # optional, CUDA only
-
     reason = flash_reason(query, key, value, resolved, sinks)
     if reason is not None:
         raise UnsupportedError(f"backend='flash': {reason}")
+    try:
+        from flash_attn import flash_attn_func  # optional, CUDA only
+    except ImportError as e:
+        raise UnsupportedError(
+            "backend='flash': the flash-attn package is not installed (pip install flash-attn, on a CUDA machine)"
+        ) from e
     causal = resolved.structural is not None  # flash_reason admits only a top-left causal mask on Q == K
     result = flash_attn_func(
         query.transpose(1, 2),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -681,3 +682,13 @@ def test_flash_backend_on_cpu_says_what_it_needs() -> None:
     q = k = v = torch.randn(1, 1, 4, 8)
     with pytest.raises(attnrs.UnsupportedError, match="backend='flash': flash-attn runs on CUDA tensors"):
         attnrs.attention(q, k, v, backend="flash")
+
+
+def test_dropout_keep_pattern_is_reachable_where_the_readme_says() -> None:
+    # `attnrs.attention` is the function (it hides the package of the same name), so the helper is top-level.
+    from attnrs.attention.ops import dropout_keep_pattern
+
+    assert attnrs.dropout_keep_pattern is dropout_keep_pattern
+    assert "attnrs.dropout_keep_pattern(" in (Path(__file__).parent.parent / "README.md").read_text()
+    keep = attnrs.dropout_keep_pattern((1, 2, 3, 4), 0.5, 7)
+    assert keep.dtype == torch.bool and keep.shape == (1, 2, 3, 4)

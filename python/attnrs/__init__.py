@@ -14,6 +14,7 @@ from __future__ import annotations
 from . import errors, masks, plugins, registrations  # noqa: F401  (registrations: fills the registries)
 from ._attnrs import __version__, cpu_features, simd_path
 from .attention.api import attention
+from .attention.ops import dropout_keep_pattern
 from .errors import (
     ArgumentError,
     AttnrsError,
@@ -60,6 +61,7 @@ __all__ = [
     "cpu_features",
     "create_block_mask",
     "create_dense_mask",
+    "dropout_keep_pattern",
     "errors",
     "functions",
     "load_plugins",

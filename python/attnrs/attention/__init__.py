@@ -6,8 +6,8 @@
 * :mod:`~attnrs.attention.ops`: the custom operators of the Rust kernels (schemas, fakes, autograd);
 * :mod:`~attnrs.attention.torch_backends`: delegation to torch SDPA / flex_attention / flash-attn, and ``math``.
 
-``attnrs.attention`` (the attribute of the package ``attnrs``) is the function; this package is reached by its
-module path, e.g. ``attnrs.attention.dispatch``.
+``attnrs.attention`` (the attribute of the package ``attnrs``) is the function, which hides this package as an
+attribute: reach its modules by importing from them, e.g. ``from attnrs.attention.dispatch import choose_backend``.
 """
 
 from __future__ import annotations

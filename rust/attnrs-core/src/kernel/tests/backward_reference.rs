@@ -2,9 +2,9 @@
 
 use half::{bf16, f16};
 
-use crate::kernel::tests::support::Layout;
+use crate::kernel::tests::support::{Layout, read_f64};
 use crate::kernel::*;
-use crate::tensor::{DType, Float, TensorView};
+use crate::tensor::{DType, TensorView};
 
 pub(super) fn round_to(dtype: DType, x: f64) -> f64 {
     match dtype {
@@ -91,21 +91,7 @@ impl Buf {
     }
 
     pub(super) fn get(&self, idx: &[usize]) -> f64 {
-        let off: isize = idx
-            .iter()
-            .zip(self.view.strides())
-            .map(|(&i, &s)| i as isize * s)
-            .sum();
-        fn rd<T: Float>(p: *mut u8, off: isize) -> f64 {
-            // SAFETY: `off` is the offset of an in-range index of the view.
-            unsafe { p.cast::<T>().offset(off).read() }.to_f64()
-        }
-        match self.view.dtype() {
-            DType::F32 => rd::<f32>(self.view.as_ptr(), off),
-            DType::F64 => rd::<f64>(self.view.as_ptr(), off),
-            DType::BF16 => rd::<bf16>(self.view.as_ptr(), off),
-            _ => rd::<f16>(self.view.as_ptr(), off),
-        }
+        read_f64(&self.view, idx)
     }
 
     /// Every element in logical order.

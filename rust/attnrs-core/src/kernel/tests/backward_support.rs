@@ -1,12 +1,11 @@
 //! The backward tests' cases: inputs set up from a case, the kernel run on them, results compared.
 
-use half::{bf16, f16};
 use proptest::prelude::*;
 
 use super::backward_reference::*;
 use crate::kernel::args::*;
 use crate::kernel::backward::*;
-use crate::kernel::tests::support::{Bitmap, Layout, Rng, causal, layout};
+use crate::kernel::tests::support::{Bitmap, Layout, Rng, causal, finfo_min, layout};
 use crate::kernel::*;
 use crate::mask::tiles::{MaskTiles, NoMask};
 use crate::tensor::DType;
@@ -71,12 +70,7 @@ pub(super) fn setup(c: &Case) -> Setup {
         ];
         let shape = choices[rng.below(4)].clone();
         let bdt = if rng.chance(0.5) { dt } else { DType::F32 };
-        let min = match bdt {
-            DType::F64 => f64::MIN,
-            DType::F32 => f32::MIN as f64,
-            DType::BF16 => bf16::MIN.to_f64(),
-            _ => f16::MIN.to_f64(),
-        };
+        let min = finfo_min(bdt);
         let huge = rng.chance(0.3);
         let n: usize = shape.iter().product();
         let vals: Vec<f64> = (0..n)

@@ -5,10 +5,9 @@ use proptest::prelude::*;
 
 use crate::kernel::args::*;
 use crate::kernel::forward;
-use crate::kernel::tests::support::{Bitmap, Layout, Rng, causal, layout};
+use crate::kernel::tests::support::{Bitmap, Layout, Rng, causal, finfo_min, layout, read_f64};
 use crate::kernel::*;
 use crate::mask::tiles::{MaskTiles, NoMask};
-use crate::tensor::Float;
 use crate::tensor::{DType, TensorView};
 
 /// Owned storage plus a strided view of it.
@@ -73,21 +72,7 @@ impl Buf {
 
     /// Element `idx` read through the view, as f64.
     pub(super) fn get(&self, idx: &[usize]) -> f64 {
-        let off: isize = idx
-            .iter()
-            .zip(self.view.strides())
-            .map(|(&i, &s)| i as isize * s)
-            .sum();
-        fn rd<T: Float>(p: *mut u8, off: isize) -> f64 {
-            // SAFETY: `off` is the offset of an in-range index of the view.
-            unsafe { p.cast::<T>().offset(off).read() }.to_f64()
-        }
-        match self.view.dtype() {
-            DType::F32 => rd::<f32>(self.view.as_ptr(), off),
-            DType::F64 => rd::<f64>(self.view.as_ptr(), off),
-            DType::BF16 => rd::<bf16>(self.view.as_ptr(), off),
-            _ => rd::<f16>(self.view.as_ptr(), off),
-        }
+        read_f64(&self.view, idx)
     }
 }
 
@@ -321,12 +306,7 @@ pub(super) fn run_case(c: &Case) {
         ];
         let shape = shapes[rng.below(4)].clone();
         let bdt = if rng.chance(0.5) { dt } else { DType::F32 };
-        let min = match bdt {
-            DType::F64 => f64::MIN,
-            DType::F32 => f32::MIN as f64,
-            DType::BF16 => bf16::MIN.to_f64(),
-            _ => f16::MIN.to_f64(),
-        };
+        let min = finfo_min(bdt);
         let huge = rng.chance(0.3);
         Buf::new(
             bdt,

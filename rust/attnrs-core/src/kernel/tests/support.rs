@@ -3,7 +3,39 @@
 
 use std::ops::Range;
 
+use half::{bf16, f16};
+
 use crate::mask::tiles::{BlockClass, MaskTiles};
+use crate::tensor::{DType, Float, TensorView};
+
+/// Element `idx` of a float test tensor, read through its strided view, as f64.
+pub(crate) fn read_f64(view: &TensorView, idx: &[usize]) -> f64 {
+    let off: isize = idx
+        .iter()
+        .zip(view.strides())
+        .map(|(&i, &s)| i as isize * s)
+        .sum();
+    fn rd<T: Float>(p: *mut u8, off: isize) -> f64 {
+        // SAFETY: `off` is the offset of an in-range index of the view (the caller's index is in its shape).
+        unsafe { p.cast::<T>().offset(off).read() }.to_f64()
+    }
+    match view.dtype() {
+        DType::F32 => rd::<f32>(view.as_ptr(), off),
+        DType::F64 => rd::<f64>(view.as_ptr(), off),
+        DType::BF16 => rd::<bf16>(view.as_ptr(), off),
+        _ => rd::<f16>(view.as_ptr(), off),
+    }
+}
+
+/// The most negative finite value of a float dtype (torch's `finfo.min`), as f64.
+pub(crate) fn finfo_min(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => f64::MIN,
+        DType::F32 => f32::MIN as f64,
+        DType::BF16 => bf16::MIN.to_f64(),
+        _ => f16::MIN.to_f64(),
+    }
+}
 
 /// splitmix64: the tests' own deterministic randomness, seeded by proptest.
 pub(crate) struct Rng(pub(crate) u64);

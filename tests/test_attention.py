@@ -51,11 +51,12 @@ def naive(
     return out, lse
 
 
-def dense_visibility(mask: Any, is_causal: bool, b: int, h: int, q_len: int, kv_len: int) -> torch.Tensor | None:
-    """Bool [B, H, Q, K] of what attnrs.attention documents for each mask form (bottom-right for Masks)."""
+def dense_visibility(mask: Any, is_causal: bool, b: int, h: int, q_len: int, kv_len: int,
+                     q_offset: int = 0) -> torch.Tensor | None:
+    """Bool [B, H, Q, K] of what attnrs.attention documents for each mask form (Masks placed at q_offset)."""
     visible = None
     if isinstance(mask, masks.Mask):
-        visible = attnrs.create_dense_mask(mask, b, h, q_len, kv_len, q_offset=kv_len - q_len).expand(b, h, -1, -1)
+        visible = attnrs.create_dense_mask(mask, b, h, q_len, kv_len, q_offset=q_offset).expand(b, h, -1, -1)
     elif isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
         visible = mask.expand(b, h, q_len, kv_len)
     elif isinstance(mask, attnrs.BlockMask):
@@ -123,20 +124,23 @@ def problems(draw: st.DrawFn, dtype: torch.dtype = torch.float32) -> dict[str, A
     softcap = draw(st.sampled_from([None, 5.0, 30.0]))
     sinks = torch.randn(h, generator=gen) if draw(st.booleans()) else None
     scale = draw(st.sampled_from([None, 0.1]))
-    return dict(q=q, k=k, v=v, mask=mask, is_causal=is_causal, softcap=softcap, sinks=sinks, scale=scale, kind=kind)
+    # Masks are top-left (flex) by default; q_offset=K-Q is the KV-cache placement.
+    q_offset = draw(st.sampled_from([0, kv_len - q_len])) if isinstance(mask, masks.Mask) else 0
+    return dict(q=q, k=k, v=v, mask=mask, is_causal=is_causal, softcap=softcap, sinks=sinks, scale=scale, kind=kind,
+                q_offset=q_offset)
 
 
 def _reference(p: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v, mask = p["q"], p["k"], p["v"], p["mask"]
     b, h, q_len, _ = q.shape
-    visible = dense_visibility(mask, p["is_causal"], b, h, q_len, k.shape[2])
+    visible = dense_visibility(mask, p["is_causal"], b, h, q_len, k.shape[2], p["q_offset"])
     bias = mask.expand(b, h, -1, -1) if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool else None
     return naive(q, k, v, visible, bias, p["scale"], p["softcap"], p["sinks"])
 
 
 def _run(p: dict[str, Any], **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return attnrs.attention(p["q"], p["k"], p["v"], p["mask"], is_causal=p["is_causal"], scale=p["scale"],
-                            softcap=p["softcap"], sinks=p["sinks"], return_lse=True, **kwargs)
+                            q_offset=p["q_offset"], softcap=p["softcap"], sinks=p["sinks"], return_lse=True, **kwargs)
 
 
 @given(problems())
@@ -272,8 +276,9 @@ def test_decode_with_a_long_cache() -> None:
     valid = torch.ones(2, 3000, dtype=torch.bool)
     valid[1, :700] = False
     for mask in (None, masks.padding(valid), masks.sliding_window(512), valid[:, None, None, :]):
-        out, lse = attnrs.attention(q, k, v, mask, return_lse=True)
-        ref, ref_lse = naive(q, k, v, dense_visibility(mask, False, 2, 8, 1, 3000))
+        offset = 2999 if isinstance(mask, masks.Mask) else 0  # the query is the cache's last position
+        out, lse = attnrs.attention(q, k, v, mask, q_offset=offset, return_lse=True)
+        ref, ref_lse = naive(q, k, v, dense_visibility(mask, False, 2, 8, 1, 3000, offset))
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
 
@@ -295,8 +300,12 @@ def _qkv(**shapes: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize(
     ("call", "error", "words"),
     [
-        (lambda: attnrs.attention(torch.randn(4, 8, 32), *_qkv()[1:]), attnrs.ShapeError, "query: expected a 4-D"),
-        (lambda: attnrs.attention(*_qkv(k=(2, 2, 8, 32))), attnrs.ShapeError, "batch"),
+        (lambda: attnrs.attention(torch.randn(8, 32), *_qkv()[1:]), attnrs.ShapeError, "query: expected a tensor"),
+        (lambda: attnrs.attention(*_qkv(q=(2, 4, 8, 32), k=(3, 2, 8, 32))), attnrs.ShapeError, "batch dims"),
+        (lambda: attnrs.attention(*_qkv(), enable_gqa="yes"), attnrs.ArgumentError, "enable_gqa"),
+        (lambda: attnrs.attention(*_qkv(), q_offset=1.5), attnrs.ArgumentError, "q_offset"),
+        (lambda: attnrs.attention(*_qkv(), torch.ones(8, 8, dtype=torch.bool), q_offset=2), attnrs.ArgumentError,
+         "q_offset"),
         (lambda: attnrs.attention(*_qkv(v=(1, 2, 9, 32))), attnrs.ShapeError, "value"),
         (lambda: attnrs.attention(*_qkv(k=(1, 2, 8, 16), v=(1, 2, 8, 32))), attnrs.ShapeError, "head dim"),
         (lambda: attnrs.attention(*_qkv(k=(1, 3, 8, 32))), attnrs.ShapeError, "GQA"),
@@ -387,7 +396,7 @@ def test_dropout_forward_and_gradients_match_the_reference_with_the_same_pattern
     grad = torch.randn(2, 4, 70, 16, dtype=dtype)
     window = masks.sliding_window(20)
     torch.manual_seed(21)
-    out = attnrs.attention(q, k, v, window, sinks=sinks, softcap=5.0, dropout_p=0.3)
+    out = attnrs.attention(q, k, v, window, 0.3, q_offset=5, sinks=sinks, softcap=5.0)
     out.backward(grad)
     torch.manual_seed(21)
     seed = draw_dropout_seed()  # the seed attention drew

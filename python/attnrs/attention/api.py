@@ -1,17 +1,19 @@
 """``attnrs.attention``: scaled dot-product attention with masks as values, on a Rust CPU kernel; this module runs
 a resolved call on the backend asked for (or chosen by :mod:`attnrs.attention.dispatch`).
 
-Layout and conventions follow ``torch.nn.functional.scaled_dot_product_attention``: ``query [B, H, Q, D]``,
-``key [B, Hkv, K, D]``, ``value [B, Hkv, K, Dv]``, GQA when ``H % Hkv == 0``, output ``[B, H, Q, Dv]``.
+The call is SDPA's (``torch.nn.functional.scaled_dot_product_attention``): ``query [..., H, Q, D]``,
+``key [..., Hkv, K, D]``, ``value [..., Hkv, K, Dv]``, batch dims broadcast, GQA when ``H % Hkv == 0``, output
+``[..., H, Q, Dv]``; attnrs's extras are keyword-only.
 
-Masks:
+Masks (one alignment rule: masks and mask_mods see indices from 0 on both axes, as in FlexAttention; the
+``q_offset``/``kv_offset`` keywords place them elsewhere, e.g. ``q_offset=K - Q`` for a KV cache):
 
-* ``None``; ``is_causal=True`` is SDPA's top-left causal mask (``kv <= q`` on row/column indices);
-* an attnrs :class:`~attnrs.masks.Mask` or a plain ``mask_mod`` callable works on absolute positions and is
-  aligned bottom-right when ``Q != K`` (query ``i`` sits at position ``K - Q + i``, the KV-cache convention);
+* ``None``; ``is_causal=True`` is SDPA's top-left causal mask (``kv <= q`` on row/column indices), and torch's
+  ``causal_upper_left``/``causal_lower_right`` are the causal masks they mean;
+* an attnrs :class:`~attnrs.masks.Mask` or a plain ``mask_mod`` callable;
 * an :class:`attnrs.BlockMask` carries its own offsets and lengths, which must match the inputs exactly; a
   torch ``BlockMask`` is honoured block by block with its ``mask_mod`` on partial blocks;
-* a dense bool (True = attend) or additive float tensor broadcastable to ``[B, H, Q, K]``.
+* a dense bool (True = attend) or additive float tensor broadcastable to ``[..., H, Q, K]``.
 
 Rows that see no key give zeros (and a log-sum-exp of ``-inf``), never NaN.
 """
@@ -27,7 +29,7 @@ from ..errors import ArgumentError, DeviceError, UnsupportedError
 from ..plugins import BUILTIN_KERNEL, is_native
 from .dispatch import choose_backend, needs_grad
 from .ops import draw_dropout_seed
-from .resolve import ResolvedMask, check_inputs, check_scalars, kernel_operands, resolve_mask
+from .resolve import ResolvedMask, batched_inputs, check_scalars, kernel_operands, resolve_mask
 from .torch_backends import torch_attention
 
 __all__ = ["BACKENDS", "attention", "check_backend", "run_resolved"]
@@ -40,13 +42,16 @@ def attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    mask: Any = None,
-    *,
+    attn_mask: Any = None,
+    dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    q_offset: int = 0,
+    kv_offset: int = 0,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
     return_lse: Literal[False] = False,
     backend: str = "auto",
 ) -> torch.Tensor: ...
@@ -57,13 +62,16 @@ def attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    mask: Any = None,
-    *,
+    attn_mask: Any = None,
+    dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    q_offset: int = 0,
+    kv_offset: int = 0,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
     return_lse: Literal[True],
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -74,13 +82,16 @@ def attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    mask: Any = None,
-    *,
+    attn_mask: Any = None,
+    dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    q_offset: int = 0,
+    kv_offset: int = 0,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
     return_lse: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
@@ -90,41 +101,71 @@ def attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    mask: Any = None,
-    *,
+    attn_mask: Any = None,
+    dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    q_offset: int = 0,
+    kv_offset: int = 0,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
     return_lse: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Attention over ``[B, H, S, D]`` tensors; see the module documentation for masks and alignment.
+    """``torch.nn.functional.scaled_dot_product_attention``'s call and meaning, plus attnrs's masks and extras.
+
+    The positional parameters are SDPA's, in SDPA's order; attnrs's extras are keyword-only. Inputs are
+    ``query [..., H, Q, D]``, ``key [..., Hkv, K, D]``, ``value [..., Hkv, K, Dv]`` with any number of leading
+    batch dims, broadcast as SDPA broadcasts them; GQA (``H % Hkv == 0``) is accepted with or without
+    ``enable_gqa`` (transformers passes GQA shapes without it). The output is ``[..., H, Q, Dv]``.
 
     Args:
-        scale: multiplies ``Q Kᵀ`` (default ``D ** -0.5``).
+        attn_mask: ``None``; a bool (True = attend) or additive float tensor broadcastable to ``[..., H, Q, K]``;
+            torch's ``causal_upper_left``/``causal_lower_right``; an attnrs :class:`~attnrs.masks.Mask` or a
+            ``mask_mod(b, h, q_idx, kv_idx)`` callable; an attnrs or torch ``BlockMask``. **Alignment**: masks
+            and mask_mods see indices from 0 on both axes, as in FlexAttention (query row ``i`` is at position
+            ``q_offset + i``, key ``j`` at ``kv_offset + j``; pass ``q_offset=K - Q`` for the KV-cache,
+            bottom-right convention); a BlockMask carries its own offsets.
+        dropout_p: dropout on the attention weights, in ``[0, 1]`` (always applied when > 0, as SDPA does;
+            1 gives zeros). On CPU the Rust kernel drops with a counter-based generator seeded by one draw from
+            torch's default generator (:func:`draw_dropout_seed`), so ``torch.manual_seed`` reproduces a run and
+            the backward regenerates the forward's pattern (see :func:`attnrs.dropout_keep_pattern`).
+        is_causal: SDPA's top-left causal mask (``kv <= q`` on row/column indices); combined (AND) with
+            ``attn_mask`` when both are given.
+        scale: multiplies ``Q Kᵀ`` (default ``D ** -0.5``); a Python or NumPy number.
+        enable_gqa: SDPA's flag; GQA shapes are accepted either way.
+        q_offset, kv_offset: the positions of query row 0 and key 0 for a Mask or mask_mod (see ``attn_mask``).
         softcap: ``s = softcap * tanh(s / softcap)`` after scaling, before the mask (Gemma 2).
         sinks: ``[H]`` logits that join each row's softmax denominator only (GPT-OSS).
-        return_lse: also return the float32 log-sum-exp ``[B, H, Q]`` of each row.
-        dropout_p: dropout on the attention weights (always applied when > 0, as SDPA does). On CPU the Rust
-            kernel drops with a counter-based generator seeded by one draw from torch's default generator
-            (:func:`draw_dropout_seed`), so ``torch.manual_seed`` reproduces a run and the backward regenerates
-            the forward's pattern (see :func:`dropout_keep_pattern`).
+        return_lse: also return the float32 log-sum-exp ``[..., H, Q]`` of each row.
         backend: ``"auto"`` (see :mod:`attnrs.attention.dispatch`), ``"native"`` (the Rust CPU kernel), ``"sdpa"``,
             ``"flex"``, ``"flash"`` (flash-attn, CUDA), ``"math"`` (plain differentiable torch), or the name of a
             registered native kernel (:func:`attnrs.register_native`, installed plugins, ``"attnrs"``: the
             built-in kernel through the kernel table).
+
+    Rows that see no key give zeros (and a log-sum-exp of ``-inf``), never NaN. Errors are
+    :mod:`attnrs.errors` classes, which are also ``RuntimeError``\\ s as SDPA's are.
     """
-    check_inputs(query, key, value)
+    batched = batched_inputs(query, key, value, enable_gqa)
+    query, key, value = batched.query, batched.key, batched.value
     scale = check_scalars(query, scale, softcap, sinks, dropout_p)
     check_backend(backend)
     shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
-    resolved = resolve_mask(mask, bool(is_causal), shape, query.device)
+    resolved = resolve_mask(
+        attn_mask,
+        bool(is_causal),
+        shape,
+        query.device,
+        batch_shape=batched.batch_shape,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+    )
     out, lse = run_resolved(query, key, value, resolved, scale, softcap, sinks, dropout_p, backend, return_lse)
     if return_lse:
-        return out, cast(torch.Tensor, lse)  # every backend returns it when asked (or raises)
-    return out
+        return batched.restore(out), batched.restore(cast(torch.Tensor, lse))  # every backend returns it or raises
+    return batched.restore(out)
 
 
 def check_backend(backend: Any) -> None:
@@ -179,6 +220,10 @@ def run_resolved(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Runs attention on an already resolved mask with the chosen backend (``auto``: see
     :mod:`attnrs.attention.dispatch`)."""
+    if dropout_p == 1:
+        # Every weight dropped: zeros, as SDPA gives (with zero gradients); the LSE is the undropped one.
+        out, lse = run_resolved(query, key, value, resolved, scale, softcap, sinks, 0.0, backend, return_lse)
+        return out * 0, lse
     shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
     if backend == BUILTIN_KERNEL and (dropout_p > 0 or needs_grad(query, key, value, sinks, resolved.bias)):
         # The built-in kernel's dropout and backward are wired through autograd on the "native" operator.

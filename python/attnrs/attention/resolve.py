@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -20,7 +20,15 @@ from ..masks.grid import Grid
 from ..masks.mask import Mask, causal, from_callable
 from .ops import KernelOperands
 
-__all__ = ["ResolvedMask", "check_inputs", "check_scalars", "kernel_operands", "resolve_mask"]
+__all__ = [
+    "Batched",
+    "ResolvedMask",
+    "batched_inputs",
+    "check_inputs",
+    "check_scalars",
+    "kernel_operands",
+    "resolve_mask",
+]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -43,12 +51,15 @@ class ResolvedMask:
         return self.structural.program(grid)
 
 
-def check_inputs(query: Any, key: Any, value: Any) -> None:
+def _check_tensors(query: Any, key: Any, value: Any, *, exact_dim: int | None) -> None:
+    """Types, dtypes, devices and ranks of query/key/value (``exact_dim`` None: any rank >= 3, ``[..., S, D]``)."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise DtypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
+        if exact_dim is not None and t.dim() != exact_dim:
             raise ShapeError(f"{name}: expected a 4-D tensor [B, H, S, D], got shape {list(t.shape)}")
+        if t.dim() < 3:
+            raise ShapeError(f"{name}: expected a tensor [..., H, S, D] of at least 3 dims, got shape {list(t.shape)}")
         if t.dtype not in _FLOAT_DTYPES:
             raise DtypeError(f"{name}: expected float32, bfloat16, float16 or float64, got {t.dtype}")
     if key.dtype != query.dtype or value.dtype != query.dtype:
@@ -60,33 +71,88 @@ def check_inputs(query: Any, key: Any, value: Any) -> None:
             f"key/value: expected the query's device {query.device}, got key on {key.device} and value on "
             f"{value.device}"
         )
-    b, h, _, d = query.shape
+
+
+def _check_head_shapes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    """The last three dims ``[H, S, D]``: K and V agree on heads and length, D matches, ``H % Hkv == 0`` (GQA)."""
+    h, d = query.shape[-3], query.shape[-1]
+    if key.shape[-3] != value.shape[-3] or key.shape[-2] != value.shape[-2]:
+        raise ShapeError(
+            f"value: expected the key's heads and length {list(key.shape[-3:-1])}, got {list(value.shape[-3:-1])}"
+        )
+    if key.shape[-1] != d:
+        raise ShapeError(f"key: expected head dim {d} (the query's), got {key.shape[-1]}")
+    if key.shape[-3] == 0 or h % key.shape[-3] != 0:
+        raise ShapeError(f"key: expected a head count dividing the query's {h} (GQA), got {key.shape[-3]}")
+
+
+def check_inputs(query: Any, key: Any, value: Any) -> None:
+    """query/key/value as the kernels take them: 4-D ``[B, H, S, D]`` with one batch size (transformers' form)."""
+    _check_tensors(query, key, value, exact_dim=4)
+    b = query.shape[0]
     if key.shape[0] != b or value.shape[0] != b:
         raise ShapeError(f"key/value: expected batch {b}, got key {key.shape[0]} and value {value.shape[0]}")
-    if key.shape[1] != value.shape[1] or key.shape[2] != value.shape[2]:
-        raise ShapeError(
-            f"value: expected the key's heads and length {list(key.shape[1:3])}, got {list(value.shape[1:3])}"
-        )
-    if key.shape[3] != d:
-        raise ShapeError(f"key: expected head dim {d} (the query's), got {key.shape[3]}")
-    if key.shape[1] == 0 or h % key.shape[1] != 0:
-        raise ShapeError(f"key: expected a head count dividing the query's {h} (GQA), got {key.shape[1]}")
+    _check_head_shapes(query, key, value)
 
 
-def _check_dense(mask: torch.Tensor, shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor:
-    if mask.device != device:
-        raise DeviceError(f"mask: expected a tensor on {device} (the query's device), got {mask.device}")
-    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
-        raise DtypeError(f"mask: expected a bool or floating tensor, got {mask.dtype}")
-    if mask.dim() > 4:
-        raise ShapeError(f"mask: expected a tensor broadcastable to {list(shape)}, got shape {list(mask.shape)}")
+class Batched(NamedTuple):
+    """SDPA-style inputs ``[..., H, S, D]`` with their batch dims broadcast and flattened into one: the 4-D
+    ``[B, H, S, D]`` tensors the kernels take (views where the strides allow), and the batch shape to restore."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    batch_shape: tuple[int, ...]
+
+    def restore(self, t: torch.Tensor) -> torch.Tensor:
+        """``[B, ...]`` -> ``[*batch_shape, ...]`` (for the output and the LSE)."""
+        return t.reshape(*self.batch_shape, *t.shape[1:])
+
+
+def _broadcasts(shape: torch.Size, target: tuple[int, ...]) -> bool:
     try:
-        broadcast = torch.broadcast_shapes(mask.shape, shape)  # type: ignore[no-untyped-call]
+        return torch.broadcast_shapes(shape, target) == torch.Size(target)  # type: ignore[no-untyped-call]
     except RuntimeError:
-        broadcast = None
-    if broadcast != torch.Size(shape):
-        raise ShapeError(f"mask: expected a tensor broadcastable to {list(shape)}, got shape {list(mask.shape)}")
-    return mask.expand(shape)
+        return False
+
+
+def batched_inputs(query: Any, key: Any, value: Any, enable_gqa: Any) -> Batched:
+    """SDPA's ``query [..., H, Q, D]``, ``key [..., Hkv, K, D]``, ``value [..., Hkv, K, Dv]`` checked and flattened
+    to 4-D: the dims before the last three are batch dims and broadcast as SDPA's do (3-D inputs have none: their
+    first dim is the heads, as in SDPA's GQA); GQA (``H % Hkv == 0``) is accepted with or without ``enable_gqa``."""
+    if not isinstance(enable_gqa, (bool, np.bool_)):
+        raise ArgumentError(f"enable_gqa: expected a bool, got {type(enable_gqa).__name__} {enable_gqa!r}")
+    _check_tensors(query, key, value, exact_dim=None)
+    _check_head_shapes(query, key, value)
+    leading = [t.shape[:-3] for t in (query, key, value)]
+    try:
+        batch_shape = tuple(torch.broadcast_shapes(*leading))  # type: ignore[no-untyped-call]
+    except RuntimeError:
+        raise ShapeError(
+            f"key/value: expected batch dims broadcastable with the query's {list(leading[0])}, got key "
+            f"{list(leading[1])} and value {list(leading[2])}"
+        ) from None
+    batch = math.prod(batch_shape)
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.expand(*batch_shape, *t.shape[-3:]).reshape(batch, *t.shape[-3:])
+
+    return Batched(flat(query), flat(key), flat(value), batch_shape)
+
+
+def _check_dense(
+    mask: torch.Tensor, shape: tuple[int, int, int, int], device: torch.device, arg: str, batch_shape: tuple[int, ...]
+) -> torch.Tensor:
+    """A dense mask broadcastable to ``[*batch_shape, H, Q, K]`` as a ``[B, H, Q, K]`` view (a copy only where
+    several broadcast batch dims cannot be merged by strides)."""
+    if mask.device != device:
+        raise DeviceError(f"{arg}: expected a tensor on {device} (the query's device), got {mask.device}")
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise DtypeError(f"{arg}: expected a bool or floating tensor, got {mask.dtype}")
+    full = (*batch_shape, *shape[1:])
+    if mask.dim() > len(full) or not _broadcasts(mask.shape, full):
+        raise ShapeError(f"{arg}: expected a tensor broadcastable to {list(full)}, got shape {list(mask.shape)}")
+    return mask.expand(full).reshape(shape)
 
 
 def _listed_blocks(counts: torch.Tensor, indices: torch.Tensor, n_cols: int) -> torch.Tensor:
@@ -126,37 +192,66 @@ def _is_plain_tensor(t: torch.Tensor) -> bool:
     return override in (torch.Tensor.__torch_function__.__func__, torch._C._disabled_torch_function_impl)  # type: ignore[attr-defined]
 
 
-def _causal_bias_mask(bias: CausalBias, q_len: int, kv_len: int) -> Mask:
+def _causal_bias_mask(bias: CausalBias, q_len: int, kv_len: int, arg: str) -> Mask:
     """torch's ``CausalBias`` as the structural mask it means, on row/column indices: ``causal_upper_left``
     lets query ``i`` see keys ``j <= i``, ``causal_lower_right`` keys ``j <= i + (K - Q)``."""
     if (bias.seq_len_q, bias.seq_len_kv) != (q_len, kv_len):
         raise ShapeError(
-            f"mask: expected a CausalBias for Q={q_len}, K={kv_len}, got one for Q={bias.seq_len_q}, "
+            f"{arg}: expected a CausalBias for Q={q_len}, K={kv_len}, got one for Q={bias.seq_len_q}, "
             f"K={bias.seq_len_kv}"
         )
     if bias.variant == CausalVariant.UPPER_LEFT:
         return causal(0)
     if bias.variant == CausalVariant.LOWER_RIGHT:
         return causal(kv_len - q_len)
-    raise ArgumentError(f"mask: expected a CausalBias of variant UPPER_LEFT or LOWER_RIGHT, got {bias.variant!r}")
+    raise ArgumentError(f"{arg}: expected a CausalBias of variant UPPER_LEFT or LOWER_RIGHT, got {bias.variant!r}")
 
 
-def resolve_mask(mask: Any, is_causal: bool, shape: tuple[int, int, int, int], device: torch.device) -> ResolvedMask:
+def _offset(value: Any, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise ArgumentError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def resolve_mask(
+    mask: Any,
+    is_causal: bool,
+    shape: tuple[int, int, int, int],
+    device: torch.device,
+    *,
+    arg: str = "attn_mask",
+    batch_shape: tuple[int, ...] | None = None,
+    q_offset: Any = 0,
+    kv_offset: Any = 0,
+) -> ResolvedMask:
+    """The mask argument (named ``arg`` in errors) as a :class:`ResolvedMask` on the ``[B, H, Q, K]`` grid.
+
+    The alignment rule, the same for every form: a ``Mask`` or ``mask_mod`` callable sees query row ``i`` at
+    position ``q_offset + i`` and key ``j`` at ``kv_offset + j`` (default 0 and 0: FlexAttention's indices); a
+    BlockMask carries its own offsets; ``is_causal`` and ``CausalBias`` work on row/column indices as SDPA's do.
+    ``batch_shape`` is the SDPA batch shape a dense mask broadcasts against (default ``[B]``)."""
     batch, heads, q_len, kv_len = shape
+    offsets = (_offset(q_offset, "q_offset"), _offset(kv_offset, "kv_offset"))
+    takes_offsets = isinstance(mask, Mask) or (callable(mask) and not isinstance(mask, (torch.Tensor, TorchBlockMask)))
+    if offsets != (0, 0) and not takes_offsets:
+        raise ArgumentError(
+            f"q_offset/kv_offset: place a Mask or mask_mod callable; {arg} is {type(mask).__name__}, which has no "
+            "positions to shift (a BlockMask carries its own offsets; tensors and CausalBias index rows/columns)"
+        )
     resolved = ResolvedMask()
     structural: Mask | None = None
     if mask is None:
         pass
     elif isinstance(mask, CausalBias):
-        structural = _causal_bias_mask(mask, q_len, kv_len)
+        structural = _causal_bias_mask(mask, q_len, kv_len, arg)
     elif isinstance(mask, torch.Tensor) and not _is_plain_tensor(mask):
         # Its storage need not hold its values (CausalBias's is uninitialised): never read it.
         raise DtypeError(
-            f"mask: expected a plain tensor, a CausalBias or a mask value, got the tensor subclass "
+            f"{arg}: expected a plain tensor, a CausalBias or a mask value, got the tensor subclass "
             f"{type(mask).__name__} (it overrides __torch_function__, so its storage may not hold its values)"
         )
     elif isinstance(mask, torch.Tensor):
-        dense = _check_dense(mask, shape, device)
+        dense = _check_dense(mask, shape, device, arg, (batch,) if batch_shape is None else batch_shape)
         if dense.dtype == torch.bool:
             resolved.dense_bool = dense
         else:
@@ -164,21 +259,21 @@ def resolve_mask(mask: Any, is_causal: bool, shape: tuple[int, int, int, int], d
     elif isinstance(mask, TorchBlockMask):
         if tuple(mask.seq_lengths) != (q_len, kv_len):
             raise ShapeError(
-                f"mask: expected a BlockMask for Q={q_len}, K={kv_len}, got seq_lengths {tuple(mask.seq_lengths)}"
+                f"{arg}: expected a BlockMask for Q={q_len}, K={kv_len}, got seq_lengths {tuple(mask.seq_lengths)}"
             )
         mb, mh = mask.shape[0], mask.shape[1]
         if mb not in (1, batch) or mh not in (1, heads):
-            raise ShapeError(f"mask: expected a BlockMask for B={batch}, H={heads} (or 1), got B={mb}, H={mh}")
+            raise ShapeError(f"{arg}: expected a BlockMask for B={batch}, H={heads} (or 1), got B={mb}, H={mh}")
         if isinstance(mask, BlockMask) and mask.attnrs_mask is not None:
             structural, resolved.q_offset, resolved.kv_offset = mask.attnrs_mask, mask.q_offset, mask.kv_offset
         else:
             structural = _block_mask_as_mask(mask, batch, heads)
-    elif isinstance(mask, Mask) or callable(mask):
+    elif takes_offsets:
         structural = from_callable(mask)
-        resolved.q_offset = kv_len - q_len  # bottom-right: the queries are the last Q positions
+        resolved.q_offset, resolved.kv_offset = offsets
     else:
         raise DtypeError(
-            f"mask: expected None, an attnrs Mask, a mask_mod callable, a BlockMask or a tensor, got "
+            f"{arg}: expected None, an attnrs Mask, a mask_mod callable, a BlockMask or a tensor, got "
             f"{type(mask).__name__}"
         )
     if is_causal:
@@ -216,8 +311,8 @@ def check_scalars(query: torch.Tensor, scale: Any, softcap: Any, sinks: Any, dro
             raise ShapeError(f"sinks: expected shape [{query.shape[1]}] (one per query head), got {list(sinks.shape)}")
         if sinks.device != query.device:
             raise DeviceError(f"sinks: expected a tensor on {query.device}, got {sinks.device}")
-    if not _is_real(dropout_p) or not 0.0 <= dropout_p < 1.0:
-        raise ArgumentError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
+    if not _is_real(dropout_p) or not 0.0 <= dropout_p <= 1.0:
+        raise ArgumentError(f"dropout_p: expected a probability in [0, 1], got {dropout_p!r}")
     return float(scale)
 
 

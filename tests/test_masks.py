@@ -295,7 +295,9 @@ def test_bad_grid_and_dtype_arguments() -> None:
     with pytest.raises(ValueError, match="Q_LEN"):
         attnrs.create_dense_mask(masks.causal(), 1, 1, -1, 4)
     with pytest.raises(ValueError, match="B"):
-        attnrs.create_dense_mask(masks.causal(), 0, 1, 4, 4)
+        attnrs.create_dense_mask(masks.causal(), -1, 1, 4, 4)
+    # Zero sizes are empty masks, as torch's create_mask gives them.
+    assert attnrs.create_dense_mask(masks.causal(), 0, 1, 4, 4).shape == (0, 1, 4, 4)
 
 
 def test_large_structural_block_masks_never_build_dense_grids() -> None:
@@ -350,3 +352,67 @@ def test_lookalike_closures_are_evaluated_not_trusted() -> None:
     assert impostor.kind == "callable"
     expected = torch.arange(6)[None, :] >= torch.arange(6)[:, None] - 2
     assert torch.equal(attnrs.create_dense_mask(impostor, 1, 1, 6, 6)[0, 0], expected)
+
+
+_BLOCK_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+
+
+def _assert_same_block_mask(got: Any, expected: Any) -> None:
+    assert isinstance(got, attnrs.BlockMask)
+    assert got.shape == expected.shape and got.BLOCK_SIZE == expected.BLOCK_SIZE
+    for name in _BLOCK_FIELDS:
+        mine, theirs = getattr(got, name), getattr(expected, name)
+        assert (mine is None) == (theirs is None), name
+        if theirs is not None:
+            assert mine.shape == theirs.shape and torch.equal(mine, theirs), name
+
+
+def _causal_mod(b: Any, h: Any, q: Any, kv: Any) -> Any:
+    return kv <= q
+
+
+@pytest.mark.parametrize("call", [
+    lambda f: f(_causal_mod, 2, 3, 40, 70, "cpu"),                              # positional device
+    lambda f: f(_causal_mod, 2, 3, 40, 70, "cpu", 16),                          # positional BLOCK_SIZE
+    lambda f: f(mask_mod=_causal_mod, B=2, H=None, Q_LEN=40, KV_LEN=70, device="cpu", BLOCK_SIZE=(16, 32)),
+    lambda f: f(_causal_mod, 2, 1, 40, 70, "cpu", 16, separate_full_blocks=False),
+    lambda f: f(_causal_mod, 2, 1, 40, 70, device="cpu", BLOCK_SIZE=(16, 8), compute_dq_write_order=True),
+    lambda f: f(_causal_mod, 1, 1, 0, 0, "cpu"),                                # empty: Q = K = 0
+    lambda f: f(_causal_mod, 2, 1, 0, 16, "cpu", 8),
+    lambda f: f(_causal_mod, 2, 1, 16, 0, "cpu", 8),
+    lambda f: f(_causal_mod, 0, 1, 16, 16, "cpu"),                              # B = 0
+    lambda f: f(_causal_mod, 1, 0, 16, 16, "cpu", separate_full_blocks=False),  # H = 0
+], ids=["device", "block", "keywords", "no-full-blocks", "dq-write-order", "empty", "no-queries", "no-keys",
+        "no-batch", "no-heads"])
+def test_create_block_mask_takes_torchs_whole_signature(call: Callable[..., Any]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = call(torch_create_block_mask)
+    got = call(attnrs.create_block_mask)
+    _assert_same_block_mask(got, expected)
+    if expected.dq_write_order is not None:
+        assert torch.equal(got.dq_write_order, expected.dq_write_order)
+        assert got.dq_kv_order_spt == expected.dq_kv_order_spt
+
+
+def test_create_block_mask_accepts_compile_and_refuses_non_bool_flags() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = torch_create_block_mask(_causal_mod, 1, 1, 40, 40, "cpu", 16)
+    _assert_same_block_mask(attnrs.create_block_mask(_causal_mod, 1, 1, 40, 40, "cpu", 16, _compile=True), expected)
+    with pytest.raises(attnrs.ArgumentError, match="separate_full_blocks"):
+        attnrs.create_block_mask(_causal_mod, 1, 1, 40, 40, separate_full_blocks="no")
+    with pytest.raises(attnrs.ArgumentError, match="B: expected a non-negative"):
+        attnrs.create_block_mask(_causal_mod, -1, 1, 40, 40)
+
+
+def test_an_attnrs_block_mask_without_full_blocks_still_masks_in_attention() -> None:
+    q, k = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 70, 16)
+    block_mask = attnrs.create_block_mask(masks.sliding_window(9), 1, 1, 40, 70, "cpu", 16, separate_full_blocks=False)
+    assert block_mask.full_kv_num_blocks is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = flex_attention(q, k, k, block_mask=block_mask)
+    torch.testing.assert_close(attnrs.attention(q, k, k, block_mask), expected, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(attnrs.attention(q, k, k, masks.sliding_window(9)), expected, atol=2e-5, rtol=2e-5)

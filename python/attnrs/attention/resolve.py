@@ -15,7 +15,7 @@ from torch.nn.attention.bias import CausalBias, CausalVariant
 from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
 
 from ..errors import ArgumentError, DeviceError, DtypeError, ShapeError
-from ..masks.block_mask import BlockMask
+from ..masks.block_mask import BlockMask, listed_blocks
 from ..masks.grid import Grid
 from ..masks.mask import Mask, causal, from_callable
 from .ops import KernelOperands
@@ -82,7 +82,7 @@ def _check_head_shapes(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         )
     if key.shape[-1] != d:
         raise ShapeError(f"key: expected head dim {d} (the query's), got {key.shape[-1]}")
-    if key.shape[-3] == 0 or h % key.shape[-3] != 0:
+    if (key.shape[-3] == 0 and h != 0) or (key.shape[-3] != 0 and h % key.shape[-3] != 0):
         raise ShapeError(f"key: expected a head count dividing the query's {h} (GQA), got {key.shape[-3]}")
 
 
@@ -155,22 +155,14 @@ def _check_dense(
     return mask.expand(full).reshape(shape)
 
 
-def _listed_blocks(counts: torch.Tensor, indices: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """Bool [B, H, rows, n_cols]: the blocks each row lists (the first ``counts`` entries of ``indices``)."""
-    valid = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
-    dense = torch.zeros(*indices.shape[:-1], n_cols + 1, dtype=torch.bool, device=indices.device)
-    dense.scatter_(-1, torch.where(valid, indices.long(), n_cols), True)  # unlisted slots land in a spare column
-    return dense[..., :n_cols]
-
-
 def _block_mask_as_mask(block_mask: TorchBlockMask, batch: int, heads: int) -> Mask:
     """A torch BlockMask as a Mask: full blocks visible, partial blocks through ``mask_mod``, others hidden."""
     q_block, kv_block = block_mask.BLOCK_SIZE
     n_cols = -(-block_mask.seq_lengths[1] // kv_block)
-    listed = _listed_blocks(block_mask.kv_num_blocks, block_mask.kv_indices, n_cols).cpu()
+    listed = listed_blocks(block_mask.kv_num_blocks, block_mask.kv_indices, n_cols).cpu()
     full = torch.zeros_like(listed)
     if block_mask.full_kv_num_blocks is not None:
-        full = _listed_blocks(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, n_cols).cpu()  # type: ignore[arg-type]
+        full = listed_blocks(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, n_cols).cpu()  # type: ignore[arg-type]
 
     def lookup(table: torch.Tensor) -> Any:
         def blocks(b: Any, h: Any, q: Any, kv: Any) -> Any:

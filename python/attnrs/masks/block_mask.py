@@ -127,25 +127,41 @@ def _block_sizes(block_size: Any) -> tuple[int, int]:
     return int(sizes[0]), int(sizes[1])
 
 
-def create_block_mask(
-    mask: MaskLike,
-    B: int | None,
-    H: int | None,
-    Q_LEN: int,
-    KV_LEN: int,
-    *,
-    BLOCK_SIZE: int | tuple[int, int] = 128,
-    q_offset: int = 0,
-    kv_offset: int = 0,
-    device: torch.device | str | None = None,
+def listed_blocks(counts: torch.Tensor, indices: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """Bool [B, H, rows, n_cols]: the blocks each row lists (the first ``counts`` entries of ``indices``)."""
+    valid = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
+    dense = torch.zeros(*indices.shape[:-1], n_cols + 1, dtype=torch.bool, device=indices.device)
+    dense.scatter_(-1, torch.where(valid, indices.long(), n_cols), True)  # unlisted slots land in a spare column
+    return dense[..., :n_cols]
+
+
+def _from_kv_blocks(
+    blocks: torch.Tensor, mask: Mask, grid: Grid, block_size: tuple[int, int], full: torch.Tensor | None = None
 ) -> BlockMask:
-    """The block-sparse layout of ``mask`` over ``[B, H, Q_LEN, KV_LEN]``, equal to torch's
-    ``create_block_mask`` for the same mask (``B``/``H`` None mean 1; H is kept at 1 when the mask ignores heads
-    only if ``H`` is None, as in torch)."""
-    mask = from_callable(mask)
-    grid = check_grid(B, H, Q_LEN, KV_LEN, q_offset, kv_offset)
-    q_block, kv_block = _block_sizes(BLOCK_SIZE)
-    check_tables(mask, grid)
+    """A BlockMask with torch's counts and index order (listed columns ascending, then the rest: torch's
+    ``_dense_to_ordered``) from bool block tables ``[B, H, rows, cols]``; ``full`` None: no full blocks kept apart."""
+
+    def ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = dense.sum(-1, dtype=torch.int32)
+        return counts, torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+
+    kv_counts, kv_indices = ordered(blocks)
+    full_counts, full_indices = ordered(full) if full is not None else (None, None)
+    block_mask = BlockMask.from_kv_blocks(
+        kv_counts,
+        kv_indices,
+        full_counts,
+        full_indices,
+        BLOCK_SIZE=block_size,
+        mask_mod=mask.shifted(grid.q_offset, grid.kv_offset),
+        seq_lengths=(grid.q_len, grid.kv_len),
+    )
+    block_mask.attnrs_mask, block_mask.q_offset, block_mask.kv_offset = mask, grid.q_offset, grid.kv_offset
+    return block_mask
+
+
+def _from_layout(mask: Mask, grid: Grid, block_size: tuple[int, int]) -> BlockMask:
+    """The BlockMask of the Rust layout of ``mask`` on ``grid`` (indices materialised lazily)."""
     expr = mask.to_rust(grid)
     layout = expr.block_sparse(
         grid.batch,
@@ -154,13 +170,12 @@ def create_block_mask(
         grid.kv_len,
         grid.q_offset,
         grid.kv_offset,
-        q_block,
-        kv_block,
+        *block_size,
         num_threads(),
     )
     counts = {name: _counts(layout, name, grid) for name in ("kv", "full_kv", "q", "full_q")}
     placeholder = torch.empty(0, 0, dtype=torch.int32)  # replaced by the lazily built indices
-    block_mask = BlockMask(
+    return BlockMask(
         (grid.q_len, grid.kv_len),
         counts["kv"],
         placeholder,
@@ -170,13 +185,71 @@ def create_block_mask(
         placeholder,
         counts["full_q"],
         placeholder,
-        BLOCK_SIZE=(q_block, kv_block),
+        BLOCK_SIZE=block_size,
         mask_mod=mask.shifted(grid.q_offset, grid.kv_offset),
         attnrs_mask=mask,
         q_offset=grid.q_offset,
         kv_offset=grid.kv_offset,
         layout=layout,
     )
+
+
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ArgumentError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def create_block_mask(
+    mask_mod: MaskLike,
+    B: int | None,
+    H: int | None,
+    Q_LEN: int,
+    KV_LEN: int,
+    device: torch.device | str | None = None,
+    BLOCK_SIZE: int | tuple[int, int] = 128,
+    _compile: bool = False,
+    separate_full_blocks: bool = True,
+    compute_dq_write_order: bool = False,
+    dq_kv_order: bool = True,
+    *,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+) -> BlockMask:
+    """The block-sparse layout of ``mask_mod`` over ``[B, H, Q_LEN, KV_LEN]``, equal to torch's
+    ``create_block_mask`` for the same arguments (torch's signature, in its order), computed in Rust in O(blocks).
+
+    ``B``/``H`` None mean 1; zero sizes give empty masks as torch's do. ``device`` places the result (the layout is
+    computed on the CPU either way). ``separate_full_blocks=False`` lists full blocks as partial ones, as torch
+    does; ``compute_dq_write_order``/``dq_kv_order`` add torch's deterministic-backward metadata (torch computes
+    it). ``_compile`` is accepted for torch compatibility and changes nothing: there is no Python mask evaluation
+    to compile when ``mask_mod`` is an attnrs Mask or a recognised function. attnrs's own keywords ``q_offset`` and
+    ``kv_offset`` place row 0 and column 0 at those positions."""
+    mask = from_callable(mask_mod)
+    grid = check_grid(B, H, Q_LEN, KV_LEN, q_offset, kv_offset)
+    block_size = _block_sizes(BLOCK_SIZE)
+    _flag(_compile, "_compile")
+    _flag(separate_full_blocks, "separate_full_blocks")
+    _flag(compute_dq_write_order, "compute_dq_write_order")
+    _flag(dq_kv_order, "dq_kv_order")
+    rows, cols = -(-grid.q_len // block_size[0]), -(-grid.kv_len // block_size[1])
+    if grid.batch == 0 or grid.heads == 0:
+        empty = torch.zeros(grid.batch, grid.heads, rows, cols, dtype=torch.bool)
+        block_mask = _from_kv_blocks(empty, mask, grid, block_size, empty if separate_full_blocks else None)
+    else:
+        check_tables(mask, grid)
+        block_mask = _from_layout(mask, grid, block_size)
+        if not separate_full_blocks:
+            listed = listed_blocks(block_mask.kv_num_blocks, block_mask.kv_indices, cols)
+            full = listed_blocks(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, cols)  # type: ignore[arg-type]
+            block_mask = _from_kv_blocks(listed | full, mask, grid, block_size)
+    if compute_dq_write_order:
+        from torch.nn.attention.flex_attention import _compute_dq_write_order_from_block_mask
+
+        block_mask.dq_write_order, block_mask.dq_write_order_full = _compute_dq_write_order_from_block_mask(
+            block_mask, dq_kv_order=dq_kv_order
+        )
+        block_mask.dq_kv_order, block_mask.dq_kv_order_spt = None, dq_kv_order
     if device is not None and torch.device(device).type != "cpu":
         return block_mask.to(device)  # type: ignore[return-value]
     return block_mask

@@ -45,10 +45,7 @@ def check_grid(batch: Any, heads: Any, q_len: Any, kv_len: Any, q_offset: Any, k
         nonneg(q_offset, "q_offset"),
         nonneg(kv_offset, "kv_offset"),
     )
-    for name, value in (("B", grid.batch), ("H", grid.heads)):
-        if value < 1:
-            raise ArgumentError(f"{name}: expected a positive int, got {value}")
-    for name, value in (("Q_LEN", grid.q_len), ("KV_LEN", grid.kv_len)):
+    for name, value in (("B", grid.batch), ("H", grid.heads), ("Q_LEN", grid.q_len), ("KV_LEN", grid.kv_len)):
         if value < 0:
             raise ArgumentError(f"{name}: expected a non-negative int, got {value}")
     return grid

@@ -194,6 +194,9 @@ impl TensorView {
 
     /// Row-major contiguous (size-1 dims may have any stride).
     pub fn is_contiguous(&self) -> bool {
+        if self.numel() == 0 {
+            return true; // no element to place: torch calls every empty tensor contiguous
+        }
         let mut expected = 1isize;
         for (&n, &s) in self.shape.iter().zip(&self.strides).rev() {
             if n != 1 && s != expected {
@@ -423,5 +426,7 @@ mod tests {
         assert!(!view(&mut buf[..4], &[2, 2], &[2, 1]).has_internal_overlap());
         assert!(view(&mut buf[..4], &[2, 2], &[2, 1]).is_contiguous());
         assert!(!view(&mut buf[..4], &[2, 2], &[1, 2]).is_contiguous());
+        // An empty tensor is contiguous whatever its strides (torch's [1, 1, 0, 0] has strides [0, 0, 0, 1]).
+        assert!(view(&mut buf[..0], &[1, 1, 0, 0], &[0, 0, 0, 1]).is_contiguous());
     }
 }

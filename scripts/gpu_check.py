@@ -1,5 +1,7 @@
 """Checks attnrs's CUDA delegation on a GPU machine: every backend the dispatch table can choose, against a
-float64 CPU reference, plus a tiny Llama with attn_implementation="attnrs" against "sdpa" on the GPU.
+float64 CPU reference; SDPA's call forms (positional, keyword, 3-D/5-D, broadcast batch, enable_gqa) against
+torch's SDPA on the GPU; and a tiny Llama with attn_implementation="attnrs" against "sdpa" on the GPU, eager and
+under ``torch.compile(fullgraph=True)``.
 
     python scripts/gpu_check.py          # exits 1 on any mismatch, 2 without CUDA
 
@@ -15,8 +17,8 @@ import torch
 
 import attnrs
 from attnrs import masks
-from attnrs.attention import _resolve_mask
-from attnrs.dispatch import choose_backend, flash_attn_available
+from attnrs.attention.dispatch import choose_backend, flash_attn_available
+from attnrs.attention.resolve import resolve_mask
 
 
 def reference(q, k, v, mask, is_causal, softcap, sinks):  # type: ignore[no-untyped-def]
@@ -51,7 +53,7 @@ def main() -> int:
         }
         for name, case in cases.items():
             softcap, sinks = case.get("softcap"), case.get("sinks")
-            resolved = _resolve_mask(case["mask"], case["is_causal"], (2, 8, 256, 256), q.device)
+            resolved = resolve_mask(case["mask"], case["is_causal"], (2, 8, 256, 256), q.device)
             chosen, reason = choose_backend(q, k, v, resolved, softcap, sinks, 0.0, False)
             expected = reference(q, k, v, case["mask"], case["is_causal"], softcap, sinks)
             for backend in ("auto", "sdpa", "flex", "flash", "math"):
@@ -72,9 +74,40 @@ def main() -> int:
                 failures += not ok
                 label = f"{backend} -> {chosen} ({reason})" if backend == "auto" else backend
                 print(f"  {'ok ' if ok else 'BAD'} {dtype} {name:<18} {label:<70} max err {error:.2e}")
+    failures += check_sdpa_call_forms()
     failures += check_model()
     print("all CUDA paths agree" if failures == 0 else f"{failures} mismatches")
     return 1 if failures else 0
+
+
+def check_sdpa_call_forms() -> int:
+    """attnrs.attention called exactly as SDPA is gives SDPA's answer on the GPU."""
+    import torch.nn.functional as F
+
+    failures = 0
+    for dtype in (torch.float16, torch.float32):
+        def r(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, device="cuda", dtype=dtype)
+
+        q, k, v = r(2, 8, 64, 32), r(2, 2, 80, 32), r(2, 2, 80, 32)
+        bool_mask = torch.rand(2, 1, 64, 80, device="cuda") > 0.3
+        bool_mask[..., 0] = True
+        forms = {
+            "positional mask": ((q, k, v, bool_mask), {"enable_gqa": True}),
+            "positional is_causal": ((q, k, v, None, 0.0, True), {"enable_gqa": True}),
+            "keyword float mask": ((q, k, v), {"attn_mask": r(1, 8, 64, 80), "enable_gqa": True, "scale": 0.3}),
+            "3-D": ((r(8, 64, 32), r(8, 80, 32), r(8, 80, 32)), {}),
+            "5-D broadcast": ((r(2, 3, 4, 64, 32), r(1, 3, 4, 80, 32), r(1, 3, 4, 80, 32)), {"is_causal": True}),
+            "dropout 1": ((q, k, v), {"dropout_p": 1.0, "enable_gqa": True}),
+        }
+        for name, (args, kwargs) in forms.items():
+            want = F.scaled_dot_product_attention(*args, **kwargs)
+            got = attnrs.attention(*args, **kwargs)
+            error = (got.double() - want.double()).abs().max().item()
+            ok = error <= (2e-2 if dtype != torch.float32 else 2e-3)
+            failures += not ok
+            print(f"  {'ok ' if ok else 'BAD'} {dtype} SDPA call form {name:<22} max err {error:.2e}")
+    return failures
 
 
 def check_model() -> int:
@@ -82,7 +115,7 @@ def check_model() -> int:
 
     from attnrs.integrations.transformers import register
 
-    register()
+    register()  # idempotent
     config = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
     torch.manual_seed(0)
@@ -100,7 +133,20 @@ def check_model() -> int:
     diff = (outputs["attnrs"][0] - outputs["sdpa"][0])[mask.bool()].abs().max().item()
     same = torch.equal(outputs["attnrs"][1], outputs["sdpa"][1])
     print(f"  model: max logit diff {diff:.2e}, generated tokens equal: {same}")
-    return int(diff > 1e-3 or not same)
+    failures = int(diff > 1e-3 or not same)
+    model.set_attn_implementation("attnrs")
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, fullgraph=True)
+        with torch.no_grad():
+            logits = compiled(input_ids=ids, attention_mask=mask).logits
+        compiled_diff = (logits - outputs["sdpa"][0])[mask.bool()].abs().max().item()
+        print(f"  compiled model (fullgraph): max logit diff vs sdpa {compiled_diff:.2e}")
+        failures += int(compiled_diff > 1e-3)
+    except Exception as e:  # report and count: this is the check
+        print(f"  BAD compiled model (fullgraph): {type(e).__name__}: {str(e)[:200]}")
+        failures += 1
+    return failures
 
 
 if __name__ == "__main__":

@@ -37,3 +37,17 @@ def test_show_mask_draws_the_mask_and_its_blocks(tmp_path) -> None:  # type: ign
     out = _run("show-mask", "causal()", "--length", "4096", "--png", str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "(1024x1024)" in out
+
+
+def test_the_gpu_check_script_imports_and_says_when_there_is_no_cuda() -> None:
+    """scripts/gpu_check.py only runs fully on a GPU machine; here it must at least import what it uses (it once
+    imported modules that no longer existed) and exit 2."""
+    import pathlib
+
+    import torch
+
+    if torch.cuda.is_available():
+        return  # on a GPU machine the script is run by hand and checks everything itself
+    script = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "no CUDA device" in result.stdout, result.stderr

@@ -90,7 +90,7 @@ def attention_forward(
             raise DtypeError(f"attention_mask: expected a bool or floating mask, got {mask.dtype}")
         if mask.shape[-1] != kv_len:  # e.g. a longer static-cache mask than the keys we received
             mask = mask[..., -kv_len:] if mask.shape[-1] > kv_len else mask
-    resolved = resolve_mask(mask, False, shape, query.device)
+    resolved = resolve_mask(mask, False, shape, query.device, arg="attention_mask")
     if mask is None:
         resolved = _mask_for_none(resolved, shape, bool(causal), sliding_window)
     if mask is None or isinstance(mask, TorchBlockMask):

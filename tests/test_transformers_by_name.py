@@ -272,7 +272,7 @@ def test_transformers_entries_are_not_replaced(cleanup: list[str], caplog: pytes
     cleanup.append(name)
     modeling_utils.AttentionInterface.register(name, theirs)
     AttentionInterface.register(name, ours)
-    assert hf[name] is theirs
+    assert hf[name] is theirs and name not in hf_masks  # nor is a mask builder added for it
     # "eager" (each model's own function) and names transformers reads specially are not mirrored.
     flash, eager_before = _unique("my_flash"), hf.get("eager")
     cleanup.extend([flash])

@@ -157,17 +157,17 @@ def _mirrored(name: str) -> bool:
     return False
 
 
-def _put(module_name: str, cls: Any, name: str, value: Callable[..., Any]) -> None:
-    """``cls.register(name, value)`` unless transformers holds something else there that attnrs did not put."""
+def _put(module_name: str, cls: Any, name: str, value: Callable[..., Any]) -> bool:
+    """``cls.register(name, value)`` unless transformers holds something else there that attnrs did not put;
+    whether transformers holds ``value`` now."""
     current = cls._global_mapping.get(name)
-    if current is value:
-        _ours[module_name][name] = value
-        return
-    if current is not None and current is not _ours[module_name].get(name):
+    if current is not None and current is not value and current is not _ours[module_name].get(name):
         logger.debug("attnrs: transformers already has %r in %s; left as it is", name, cls.__name__)
-        return
-    cls.register(name, value)
+        return False
+    if current is not value:
+        cls.register(name, value)
     _ours[module_name][name] = value
+    return True
 
 
 def _mirror(name: str) -> None:
@@ -176,13 +176,14 @@ def _mirror(name: str) -> None:
     if function is None or not _mirrored(name):
         return
     attention = _registry_of(ATTENTION_MODULE)
-    if attention is not None:
-        _put(ATTENTION_MODULE, attention[1], name, function)
+    if attention is not None and not _put(ATTENTION_MODULE, attention[1], name, function):
+        return  # the name is someone else's in transformers: its mask builder (or none) stays theirs too
     masks = _registry_of(MASK_MODULE)
     if masks is not None:
         module, cls = masks
-        builder = AttentionMaskInterface._global_mapping.get(name) or module.sdpa_mask
-        _put(MASK_MODULE, cls, name, builder)
+        builder = AttentionMaskInterface._global_mapping.get(name) or getattr(module, "sdpa_mask", None)
+        if builder is not None:
+            _put(MASK_MODULE, cls, name, builder)
 
 
 def sync() -> None:

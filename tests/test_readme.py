@@ -1,10 +1,12 @@
-"""Every Python snippet in README.md runs as written (each block on its own, in a fresh namespace), so the README
-cannot drift from the API. A block that cannot run here says so in an HTML comment on the line before it:
+"""Every Python snippet in README.md runs as written (each block on its own, in a fresh interpreter, so that what
+one registers cannot leak into other tests), so the README cannot drift from the API. A block that cannot run here says so in an HTML comment on the line before it:
 ``<!-- not run: <reason> -->``; the test lists the reasons, so a skipped block is visible, never silent."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,10 @@ def test_the_readme_has_python_snippets() -> None:
 
 
 @pytest.mark.parametrize(("line", "code", "reason"), _blocks(), ids=[f"README.md:{b[0]}" for b in _blocks()])
-def test_readme_snippet_runs(line: int, code: str, reason: str | None) -> None:
+def test_readme_snippet_runs(line: int, code: str, reason: str | None, tmp_path: Path) -> None:
     if reason is not None:
         pytest.skip(f"README.md:{line} is marked not run: {reason}")
-    exec(compile(code, f"README.md:{line}", "exec"), {"__name__": f"readme_{line}"})
+    script = tmp_path / f"README_line_{line}.py"
+    script.write_text(code)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, f"README.md:{line} failed:\n{result.stderr[-3000:]}"

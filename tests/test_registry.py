@@ -272,3 +272,183 @@ def test_many_threads_register_and_look_up() -> None:
     assert not errors, errors
     for t in range(8):
         assert Stress()[f"t{t}-19"] is FUNCTIONS[t % 4]  # i = 299: 299 % 20 == 19, 299 % 7 != 0
+
+
+# ---- _global_mapping is a dict, as transformers' is ----------------------------------------------------------
+
+# The class of the global mappings (attnrs.registry.GlobalMapping), taken from the registry itself so that the
+# tests above still run where it is missing.
+GlobalMapping = type(AttentionInterface._global_mapping)
+
+
+def _dict_op(mapping: Any, op: tuple) -> Any:
+    """One dict operation on ``mapping`` (a dict or a GlobalMapping); the result in comparable form."""
+    kind, name, fn_index = op
+    fn = FUNCTIONS[fn_index]
+    try:
+        if kind == "setitem":
+            mapping[name] = fn
+            return None
+        if kind == "delitem":
+            del mapping[name]
+            return None
+        if kind == "update_mapping":
+            return mapping.update({name: fn, "z": FUNCTIONS[0]})
+        if kind == "update_pairs":
+            return mapping.update([(name, fn)], z=FUNCTIONS[1])
+        if kind == "setdefault":
+            return _observe(mapping.setdefault(name, fn))
+        if kind == "pop":
+            return _observe(mapping.pop(name, "missing"))
+        if kind == "pop_strict":
+            return _observe(mapping.pop(name))
+        if kind == "popitem":
+            return _observe(list(mapping.popitem()))
+        if kind == "get":
+            return _observe(mapping.get(name))
+        if kind == "getitem":
+            return _observe(mapping[name])
+        if kind == "contains":
+            return name in mapping
+        if kind == "clear":
+            return mapping.clear()
+        if kind == "ior":
+            mapping |= {name: fn}
+            return None
+        raise AssertionError(kind)
+    except Exception as e:  # the exception type is part of the observable behaviour
+        return ("raised", "KeyError" if isinstance(e, KeyError) else type(e).__name__)
+
+
+DICT_OPS = ["setitem", "delitem", "update_mapping", "update_pairs", "setdefault", "pop", "pop_strict", "popitem",
+            "get", "getitem", "contains", "clear", "ior"]
+
+
+@given(st.lists(st.tuples(st.sampled_from(DICT_OPS), st.sampled_from(NAMES), st.integers(0, 3)), max_size=30))
+def test_global_mapping_behaves_like_a_dict(ops: list[tuple]) -> None:
+    expected: dict[str, Any] = {}
+    got = GlobalMapping()
+    for step, op in enumerate(ops):
+        assert _dict_op(got, op) == _dict_op(expected, op), f"step {step} {op}"
+        assert list(got) == list(expected) and len(got) == len(expected)
+        assert list(got.keys()) == list(expected.keys()) and list(reversed(got)) == list(reversed(expected))
+        assert _observe(list(got.values())) == _observe(list(expected.values()))
+        assert _observe(list(got.items())) == _observe([list(kv) for kv in expected.items()])
+        assert got == expected and got.copy() == expected and type(got.copy()) is dict
+        assert got.keys() | {"q"} == expected.keys() | {"q"}
+        assert (got | {"q": FUNCTIONS[0]}) == (expected | {"q": FUNCTIONS[0]})
+        assert ({"q": FUNCTIONS[0]} | got) == ({"q": FUNCTIONS[0]} | expected)
+
+
+def test_the_interfaces_global_mappings_are_dict_like() -> None:
+    import copy
+    import pickle
+
+    for cls in (AttentionInterface, AttentionMaskInterface):
+        mapping = cls._global_mapping
+        assert type(mapping) is GlobalMapping is attnrs.registry.GlobalMapping and not isinstance(mapping, dict)
+        snapshot = mapping.copy()
+        assert type(snapshot) is dict and list(snapshot) == list(mapping) and snapshot == mapping
+        snapshot.pop("attnrs")  # the copy is independent
+        assert "attnrs" in mapping
+        assert dict(mapping) == {**mapping} == dict(mapping.items())
+    mapping = GlobalMapping({"a": FUNCTIONS[0]}, b=FUNCTIONS[1])
+    mapping.register("c", FUNCTIONS[2], {"backward": True})
+    assert list(mapping) == ["a", "b", "c"]
+    for other in (copy.copy(mapping), copy.deepcopy(mapping)):
+        assert type(other) is GlobalMapping and other == mapping
+        other["d"] = FUNCTIONS[3]
+        assert "d" not in mapping
+    picklable = GlobalMapping(sdpa=attnrs.functions.sdpa_attention_forward)  # functions pickle by reference
+    assert pickle.loads(pickle.dumps(picklable)) == picklable
+    again = GlobalMapping()
+    again.update(mapping)  # from another GlobalMapping: the capabilities come along
+    assert again.capabilities("c") is not None and again.capabilities("c")["backward"]
+    assert again.capabilities("a") is None
+    assert "GlobalMapping({'a': " in repr(mapping)
+
+
+def test_transformers_general_interface_runs_on_a_global_mapping() -> None:
+    """transformers' own GeneralInterface code (``update``, ``keys() | keys()``, ``{**mapping}``) works on it."""
+
+    class HF(HFGeneralInterface):
+        _global_mapping: Any = GlobalMapping()
+
+    class HFDict(HFGeneralInterface):
+        _global_mapping: dict = {}
+
+    ops = [("register", "class", "a", 0), ("setitem", 0, "b", 1), ("register", 1, "b", 2), ("len", 0, "a", 0),
+           ("keys", 0, "a", 0), ("getitem", 1, "b", 0), ("global_pop", "class", "a", 0), ("valid_keys", 0, "a", 0)]
+    _replay(HFDict, HF, ops)
+
+
+@pytest.mark.parametrize(
+    ("action", "error", "argument"),
+    [
+        (lambda m: m.update({"ok": FUNCTIONS[0], "bad": 42}), TypeError, "callable"),
+        (lambda m: m.update({"ok": FUNCTIONS[0], 7: FUNCTIONS[1]}), TypeError, "name"),
+        (lambda m: m.update([("ok", FUNCTIONS[0]), "xyz"]), TypeError, "update"),
+        (lambda m: m.update(ok=FUNCTIONS[0], bad=None), TypeError, "callable"),
+        (lambda m: m.setdefault("ok"), TypeError, "callable"),
+        (lambda m: m.__setitem__("", FUNCTIONS[0]), ValueError, "name"),
+        (lambda m: m.__ior__({"ok": "not callable"}), TypeError, "callable"),
+        (lambda m: m.subscribe(42), TypeError, "subscriber"),
+    ],
+)
+def test_bad_dict_operations_raise_and_store_nothing(action: Callable[[Any], Any], error: type,
+                                                     argument: str) -> None:
+    mapping = GlobalMapping({"kept": FUNCTIONS[0]})
+    with pytest.raises(error, match=argument):
+        action(mapping)
+    assert list(mapping) == ["kept"]  # all or nothing: "ok" was not stored either
+    with pytest.raises(KeyError):
+        GlobalMapping().popitem()
+
+
+def test_subscribers_see_every_store_in_order() -> None:
+    seen: list[tuple[str, Any]] = []
+
+    def subscriber(name: str, value: Any) -> None:
+        seen.append((name, _observe(value)))
+
+    mapping = GlobalMapping()
+    mapping.subscribe(subscriber)
+    mapping.subscribe(subscriber)  # once only
+    mapping["a"] = FUNCTIONS[0]
+    mapping.register("b", FUNCTIONS[1], {"lse": True})
+    mapping.update({"c": FUNCTIONS[2]}, d=FUNCTIONS[3])
+    mapping.setdefault("a", FUNCTIONS[3])  # present: no store
+    mapping.setdefault("e", FUNCTIONS[0])
+    mapping |= {"a": FUNCTIONS[1]}
+    mapping.pop("a")  # removals are not stores
+    mapping.unsubscribe(subscriber)
+    mapping["f"] = FUNCTIONS[0]
+    assert seen == [("a", ("fn", 0)), ("b", ("fn", 1)), ("c", ("fn", 2)), ("d", ("fn", 3)), ("e", ("fn", 0)),
+                    ("a", ("fn", 1))]
+
+
+def test_setdefault_and_popitem_are_atomic_under_threads() -> None:
+    mapping = GlobalMapping()
+    winners: list[Any] = []
+    barrier = threading.Barrier(8)
+
+    def worker(t: int) -> None:
+        barrier.wait()
+        winners.append(mapping.setdefault("shared", FUNCTIONS[t % 4]))
+        for i in range(50):
+            mapping[f"t{t}-{i}"] = FUNCTIONS[0]
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(w) for w in winners}) == 1 and winners[0] is mapping["shared"]
+    popped: list[str] = []
+    poppers = [threading.Thread(target=lambda: popped.extend(mapping.popitem()[0] for _ in range(50)))
+               for _ in range(8)]
+    for t in poppers:
+        t.start()
+    for t in poppers:
+        t.join()
+    assert len(popped) == len(set(popped)) == 400 and list(mapping) == ["shared"]

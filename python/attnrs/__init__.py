@@ -6,7 +6,8 @@
 * Typed errors: :mod:`attnrs.errors`.
 
 The compiled module ``attnrs._attnrs`` is private; everything public is re-exported here. Importing the package
-also fills the registries (:mod:`attnrs.registrations`).
+also fills the registries (:mod:`attnrs.registrations`) and makes their entries ``attn_implementation`` values
+of transformers once it is imported (:mod:`attnrs.integrations.transformers.registration`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .errors import (
     UnsupportedError,
 )
 from .integrations.transformers import functions, mask_builders
+from .integrations.transformers import registration as _transformers_registration
 from .masks import Mask, create_dense_mask
 from .masks.block_mask import BlockMask, create_block_mask
 from .plugins import load_plugins, native_kernels, plugin_errors, register_native
@@ -38,6 +40,10 @@ from .registry import (
     GeneralInterface,
 )
 from .threads import num_threads
+
+# attn_implementation="attnrs" (and every other entry of AttentionInterface) in transformers, registered when
+# transformers is imported, without importing it here (ATTNRS_DISABLE_AUTO_REGISTER=1 opts out).
+_transformers_registration.enable_at_import()
 
 __all__ = [
     "ALL_ATTENTION_FUNCTIONS",

@@ -7,7 +7,7 @@ transformers signature under the same name to :class:`~attnrs.AttentionInterface
 
 * ``attnrs.attention(q, k, v, mask, backend=name)`` runs it (the GIL is released, masks reach it as tile
   callbacks implemented in Rust, no Python runs per block);
-* ``attnrs.integrations.transformers.register(name)`` makes it an ``attn_implementation``.
+* with transformers imported, it is an ``attn_implementation`` of that name (with attnrs's mask builder).
 
 Plugins are installed packages that declare an entry point in the ``attnrs.kernels`` group, whose object is a
 capsule or a function returning one; the entry point's name is the kernel's name::

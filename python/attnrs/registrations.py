@@ -5,7 +5,8 @@
 * :class:`~attnrs.AttentionInterface`: ``"attnrs"`` (:func:`attnrs.integrations.transformers.attention_forward`)
   and ``"sdpa"`` (the plain-torch reference); ``"eager"`` is deliberately not an entry (see the class);
 * every native kernel :func:`attnrs.register_native` adds (plugins included) becomes an attention function of
-  the same name, with the capabilities the kernel declares.
+  the same name, with the capabilities the kernel declares, and an ``AttentionMaskInterface`` entry of that
+  name (the ``"attnrs"`` builder), which transformers gets paired with it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ AttentionInterface.register(
 
 
 def _native_kernel_as_attention_function(name: str, info: dict[str, Any]) -> None:
+    # The mask builder first: the attention entry is what transformers mirrors, with this builder paired.
+    AttentionMaskInterface.register(name, mask_builders.attention_forward_mask, capabilities=_BLOCK_MASK)
     AttentionInterface.register(
         name, attention_function(name), capabilities={k: info[k] for k in plugins.CAPABILITY_KEYS}
     )

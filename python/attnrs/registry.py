@@ -8,12 +8,19 @@
 
 The storage of both mappings is the Rust :class:`attnrs._attnrs.Registry` (thread-safe, insertion-ordered),
 which validates names and values before storing anything and records each entry's capabilities.
+
+The global mapping is a :class:`GlobalMapping`: transformers' is a plain ``dict`` that code reads and writes
+directly (``_global_mapping.pop(name)``, ``.update({...})``, ``.copy()``, ``name in _global_mapping``), so this
+one has a dict's API over the Rust storage. It is a Python class (not more methods on the Rust ``Registry``)
+because it also calls subscribers after every store: that is how entries reach transformers' registries
+(:mod:`attnrs.integrations.transformers.registration`), whichever way they were written.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, ClassVar
 
 from ._attnrs import Registry
@@ -26,6 +33,7 @@ __all__ = [
     "AttentionInterface",
     "AttentionMaskInterface",
     "GeneralInterface",
+    "GlobalMapping",
 ]
 
 logger = logging.getLogger("attnrs")
@@ -50,20 +58,181 @@ def _normalize_capabilities(capabilities: Mapping[str, Any] | None) -> dict[str,
     return caps
 
 
+Subscriber = Callable[[str, Callable[..., Any]], None]
+
+
+def _pairs(other: Any, kwargs: Mapping[str, Any], argument: str) -> list[tuple[Any, Any]]:
+    """The ``(key, value)`` pairs of ``dict.update``'s arguments: a mapping (anything with ``keys()``), an
+    iterable of pairs, then keywords."""
+    if hasattr(other, "keys"):
+        pairs = [(key, other[key]) for key in other.keys()]
+    else:
+        pairs = []
+        for index, item in enumerate(other):
+            try:
+                key, value = item
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"{argument}: expected a mapping or an iterable of (name, function) pairs; "
+                    f"element {index} is {item!r}"
+                ) from None
+            pairs.append((key, value))
+    return pairs + list(kwargs.items())
+
+
+class GlobalMapping(MutableMapping[str, Callable[..., Any]]):
+    """The class-wide mapping of an interface: the API of a ``dict`` of name -> callable (as transformers'
+    ``_global_mapping`` is), stored in a Rust :class:`~attnrs._attnrs.Registry`.
+
+    * Names must be non-empty ``str`` and values callables: anything else raises (``TypeError`` /
+      ``ValueError``) and stores nothing; ``update`` checks every pair before it stores any.
+    * ``keys()``, ``values()`` and ``items()`` are live views in insertion order, as a dict's; ``copy()`` and
+      ``|`` give plain ``dict``\\ s (capabilities are not part of a dict's value); ``copy.copy``,
+      ``copy.deepcopy`` and pickling give a new, independent mapping of the same entries.
+    * Writes are serialised by a lock, so ``setdefault`` and ``popitem`` are atomic; reads go straight to the
+      (thread-safe) storage.
+    * :meth:`subscribe` adds a function called as ``subscriber(name, value)`` after every store (``[]=``,
+      :meth:`register`, ``update``, ``setdefault``), under the lock, in the order the stores happened.
+    """
+
+    __slots__ = ("_lock", "_registry", "_subscribers")
+
+    def __init__(self, entries: Mapping[str, Any] | Iterable[tuple[str, Any]] = (), /, **kwargs: Any) -> None:
+        self._registry = Registry()
+        self._lock = threading.RLock()
+        self._subscribers: list[Subscriber] = []
+        self.update(entries, **kwargs)
+
+    # ---- reads --------------------------------------------------------------------------------------------
+
+    def __getitem__(self, key: str) -> Callable[..., Any]:
+        return self._registry[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._registry
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._registry.keys())
+
+    def __reversed__(self) -> Iterator[str]:
+        return reversed(self._registry.keys())
+
+    def __len__(self) -> int:
+        return len(self._registry)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._registry.get(key, default)
+
+    def capabilities(self, key: str) -> dict[str, Any] | None:
+        """What the entry under ``key`` declared it supports (None when nothing); ``KeyError`` if missing."""
+        return self._registry.capabilities(key)
+
+    def copy(self) -> dict[str, Callable[..., Any]]:
+        """A plain ``dict`` of the entries, in insertion order."""
+        return dict(self._registry.items())
+
+    def __or__(self, other: Any) -> dict[str, Callable[..., Any]]:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return {**self.copy(), **other}
+
+    def __ror__(self, other: Any) -> dict[str, Callable[..., Any]]:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return {**other, **self.copy()}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.copy()!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # copy.copy, copy.deepcopy and pickle: a new, independent mapping of the same entries (no subscribers).
+        return (type(self), (self.copy(),))
+
+    # ---- writes -------------------------------------------------------------------------------------------
+
+    def register(self, key: str, value: Callable[..., Any], capabilities: Mapping[str, Any] | None = None) -> None:
+        """Stores ``value`` under ``key`` with its declared ``capabilities`` (None: none declared)."""
+        caps = None if capabilities is None else dict(capabilities)
+        with self._lock:
+            self._registry.register(key, value, caps)
+            for subscriber in list(self._subscribers):
+                subscriber(key, value)
+
+    def __setitem__(self, key: str, value: Callable[..., Any]) -> None:
+        self.register(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        with self._lock:
+            del self._registry[key]
+
+    def pop(self, key: str, *default: Any) -> Any:
+        with self._lock:
+            return self._registry.pop(key, *default)
+
+    def popitem(self) -> tuple[str, Callable[..., Any]]:
+        """Removes and returns the last entry stored (LIFO, as ``dict.popitem``); ``KeyError`` when empty."""
+        with self._lock:
+            keys = self._registry.keys()
+            if not keys:
+                raise KeyError("popitem(): the mapping is empty")
+            return keys[-1], self._registry.pop(keys[-1])
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        """The entry under ``key``; stores ``default`` there first when there is none (it must be callable)."""
+        with self._lock:
+            if key in self._registry:
+                return self._registry[key]
+            self.register(key, default)
+            return default
+
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        """``dict.update``, all or nothing: every pair is checked before any is stored. Entries of another
+        :class:`GlobalMapping` keep their capabilities."""
+        pairs = _pairs(other, kwargs, "update")
+        staged = Registry()  # validates every name and value before anything is stored
+        for key, value in pairs:
+            staged[key] = value
+        with self._lock:
+            for key, value in pairs:
+                caps = other.capabilities(key) if isinstance(other, GlobalMapping) and key in other else None
+                self.register(key, value, caps)
+
+    def __ior__(self, other: Any) -> GlobalMapping:
+        self.update(other)
+        return self
+
+    def clear(self) -> None:
+        with self._lock:
+            self._registry.clear()
+
+    # ---- subscribers ------------------------------------------------------------------------------------
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        """Calls ``subscriber(name, value)`` after every store from now on (once, however often subscribed)."""
+        if not callable(subscriber):
+            raise TypeError(f"subscriber: expected a callable, got {type(subscriber).__name__}")
+        with self._lock:
+            if subscriber not in self._subscribers:
+                self._subscribers.append(subscriber)
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        """Stops calling ``subscriber``; nothing happens when it was not subscribed."""
+        with self._lock:
+            if subscriber in self._subscribers:
+                self._subscribers.remove(subscriber)
+
+
 class GeneralInterface(MutableMapping[str, Callable[..., Any]]):
     """A class-wide mapping plus an instance-local one (transformers' ``GeneralInterface``)."""
 
-    _global_mapping: ClassVar[Registry] = Registry()
+    _global_mapping: ClassVar[GlobalMapping] = GlobalMapping()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # Every subclass owns its global mapping; a plain dict literal is accepted and converted.
         declared = cls.__dict__.get("_global_mapping")
-        if not isinstance(declared, Registry):
-            registry = Registry()
-            for name, fn in dict(declared or {}).items():
-                registry[name] = fn
-            cls._global_mapping = registry
+        if not isinstance(declared, GlobalMapping):
+            cls._global_mapping = GlobalMapping(declared or {})
 
     def __init__(self) -> None:
         self._local_mapping = Registry()
@@ -118,7 +287,7 @@ class AttentionInterface(GeneralInterface):
     the ``default`` that models pass to :meth:`get_interface`.
     """
 
-    _global_mapping: ClassVar[Registry] = Registry()
+    _global_mapping: ClassVar[GlobalMapping] = GlobalMapping()
 
     def __getitem__(self, key: str) -> Callable[..., Any]:
         try:
@@ -150,7 +319,7 @@ class AttentionInterface(GeneralInterface):
 class AttentionMaskInterface(GeneralInterface):
     """Mask builders called with transformers' keywords (``batch_size``, ``q_length``, ``kv_length``, ...)."""
 
-    _global_mapping: ClassVar[Registry] = Registry()
+    _global_mapping: ClassVar[GlobalMapping] = GlobalMapping()
 
 
 ALL_ATTENTION_FUNCTIONS: AttentionInterface = AttentionInterface()

@@ -102,7 +102,9 @@ def problems(draw: st.DrawFn, dtype: torch.dtype = torch.float32) -> dict[str, A
     elif kind == "sliding":
         mask = masks.sliding_window(draw(st.integers(1, 20)), causal=draw(st.booleans()))
     elif kind == "document":
-        mask = masks.document(torch.randint(0, 3, (b, kv_len), generator=gen).sort(-1).values) & masks.causal()
+        # ids for every position a query or key may sit at (queries at 0..Q-1, or at the cache's end)
+        ids = torch.randint(0, 3, (b, max(q_len, kv_len)), generator=gen).sort(-1).values
+        mask = masks.document(ids) & masks.causal()
     elif kind == "padding":
         valid = torch.rand(b, kv_len, generator=gen) > 0.3
         mask = masks.padding(valid) & masks.causal()

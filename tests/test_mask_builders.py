@@ -3,6 +3,8 @@ tests/utils/test_masking_utils.py reproduced, and random calls compared with tra
 
 from __future__ import annotations
 
+import types
+
 import contextlib
 import uuid
 from collections.abc import Callable, Iterator
@@ -214,8 +216,9 @@ def test_block_mask_builders_match_torch(call: dict[str, Any]) -> None:
     expected = torch.nn.attention.flex_attention.create_block_mask(
         fn, call["batch_size"], None, call["q_length"], call["kv_length"], device="cpu"
     )
+    flex_family = types.SimpleNamespace(model_type="llama")  # "attnrs" gives families with flex support a BlockMask
     for builder in (mask_builders.flex_attention_mask, mask_builders.attnrs_mask):
-        got = builder(**call)
+        got = builder(**{**call, "config": flex_family})
         assert isinstance(got, attnrs.BlockMask)
         assert torch.equal(got.to_dense(), expected.to_dense())
         assert torch.equal(got.kv_num_blocks, expected.kv_num_blocks)
@@ -230,7 +233,8 @@ def test_the_old_cache_position_signature() -> None:
 
 
 def test_block_masks_pass_transformers_precomputed_mask_check() -> None:
-    mask = mask_builders.attnrs_mask(batch_size=2, q_length=3, kv_length=5, mask_function=mu.causal_mask_function)
+    mask = mask_builders.attnrs_mask(batch_size=2, q_length=3, kv_length=5, mask_function=mu.causal_mask_function,
+                                     config=types.SimpleNamespace(model_type="llama"))
     # _preprocess_mask_arguments returns a 4-D Tensor or BlockMask unchanged.
     assert isinstance(mask, torch.nn.attention.flex_attention.BlockMask) and len(mask.shape) == 4
     early_exit, returned, *_ = mu._preprocess_mask_arguments(

@@ -262,7 +262,9 @@ def test_unexpected_masks_raise_typed_errors() -> None:
         attention_forward(module, q, k, v, torch.ones(1, 1, 3, 3, dtype=torch.int64))
     with pytest.raises(attnrs.DtypeError, match="attention_mask"):
         attention_forward(module, q, k, v, "causal")
-    out, weights = attention_forward(module, q, k, v, None, unknown_kwarg=1)  # unknown kwargs are ignored
+    with pytest.raises(attnrs.UnsupportedError, match="unknown_kwarg"):  # refused by name, never dropped
+        attention_forward(module, q, k, v, None, unknown_kwarg=1)
+    out, weights = attention_forward(module, q, k, v, None, use_cache=True)  # known to change nothing
     assert out.shape == (1, 3, 2, 8) and weights is None
 
 

@@ -75,7 +75,9 @@ def math_attention(
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
     if sinks is not None:
-        sink_column = sinks.to(compute).reshape(1, heads, 1, 1).expand(*scores.shape[:-1], 1)
+        # [H] (one logit per head) or [B, H, Q] (one per row, as some transformers families pass them).
+        per_row = sinks.to(compute) if sinks.dim() == 3 else sinks.to(compute).reshape(1, heads, 1)
+        sink_column = per_row[..., None].expand(*scores.shape[:-1], 1)
         lse = torch.logsumexp(torch.cat([scores, sink_column], dim=-1), dim=-1)
     else:
         lse = torch.logsumexp(scores, dim=-1)

@@ -507,9 +507,15 @@ def recognize(fn: Any) -> Mask | None:
     if factory == "or_masks":
         return or_masks(*cells["mask_functions"])
     if factory == "sliding_window_overlay":
-        return sliding_window_overlay(int(cells["sliding_window"]))
+        window = int(cells["sliding_window"])
+        # kv > q - w; for w <= 0 (configs ship sliding_window=0 for "none" and transformers still builds the
+        # unused mask) that is exactly "not causal(-w)".
+        return sliding_window_overlay(window) if window > 0 else ~causal(-window)
     if factory == "sliding_window_bidirectional_overlay":
-        return sliding_window(int(cells["sliding_window"]), causal=False)
+        window = int(cells["sliding_window"])
+        if window > 0:
+            return sliding_window(window, causal=False)
+        return causal(0) & ~causal(-1) if window == 0 else Mask("empty")  # |q - kv| <= w: the diagonal, or none
     if factory == "chunked_overlay":
         return chunked(int(cells["chunk_size"]), cells["left_padding"], causal=False)
     if factory == "padding_mask_function":

@@ -21,9 +21,14 @@ from ... import masks
 from ...attention.api import check_backend, run_resolved
 from ...attention.resolve import ResolvedMask, check_inputs, check_scalars, resolve_mask
 from ...attention.torch_backends import attention_with_weights
-from ...errors import DtypeError, ShapeError
+from ...errors import ArgumentError, DtypeError, ShapeError, UnsupportedError
+from .mask_builders import DenseStructure
 
-__all__ = ["attention_forward", "attention_function"]
+__all__ = ["IGNORED_KEYWORDS", "attention_forward", "attention_function"]
+
+
+def _compiling() -> bool:
+    return bool(torch.compiler.is_compiling())
 
 
 def _packed_document_ids(
@@ -44,6 +49,32 @@ def _packed_document_ids(
     return None
 
 
+# Keywords transformers passes that change nothing here: lengths attnrs reads from the tensors, flags of other
+# outputs, determinism (attnrs's kernels are always deterministic), and model-forward arguments some families let
+# through to every layer (eager ignores them too: e.g. BERT's encoder_hidden_states reach its self-attention).
+# A keyword neither in the signature nor here is refused, never silently dropped.
+IGNORED_KEYWORDS = frozenset(
+    {
+        "max_length_q",
+        "max_length_k",
+        "max_seqlen_q",
+        "max_seqlen_k",
+        "deterministic",
+        "num_items_in_batch",
+        "output_hidden_states",
+        "output_router_logits",
+        "use_cache",
+        "cache",
+        "cache_position",
+        "past_key_values",
+        "logits_to_keep",
+        "decoder_input_ids",
+        "encoder_hidden_states",
+        "seq_idx",
+    }
+)
+
+
 def attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -56,7 +87,10 @@ def attention_forward(
     sliding_window: int | None = None,
     softcap: float | None = None,
     s_aux: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
     position_bias: torch.Tensor | None = None,
+    indices: torch.Tensor | None = None,
+    block_indices: torch.Tensor | None = None,
     output_attentions: bool = False,
     cu_seq_lens_q: torch.Tensor | None = None,
     cu_seq_lens_k: torch.Tensor | None = None,
@@ -66,18 +100,30 @@ def attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The transformers attention-function contract on top of :func:`attnrs.attention`.
 
+    ``sinks``/``s_aux`` (or ``module.sinks``): ``[H]`` logits per head, or ``[B, H, Q]``/``[B, H, Q, 1]`` per query
+    row; they join each row's softmax denominator only. ``indices`` ``[B, Q, topk]``: the keys each query may
+    see (DeepSeek-V3.2-style sparse top-k selection; negative entries select nothing), applied on top of the mask;
+    ``block_indices`` ``[B, H_idx, Q, topk]``: the same at the granularity of ``module.indexer.block_size`` keys,
+    one selection per group of ``H / H_idx`` query heads (MiniMax-M3).
     ``backend`` is attnrs's, not a transformers keyword: ``"auto"`` or any backend :func:`attnrs.attention`
-    takes, including the name of a registered native kernel (see :func:`attention_function`)."""
+    takes, including the name of a registered native kernel (see :func:`attention_function`). Other keywords
+    are refused unless listed in :data:`IGNORED_KEYWORDS`."""
+    unknown = sorted(k for k, v in kwargs.items() if k not in IGNORED_KEYWORDS and v is not None)
+    if unknown:
+        raise UnsupportedError(
+            f"{unknown[0]}: attnrs's attention function does not know this keyword, so it cannot honour it "
+            f"(got {sorted(kwargs)}); use attn_implementation='eager' for this model, or report it"
+        )
     check_inputs(query, key, value)
     batch, heads, q_len, _ = query.shape
     kv_len = key.shape[2]
     shape = (batch, heads, q_len, kv_len)
-    sinks = s_aux if s_aux is not None else getattr(module, "sinks", None)
-    if sinks is not None and sinks.dim() != 1:
-        sinks = sinks.reshape(-1)
+    head_sinks, row_sinks = _sinks(sinks if sinks is not None else s_aux, module, shape)
     dropout_p = float(dropout) if getattr(module, "training", False) else 0.0
-    scale = check_scalars(query, scaling, softcap, sinks, dropout_p)
+    scale = check_scalars(query, scaling, softcap, head_sinks, dropout_p)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if isinstance(sliding_window, int) and not isinstance(sliding_window, bool) and sliding_window <= 0:
+        sliding_window = None  # transformers' "no window" (released configs ship sliding_window=0)
     mask = attention_mask
     if mask is not None and not isinstance(mask, (torch.Tensor, TorchBlockMask)):
         raise DtypeError(
@@ -90,20 +136,118 @@ def attention_forward(
             raise DtypeError(f"attention_mask: expected a bool or floating mask, got {mask.dtype}")
         if mask.shape[-1] != kv_len:  # e.g. a longer static-cache mask than the keys we received
             mask = mask[..., -kv_len:] if mask.shape[-1] > kv_len else mask
-    resolved = resolve_mask(mask, False, shape, query.device, arg="attention_mask")
+    structure = DenseStructure.of(mask) if isinstance(mask, torch.Tensor) and not _compiling() else None
+    if structure is not None and isinstance(mask, torch.Tensor) and tuple(mask.shape[-2:]) == (q_len, kv_len):
+        # The builder's own dense mask, unchanged: its structure lets the kernel skip empty blocks.
+        resolved = ResolvedMask(structure.mask, structure.q_offset, structure.kv_offset)
+    else:
+        resolved = resolve_mask(mask, False, shape, query.device, arg="attention_mask")
     if mask is None:
         resolved = _mask_for_none(resolved, shape, bool(causal), sliding_window)
     if mask is None or isinstance(mask, TorchBlockMask):
         # A custom dense 4-D mask is the caller's whole intent; masks from builders and None are completed.
         _keep_documents_apart(resolved, shape, cu_seq_lens_q, cu_seq_lens_k, position_ids)
+    for selected in (
+        None if indices is None else _selected_keys(indices, shape, query.device),
+        None if block_indices is None else _selected_blocks(block_indices, module, shape, query.device),
+    ):
+        if selected is not None:
+            resolved.dense_bool = selected if resolved.dense_bool is None else resolved.dense_bool & selected
     if position_bias is not None:
         bias = position_bias.expand(shape) if position_bias.dim() == 4 else position_bias
         resolved.bias = bias if resolved.bias is None else resolved.bias + bias
     if output_attentions:
-        out, weights = attention_with_weights(query, key, value, resolved, shape, scale, softcap, sinks, dropout_p)
+        out, weights = attention_with_weights(
+            query,
+            key,
+            value,
+            resolved,
+            shape,
+            scale,
+            softcap,
+            head_sinks if row_sinks is None else row_sinks,
+            dropout_p,
+        )
         return out.transpose(1, 2).contiguous(), weights
-    out, _ = run_resolved(query, key, value, resolved, scale, softcap, sinks, dropout_p, backend, False)
+    out, lse = run_resolved(
+        query, key, value, resolved, scale, softcap, head_sinks, dropout_p, backend, row_sinks is not None
+    )
+    if row_sinks is not None:
+        # A sink logit per row joins the denominator: out * e^lse / (e^lse + e^sink) = out * sigmoid(lse - sink).
+        assert lse is not None  # asked for above
+        out = out * torch.sigmoid(lse - row_sinks.to(torch.float32))[..., None].to(out.dtype)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _sinks(
+    sinks: Any, module: torch.nn.Module, shape: tuple[int, int, int, int]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(per-head sinks [H] for the kernel, per-row sinks [B, H, Q]) from the keyword or ``module.sinks``."""
+    if sinks is None:
+        attribute = getattr(module, "sinks", None)  # GPT-OSS keeps its [H] sinks as a parameter of the module
+        sinks = attribute if isinstance(attribute, torch.Tensor) else None
+    if sinks is None:
+        return None, None
+    if not isinstance(sinks, torch.Tensor) or not sinks.dtype.is_floating_point:
+        raise DtypeError(f"sinks: expected a floating tensor, got {getattr(sinks, 'dtype', type(sinks).__name__)}")
+    batch, heads, q_len, _ = shape
+    if sinks.numel() == heads and sinks.dim() <= 2:
+        return sinks.reshape(heads), None
+    rows = sinks[..., 0] if sinks.dim() == 4 and sinks.shape[-1] == 1 else sinks
+    if rows.dim() != 3 or torch.broadcast_shapes(rows.shape, (batch, heads, q_len)) != (batch, heads, q_len):  # type: ignore[no-untyped-call]
+        raise ShapeError(
+            f"sinks: expected [H], [B, H, Q] or [B, H, Q, 1] for H={heads}, B={batch}, Q={q_len}, got shape "
+            f"{list(sinks.shape)}"
+        )
+    return None, rows.expand(batch, heads, q_len)
+
+
+def _scatter_selection(table: torch.Tensor, n: int) -> torch.Tensor:
+    """Bool [..., n]: True at the entries of ``table [..., topk]`` (negative entries select nothing)."""
+    table = table.to(torch.int64)
+    selected = torch.zeros(*table.shape[:-1], n + 1, dtype=torch.bool, device=table.device)
+    selected.scatter_(-1, torch.where(table < 0, n, table), True)  # negative entries land in a spare column
+    return selected[..., :n]
+
+
+def _check_selection(table: Any, name: str, layout: str, n: int) -> torch.Tensor:
+    if not isinstance(table, torch.Tensor) or table.dtype.is_floating_point or table.dtype == torch.bool:
+        raise DtypeError(f"{name}: expected an integer tensor {layout}, got {getattr(table, 'dtype', table)}")
+    if table.numel() and int(table.max()) >= n:
+        raise ArgumentError(f"{name}: expected indices below {n}, got {int(table.max())}")
+    return table
+
+
+def _selected_keys(indices: Any, shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor:
+    """Bool [B, H, Q, K] view: True at the keys ``indices [B, Q, topk]`` (or ``[B, 1|H, Q, topk]``) selects."""
+    batch, heads, q_len, kv_len = shape
+    table = _check_selection(indices, "indices", "[B, Q, topk]", kv_len)
+    table = table[:, None] if table.dim() == 3 else table
+    if table.dim() != 4 or table.shape[0] != batch or table.shape[1] not in (1, heads) or table.shape[2] != q_len:
+        raise ShapeError(f"indices: expected [B={batch}, Q={q_len}, topk], got shape {list(indices.shape)}")
+    return _scatter_selection(table.to(device), kv_len).expand(batch, heads, q_len, kv_len)
+
+
+def _selected_blocks(
+    block_indices: Any, module: torch.nn.Module, shape: tuple[int, int, int, int], device: torch.device
+) -> torch.Tensor:
+    """Bool [B, H, Q, K]: the key blocks ``block_indices [B, H_idx, Q, topk]`` selects, each ``block_size`` keys
+    (``module.indexer.block_size``), for each group of ``H / H_idx`` query heads."""
+    batch, heads, q_len, kv_len = shape
+    block_size = getattr(getattr(module, "indexer", None), "block_size", None)
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise UnsupportedError(
+            "block_indices: attnrs reads the block size from module.indexer.block_size, which this module lacks"
+        )
+    n_blocks = -(-kv_len // block_size)
+    table = _check_selection(block_indices, "block_indices", "[B, H_idx, Q, topk]", n_blocks)
+    if table.dim() != 4 or table.shape[0] != batch or table.shape[2] != q_len or heads % max(table.shape[1], 1):
+        raise ShapeError(
+            f"block_indices: expected [B={batch}, H_idx dividing {heads}, Q={q_len}, topk], got {list(table.shape)}"
+        )
+    blocks = _scatter_selection(table.to(device), n_blocks)
+    keys = blocks.repeat_interleave(block_size, dim=-1)[..., :kv_len]
+    return keys.repeat_interleave(heads // table.shape[1], dim=1)
 
 
 def attention_function(backend: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:

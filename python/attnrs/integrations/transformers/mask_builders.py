@@ -9,14 +9,17 @@ builder here accepts both forms and ignores keywords it does not use.
 * ``"sdpa"``: a dense bool ``[B, 1, Q, K]`` mask (True = attend), or None when SDPA's ``is_causal`` suffices;
   the same output as transformers' ``sdpa_mask``.
 * ``"eager"``: the additive float version (0 / ``finfo(dtype).min``), as transformers' ``eager_mask``.
-* ``"flex_attention"`` and ``"attnrs"``: an :class:`attnrs.BlockMask` (a real FlexAttention ``BlockMask``)
-  built in O(blocks), which also carries the structural mask for the CPU kernel.
+* ``"flex_attention"``: an :class:`attnrs.BlockMask` (a real FlexAttention ``BlockMask``) built in O(blocks),
+  which also carries the structural mask for the CPU kernel.
+* ``"attnrs"``: that BlockMask for families that support FlexAttention, eager's additive mask (with its
+  structure recorded) for the others (:func:`attention_forward_mask`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -24,7 +27,16 @@ from ...masks.block_mask import BlockMask, create_block_mask
 from ...masks.dense import create_dense_mask
 from ...masks.mask import Mask, and_masks, causal, from_callable, padding
 
-__all__ = ["attention_forward_mask", "attnrs_mask", "eager_mask", "flex_attention_mask", "sdpa_mask"]
+__all__ = [
+    "DENSE_DESPITE_FLEX",
+    "DenseStructure",
+    "attention_forward_mask",
+    "attnrs_mask",
+    "eager_mask",
+    "flex_attention_mask",
+    "sdpa_mask",
+    "supports_flex_attention",
+]
 
 
 def _lengths(q_length: int | None, q_offset: Any, cache_position: torch.Tensor | None) -> tuple[int, int]:
@@ -180,11 +192,95 @@ def flex_attention_mask(
     return block_mask
 
 
-def attention_forward_mask(**kwargs: Any) -> BlockMask:
+_STRUCTURE_ATTRIBUTE = "_attnrs_structure"
+
+
+class DenseStructure(NamedTuple):
+    """What a dense mask from :func:`attention_forward_mask` means, kept on the tensor (an attribute) so that the
+    attention function can skip empty blocks: the structural mask, its offsets, and the tensor's version counter
+    when it was built (an in-place change of the tensor makes the record stale; any new tensor has none)."""
+
+    mask: Mask
+    q_offset: int
+    kv_offset: int
+    version: int
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> DenseStructure | None:
+        """The structure recorded on ``tensor`` if it is still what the tensor holds, else None."""
+        record = getattr(tensor, _STRUCTURE_ATTRIBUTE, None)
+        if isinstance(record, cls) and record.version == tensor._version:
+            return record
+        return None
+
+
+# Families that declare FlexAttention support but whose own code merges only tensor masks into what it computes
+# (so a BlockMask loses the causal/padding part, in transformers' flex path too): they get the dense form.
+DENSE_DESPITE_FLEX = {
+    "doge": "prepare_dynamic_mask merges the mask into its dynamic mask only when it is not a BlockMask",
+}
+
+
+@functools.cache
+def supports_flex_attention(model_type: str) -> bool:
+    """Whether the transformers family ``model_type`` declares FlexAttention support (``_supports_flex_attn`` of
+    its model class, found through the auto mappings) and can use it (not in :data:`DENSE_DESPITE_FLEX`); False
+    when unknown."""
+    if model_type in DENSE_DESPITE_FLEX:
+        return False
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    for mapping in ("MODEL_MAPPING_NAMES", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"):
+        name = getattr(modeling_auto, mapping, {}).get(model_type)
+        name = name[0] if isinstance(name, (list, tuple)) else name
+        model_class = getattr(transformers, name, None) if isinstance(name, str) else None
+        if model_class is not None:
+            return bool(getattr(model_class, "_supports_flex_attn", False))
+    return False
+
+
+def attention_forward_mask(**kwargs: Any) -> torch.Tensor | BlockMask | None:
     """The mask builder paired with :func:`~attnrs.integrations.transformers.attention_forward` (registered as
-    ``"attnrs"``): always a block mask (never None), so the kernel knows the structure and generate's
-    static-cache path accepts it (a 4-D ``BlockMask``)."""
-    return flex_attention_mask(**kwargs)
+    ``"attnrs"``); the form is decided by the model family's declared support, read from ``config.model_type``:
+
+    * families that support FlexAttention get an :class:`attnrs.BlockMask` (never None), which carries the
+      structure to the kernel and which generate's static-cache path accepts (a 4-D ``BlockMask``);
+    * the others (which may add to, slice or concatenate the mask in their own code) get eager's additive float
+      mask, the form their code is written for; the structure is recorded on the tensor (:class:`DenseStructure`)
+      so the attention function still skips empty blocks when it receives that same tensor unchanged."""
+    config = kwargs.get("config")
+    model_type = getattr(config, "model_type", None)
+    if isinstance(model_type, str) and supports_flex_attention(model_type):
+        return flex_attention_mask(**kwargs)
+    dense = eager_mask(**kwargs)
+    if dense is not None and not torch.compiler.is_compiling():
+        structure = _structure_of(**kwargs)
+        if structure is not None:
+            setattr(dense, _STRUCTURE_ATTRIBUTE, DenseStructure(*structure, dense._version))
+    return dense
+
+
+def _structure_of(
+    batch_size: int,
+    q_length: int | None = None,
+    kv_length: int | None = None,
+    q_offset: Any = 0,
+    kv_offset: int = 0,
+    mask_function: Callable[..., Any] = causal(),
+    attention_mask: torch.Tensor | None = None,
+    use_vmap: bool = False,
+    cache_position: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[Mask, int, int] | None:
+    """(structural mask, q_offset, kv_offset) of a builder call, or None when the mask is not structural (a
+    callable attnrs evaluates: the dense tensor is then the cheaper form)."""
+    q_length, q_offset = _lengths(q_length, q_offset, cache_position)
+    if kv_length is None:
+        return None
+    padding_mask = _padding_window(attention_mask, int(kv_length), int(kv_offset))
+    mask = _structural(mask_function, padding_mask, use_vmap)
+    return (mask, q_offset, int(kv_offset)) if mask.is_structural else None
 
 
 attnrs_mask = attention_forward_mask  # its public name, after the registry key

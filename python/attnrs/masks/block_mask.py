@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
 
+from .. import _attnrs
 from ..errors import ArgumentError
 from ..threads import num_threads
 from .grid import Grid, check_grid
@@ -96,21 +97,63 @@ class BlockMask(TorchBlockMask):
 
     def _materialize(self, direction: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Counts and torch-ordered indices of one direction (``kv``, ``full_kv``, ``q``, ``full_q``)."""
-        layout = self._layout
-        n_q, n_kv = layout.num_q_blocks, layout.num_kv_blocks
-        rows, width = (n_q, n_kv) if direction.endswith("kv") else (n_kv, n_q)
-        counts = torch.empty(layout.layout_batch, layout.layout_heads, rows, dtype=torch.int32)
-        indices = torch.empty(layout.layout_batch, layout.layout_heads, rows, width, dtype=torch.int32)
-        layout.write(direction, counts, indices)
         batch, heads = self.kv_num_blocks.shape[:2]
-        # A layout that ignores the batch or the heads is computed once and broadcast, as torch repeats it.
-        return counts.expand(batch, heads, rows), indices.expand(batch, heads, rows, width)
+        return _tables(self._layout, direction, batch, heads)
 
     def __repr__(self) -> str:
         return (
             f"attnrs.BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, sparsity={self.sparsity():.2f}%, "
             f"mask={self.attnrs_mask!r}, q_offset={self.q_offset}, kv_offset={self.kv_offset})"
         )
+
+
+def _tables(layout: Any, direction: str, batch: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts ``[batch, heads, rows]`` and torch-ordered indices ``[batch, heads, rows, width]`` of one direction
+    of a Rust layout. A layout that ignores the batch or the heads is computed once and broadcast (stride 0), as
+    torch repeats it."""
+    n_q, n_kv = layout.num_q_blocks, layout.num_kv_blocks
+    rows, width = (n_q, n_kv) if direction.endswith("kv") else (n_kv, n_q)
+    counts = torch.empty(layout.layout_batch, layout.layout_heads, rows, dtype=torch.int32)
+    indices = torch.empty(layout.layout_batch, layout.layout_heads, rows, width, dtype=torch.int32)
+    layout.write(direction, counts, indices)
+    return counts.expand(batch, heads, rows), indices.expand(batch, heads, rows, width)
+
+
+_DIRECTIONS = ("kv", "full_kv", "q", "full_q")
+
+
+@torch.library.custom_op(
+    "attnrs::block_tables",
+    mutates_args=(),
+    device_types="cpu",
+    schema="(Tensor mask_program, SymInt batch, SymInt heads, SymInt q_len, SymInt kv_len, SymInt q_block, "
+    "SymInt kv_block) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def block_tables_op(
+    mask_program: torch.Tensor, batch: int, heads: int, q_len: int, kv_len: int, q_block: int, kv_block: int
+) -> tuple[torch.Tensor, ...]:
+    """The eight tables of a FlexAttention ``BlockMask`` (counts and indices of ``kv``, ``full_kv``, ``q``,
+    ``full_q``; int32, contiguous) of a packed mask program placed at offset 0 on ``[batch, heads, q_len,
+    kv_len]``. :func:`create_block_mask` calls it under ``torch.compile``: the program's tables are graph
+    tensors, so the layout is computed at run time and a new padding mask needs no recompilation."""
+    expr = _attnrs.operand_mask(mask_program)
+    if expr is None:
+        expr = _attnrs.MaskExpr.full()
+    layout = expr.block_sparse(batch, heads, q_len, kv_len, 0, 0, q_block, kv_block, num_threads())
+    return tuple(t.contiguous() for d in _DIRECTIONS for t in _tables(layout, d, batch, heads))
+
+
+@block_tables_op.register_fake
+def _(
+    mask_program: torch.Tensor, batch: int, heads: int, q_len: int, kv_len: int, q_block: int, kv_block: int
+) -> tuple[torch.Tensor, ...]:
+    n_q, n_kv = (q_len + q_block - 1) // q_block, (kv_len + kv_block - 1) // kv_block
+    tables: list[torch.Tensor] = []
+    for direction in _DIRECTIONS:
+        rows, width = (n_q, n_kv) if direction.endswith("kv") else (n_kv, n_q)
+        tables.append(mask_program.new_empty(batch, heads, rows, dtype=torch.int32))
+        tables.append(mask_program.new_empty(batch, heads, rows, width, dtype=torch.int32))
+    return tuple(tables)
 
 
 def _counts(layout: Any, direction: str, grid: Grid) -> torch.Tensor:
@@ -145,6 +188,34 @@ def create_block_mask(
     mask = from_callable(mask)
     grid = check_grid(B, H, Q_LEN, KV_LEN, q_offset, kv_offset)
     q_block, kv_block = _block_sizes(BLOCK_SIZE)
+    if torch.compiler.is_compiling():
+        block_mask = _traced_block_mask(mask, grid, q_block, kv_block)
+    else:
+        block_mask = _block_mask(mask, grid, q_block, kv_block)
+    if device is not None and torch.device(device).type != "cpu":
+        return block_mask.to(device)  # type: ignore[return-value]
+    return block_mask
+
+
+def _traced_block_mask(mask: Mask, grid: Grid, q_block: int, kv_block: int) -> BlockMask:
+    """The block mask under torch.compile: every table from :func:`block_tables_op` on the mask's program (a
+    graph tensor), built in the graph without reading a value while tracing."""
+    tables = torch.ops.attnrs.block_tables(
+        mask.program(grid), grid.batch, grid.heads, grid.q_len, grid.kv_len, q_block, kv_block
+    )
+    return BlockMask(
+        (grid.q_len, grid.kv_len),
+        *tables,
+        BLOCK_SIZE=(q_block, kv_block),
+        mask_mod=mask.shifted(grid.q_offset, grid.kv_offset),
+        attnrs_mask=mask,
+        q_offset=grid.q_offset,
+        kv_offset=grid.kv_offset,
+    )
+
+
+def _block_mask(mask: Mask, grid: Grid, q_block: int, kv_block: int) -> BlockMask:
+    """The block mask with its counts computed now and its indices when first read (from the Rust layout)."""
     check_tables(mask, grid)
     expr = mask.to_rust(grid)
     layout = expr.block_sparse(
@@ -160,7 +231,7 @@ def create_block_mask(
     )
     counts = {name: _counts(layout, name, grid) for name in ("kv", "full_kv", "q", "full_q")}
     placeholder = torch.empty(0, 0, dtype=torch.int32)  # replaced by the lazily built indices
-    block_mask = BlockMask(
+    return BlockMask(
         (grid.q_len, grid.kv_len),
         counts["kv"],
         placeholder,
@@ -177,6 +248,3 @@ def create_block_mask(
         kv_offset=grid.kv_offset,
         layout=layout,
     )
-    if device is not None and torch.device(device).type != "cpu":
-        return block_mask.to(device)  # type: ignore[return-value]
-    return block_mask

@@ -57,8 +57,10 @@ def _can_skip_causal(
     kv_offset: int,
     local_size: int | None,
 ) -> bool:
-    """transformers' ``_ignore_causal_mask_sdpa`` (CPU, not tracing): True when SDPA's top-left ``is_causal``
-    gives the same result as the mask."""
+    """transformers' ``_ignore_causal_mask_sdpa`` (CPU): True when SDPA's top-left ``is_causal`` gives the same
+    result as the mask. Under torch.compile a padding mask's values are unknown, so it is never skipped then."""
+    if padding_mask is not None and torch.compiler.is_compiling():
+        return False
     if padding_mask is not None and padding_mask.shape[-1] > kv_length:
         padding_mask = padding_mask[:, kv_offset : kv_offset + kv_length]
     if local_size is not None and kv_length >= local_size:
@@ -73,7 +75,10 @@ def _can_skip_causal(
 
 
 def _can_skip_bidirectional(padding_mask: torch.Tensor | None, kv_length: int, local_size: int | None) -> bool:
-    """transformers' ``_ignore_bidirectional_mask_sdpa``: no padding and no local window in reach."""
+    """transformers' ``_ignore_bidirectional_mask_sdpa``: no padding and no local window in reach (a padding
+    mask is never skipped under torch.compile, its values being unknown)."""
+    if padding_mask is not None and torch.compiler.is_compiling():
+        return False
     return (padding_mask is None or bool(padding_mask.all())) and (local_size is None or kv_length < local_size)
 
 
@@ -171,7 +176,9 @@ def flex_attention_mask(
         raise TypeError("flex_attention_mask: expected kv_length")
     kv_length, kv_offset = int(kv_length), int(kv_offset)
     padding_mask = None
-    if attention_mask is not None and not bool(attention_mask.all()):
+    # Under torch.compile the mask's values are unknown while tracing: the padding is always part of the mask
+    # then (an all-real one changes nothing), so the graph holds for every padding of this shape.
+    if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
         padding_mask = _padding_window(attention_mask, kv_length, kv_offset)
     mask = _structural(mask_function, padding_mask, use_vmap)
     block_mask = create_block_mask(mask, batch_size, None, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset)

@@ -268,3 +268,22 @@ def test_tiny_model_compiles_fullgraph_and_matches_eager(name: str, backend: str
             torch.testing.assert_close(got[rows], eager[rows], rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(got[rows], expected[rows], rtol=1e-4, atol=1e-4)
     assert counter.frame_count == 1
+
+
+def test_one_row_compiles_and_packed_position_ids_keep_documents_apart() -> None:
+    """Batch 1: position_ids that restart (packed documents) reuse the graph and stay apart, like separate runs."""
+    model, ref_model = _model("llama", "attnrs"), _model("llama", "sdpa")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    ids = torch.randint(1, 100, (1, L), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(1, L, dtype=torch.long)
+    cut = 6
+    with torch.no_grad():
+        for i, pos in enumerate((torch.arange(L)[None], torch.cat([torch.arange(cut), torch.arange(L - cut)])[None])):
+            with torch._dynamo.config.patch(error_on_recompile=i > 0):
+                got = compiled(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+            torch.testing.assert_close(got, model(input_ids=ids, attention_mask=mask, position_ids=pos).logits,
+                                       rtol=1e-4, atol=1e-4)
+        first, second = ref_model(input_ids=ids[:, :cut]).logits, ref_model(input_ids=ids[:, cut:]).logits
+    torch.testing.assert_close(got, torch.cat([first, second], 1), rtol=1e-4, atol=1e-4)
+    assert counter.frame_count == 1

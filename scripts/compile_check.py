@@ -3,11 +3,12 @@
 
 For each model it prints the graph and break counts ``torch._dynamo.explain`` reports, the recompilations a second
 padding mask of the same shape causes (0 expected), and the prefill time of the compiled model (inductor) next to
-the same model compiled with "sdpa" ("eager" for Gemma2, whose softcap transformers' SDPA path lacks): calls
-alternate between the two, and the medians of CPU time (``time.process_time``, steadier than wall time on a shared
-machine) are reported with their ratio.
+the same model compiled with "sdpa" ("eager" for Gemma2, whose softcap transformers' SDPA path lacks) and the
+attnrs model not compiled: calls alternate between them, and the medians of CPU time (``time.process_time``,
+steadier than wall time on a shared machine) are reported with their ratio. On a loaded machine ``--threads 1``
+gives steadier numbers (idle worker threads of two pools spinning against each other inflate both).
 
-    python scripts/compile_check.py [--length 64] [--reps 15] [--backend inductor]
+    python scripts/compile_check.py [--length 64] [--reps 15] [--backend inductor] [--threads N]
 """
 
 from __future__ import annotations
@@ -25,14 +26,26 @@ import transformers
 
 from attnrs.integrations.transformers import register
 
-SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=101, max_position_embeddings=512, pad_token_id=0)
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=101,
+    max_position_embeddings=512,
+    pad_token_id=0,
+)
 # name -> (config class, model class, config extras, the compiled peer: Gemma2's softcap has no SDPA path)
 MODELS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}, "sdpa"),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}, "sdpa"),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 8,
-                                                     "attn_logit_softcapping": 5.0}, "eager"),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {"head_dim": 16, "sliding_window": 8, "attn_logit_softcapping": 5.0},
+        "eager",
+    ),
 }
 
 
@@ -84,17 +97,18 @@ def check(name: str, length: int, reps: int, backend: str) -> None:
         peer_name = MODELS[name][3]
         peer = torch.compile(build(name, peer_name), backend=backend, fullgraph=True)
         peer(**first)
-        times: dict[str, list[float]] = {"attnrs": [], "peer": []}
+        times: dict[str, list[float]] = {"attnrs": [], "peer": [], "eager": []}
         for _ in range(reps):
-            for key, fn in (("attnrs", compiled), ("peer", peer)):
+            for key, fn in (("attnrs", compiled), ("peer", peer), ("eager", model)):
                 start = time.process_time()
                 fn(**first)
                 times[key].append(time.process_time() - start)
-    a, s = statistics.median(times["attnrs"]), statistics.median(times["peer"])
+    a, s, e = (statistics.median(times[key]) for key in ("attnrs", "peer", "eager"))
     print(
         f"{name:8s} graphs={explanation.graph_count} breaks={explanation.graph_break_count} "
         f"recompiles_on_new_padding={recompiles} max|compiled-eager|={err:.1e}  "
-        f"prefill cpu-time median: attnrs {a * 1e3:.2f} ms, {peer_name} {s * 1e3:.2f} ms (ratio {a / s:.2f})"
+        f"prefill cpu-time median: attnrs {a * 1e3:.2f} ms, {peer_name} {s * 1e3:.2f} ms (ratio {a / s:.2f}; "
+        f"attnrs not compiled {e * 1e3:.2f} ms)"
     )
 
 
@@ -103,10 +117,15 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=64, help="sequence length of the batch (default 64)")
     parser.add_argument("--reps", type=int, default=15, help="timed calls per implementation (default 15)")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (attnrs follows it)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     register()
-    print(f"CPU: {cpu_model()}; torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"threads {torch.get_num_threads()}, batch 2 x {args.length} (left-padded), backend {args.backend}")
+    print(
+        f"CPU: {cpu_model()}; torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"threads {torch.get_num_threads()}, batch 2 x {args.length} (left-padded), backend {args.backend}"
+    )
     for name in MODELS:
         check(name, args.length, args.reps, args.backend)
 

@@ -188,6 +188,11 @@ def test_operand_mask_decodes_programs_and_refuses_malformed_ones() -> None:
         _attnrs.operand_mask(program.view(torch.int64) if program.numel() % 8 == 0 else program.float())
 
 
+def test_block_tables_op_passes_opcheck() -> None:
+    mask = attnrs.masks.sliding_window(5) & attnrs.masks.padding(_left_padding((6, 0)))
+    torch.library.opcheck(torch.ops.attnrs.block_tables, (encode_program(mask, 0, 0), B, 2, L, L - 3, 4, 8))
+
+
 def test_block_mask_built_while_compiling_equals_torch_and_eager() -> None:
     def tables(mask2d: torch.Tensor) -> tuple[torch.Tensor, ...]:
         mask = attnrs.masks.sliding_window(5) & attnrs.masks.padding(mask2d)

@@ -5,6 +5,10 @@ create_block_mask`` (same counts, same index order), plus ``q_offset``/``kv_offs
 :class:`attnrs.BlockMask`: a subclass of torch's ``BlockMask`` (so slicing, ``to_dense()``, ``_adjust`` and
 ``flex_attention`` keep working) that also carries the attnrs :class:`~attnrs.masks.Mask` and the Rust layout,
 so the CPU kernel never needs a dense tensor.
+
+Under ``torch.compile`` the tables come from the ``attnrs::block_tables`` operator on the mask's packed program (a
+graph tensor, see :mod:`attnrs.masks.program`), so building a block mask in a compiled function is no graph break
+and a new padding mask of the same shape needs no recompilation; the indices are then computed with the counts.
 """
 
 from __future__ import annotations

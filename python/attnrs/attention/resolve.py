@@ -276,10 +276,10 @@ def resolve_mask(
     return resolved
 
 
-@torch.compiler.disable  # type: ignore[untyped-decorator]
 def _program(resolved: ResolvedMask, shape: tuple[int, int, int, int]) -> torch.Tensor:
-    """The mask program for the grid. Mask evaluation runs in Rust (and may call Python mask_mods), so under
-    torch.compile it stays outside the graph; the operator itself is traced."""
+    """The mask program for the grid. A structural mask is packed with torch ops, so torch.compile traces it
+    into the graph with the operator; a mask with a callable part is evaluated in Rust outside the graph (see
+    :meth:`Mask.program`)."""
     grid = Grid(shape[0], shape[1], shape[2], shape[3], resolved.q_offset, resolved.kv_offset)
     return resolved.program(grid)
 

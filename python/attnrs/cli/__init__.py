@@ -18,6 +18,7 @@ from ..masks.block_mask import create_block_mask
 from .bench import main as bench_main
 from .demo import run_demo
 from .drawing import draw_block_layout, draw_mask, write_png
+from .models import add_parser as add_models_parser
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -99,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     demo.add_argument("--repeats", type=int, default=2, help="timed repeats after a warm-up (default 2)")
     demo.set_defaults(func=_cmd_demo)
+    add_models_parser(sub)
     sub.add_parser("bench", help="attention benchmarks against SDPA, transformers and flex (see bench --help)")
     show = sub.add_parser(
         "show-mask",

@@ -5,6 +5,10 @@ create_block_mask`` (same counts, same index order), plus ``q_offset``/``kv_offs
 :class:`attnrs.BlockMask`: a subclass of torch's ``BlockMask`` (so slicing, ``to_dense()``, ``_adjust`` and
 ``flex_attention`` keep working) that also carries the attnrs :class:`~attnrs.masks.Mask` and the Rust layout,
 so the CPU kernel never needs a dense tensor.
+
+Under ``torch.compile`` the tables come from the ``attnrs::block_tables`` operator on the mask's packed program (a
+graph tensor, see :mod:`attnrs.masks.program`), so building a block mask in a compiled function is no graph break
+and a new padding mask of the same shape needs no recompilation; the indices are then computed with the counts.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 import torch
 from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
 
+from .. import _attnrs
 from ..errors import ArgumentError
 from ..threads import num_threads
 from .grid import Grid, check_grid
@@ -96,21 +101,63 @@ class BlockMask(TorchBlockMask):
 
     def _materialize(self, direction: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Counts and torch-ordered indices of one direction (``kv``, ``full_kv``, ``q``, ``full_q``)."""
-        layout = self._layout
-        n_q, n_kv = layout.num_q_blocks, layout.num_kv_blocks
-        rows, width = (n_q, n_kv) if direction.endswith("kv") else (n_kv, n_q)
-        counts = torch.empty(layout.layout_batch, layout.layout_heads, rows, dtype=torch.int32)
-        indices = torch.empty(layout.layout_batch, layout.layout_heads, rows, width, dtype=torch.int32)
-        layout.write(direction, counts, indices)
         batch, heads = self.kv_num_blocks.shape[:2]
-        # A layout that ignores the batch or the heads is computed once and broadcast, as torch repeats it.
-        return counts.expand(batch, heads, rows), indices.expand(batch, heads, rows, width)
+        return _tables(self._layout, direction, batch, heads)
 
     def __repr__(self) -> str:
         return (
             f"attnrs.BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, sparsity={self.sparsity():.2f}%, "
             f"mask={self.attnrs_mask!r}, q_offset={self.q_offset}, kv_offset={self.kv_offset})"
         )
+
+
+def _tables(layout: Any, direction: str, batch: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts ``[batch, heads, rows]`` and torch-ordered indices ``[batch, heads, rows, width]`` of one direction
+    of a Rust layout. A layout that ignores the batch or the heads is computed once and broadcast (stride 0), as
+    torch repeats it."""
+    n_q, n_kv = layout.num_q_blocks, layout.num_kv_blocks
+    rows, width = (n_q, n_kv) if direction.endswith("kv") else (n_kv, n_q)
+    counts = torch.empty(layout.layout_batch, layout.layout_heads, rows, dtype=torch.int32)
+    indices = torch.empty(layout.layout_batch, layout.layout_heads, rows, width, dtype=torch.int32)
+    layout.write(direction, counts, indices)
+    return counts.expand(batch, heads, rows), indices.expand(batch, heads, rows, width)
+
+
+_DIRECTIONS = ("kv", "full_kv", "q", "full_q")
+
+
+@torch.library.custom_op(
+    "attnrs::block_tables",
+    mutates_args=(),
+    device_types="cpu",
+    schema="(Tensor mask_program, SymInt batch, SymInt heads, SymInt q_len, SymInt kv_len, SymInt q_block, "
+    "SymInt kv_block) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def block_tables_op(
+    mask_program: torch.Tensor, batch: int, heads: int, q_len: int, kv_len: int, q_block: int, kv_block: int
+) -> tuple[torch.Tensor, ...]:
+    """The eight tables of a FlexAttention ``BlockMask`` (counts and indices of ``kv``, ``full_kv``, ``q``,
+    ``full_q``; int32, contiguous) of a packed mask program placed at offset 0 on ``[batch, heads, q_len,
+    kv_len]``. :func:`create_block_mask` calls it under ``torch.compile``: the program's tables are graph
+    tensors, so the layout is computed at run time and a new padding mask needs no recompilation."""
+    expr = _attnrs.operand_mask(mask_program)
+    if expr is None:
+        expr = _attnrs.MaskExpr.full()
+    layout = expr.block_sparse(batch, heads, q_len, kv_len, 0, 0, q_block, kv_block, num_threads())
+    return tuple(t.contiguous() for d in _DIRECTIONS for t in _tables(layout, d, batch, heads))
+
+
+@block_tables_op.register_fake
+def _(
+    mask_program: torch.Tensor, batch: int, heads: int, q_len: int, kv_len: int, q_block: int, kv_block: int
+) -> tuple[torch.Tensor, ...]:
+    n_q, n_kv = (q_len + q_block - 1) // q_block, (kv_len + kv_block - 1) // kv_block
+    tables: list[torch.Tensor] = []
+    for direction in _DIRECTIONS:
+        rows, width = (n_q, n_kv) if direction.endswith("kv") else (n_kv, n_q)
+        tables.append(mask_program.new_empty(batch, heads, rows, dtype=torch.int32))
+        tables.append(mask_program.new_empty(batch, heads, rows, width, dtype=torch.int32))
+    return tuple(tables)
 
 
 def _counts(layout: Any, direction: str, grid: Grid) -> torch.Tensor:
@@ -194,6 +241,24 @@ def _from_layout(mask: Mask, grid: Grid, block_size: tuple[int, int]) -> BlockMa
     )
 
 
+def _traced_block_mask(mask: Mask, grid: Grid, block_size: tuple[int, int]) -> BlockMask:
+    """The block mask under torch.compile: every table from :func:`block_tables_op` on the mask's program (a
+    graph tensor), built in the graph without reading a value while tracing (Rust checks the tables when the
+    operator runs)."""
+    tables = torch.ops.attnrs.block_tables(
+        mask.program(grid), grid.batch, grid.heads, grid.q_len, grid.kv_len, *block_size
+    )
+    return BlockMask(
+        (grid.q_len, grid.kv_len),
+        *tables,
+        BLOCK_SIZE=block_size,
+        mask_mod=mask.shifted(grid.q_offset, grid.kv_offset),
+        attnrs_mask=mask,
+        q_offset=grid.q_offset,
+        kv_offset=grid.kv_offset,
+    )
+
+
 def _flag(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise ArgumentError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
@@ -236,6 +301,8 @@ def create_block_mask(
     if grid.batch == 0 or grid.heads == 0:
         empty = torch.zeros(grid.batch, grid.heads, rows, cols, dtype=torch.bool)
         block_mask = _from_kv_blocks(empty, mask, grid, block_size, empty if separate_full_blocks else None)
+    elif torch.compiler.is_compiling():
+        block_mask = _traced_block_mask(mask, grid, block_size)
     else:
         check_tables(mask, grid)
         block_mask = _from_layout(mask, grid, block_size)

@@ -24,7 +24,6 @@ grow with the number of blocks, not with Q*K.
 
 from __future__ import annotations
 
-import functools
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
@@ -35,6 +34,7 @@ from .. import _attnrs
 from ..errors import ArgumentError, DeviceError, DtypeError, ShapeError
 from .callables import evaluate_callable
 from .grid import Grid
+from .program import encode_program
 
 __all__ = [
     "Mask",
@@ -260,17 +260,33 @@ class Mask:
 
     def program(self, grid: Grid) -> torch.Tensor:
         """The mask placed at the grid's offsets as the packed uint8 operand the attention operators take, after
-        :func:`check_tables`. Structural masks encode the same on every grid, so theirs is cached for the last
-        offsets it was placed at (transformers reuses one mask for every layer of a forward; one entry, so a
-        decode loop whose offsets move every step does not grow it)."""
+        :func:`check_tables`.
+
+        A structural mask is packed with torch ops (:func:`~attnrs.masks.program.encode_program`: its words are
+        constants, its tables tensors), so ``torch.compile`` traces it without a graph break and a new padding
+        mask of the same shape needs no recompilation. Eagerly its operand is cached for the last offsets it
+        was placed at (transformers reuses one mask for every layer of a forward; one entry, so a decode loop
+        whose offsets move every step does not grow it). A mask with a callable part is evaluated on the grid
+        by Rust, outside any compiled graph (a graph break)."""
         check_tables(self, grid)
         offsets = (grid.q_offset, grid.kv_offset)
+        if not self.is_structural:
+            return _evaluated_program(self, grid)
+        if torch.compiler.is_compiling():
+            return encode_program(self, *offsets)
         if self._program is not None and self._program[0] == offsets:
             return self._program[1]
-        operand = torch.frombuffer(_attnrs.mask_operand(self.to_rust(grid), *offsets), dtype=torch.uint8)
-        if self.is_structural:
-            self._program = (offsets, operand)
+        operand = encode_program(self, *offsets)
+        self._program = (offsets, operand)
         return operand
+
+
+@torch.compiler.disable  # type: ignore[untyped-decorator]
+def _evaluated_program(mask: Mask, grid: Grid) -> torch.Tensor:
+    """The packed operand of a mask with a callable part, evaluated on ``grid`` in Rust (which calls the
+    Python mask_mod), so under torch.compile it runs outside the graph."""
+    expr = mask.to_rust(grid)
+    return torch.frombuffer(_attnrs.mask_operand(expr, grid.q_offset, grid.kv_offset), dtype=torch.uint8)
 
 
 def _per_batch(values: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -374,7 +390,8 @@ def document(seq_ids: Any) -> Mask:
 def prefix_lm(prefix_lengths: Any) -> Mask:
     """Bidirectional over each row's prefix, causal after it: ``kv < len[b] or kv <= q``."""
     lengths = _int_tensor(prefix_lengths, "prefix_lengths", 1).reshape(-1)
-    if bool((lengths < 0).any()):
+    # Under torch.compile the values are not known while tracing; Rust checks them when the mask is used.
+    if not torch.compiler.is_compiling() and bool((lengths < 0).any()):
         raise ArgumentError(f"prefix_lengths: expected non-negative lengths, got {lengths.tolist()}")
     return Mask("prefix_lm", {"per_batch": lengths})
 
@@ -449,9 +466,23 @@ def check_tables(mask: Mask, grid: Grid) -> None:
 # Recognition of transformers' mask functions (from_callable) and the packed-sequence rewrite (and_masks)
 
 
-@functools.lru_cache(maxsize=1)
-def _factories() -> dict[types.CodeType, str] | None:
-    """Code object of each known transformers closure -> its factory name (None without transformers)."""
+_FACTORY_CODES: list[dict[types.CodeType, str] | None] = []  # _probe_factories()'s answer, once known
+
+
+@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
+def _factory_of(code: types.CodeType | None) -> str | None:
+    """The name of the transformers factory whose closures have this code object, or None.
+
+    The table of code objects is computed once and kept in a module global. torch.compile calls this while
+    tracing and takes the answer as a constant (no graph break, and no guard on the global, which would
+    recompile once it is filled)."""
+    if not _FACTORY_CODES:
+        _FACTORY_CODES.append(_probe_factories())
+    factories = _FACTORY_CODES[0]
+    return factories.get(code) if code is not None and factories else None
+
+
+def _probe_factories() -> dict[types.CodeType, str] | None:
     try:
         from transformers import masking_utils as mu
     except ImportError:
@@ -497,11 +528,10 @@ def recognize(fn: Any) -> Mask | None:
     if plain is not None:
         return plain()
     code = getattr(fn, "__code__", None)
-    factories = _factories()
-    if code is None or not factories or code not in factories:
+    factory = _factory_of(code)
+    if factory is None:
         return None
     cells = _cells(fn)
-    factory = factories[code]
     if factory == "and_masks":
         return and_masks(*cells["mask_functions"])
     if factory == "or_masks":

@@ -34,7 +34,7 @@ mod _attnrs {
     #[pymodule_export]
     use crate::native::{native_info, native_kernels, register_native, remove_native};
     #[pymodule_export]
-    use crate::operand::mask_operand;
+    use crate::operand::{mask_operand, operand_mask};
     #[pymodule_export]
     use crate::registry::PyRegistry;
 

@@ -12,6 +12,10 @@
 //! | `32..` | the program (i64 words), the ints table (i64 words), the bytes table |
 //!
 //! Beside it travel the optional dense bool mask and additive bias ([`MaskArgs`]).
+//!
+//! `python/attnrs/masks/program.py` writes the same bytes for structural masks with torch ops (so that
+//! `torch.compile` traces them and new table values need no recompilation); every operand is decoded and
+//! validated here when an operator runs, so table values never checked while tracing are checked then.
 
 use attnrs_core::mask::{MaskExpr, MaskProgram};
 use attnrs_core::tensor::DType;
@@ -148,19 +152,33 @@ impl MaskArgs<'_> {
     pub fn import(&self) -> PyResult<Mask> {
         let dense = dlpack::import_optional(self.1.as_ref(), "attn_mask")?;
         let bias = dlpack::import_optional(self.2.as_ref(), "attn_mask")?;
-        let program = dlpack::import(&self.0, ARG)?;
-        let view = &program.view;
-        if view.dtype() != DType::U8 || view.ndim() != 1 {
-            let got = format!("{} of shape {:?}", view.dtype().torch_name(), view.shape());
-            return Err(PyAttnrsError(Error::dtype(ARG, "a 1-D torch.uint8 tensor", got)).into());
-        }
-        let expr = if view.numel() == 0 {
-            None
-        } else {
-            unpack(&view.to_contiguous_bytes()).map_err(PyAttnrsError)?
-        };
+        let expr = import_program(&self.0)?;
         Ok(Mask { expr, dense, bias })
     }
+}
+
+/// The expression of a `mask_program` tensor (a 1-D `torch.uint8` tensor; empty means none), decoded and
+/// validated: a malformed program, or tables the expression refuses (e.g. a negative prefix length), are
+/// typed errors naming the argument.
+fn import_program(obj: &Bound<'_, PyAny>) -> PyResult<Option<MaskExpr>> {
+    let program = dlpack::import(obj, ARG)?;
+    let view = &program.view;
+    if view.dtype() != DType::U8 || view.ndim() != 1 {
+        let got = format!("{} of shape {:?}", view.dtype().torch_name(), view.shape());
+        return Err(PyAttnrsError(Error::dtype(ARG, "a 1-D torch.uint8 tensor", got)).into());
+    }
+    if view.numel() == 0 {
+        return Ok(None);
+    }
+    Ok(unpack(&view.to_contiguous_bytes()).map_err(PyAttnrsError)?)
+}
+
+/// The expression a packed `mask_program` tensor holds (placed at offset 0), or None for an empty one: what
+/// the custom operators evaluate, for operators that need more than attention (block tables under
+/// `torch.compile`).
+#[pyfunction]
+pub fn operand_mask(mask_program: &Bound<'_, PyAny>) -> PyResult<Option<PyMaskExpr>> {
+    Ok(import_program(mask_program)?.map(PyMaskExpr::from))
 }
 
 #[cfg(test)]

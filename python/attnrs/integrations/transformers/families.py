@@ -20,7 +20,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["Family", "Result", "check_family", "families", "routes_through_interface", "tiny_config"]
+__all__ = [
+    "Family",
+    "Result",
+    "check_family",
+    "families",
+    "routes_through_interface",
+    "tiny_config",
+    "unrouted_families",
+]
 
 # The sizes a tiny config gets, by attribute name, wherever the family's config has an int attribute of that name.
 TINY_SIZES = {
@@ -91,13 +99,47 @@ def families() -> list[Family]:
     return out
 
 
-def routes_through_interface(model_class: type) -> bool:
-    """Whether the family's modeling code looks attention functions up in ``ALL_ATTENTION_FUNCTIONS`` (the ones
-    that do not hard-code their attention, and so cannot reach attnrs)."""
+def _uses_interface(model_class: type) -> bool:
     try:
         return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(inspect.getmodule(model_class))  # type: ignore[arg-type]
     except (OSError, TypeError):
         return False
+
+
+def routes_through_interface(family: Family) -> bool:
+    """Whether the family's modeling code, or that of a model it is composed of (its config's ``sub_configs``),
+    looks attention functions up in ``ALL_ATTENTION_FUNCTIONS``; the others hard-code their attention and so
+    cannot reach attnrs. Read from the source, without building a model."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto import modeling_auto
+
+    model_class = getattr(transformers, family.class_name, None)
+    if model_class is not None and _uses_interface(model_class):
+        return True
+    if family.model_type not in CONFIG_MAPPING:  # a lazy mapping: index it, its .get() does not load
+        return False
+    config_class = CONFIG_MAPPING[family.model_type]
+    try:  # the default config names its parts' model types (the class may only say AutoConfig)
+        config = config_class()
+        parts = [getattr(config, name, None) for name in getattr(config_class, "sub_configs", {}) or {}]
+    except Exception:  # a default config that does not validate: read the class attribute alone
+        parts = list((getattr(config_class, "sub_configs", {}) or {}).values())
+    for part in parts:
+        name = modeling_auto.MODEL_MAPPING_NAMES.get(getattr(part, "model_type", ""))
+        sub_class = getattr(transformers, name, None) if isinstance(name, str) else None
+        if sub_class is not None and _uses_interface(sub_class):
+            return True
+    return False
+
+
+def unrouted_families() -> list[str]:
+    """The model types (of :func:`families`) whose attention cannot reach attnrs (:func:`routes_through_interface`
+    is False for every task of the type), sorted: the README's list."""
+    routed: dict[str, bool] = {}
+    for family in families():
+        routed[family.model_type] = routed.get(family.model_type, False) or routes_through_interface(family)
+    return sorted(model_type for model_type, ok in routed.items() if not ok)
 
 
 def _configs(config: Any) -> Iterator[Any]:
@@ -194,9 +236,6 @@ def check_family(family: Family, dtype: torch.dtype = torch.float32, generate_to
         model_class = getattr(transformers, family.class_name)
         config = tiny_config(family.model_type)
         result.features = _features(config)
-        if not routes_through_interface(model_class):
-            result.status, result.detail = "not routed", "the modeling code does not use ALL_ATTENTION_FUNCTIONS"
-            return result
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
             size = sum(p.numel() for p in model_class._from_config(config, attn_implementation="eager").parameters())
@@ -224,7 +263,10 @@ def check_family(family: Family, dtype: torch.dtype = torch.float32, generate_to
                 logits = model(**inputs).logits.float()
                 tokens = _generate(model, inputs, family, generate_tokens)
         if counter[0] == 0:
-            result.status, result.detail = "not routed", "attnrs was never called"
+            result.status = "not routed"
+            result.detail = "attnrs was never called" + (
+                "" if routes_through_interface(family) else " (its code does not use ALL_ATTENTION_FUNCTIONS)"
+            )
             return result
         rows = _compared_rows(inputs, logits)
         scale = reference[rows].abs().max().clamp_min(1e-6)
@@ -272,3 +314,29 @@ def _generate(model: Any, inputs: dict[str, torch.Tensor], family: Family, token
     kwargs = {k: v for k, v in inputs.items() if k != "decoder_input_ids"}
     out: torch.Tensor = model.generate(**kwargs, max_new_tokens=tokens, do_sample=False, min_new_tokens=tokens)
     return out
+
+
+def bfloat16_errors(family: Family) -> tuple[float, float]:
+    """(eager bf16, attnrs bf16) logit errors relative to fp32 eager, on the tiny model of ``family``: attnrs in
+    bf16 should be no further from fp32 than eager's own bf16 is."""
+    import transformers
+
+    config = tiny_config(family.model_type)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = getattr(transformers, family.class_name)._from_config(config, attn_implementation="eager").eval()
+        _randomise_zero_parameters(model)
+        inputs = _inputs(config, family)
+        with torch.no_grad():
+            reference = model(**inputs).logits.float()
+            model.to(torch.bfloat16)
+            eager = model(**inputs).logits.float()
+            model.set_attn_implementation("attnrs")
+            ours = model(**inputs).logits.float()
+    rows = _compared_rows(inputs, reference)
+    scale = reference[rows].abs().max().clamp_min(1e-6)
+    return (
+        float((eager[rows] - reference[rows]).abs().max() / scale),
+        float((ours[rows] - reference[rows]).abs().max() / scale),
+    )

@@ -34,17 +34,22 @@ def _compiling() -> bool:
 def _packed_document_ids(
     batch: int, q_len: int, kv_len: int, cu_seq_lens_q: Any, cu_seq_lens_k: Any, position_ids: Any
 ) -> torch.Tensor | None:
-    """Document ids [1, L] of a packed batch (B == 1, Q == K): from cu_seq_lens, else where position_ids restart."""
+    """Document ids [1, L] of a packed batch (B == 1, Q == K): from cu_seq_lens, else where position_ids restart.
+
+    Under torch.compile the values are unknown while tracing, so nothing branches on them: cu_seq_lens of this
+    call are taken as describing it, and ids are built from position_ids even when nothing restarts (one
+    document, which changes no visibility)."""
     if batch != 1 or q_len != kv_len or q_len < 2:
         return None
+    compiling = torch.compiler.is_compiling()
     for cu in (cu_seq_lens_k, cu_seq_lens_q):
-        if isinstance(cu, torch.Tensor) and cu.numel() > 2 and int(cu[-1]) == kv_len:
+        if isinstance(cu, torch.Tensor) and cu.numel() > 2 and (compiling or int(cu[-1]) == kv_len):
             starts = cu[1:-1].to("cpu", torch.int64)
             return torch.bucketize(torch.arange(kv_len), starts, right=True)[None]
     if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == q_len:
         pos = position_ids.reshape(-1, q_len)[0].to("cpu", torch.int64)
         restarts = torch.diff(pos) != 1
-        if bool(restarts.any()):
+        if compiling or bool(restarts.any()):
             return torch.cat([torch.zeros(1, dtype=torch.int64), restarts.cumsum(0)])[None]
     return None
 

@@ -17,7 +17,6 @@ builder here accepts both forms and ignores keywords it does not use.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -69,8 +68,10 @@ def _can_skip_causal(
     kv_offset: int,
     local_size: int | None,
 ) -> bool:
-    """transformers' ``_ignore_causal_mask_sdpa`` (CPU, not tracing): True when SDPA's top-left ``is_causal``
-    gives the same result as the mask."""
+    """transformers' ``_ignore_causal_mask_sdpa`` (CPU): True when SDPA's top-left ``is_causal`` gives the same
+    result as the mask. Under torch.compile a padding mask's values are unknown, so it is never skipped then."""
+    if padding_mask is not None and torch.compiler.is_compiling():
+        return False
     if padding_mask is not None and padding_mask.shape[-1] > kv_length:
         padding_mask = padding_mask[:, kv_offset : kv_offset + kv_length]
     if local_size is not None and kv_length >= local_size:
@@ -85,7 +86,10 @@ def _can_skip_causal(
 
 
 def _can_skip_bidirectional(padding_mask: torch.Tensor | None, kv_length: int, local_size: int | None) -> bool:
-    """transformers' ``_ignore_bidirectional_mask_sdpa``: no padding and no local window in reach."""
+    """transformers' ``_ignore_bidirectional_mask_sdpa``: no padding and no local window in reach (a padding
+    mask is never skipped under torch.compile, its values being unknown)."""
+    if padding_mask is not None and torch.compiler.is_compiling():
+        return False
     return (padding_mask is None or bool(padding_mask.all())) and (local_size is None or kv_length < local_size)
 
 
@@ -183,7 +187,9 @@ def flex_attention_mask(
         raise TypeError("flex_attention_mask: expected kv_length")
     kv_length, kv_offset = int(kv_length), int(kv_offset)
     padding_mask = None
-    if attention_mask is not None and not bool(attention_mask.all()):
+    # Under torch.compile the mask's values are unknown while tracing: the padding is always part of the mask
+    # then (an all-real one changes nothing), so the graph holds for every padding of this shape.
+    if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
         padding_mask = _padding_window(attention_mask, kv_length, kv_offset)
     mask = _structural(mask_function, padding_mask, use_vmap)
     block_mask = create_block_mask(mask, batch_size, None, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset)
@@ -221,13 +227,22 @@ DENSE_DESPITE_FLEX = {
 }
 
 
-@functools.cache
+_FLEX_SUPPORT: dict[str, bool] = {}  # supports_flex_attention's answers, by model type
+
+
+@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
 def supports_flex_attention(model_type: str) -> bool:
     """Whether the transformers family ``model_type`` declares FlexAttention support (``_supports_flex_attn`` of
     its model class, found through the auto mappings) and can use it (not in :data:`DENSE_DESPITE_FLEX`); False
-    when unknown."""
+    when unknown. Computed once per model type; under torch.compile the answer is a constant of the graph."""
     if model_type in DENSE_DESPITE_FLEX:
         return False
+    if model_type not in _FLEX_SUPPORT:
+        _FLEX_SUPPORT[model_type] = _declares_flex_support(model_type)
+    return _FLEX_SUPPORT[model_type]
+
+
+def _declares_flex_support(model_type: str) -> bool:
     import transformers
     from transformers.models.auto import modeling_auto
 

@@ -219,10 +219,10 @@ impl MaskExpr {
 
     /// `k < len[b] || k <= q` (prefix-LM: the prefix is bidirectional, the rest causal).
     pub fn prefix_lm(len: &[i64]) -> Result<MaskExpr> {
-        per_batch_non_empty("prefix lengths", len.len())?;
+        per_batch_non_empty("prefix_lengths", len.len())?;
         if let Some(bad) = len.iter().find(|&&l| l < 0) {
             return Err(Error::value(
-                "prefix lengths",
+                "prefix_lengths",
                 "non-negative integers",
                 bad.to_string(),
             ));

@@ -36,6 +36,7 @@ SUBSET = {
     "gpt_oss": "sinks per head (s_aux)",
     "inkling2_text": "sinks per row, position_bias",
     "doge": "declares flex support but merges only tensor masks",
+    "deepseek_v32": "multi-head latent attention, sparse top-k indices",
     "bigbird_pegasus": "no flex support: adds the mask to its scores",
     "t5": "seq2seq, position_bias, cross-attention",
     "modernbert": "encoder, local attention",

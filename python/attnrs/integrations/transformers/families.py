@@ -60,8 +60,16 @@ TINY_SIZES = {
     "num_experts_per_tok": 2,
     "n_shared_experts": 1,
     "first_k_dense_replace": 1,
+    "index_topk": 4,  # sparse top-k key selection (DeepSeek-V3.2 style) that selects fewer keys than there are
+    "n_group": 1,  # grouped expert routing: one group of the tiny experts
+    "topk_group": 1,
     "vocab_size": 256,
 }
+# Multi-head latent attention (DeepSeek-V2 style) has its own head dims; they replace head_dim there, and its keys
+# are expanded to every head (as many key/value heads as query heads).
+MLA_SIZES = {"kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+             "qk_head_dim": 16, "head_dim": 8, "index_head_dim": 16, "index_n_heads": 4,
+             "num_key_value_heads": 4}  # fmt: skip
 MAX_PARAMETERS = 20 * 10**6  # a tiny config that stays bigger than this is not built (some are gigabytes)
 TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
 MASKS = {"causal": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "masked": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
@@ -170,14 +178,33 @@ def tiny_config(model_type: str) -> Any:
                 setattr(part, name, 1)
         if getattr(part, "is_encoder_decoder", False) and getattr(part, "decoder_start_token_id", 0) is None:
             part.decoder_start_token_id = 0
-        layers = getattr(part, "num_hidden_layers", None)
-        layer_types = getattr(part, "layer_types", None)
-        if isinstance(layer_types, list) and isinstance(layers, int):
-            try:
-                part.layer_types = layer_types[:layers]
-            except AttributeError:
-                pass
+        if getattr(part, "kv_lora_rank", None):  # multi-head latent attention: its own head dims
+            for name, value in MLA_SIZES.items():
+                if getattr(part, name, None) is not None:
+                    setattr(part, name, value)
+        if isinstance(getattr(part, "rotary_dim", None), int):
+            part.rotary_dim = 8  # at most the tiny head dim
+        _keep_every_layer_type(part)
     return config
+
+
+def _keep_every_layer_type(config: Any) -> None:
+    """``layer_types`` cut to the first layer of each kind (at least two layers), so that a hybrid model keeps an
+    attention layer (and its other kinds) in the tiny config."""
+    layer_types = getattr(config, "layer_types", None)
+    if (
+        not isinstance(layer_types, list)
+        or not layer_types
+        or not isinstance(getattr(config, "num_hidden_layers", None), int)
+    ):
+        return
+    kept = list(dict.fromkeys(layer_types))
+    kept = (kept * 2)[: max(2, len(kept))]
+    try:
+        config.layer_types = kept
+        config.num_hidden_layers = len(kept)
+    except AttributeError:  # derived properties
+        pass
 
 
 def _features(config: Any) -> list[str]:

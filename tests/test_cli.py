@@ -52,3 +52,9 @@ def test_the_gpu_check_script_imports_and_says_when_there_is_no_cuda() -> None:
     script = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "no CUDA device" in result.stdout, result.stderr
+
+
+def test_models_checks_the_named_families_against_eager() -> None:
+    out = _run("models", "llama", "bloom")
+    assert "llama" in out and " pass " in out
+    assert "bloom" in out and "not routed" in out

@@ -135,6 +135,8 @@ def batched_inputs(query: Any, key: Any, value: Any, enable_gqa: Any) -> Batched
     batch = math.prod(batch_shape)
 
     def flat(t: torch.Tensor) -> torch.Tensor:
+        if t.shape[:-3] == batch_shape and len(batch_shape) == 1:
+            return t  # already the kernels' [B, H, S, D] (the common call: no view to make)
         return t.expand(*batch_shape, *t.shape[-3:]).reshape(batch, *t.shape[-3:])
 
     return Batched(flat(query), flat(key), flat(value), batch_shape)

@@ -174,12 +174,19 @@ def _block_sizes(block_size: Any) -> tuple[int, int]:
     return int(sizes[0]), int(sizes[1])
 
 
+def index_table(indices: torch.Tensor, n: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool ``[..., n]``: True at the entries of ``indices [..., k]`` that are ``valid`` (default: the
+    non-negative ones, the "no entry" convention of top-k selections)."""
+    indices = indices.long()
+    valid = indices >= 0 if valid is None else valid
+    dense = torch.zeros(*indices.shape[:-1], n + 1, dtype=torch.bool, device=indices.device)
+    dense.scatter_(-1, torch.where(valid, indices, n), True)  # invalid entries land in a spare column
+    return dense[..., :n]
+
+
 def listed_blocks(counts: torch.Tensor, indices: torch.Tensor, n_cols: int) -> torch.Tensor:
     """Bool [B, H, rows, n_cols]: the blocks each row lists (the first ``counts`` entries of ``indices``)."""
-    valid = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
-    dense = torch.zeros(*indices.shape[:-1], n_cols + 1, dtype=torch.bool, device=indices.device)
-    dense.scatter_(-1, torch.where(valid, indices.long(), n_cols), True)  # unlisted slots land in a spare column
-    return dense[..., :n_cols]
+    return index_table(indices, n_cols, torch.arange(indices.shape[-1], device=indices.device) < counts[..., None])
 
 
 def _from_kv_blocks(

@@ -22,6 +22,7 @@ from ...attention.api import check_backend, run_resolved
 from ...attention.resolve import ResolvedMask, check_inputs, check_scalars, resolve_mask
 from ...attention.torch_backends import attention_with_weights
 from ...errors import ArgumentError, DtypeError, ShapeError, UnsupportedError
+from ...masks.block_mask import index_table
 from .mask_builders import DenseStructure
 
 __all__ = ["IGNORED_KEYWORDS", "attention_forward", "attention_function"]
@@ -207,14 +208,6 @@ def _sinks(
     return None, rows.expand(batch, heads, q_len)
 
 
-def _scatter_selection(table: torch.Tensor, n: int) -> torch.Tensor:
-    """Bool [..., n]: True at the entries of ``table [..., topk]`` (negative entries select nothing)."""
-    table = table.to(torch.int64)
-    selected = torch.zeros(*table.shape[:-1], n + 1, dtype=torch.bool, device=table.device)
-    selected.scatter_(-1, torch.where(table < 0, n, table), True)  # negative entries land in a spare column
-    return selected[..., :n]
-
-
 def _check_selection(table: Any, name: str, layout: str, n: int) -> torch.Tensor:
     if not isinstance(table, torch.Tensor) or table.dtype.is_floating_point or table.dtype == torch.bool:
         raise DtypeError(f"{name}: expected an integer tensor {layout}, got {getattr(table, 'dtype', table)}")
@@ -230,7 +223,7 @@ def _selected_keys(indices: Any, shape: tuple[int, int, int, int], device: torch
     table = table[:, None] if table.dim() == 3 else table
     if table.dim() != 4 or table.shape[0] != batch or table.shape[1] not in (1, heads) or table.shape[2] != q_len:
         raise ShapeError(f"indices: expected [B={batch}, Q={q_len}, topk], got shape {list(indices.shape)}")
-    return _scatter_selection(table.to(device), kv_len).expand(batch, heads, q_len, kv_len)
+    return index_table(table.to(device), kv_len).expand(batch, heads, q_len, kv_len)
 
 
 def _selected_blocks(
@@ -250,7 +243,7 @@ def _selected_blocks(
         raise ShapeError(
             f"block_indices: expected [B={batch}, H_idx dividing {heads}, Q={q_len}, topk], got {list(table.shape)}"
         )
-    blocks = _scatter_selection(table.to(device), n_blocks)
+    blocks = index_table(table.to(device), n_blocks)
     keys = blocks.repeat_interleave(block_size, dim=-1)[..., :kv_len]
     return keys.repeat_interleave(heads // table.shape[1], dim=1)
 

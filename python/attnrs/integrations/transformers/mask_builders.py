@@ -100,6 +100,35 @@ def _structural(mask_function: Callable[..., Any], padding_mask: torch.Tensor | 
     return mask
 
 
+_STRUCTURE_ATTRIBUTE = "_attnrs_structure"
+
+
+class DenseStructure(NamedTuple):
+    """What a dense mask from :func:`sdpa_mask` / :func:`eager_mask` (and so the "attnrs" builder's dense form)
+    means, kept on the tensor (an attribute) so that the attention function can skip empty blocks: the structural
+    mask, its offsets, and the tensor's version counter when it was built (an in-place change of the tensor makes
+    the record stale; any new tensor has none)."""
+
+    mask: Mask
+    q_offset: int
+    kv_offset: int
+    version: int
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> DenseStructure | None:
+        """The structure recorded on ``tensor`` if it is still what the tensor holds, else None."""
+        record = getattr(tensor, _STRUCTURE_ATTRIBUTE, None)
+        if isinstance(record, cls) and record.version == tensor._version:
+            return record
+        return None
+
+    @classmethod
+    def record(cls, tensor: torch.Tensor, mask: Mask, q_offset: int, kv_offset: int) -> None:
+        """Records on ``tensor`` that it is ``mask`` placed at these offsets (structural masks, outside tracing)."""
+        if mask.is_structural and not torch.compiler.is_compiling():
+            setattr(tensor, _STRUCTURE_ATTRIBUTE, cls(mask, q_offset, kv_offset, tensor._version))
+
+
 def sdpa_mask(
     batch_size: int,
     q_length: int | None = None,
@@ -128,7 +157,10 @@ def sdpa_mask(
         return None
     mask = _structural(mask_function, padding_mask, use_vmap)
     dense = create_dense_mask(mask, batch_size, 1, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset)
-    return dense.to(device) if torch.device(device).type != "cpu" else dense
+    if torch.device(device).type != "cpu":
+        return dense.to(device)
+    DenseStructure.record(dense, mask, q_offset, kv_offset)
+    return dense
 
 
 def eager_mask(
@@ -165,7 +197,11 @@ def eager_mask(
     )
     if visible is None:
         return None
-    return torch.where(visible, torch.zeros((), device=visible.device, dtype=dtype), torch.finfo(dtype).min)
+    additive = torch.where(visible, torch.zeros((), device=visible.device, dtype=dtype), torch.finfo(dtype).min)
+    structure = DenseStructure.of(visible)
+    if structure is not None:  # the same mask in the additive form
+        DenseStructure.record(additive, structure.mask, structure.q_offset, structure.kv_offset)
+    return additive
 
 
 def flex_attention_mask(
@@ -196,28 +232,6 @@ def flex_attention_mask(
     if torch.device(device).type != "cpu":
         return block_mask.to(device)  # type: ignore[return-value]  # torch's .to() keeps the subclass
     return block_mask
-
-
-_STRUCTURE_ATTRIBUTE = "_attnrs_structure"
-
-
-class DenseStructure(NamedTuple):
-    """What a dense mask from :func:`attention_forward_mask` means, kept on the tensor (an attribute) so that the
-    attention function can skip empty blocks: the structural mask, its offsets, and the tensor's version counter
-    when it was built (an in-place change of the tensor makes the record stale; any new tensor has none)."""
-
-    mask: Mask
-    q_offset: int
-    kv_offset: int
-    version: int
-
-    @classmethod
-    def of(cls, tensor: torch.Tensor) -> DenseStructure | None:
-        """The structure recorded on ``tensor`` if it is still what the tensor holds, else None."""
-        record = getattr(tensor, _STRUCTURE_ATTRIBUTE, None)
-        if isinstance(record, cls) and record.version == tensor._version:
-            return record
-        return None
 
 
 # Families that declare FlexAttention support but whose own code merges only tensor masks into what it computes
@@ -268,34 +282,7 @@ def attention_forward_mask(**kwargs: Any) -> torch.Tensor | BlockMask | None:
     model_type = getattr(config, "model_type", None)
     if isinstance(model_type, str) and supports_flex_attention(model_type):
         return flex_attention_mask(**kwargs)
-    dense = eager_mask(**kwargs)
-    if dense is not None and not torch.compiler.is_compiling():
-        structure = _structure_of(**kwargs)
-        if structure is not None:
-            setattr(dense, _STRUCTURE_ATTRIBUTE, DenseStructure(*structure, dense._version))
-    return dense
-
-
-def _structure_of(
-    batch_size: int,
-    q_length: int | None = None,
-    kv_length: int | None = None,
-    q_offset: Any = 0,
-    kv_offset: int = 0,
-    mask_function: Callable[..., Any] = causal(),
-    attention_mask: torch.Tensor | None = None,
-    use_vmap: bool = False,
-    cache_position: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[Mask, int, int] | None:
-    """(structural mask, q_offset, kv_offset) of a builder call, or None when the mask is not structural (a
-    callable attnrs evaluates: the dense tensor is then the cheaper form)."""
-    q_length, q_offset = _lengths(q_length, q_offset, cache_position)
-    if kv_length is None:
-        return None
-    padding_mask = _padding_window(attention_mask, int(kv_length), int(kv_offset))
-    mask = _structural(mask_function, padding_mask, use_vmap)
-    return (mask, q_offset, int(kv_offset)) if mask.is_structural else None
+    return eager_mask(**kwargs)
 
 
 attnrs_mask = attention_forward_mask  # its public name, after the registry key

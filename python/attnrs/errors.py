@@ -15,6 +15,7 @@ __all__ = [
     "DtypeError",
     "InternalError",
     "LayoutError",
+    "OutOfMemoryError",
     "ShapeError",
     "UnknownNameError",
     "UnsupportedError",
@@ -55,6 +56,11 @@ class UnknownNameError(AttnrsError, KeyError):
 
 class UnsupportedError(AttnrsError, NotImplementedError):
     """A valid request that this version does not implement yet."""
+
+
+class OutOfMemoryError(AttnrsError, MemoryError):
+    """The allocator refused memory attnrs needed (sizes beyond what the machine has are refused before
+    allocating, as :class:`ArgumentError`\\ s naming the argument and the size)."""
 
 
 class InternalError(AttnrsError):

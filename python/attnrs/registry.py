@@ -23,8 +23,11 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, ClassVar
 
+import torch
+
 from ._attnrs import Registry
-from .errors import UnknownNameError
+from .arguments import flag
+from .errors import ArgumentError, UnknownNameError
 from .plugins import load_once
 
 __all__ = [
@@ -46,15 +49,39 @@ def _warn_once(message: str) -> None:
         logger.warning(message)
 
 
+_LIST_CAPABILITIES = ("devices", "dtypes", "mask_kinds")
+_FLAG_CAPABILITIES = ("backward", "lse")
+
+
 def _normalize_capabilities(capabilities: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """Accepts torch dtypes and ``torch.device``\\ s as well as their names."""
+    """The capabilities as the Rust registry stores them: torch dtypes and ``torch.device``\\ s become their
+    names, and a single name (``{"devices": "cpu"}``) a list of one. Anything else is an ArgumentError naming the
+    key (unknown keys are refused by the registry)."""
     if capabilities is None:
         return None
+    if not isinstance(capabilities, Mapping):
+        raise ArgumentError(
+            f"capabilities: expected None or a dict, got {type(capabilities).__name__} {capabilities!r}"
+        )
     caps = dict(capabilities)
-    if "dtypes" in caps:
-        caps["dtypes"] = [str(t) for t in caps["dtypes"]]
-    if "devices" in caps:
-        caps["devices"] = [getattr(d, "type", d) for d in caps["devices"]]
+    for key in _LIST_CAPABILITIES:
+        if key not in caps:
+            continue
+        items = caps[key]
+        if isinstance(items, (str, torch.dtype, torch.device)):
+            items = [items]
+        if not isinstance(items, (list, tuple, set, frozenset)):
+            raise ArgumentError(
+                f"capabilities['{key}']: expected a list of names, got {type(items).__name__} {items!r}"
+            )
+        names = [str(item) if isinstance(item, torch.dtype) else getattr(item, "type", item) for item in items]
+        for name in names:
+            if not isinstance(name, str):
+                raise ArgumentError(f"capabilities['{key}']: expected names (str), got {type(name).__name__} {name!r}")
+        caps[key] = names
+    for key in _FLAG_CAPABILITIES:
+        if key in caps:
+            caps[key] = flag(caps[key], f"capabilities['{key}']")
     return caps
 
 
@@ -152,7 +179,7 @@ class GlobalMapping(MutableMapping[str, Callable[..., Any]]):
 
     def register(self, key: str, value: Callable[..., Any], capabilities: Mapping[str, Any] | None = None) -> None:
         """Stores ``value`` under ``key`` with its declared ``capabilities`` (None: none declared)."""
-        caps = None if capabilities is None else dict(capabilities)
+        caps = _normalize_capabilities(capabilities)
         with self._lock:
             self._registry.register(key, value, caps)
             for subscriber in list(self._subscribers):
@@ -264,7 +291,7 @@ class GeneralInterface(MutableMapping[str, Callable[..., Any]]):
         ``capabilities`` optionally declares what the entry supports:
         ``{"devices": ["cpu"], "dtypes": [torch.float32], "mask_kinds": ["dense"], "backward": True, "lse": False}``.
         """
-        cls._global_mapping.register(key, value, _normalize_capabilities(capabilities))
+        cls._global_mapping.register(key, value, capabilities)
 
     def valid_keys(self) -> list[str]:
         return list(self.keys())

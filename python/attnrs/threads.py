@@ -9,6 +9,8 @@ import torch
 from .errors import ArgumentError
 
 ENV_VAR = "ATTNRS_NUM_THREADS"
+# More workers than this cannot help any machine attnrs runs on, and each is an OS thread kept for the process.
+MAX_THREADS = 1024
 
 
 def num_threads() -> int:
@@ -20,6 +22,6 @@ def num_threads() -> int:
         value = int(override)
     except ValueError:
         raise ArgumentError(f"{ENV_VAR}: expected a positive integer, got {override!r}") from None
-    if value < 1:
-        raise ArgumentError(f"{ENV_VAR}: expected a positive integer, got {value}")
+    if not 1 <= value <= MAX_THREADS:
+        raise ArgumentError(f"{ENV_VAR}: expected a positive integer of at most {MAX_THREADS}, got {value}")
     return value

@@ -145,7 +145,8 @@ def attention(
             registered native kernel (:func:`attnrs.register_native`, installed plugins, ``"attnrs"``: the
             built-in kernel through the kernel table).
 
-    Rows that see no key give zeros (and a log-sum-exp of ``-inf``), never NaN. Errors are
+    Rows that see no key give zeros (and a log-sum-exp of ``-inf``), never NaN; NaN in a row's query, in a key,
+    value or bias entry it sees, gives that row NaN, as torch's math path does. Errors are
     :mod:`attnrs.errors` classes, which are also ``RuntimeError``\\ s as SDPA's are.
     """
     batched = batched_inputs(query, key, value, enable_gqa)

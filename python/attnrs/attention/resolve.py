@@ -14,7 +14,8 @@ import torch
 from torch.nn.attention.bias import CausalBias, CausalVariant
 from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
 
-from ..errors import ArgumentError, DeviceError, DtypeError, ShapeError
+from ..arguments import FLOAT32_MAX, FLOAT32_TINY, check_memory, integer
+from ..errors import ArgumentError, DeviceError, DtypeError, LayoutError, ShapeError
 from ..masks.block_mask import BlockMask, listed_blocks
 from ..masks.grid import Grid
 from ..masks.mask import Mask, causal, from_callable
@@ -56,6 +57,9 @@ def _check_tensors(query: Any, key: Any, value: Any, *, exact_dim: int | None) -
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise DtypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided or t.is_nested:
+            kind = "a nested tensor" if t.is_nested else f"a {t.layout} tensor"
+            raise LayoutError(f"{name}: expected a dense (strided) tensor, got {kind}")
         if exact_dim is not None and t.dim() != exact_dim:
             raise ShapeError(f"{name}: expected a 4-D tensor [B, H, S, D], got shape {list(t.shape)}")
         if t.dim() < 3:
@@ -86,6 +90,13 @@ def _check_head_shapes(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         raise ShapeError(f"key: expected a head count dividing the query's {h} (GQA), got {key.shape[-3]}")
 
 
+def _check_output_memory(batch: int, query: torch.Tensor, value: torch.Tensor) -> None:
+    """The output ``[batch, H, Q, Dv]`` and its LSE must fit in memory (stride-0 inputs can describe any size)."""
+    heads, q_len, dv = query.shape[-3], query.shape[-2], value.shape[-1]
+    nbytes = batch * heads * q_len * (dv * query.dtype.itemsize + 4)
+    check_memory("query", nbytes, f"an output of [{batch}, {heads}, {q_len}, {dv}] ({query.dtype}) and its LSE")
+
+
 def check_inputs(query: Any, key: Any, value: Any) -> None:
     """query/key/value as the kernels take them: 4-D ``[B, H, S, D]`` with one batch size (transformers' form)."""
     _check_tensors(query, key, value, exact_dim=4)
@@ -93,6 +104,7 @@ def check_inputs(query: Any, key: Any, value: Any) -> None:
     if key.shape[0] != b or value.shape[0] != b:
         raise ShapeError(f"key/value: expected batch {b}, got key {key.shape[0]} and value {value.shape[0]}")
     _check_head_shapes(query, key, value)
+    _check_output_memory(b, query, value)
 
 
 class Batched(NamedTuple):
@@ -133,6 +145,7 @@ def batched_inputs(query: Any, key: Any, value: Any, enable_gqa: Any) -> Batched
             f"{list(leading[1])} and value {list(leading[2])}"
         ) from None
     batch = math.prod(batch_shape)
+    _check_output_memory(batch, query, value)
 
     def flat(t: torch.Tensor) -> torch.Tensor:
         if t.shape[:-3] == batch_shape and len(batch_shape) == 1:
@@ -201,12 +214,6 @@ def _causal_bias_mask(bias: CausalBias, q_len: int, kv_len: int, arg: str) -> Ma
     raise ArgumentError(f"{arg}: expected a CausalBias of variant UPPER_LEFT or LOWER_RIGHT, got {bias.variant!r}")
 
 
-def _offset(value: Any, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise ArgumentError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
-    return int(value)
-
-
 def resolve_mask(
     mask: Any,
     is_causal: bool,
@@ -225,7 +232,7 @@ def resolve_mask(
     BlockMask carries its own offsets; ``is_causal`` and ``CausalBias`` work on row/column indices as SDPA's do.
     ``batch_shape`` is the SDPA batch shape a dense mask broadcasts against (default ``[B]``)."""
     batch, heads, q_len, kv_len = shape
-    offsets = (_offset(q_offset, "q_offset"), _offset(kv_offset, "kv_offset"))
+    offsets = (integer(q_offset, "q_offset"), integer(kv_offset, "kv_offset"))
     takes_offsets = isinstance(mask, Mask) or (callable(mask) and not isinstance(mask, (torch.Tensor, TorchBlockMask)))
     if offsets != (0, 0) and not takes_offsets:
         raise ArgumentError(
@@ -294,10 +301,16 @@ def _is_real(x: Any) -> bool:
 def check_scalars(query: torch.Tensor, scale: Any, softcap: Any, sinks: Any, dropout_p: Any) -> float:
     if scale is None:
         scale = query.shape[-1] ** -0.5 if query.shape[-1] else 1.0
-    if not _is_real(scale) or not math.isfinite(scale):
-        raise ArgumentError(f"scale: expected a finite number, got {scale!r}")
-    if softcap is not None and (not _is_real(softcap) or not math.isfinite(softcap) or softcap <= 0):
-        raise ArgumentError(f"softcap: expected None or a positive finite number, got {softcap!r}")
+    # The kernels compute in float32 (float64 inputs in float64): a scale float32 cannot hold would become inf.
+    if not _is_real(scale) or not math.isfinite(scale) or abs(scale) > FLOAT32_MAX:
+        raise ArgumentError(f"scale: expected a finite number of magnitude at most {FLOAT32_MAX:.4g}, got {scale!r}")
+    if softcap is not None and (
+        not _is_real(softcap) or not math.isfinite(softcap) or not FLOAT32_TINY <= softcap <= FLOAT32_MAX
+    ):
+        raise ArgumentError(
+            f"softcap: expected None or a positive finite number in [{FLOAT32_TINY:.4g}, {FLOAT32_MAX:.4g}], "
+            f"got {softcap!r}"
+        )
     if sinks is not None:
         if not isinstance(sinks, torch.Tensor) or not sinks.dtype.is_floating_point:
             raise DtypeError(f"sinks: expected a floating tensor [H], got {getattr(sinks, 'dtype', type(sinks))}")

@@ -13,12 +13,15 @@ and a new padding mask of the same shape needs no recompilation; the indices are
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
 
 from .. import _attnrs
+from ..arguments import check_memory, flag, positive
 from ..errors import ArgumentError
 from ..threads import num_threads
 from .grid import Grid, check_grid
@@ -117,6 +120,8 @@ def _tables(layout: Any, direction: str, batch: int, heads: int) -> tuple[torch.
     torch repeats it."""
     n_q, n_kv = layout.num_q_blocks, layout.num_kv_blocks
     rows, width = (n_q, n_kv) if direction.endswith("kv") else (n_kv, n_q)
+    shape = [layout.layout_batch, layout.layout_heads, rows, width]
+    check_memory("BLOCK_SIZE", 4 * math.prod(shape), f"torch's {direction}_indices {shape} (int32)")
     counts = torch.empty(layout.layout_batch, layout.layout_heads, rows, dtype=torch.int32)
     indices = torch.empty(layout.layout_batch, layout.layout_heads, rows, width, dtype=torch.int32)
     layout.write(direction, counts, indices)
@@ -168,10 +173,16 @@ def _counts(layout: Any, direction: str, grid: Grid) -> torch.Tensor:
 
 
 def _block_sizes(block_size: Any) -> tuple[int, int]:
-    sizes = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-    if len(sizes) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
-        raise ArgumentError(f"BLOCK_SIZE: expected a positive int or a (q, kv) pair of them, got {block_size!r}")
-    return int(sizes[0]), int(sizes[1])
+    """torch's ``BLOCK_SIZE``: one positive int for both sides, or a ``(q, kv)`` pair."""
+    expected = "a positive int or a (q, kv) pair of them"
+    if isinstance(block_size, (tuple, list)):
+        if len(block_size) != 2:
+            raise ArgumentError(f"BLOCK_SIZE: expected {expected}, got {block_size!r}")
+        return positive(block_size[0], "BLOCK_SIZE[0]"), positive(block_size[1], "BLOCK_SIZE[1]")
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
+        raise ArgumentError(f"BLOCK_SIZE: expected {expected}, got {type(block_size).__name__} {block_size!r}")
+    size = positive(block_size, "BLOCK_SIZE")
+    return size, size
 
 
 def index_table(indices: torch.Tensor, n: int, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -266,12 +277,6 @@ def _traced_block_mask(mask: Mask, grid: Grid, block_size: tuple[int, int]) -> B
     )
 
 
-def _flag(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise ArgumentError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
-    return value
-
-
 def create_block_mask(
     mask_mod: MaskLike,
     B: int | None,
@@ -300,10 +305,10 @@ def create_block_mask(
     mask = from_callable(mask_mod)
     grid = check_grid(B, H, Q_LEN, KV_LEN, q_offset, kv_offset)
     block_size = _block_sizes(BLOCK_SIZE)
-    _flag(_compile, "_compile")
-    _flag(separate_full_blocks, "separate_full_blocks")
-    _flag(compute_dq_write_order, "compute_dq_write_order")
-    _flag(dq_kv_order, "dq_kv_order")
+    flag(_compile, "_compile")
+    flag(separate_full_blocks, "separate_full_blocks")
+    flag(compute_dq_write_order, "compute_dq_write_order")
+    flag(dq_kv_order, "dq_kv_order")
     rows, cols = -(-grid.q_len // block_size[0]), -(-grid.kv_len // block_size[1])
     if grid.batch == 0 or grid.heads == 0:
         empty = torch.zeros(grid.batch, grid.heads, rows, cols, dtype=torch.bool)

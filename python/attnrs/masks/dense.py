@@ -3,8 +3,11 @@ interval fills."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from ..arguments import check_memory
 from ..errors import DtypeError
 from ..threads import num_threads
 from .grid import check_grid
@@ -38,7 +41,10 @@ def create_dense_mask(
     expr = mask.to_rust(grid)
     batch_out = grid.batch if expr.depends_on_batch() else 1
     heads_out = grid.heads if expr.depends_on_head() else 1
-    visible = torch.empty(batch_out, heads_out, grid.q_len, grid.kv_len, dtype=torch.bool)
+    shape = [batch_out, heads_out, grid.q_len, grid.kv_len]
+    element = 1 if dtype == torch.bool else 1 + dtype.itemsize  # the bool grid, then the additive copy
+    check_memory("Q_LEN/KV_LEN", element * math.prod(shape), f"a dense mask of {shape} ({dtype})")
+    visible = torch.empty(*shape, dtype=torch.bool)
     if visible.numel():
         expr.fill_dense(visible, grid.q_offset, grid.kv_offset, num_threads())
     if dtype != torch.bool:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from ..errors import ArgumentError
+from ..arguments import integer, non_negative
 
 __all__ = ["Grid", "check_grid"]
 
@@ -28,24 +26,14 @@ def check_grid(batch: Any, heads: Any, q_len: Any, kv_len: Any, q_offset: Any, k
     """The grid of ``create_dense_mask`` / ``create_block_mask``'s ``B, H, Q_LEN, KV_LEN, q_offset, kv_offset``
     (``B``/``H`` None mean 1), or an :class:`~attnrs.ArgumentError` naming the bad argument."""
 
-    def nonneg(value: Any, name: str, allow_none: bool = False) -> int:
-        if value is None and allow_none:
-            return 1
-        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ArgumentError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
-        return value
+    def size(value: Any, name: str) -> int:
+        return 1 if value is None else non_negative(value, name)
 
-    grid = Grid(
-        nonneg(batch, "B", allow_none=True),
-        nonneg(heads, "H", allow_none=True),
-        nonneg(q_len, "Q_LEN"),
-        nonneg(kv_len, "KV_LEN"),
-        nonneg(q_offset, "q_offset"),
-        nonneg(kv_offset, "kv_offset"),
+    return Grid(
+        size(batch, "B"),
+        size(heads, "H"),
+        non_negative(q_len, "Q_LEN"),
+        non_negative(kv_len, "KV_LEN"),
+        integer(q_offset, "q_offset"),
+        integer(kv_offset, "kv_offset"),
     )
-    for name, value in (("B", grid.batch), ("H", grid.heads), ("Q_LEN", grid.q_len), ("KV_LEN", grid.kv_len)):
-        if value < 0:
-            raise ArgumentError(f"{name}: expected a non-negative int, got {value}")
-    return grid

@@ -31,6 +31,7 @@ from typing import Any, Union
 import torch
 
 from .. import _attnrs
+from ..arguments import integer, positive
 from ..errors import ArgumentError, DeviceError, DtypeError, ShapeError
 from .callables import evaluate_callable
 from .grid import Grid
@@ -90,7 +91,7 @@ class Mask:
 
         This is transformers' ``add_offsets_to_mask_function``, which FlexAttention needs because it only takes
         lengths."""
-        q_offset, kv_offset = int(q_offset), int(kv_offset)
+        q_offset, kv_offset = integer(q_offset, "q_offset"), integer(kv_offset, "kv_offset")
         if q_offset == 0 and kv_offset == 0:
             return self
         return Mask("shift", {"q": q_offset, "kv": kv_offset}, (self,))
@@ -168,10 +169,10 @@ class Mask:
         k, p = self._kind, self._params
         if k == "causal":
             return kv <= q + p["offset"]
-        if k == "full":
-            return q >= 0
+        if k == "full":  # at every position, negative ones included (shaped like the q/kv grid)
+            return torch.ones_like(q - kv, dtype=torch.bool)
         if k == "empty":
-            return q < 0
+            return torch.zeros_like(q - kv, dtype=torch.bool)
         if k == "sliding_window":
             w = p["window"]
             if p["causal"]:
@@ -298,16 +299,6 @@ def _per_batch(values: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> tor
 # Constructors
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ArgumentError(f"{name}: expected a positive integer, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ArgumentError(f"{name}: expected a positive integer, got {value}")
-    return value
-
-
 def _int_tensor(value: Any, name: str, rank: int) -> torch.Tensor:
     """A CPU int64 tensor of the given rank from ints, sequences or integer tensors."""
     if not isinstance(value, torch.Tensor):
@@ -331,7 +322,7 @@ def _int_tensor(value: Any, name: str, rank: int) -> torch.Tensor:
 def causal(offset: int = 0) -> Mask:
     """Each query sees itself and earlier keys: ``kv_idx <= q_idx`` (``kv_idx <= q_idx + offset`` with an
     offset)."""
-    return Mask("causal", {"offset": int(offset)})
+    return Mask("causal", {"offset": integer(offset, "offset")})
 
 
 def bidirectional() -> Mask:
@@ -345,12 +336,12 @@ def sliding_window(window: int, causal: bool = True) -> Mask:
     ``causal=True``: the last ``window`` keys including self (``q - window < kv <= q``), as transformers'
     ``sliding_window_causal_mask_function``. ``causal=False``: ``|q - kv| <= window``, as transformers'
     ``sliding_window_bidirectional_overlay`` (inclusive, ``2 * window + 1`` keys)."""
-    return Mask("sliding_window", {"window": _positive_int(window, "window"), "causal": bool(causal)})
+    return Mask("sliding_window", {"window": positive(window, "window"), "causal": bool(causal)})
 
 
 def sliding_window_overlay(window: int) -> Mask:
     """transformers' ``sliding_window_overlay``: ``kv > q - window`` (combine with :func:`causal`)."""
-    return Mask("sliding_overlay", {"window": _positive_int(window, "window")})
+    return Mask("sliding_overlay", {"window": positive(window, "window")})
 
 
 def chunked(size: int, left_padding: Any = None, causal: bool = True) -> Mask:
@@ -359,7 +350,7 @@ def chunked(size: int, left_padding: Any = None, causal: bool = True) -> Mask:
     ``left_padding`` ([B] ints, or one int) shifts each row's chunk grid as transformers'
     ``chunked_overlay`` does: ``(kv - lp[b]) // size == (q - lp[b]) // size``. ``causal=True`` also applies
     :func:`causal` (transformers' ``chunked_causal_mask_function``)."""
-    size = _positive_int(size, "size")
+    size = positive(size, "size")
     per_batch = _int_tensor(0 if left_padding is None else left_padding, "left_padding", 1)
     overlay = Mask("chunked", {"size": size, "per_batch": per_batch.reshape(-1)})
     return and_masks(overlay, globals()["causal"]()) if causal else overlay
@@ -537,23 +528,23 @@ def recognize(fn: Any) -> Mask | None:
     if factory == "or_masks":
         return or_masks(*cells["mask_functions"])
     if factory == "sliding_window_overlay":
-        window = int(cells["sliding_window"])
+        window = integer(cells["sliding_window"], "sliding_window")
         # kv > q - w; for w <= 0 (configs ship sliding_window=0 for "none" and transformers still builds the
         # unused mask) that is exactly "not causal(-w)".
         return sliding_window_overlay(window) if window > 0 else ~causal(-window)
     if factory == "sliding_window_bidirectional_overlay":
-        window = int(cells["sliding_window"])
+        window = integer(cells["sliding_window"], "sliding_window")
         if window > 0:
             return sliding_window(window, causal=False)
         return causal(0) & ~causal(-1) if window == 0 else Mask("empty")  # |q - kv| <= w: the diagonal, or none
     if factory == "chunked_overlay":
-        return chunked(int(cells["chunk_size"]), cells["left_padding"], causal=False)
+        return chunked(cells["chunk_size"], cells["left_padding"], causal=False)
     if factory == "padding_mask_function":
         return padding(cells["padding_mask"])
     if factory == "packed_sequence_mask_function":
         return document(cells["packed_sequence_mask"])
     if factory == "add_offsets_to_mask_function":
-        return from_callable(cells["mask_function"]).shifted(int(cells["q_offset"]), int(cells["kv_offset"]))
+        return from_callable(cells["mask_function"]).shifted(cells["q_offset"], cells["kv_offset"])
     if factory == "remap_positions_for_packed_sequence":
         inner = from_callable(cells["mask_function"])
         return _remap(inner, cells)

@@ -42,6 +42,8 @@ pub enum Error {
     UnknownName { name: String, valid: Vec<String> },
     /// The request is valid but this build does not implement it.
     Unsupported(String),
+    /// The allocator refused memory for `what` (`bytes` of it): the machine or the process limit is short.
+    OutOfMemory { what: String, bytes: usize },
     /// An invariant of attnrs itself broke; reported instead of panicking.
     Internal(String),
     /// A registered native kernel (a plugin) reported a failure: its ABI status code and message.
@@ -133,6 +135,11 @@ impl fmt::Display for Error {
                 )
             }
             Self::Unsupported(what) => write!(f, "not supported: {what}"),
+            Self::OutOfMemory { what, bytes } => write!(
+                f,
+                "out of memory: {what} needs {} that the allocator could not provide",
+                crate::memory::human(*bytes)
+            ),
             Self::Internal(what) => {
                 write!(f, "internal error in attnrs (please report it): {what}")
             }

@@ -8,6 +8,7 @@ pub mod isa;
 pub mod kernel;
 pub mod layout;
 pub mod mask;
+pub mod memory;
 pub mod plugin;
 pub mod registry;
 pub mod tensor;

@@ -48,7 +48,14 @@ pub fn pool(num_threads: usize) -> Result<Arc<ThreadPool>> {
         .num_threads(num_threads)
         .thread_name(|i| format!("attnrs-{i}"))
         .build()
-        .map_err(|e| Error::Internal(format!("cannot start {num_threads} worker threads: {e}")))?;
+        .map_err(|e| {
+            // The OS refused (a thread limit, memory): the environment's doing, not an attnrs bug.
+            Error::value(
+                "num_threads (ATTNRS_NUM_THREADS or torch.get_num_threads())",
+                "a number of worker threads the OS can start",
+                format!("{num_threads}, which failed: {e}"),
+            )
+        })?;
     let pool = Arc::new(pool);
     pools.by_size.insert(num_threads, Arc::clone(&pool));
     Ok(pool)

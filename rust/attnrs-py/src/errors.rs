@@ -49,6 +49,7 @@ exception_classes! {
     argument_error => "ArgumentError",
     unknown_name_error => "UnknownNameError",
     unsupported_error => "UnsupportedError",
+    out_of_memory_error => "OutOfMemoryError",
     internal_error => "InternalError",
 }
 
@@ -63,6 +64,7 @@ pub fn to_pyerr(py: Python<'_>, e: &Error) -> PyErr {
         Error::Value { .. } => argument_error(py),
         Error::UnknownName { .. } => unknown_name_error(py),
         Error::Unsupported(_) => unsupported_error(py),
+        Error::OutOfMemory { .. } => out_of_memory_error(py),
         Error::Internal(_) => internal_error(py),
         Error::Kernel { status, .. } => match *status {
             attnrs_abi::status::INVALID_ARGUMENT => argument_error(py),

@@ -52,6 +52,13 @@ mod _attnrs {
         Isa::get().names()
     }
 
+    /// The most bytes one attnrs request may need here (physical memory, cgroup and address-space limits):
+    /// sizes beyond it are refused before anything is allocated.
+    #[pyfunction]
+    fn memory_budget() -> usize {
+        attnrs_core::memory::budget()
+    }
+
     /// The SIMD path the kernels take here: "avx512", "avx2", "neon" or "portable".
     #[pyfunction]
     fn simd_path() -> &'static str {

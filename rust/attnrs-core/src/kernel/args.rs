@@ -304,15 +304,23 @@ fn broadcast_strides(bias: &TensorView, target: [usize; 4]) -> Result<[isize; 4]
     Ok(strides)
 }
 
-/// `scale` must be finite and `softcap`, if any, finite and positive.
+/// `scale` must be finite and `softcap`, if any, finite and positive, both as the float32 the kernels
+/// compute in (a scale of 1e39 is finite in f64 but inf in f32; a softcap below f32's smallest normal
+/// number would make `1 / softcap` overflow).
 fn check_scale_softcap(scale: f64, softcap: Option<f64>) -> Result<()> {
-    if !scale.is_finite() {
-        return Err(Error::value("scale", "a finite number", format!("{scale}")));
+    let max = f64::from(f32::MAX);
+    if !(scale.is_finite() && scale.abs() <= max) {
+        return Err(Error::value(
+            "scale",
+            format!("a finite number of magnitude at most {max:e}"),
+            format!("{scale}"),
+        ));
     }
+    let min = f64::from(f32::MIN_POSITIVE);
     match softcap {
-        Some(c) if !(c.is_finite() && c > 0.0) => Err(Error::value(
+        Some(c) if !(c.is_finite() && (min..=max).contains(&c)) => Err(Error::value(
             "softcap",
-            "a finite positive number",
+            format!("a finite positive number in [{min:e}, {max:e}]"),
             format!("{c}"),
         )),
         _ => Ok(()),

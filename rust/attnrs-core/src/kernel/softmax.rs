@@ -40,6 +40,8 @@ pub(crate) trait Acc:
     fn ln(self) -> Self;
     fn tanh(self) -> Self;
     fn recip(self) -> Self;
+    /// The larger of the two, NaN if either is NaN: a NaN logit must reach the row's output, never be
+    /// passed over by the running maximum (which would make the row look fully masked).
     fn max(self, other: Self) -> Self;
 }
 
@@ -94,7 +96,11 @@ impl Acc for f32 {
     }
     #[inline(always)]
     fn max(self, other: Self) -> Self {
-        if other > self { other } else { self }
+        if other > self || other.is_nan() {
+            other
+        } else {
+            self
+        }
     }
 }
 
@@ -149,7 +155,11 @@ impl Acc for f64 {
     }
     #[inline(always)]
     fn max(self, other: Self) -> Self {
-        if other > self { other } else { self }
+        if other > self || other.is_nan() {
+            other
+        } else {
+            self
+        }
     }
 }
 

@@ -9,12 +9,17 @@
 //! inside the core are full at once, and only the ones in between are classified (exactly, see
 //! [`crate::mask`]).
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::{Grid, check};
 use crate::mask::PlacedMask;
 use crate::mask::tiles::BlockClass;
-use crate::{Error, Result, threads};
+use crate::{Error, Result, memory, threads};
+
+/// What the allocations of a layout are for, in out-of-memory errors.
+const LISTS: &str = "a block layout's index lists";
 
 /// Per-(batch, head, block) lists of block indices, as FlexAttention stores them, in ragged (CSR) storage.
 ///
@@ -96,16 +101,21 @@ impl BlockIndex {
     /// Assembles an index from its counts and the concatenation of `chunks`, which must hold the rows'
     /// indices in row order (how they are split between chunks does not matter). Each chunk is freed as
     /// soon as it is copied.
-    fn from_chunks(shape3: [usize; 3], counts: Vec<i32>, chunks: Vec<Vec<i32>>) -> BlockIndex {
+    fn from_chunks(
+        shape3: [usize; 3],
+        counts: Vec<i32>,
+        chunks: Vec<Vec<i32>>,
+    ) -> Result<BlockIndex> {
         debug_assert_eq!(counts.len(), shape3.iter().product::<usize>());
-        let offsets = prefix_sums(&counts);
+        let offsets = prefix_sums(&counts)?;
         let total = offsets[counts.len()];
         let mut chunks = chunks.into_iter().filter(|c| !c.is_empty()).peekable();
         let mut indices = match chunks.next() {
             // A single chunk is the whole array already.
             Some(first) if chunks.peek().is_none() => first,
             Some(first) => {
-                let mut all = Vec::with_capacity(total);
+                let mut all = Vec::new();
+                memory::reserve(&mut all, total, LISTS)?;
                 all.extend_from_slice(&first);
                 drop(first);
                 for chunk in chunks {
@@ -118,12 +128,12 @@ impl BlockIndex {
         indices.shrink_to_fit();
         debug_assert_eq!(indices.len(), total);
         let width = counts.iter().copied().max().unwrap_or(0) as usize;
-        BlockIndex {
+        Ok(BlockIndex {
             shape: [shape3[0], shape3[1], shape3[2], width],
             counts,
             offsets,
             indices,
-        }
+        })
     }
 
     /// The transposed lists: for each of `blocks` targets, the rows (ascending) that list it.
@@ -131,17 +141,17 @@ impl BlockIndex {
     /// Per (b, h) plane: count each target's rows, take prefix sums for the offsets, then walk the rows in
     /// order and append each one to the targets it lists. Planes run in parallel in the current rayon
     /// pool: call it inside [`threads::install`], never on the global pool.
-    fn transpose(&self, blocks: usize) -> BlockIndex {
+    fn transpose(&self, blocks: usize) -> Result<BlockIndex> {
         let [batch, heads, rows, _] = self.shape;
         let planes = batch * heads;
-        let mut counts = vec![0i32; planes * blocks];
+        let mut counts = memory::zeroed::<i32>(planes * blocks, LISTS)?;
         if blocks == 0 {
-            return BlockIndex {
+            return Ok(BlockIndex {
                 shape: [batch, heads, 0, 0],
                 counts,
                 offsets: vec![0],
                 indices: Vec::new(),
-            };
+            });
         }
         // A plane's rows are contiguous in CSR storage.
         let plane = |p: usize| &self.indices[self.offsets[p * rows]..self.offsets[(p + 1) * rows]];
@@ -153,8 +163,8 @@ impl BlockIndex {
                     dst[j as usize] += 1;
                 }
             });
-        let offsets = prefix_sums(&counts);
-        let mut indices = vec![0i32; offsets[planes * blocks]];
+        let offsets = prefix_sums(&counts)?;
+        let mut indices = memory::zeroed::<i32>(offsets[planes * blocks], LISTS)?;
         let mut dsts = Vec::with_capacity(planes);
         let mut rest = indices.as_mut_slice();
         for p in 0..planes {
@@ -174,12 +184,12 @@ impl BlockIndex {
             }
         });
         let width = counts.iter().copied().max().unwrap_or(0) as usize;
-        BlockIndex {
+        Ok(BlockIndex {
             shape: [batch, heads, blocks, width],
             counts,
             offsets,
             indices,
-        }
+        })
     }
 
     /// Bytes held by the arrays (counts, offsets and indices).
@@ -190,15 +200,16 @@ impl BlockIndex {
 }
 
 /// `counts.len() + 1` running totals of `counts`, starting at 0.
-fn prefix_sums(counts: &[i32]) -> Vec<usize> {
-    let mut offsets = Vec::with_capacity(counts.len() + 1);
+fn prefix_sums(counts: &[i32]) -> Result<Vec<usize>> {
+    let mut offsets = Vec::new();
+    memory::reserve(&mut offsets, counts.len() + 1, LISTS)?;
     let mut total = 0usize;
     offsets.push(0);
     for &n in counts {
         total += n as usize;
         offsets.push(total);
     }
-    offsets
+    Ok(offsets)
 }
 
 /// The block layout of a mask over a `[batch, heads, q, kv]` grid, equal to what torch's
@@ -270,8 +281,35 @@ impl BlockSparse {
             kv_block,
             nkb,
         };
+        // Memory: per q-block row and per kv-block row, the counts and offsets of two directions, the count
+        // tensors Python copies, and (kv rows) the transpose's cursors; per listed block, its entry in both
+        // directions plus the transient copy while the chunks are concatenated. The fixed part is checked
+        // first; the listed blocks only when the worst case (every block listed) would not fit, by counting
+        // them before anything is allocated.
+        let sides = format!("{nqb} x {nkb} blocks of {q_block} x {kv_block}");
+        let (rows_q, rows_kv) = (
+            memory::product(&[lb, lh, nqb]),
+            memory::product(&[lb, lh, nkb]),
+        );
+        let fixed = rows_q
+            .and_then(|r| r.checked_mul(32))
+            .zip(rows_kv.and_then(|r| r.checked_mul(40)))
+            .and_then(|(a, b)| a.checked_add(b));
+        memory::check("BLOCK_SIZE", &format!("a block layout of {sides}"), fixed)?;
+        let need = |listed: Option<usize>| {
+            listed
+                .and_then(|n| n.checked_mul(12))
+                .zip(fixed)
+                .and_then(|(a, b)| a.checked_add(b))
+        };
+        let worst = need(memory::product(&[lb, lh, nqb, nkb]));
+        if worst.is_none_or(|n| n > memory::budget()) {
+            let listed = threads::install(num_threads, || tiling.count([lb, lh, nqb]))??;
+            let what = format!("a block layout of {sides} that lists {listed} of them");
+            memory::check("BLOCK_SIZE", &what, need(Some(listed)))?;
+        }
         let [kv, full_kv, q, full_q] =
-            threads::install(num_threads, || tiling.indices([lb, lh, nqb], num_threads))?;
+            threads::install(num_threads, || tiling.indices([lb, lh, nqb], num_threads))??;
         Ok(BlockSparse {
             mask,
             grid,
@@ -314,12 +352,12 @@ impl Tiling<'_> {
     /// Rows are classified in chunks of consecutive rows, each appending to its own pair of vectors while
     /// the counts go straight to their final place; the chunks are then concatenated. There are no per-row
     /// vectors, and the peak stays near the size of the finished arrays.
-    fn indices(&self, [lb, lh, nqb]: [usize; 3], num_threads: usize) -> [BlockIndex; 4] {
+    fn indices(&self, [lb, lh, nqb]: [usize; 3], num_threads: usize) -> Result<[BlockIndex; 4]> {
         let rows = lb * lh * nqb;
         let chunk = rows.div_ceil(num_threads.max(1) * 16).max(1);
-        let mut kv_counts = vec![0i32; rows];
-        let mut full_counts = vec![0i32; rows];
-        let (partials, fulls): (Vec<Vec<i32>>, Vec<Vec<i32>>) = kv_counts
+        let mut kv_counts = memory::zeroed::<i32>(rows, LISTS)?;
+        let mut full_counts = memory::zeroed::<i32>(rows, LISTS)?;
+        let lists = kv_counts
             .par_chunks_mut(chunk)
             .zip(full_counts.par_chunks_mut(chunk))
             .enumerate()
@@ -329,35 +367,47 @@ impl Tiling<'_> {
                     let i = c * chunk + k;
                     let (p0, f0) = (partial.len(), full.len());
                     let (b, h, qb) = ((i / nqb) / lh, (i / nqb) % lh, i % nqb);
-                    self.q_block_lists(b, h, qb, &mut partial, &mut full);
+                    let mut sink = Append {
+                        partial: &mut partial,
+                        full: &mut full,
+                    };
+                    self.q_block_lists(b, h, qb, &mut sink)?;
                     *kv_n = (partial.len() - p0) as i32;
                     *full_n = (full.len() - f0) as i32;
                 }
                 partial.shrink_to_fit();
                 full.shrink_to_fit();
-                (partial, full)
+                Ok((partial, full))
             })
-            .unzip();
-        let kv = BlockIndex::from_chunks([lb, lh, nqb], kv_counts, partials);
-        let full_kv = BlockIndex::from_chunks([lb, lh, nqb], full_counts, fulls);
-        let q = kv.transpose(self.nkb);
-        let full_q = full_kv.transpose(self.nkb);
-        [kv, full_kv, q, full_q]
+            .collect::<Result<Vec<_>>>()?;
+        let (partials, fulls): (Vec<Vec<i32>>, Vec<Vec<i32>>) = lists.into_iter().unzip();
+        let kv = BlockIndex::from_chunks([lb, lh, nqb], kv_counts, partials)?;
+        let full_kv = BlockIndex::from_chunks([lb, lh, nqb], full_counts, fulls)?;
+        let q = kv.transpose(self.nkb)?;
+        let full_q = full_kv.transpose(self.nkb)?;
+        Ok([kv, full_kv, q, full_q])
     }
 
-    /// Appends the partial and the full kv-blocks of q-block `qb` (ascending) to `partial` and `full`,
-    /// visiting only the kv-blocks inside the mask's key hull.
-    fn q_block_lists(
-        &self,
-        b: usize,
-        h: usize,
-        qb: usize,
-        partial: &mut Vec<i32>,
-        full: &mut Vec<i32>,
-    ) {
+    /// How many blocks (partial and full) the layout `[lb, lh, nqb]` lists, without allocating: in the
+    /// current rayon pool, O(edge blocks) per row (see [`Tiling::q_block_lists`]).
+    fn count(&self, [lb, lh, nqb]: [usize; 3]) -> Result<usize> {
+        (0..lb * lh * nqb)
+            .into_par_iter()
+            .map(|i| {
+                let mut count = Count::default();
+                self.q_block_lists((i / nqb) / lh, (i / nqb) % lh, i % nqb, &mut count)?;
+                Ok(count.0)
+            })
+            .try_reduce(|| 0, |a, b| Ok(a.saturating_add(b)))
+    }
+
+    /// Reports the partial and the full kv-blocks of q-block `qb` (ascending) to `lists`, visiting only the
+    /// kv-blocks inside the mask's key hull. A run of blocks inside the mask's key core (seen by every row) is
+    /// reported at once, so counting a layout costs O(edge blocks) per row, not O(listed blocks).
+    fn q_block_lists<L: Lists>(&self, b: usize, h: usize, qb: usize, lists: &mut L) -> Result<()> {
         let (expr, q_offset, kv_offset) =
             (&self.mask.expr, self.mask.q_offset, self.mask.kv_offset);
-        let (q_len, kv_len) = (self.grid.q, self.grid.kv);
+        let (q_len, kv_len, kvb) = (self.grid.q, self.grid.kv, self.kv_block);
         let r0 = qb * self.q_block;
         let r1 = (r0 + self.q_block).min(q_len);
         let rows_cut = r0 + self.q_block > q_len;
@@ -366,29 +416,93 @@ impl Tiling<'_> {
         let lo = lo.max(kv_offset);
         let hi = hi.min(kv_offset + kv_len as i64 - 1);
         if lo > hi {
-            return;
+            return Ok(());
         }
-        let first = ((lo - kv_offset) as usize / self.kv_block).min(self.nkb);
-        let last = ((hi - kv_offset) as usize / self.kv_block).min(self.nkb - 1);
-        // kv-blocks inside the core are seen by every row: no classification needed.
+        let first = ((lo - kv_offset) as usize / kvb).min(self.nkb);
+        let last = ((hi - kv_offset) as usize / kvb).min(self.nkb - 1);
         let (core_lo, core_hi) = expr.key_core(b, q.clone());
         let core = core_lo..core_hi.saturating_add(1);
-        for kb in first..=last {
-            let c0 = kb * self.kv_block;
-            let c1 = (c0 + self.kv_block).min(kv_len);
-            let cols_cut = c0 + self.kv_block > kv_len;
-            let k = kv_offset + c0 as i64..kv_offset + c1 as i64;
-            let class = if core.start <= k.start && k.end <= core.end {
-                BlockClass::Full
-            } else {
-                expr.classify(b, h, q.clone(), k)
-            };
-            match class {
-                BlockClass::Full if !rows_cut && !cols_cut => full.push(kb as i32),
-                BlockClass::Empty => {}
-                _ => partial.push(kb as i32),
+        let mut kb = first;
+        while kb <= last {
+            let c0 = kb * kvb;
+            let k = kv_offset + c0 as i64..kv_offset + (c0 + kvb).min(kv_len) as i64;
+            if core.start <= k.start && k.end <= core.end {
+                // Every block from `kb` whose keys end inside the core is seen by every row: full, except
+                // that a block sticking out past q_len / kv_len never is (torch pads with False).
+                // Keys from column 0 to the core's end (> 0: block kb ends inside the core).
+                let inside = usize::try_from(i128::from(core.end) - i128::from(kv_offset))
+                    .unwrap_or(usize::MAX);
+                let run_last = if inside >= kv_len {
+                    last
+                } else {
+                    last.min(inside / kvb - 1)
+                };
+                let whole_end = if (run_last + 1) * kvb > kv_len {
+                    run_last
+                } else {
+                    run_last + 1
+                };
+                if rows_cut {
+                    lists.partial_run(kb..run_last + 1)?;
+                } else {
+                    lists.full_run(kb..whole_end)?;
+                    if whole_end == run_last {
+                        lists.partial_run(run_last..run_last + 1)?;
+                    }
+                }
+                kb = run_last + 1;
+                continue;
             }
+            let cols_cut = c0 + kvb > kv_len;
+            match expr.classify(b, h, q.clone(), k) {
+                BlockClass::Full if !rows_cut && !cols_cut => lists.full_run(kb..kb + 1)?,
+                BlockClass::Empty => {}
+                _ => lists.partial_run(kb..kb + 1)?,
+            }
+            kb += 1;
         }
+        Ok(())
+    }
+}
+
+/// Where [`Tiling::q_block_lists`] reports a row's blocks: runs of consecutive kv-blocks, ascending.
+trait Lists {
+    fn partial_run(&mut self, blocks: Range<usize>) -> Result<()>;
+    fn full_run(&mut self, blocks: Range<usize>) -> Result<()>;
+}
+
+/// Counts the blocks a layout lists, before anything is allocated for them.
+#[derive(Default)]
+struct Count(usize);
+
+impl Lists for Count {
+    fn partial_run(&mut self, blocks: Range<usize>) -> Result<()> {
+        self.0 = self.0.saturating_add(blocks.len());
+        Ok(())
+    }
+    fn full_run(&mut self, blocks: Range<usize>) -> Result<()> {
+        self.partial_run(blocks)
+    }
+}
+
+/// The partial and the full lists of a chunk of rows, grown with fallible allocation.
+struct Append<'a> {
+    partial: &'a mut Vec<i32>,
+    full: &'a mut Vec<i32>,
+}
+
+fn append(list: &mut Vec<i32>, blocks: Range<usize>) -> Result<()> {
+    memory::reserve(list, blocks.len(), LISTS)?;
+    list.extend(blocks.map(|kb| kb as i32));
+    Ok(())
+}
+
+impl Lists for Append<'_> {
+    fn partial_run(&mut self, blocks: Range<usize>) -> Result<()> {
+        append(self.partial, blocks)
+    }
+    fn full_run(&mut self, blocks: Range<usize>) -> Result<()> {
+        append(self.full, blocks)
     }
 }
 
@@ -398,7 +512,7 @@ mod tests {
 
     fn index(shape3: [usize; 3], rows: &[&[i32]]) -> BlockIndex {
         let counts = rows.iter().map(|r| r.len() as i32).collect();
-        BlockIndex::from_chunks(shape3, counts, rows.iter().map(|r| r.to_vec()).collect())
+        BlockIndex::from_chunks(shape3, counts, rows.iter().map(|r| r.to_vec()).collect()).unwrap()
     }
 
     #[test]
@@ -416,15 +530,15 @@ mod tests {
             x.memory_bytes(),
             (4 + 6) * 4 + 5 * std::mem::size_of::<usize>()
         );
-        let t = threads::install(2, || x.transpose(5)).unwrap();
+        let t = threads::install(2, || x.transpose(5)).unwrap().unwrap();
         assert_eq!(t.shape, [1, 2, 5, 1]);
         assert_eq!(t.counts, vec![0, 1, 0, 1, 0, 1, 1, 1, 0, 1]);
         assert_eq!(t.row(0, 0, 1), &[0]);
         assert_eq!(t.row(0, 0, 3), &[0]);
         assert_eq!(t.row(0, 1, 0), &[0]);
         assert_eq!(t.row(0, 1, 4), &[1]);
-        assert_eq!(threads::install(1, || t.transpose(2)).unwrap(), x);
-        let none = threads::install(1, || x.transpose(0)).unwrap();
+        assert_eq!(threads::install(1, || t.transpose(2)).unwrap().unwrap(), x);
+        let none = threads::install(1, || x.transpose(0)).unwrap().unwrap();
         assert_eq!((none.shape, none.offsets), ([1, 2, 0, 0], vec![0]));
     }
 

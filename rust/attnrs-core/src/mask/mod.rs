@@ -637,6 +637,11 @@ impl BitmapTable {
                 ));
             }
         };
+        crate::memory::check(
+            "mask",
+            &format!("a bitmap of {shape:?}"),
+            words.checked_mul(8),
+        )?;
         let table = BitmapTable {
             batch: bm,
             heads: hm,
@@ -645,7 +650,7 @@ impl BitmapTable {
             q0,
             k0,
             words_per_row,
-            bits: vec![0u64; words].into(),
+            bits: crate::memory::zeroed::<u64>(words, "a mask bitmap")?.into(),
         };
         Ok(table)
     }

@@ -257,8 +257,17 @@ pub(super) fn tile<T, K: Kern>(
         if shift.is_finite() {
             x.iter_mut()
                 .for_each(|v| *v = (*v - shift).exp_nonpos() * norm);
+        } else if shift == K::A::NEG_INF {
+            x.fill(K::A::ZERO); // the row saw nothing
         } else {
-            x.fill(K::A::ZERO);
+            // A NaN (or +inf) lse: the row's NaN reaches the pairs it sees, not the ones the mask hides.
+            x.iter_mut().for_each(|v| {
+                *v = if *v == K::A::NEG_INF {
+                    K::A::ZERO
+                } else {
+                    (*v - shift).exp_nonpos() * norm
+                }
+            });
         }
     }
     let ds = &mut ds[..m * bk];

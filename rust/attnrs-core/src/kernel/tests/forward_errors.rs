@@ -176,6 +176,21 @@ fn errors_name_the_argument_and_never_panic() {
         })),
         "softcap"
     );
+    // Finite in f64 but not as the f32 the kernels compute in.
+    assert_eq!(
+        arg_of(attention_forward(&AttentionArgs {
+            scale: 1e39,
+            ..base
+        })),
+        "scale"
+    );
+    assert_eq!(
+        arg_of(attention_forward(&AttentionArgs {
+            softcap: Some(1e-40),
+            ..base
+        })),
+        "softcap"
+    );
     // Outputs aliasing inputs or themselves.
     assert_eq!(
         arg_of(attention_forward(&AttentionArgs {

@@ -28,12 +28,16 @@ enum Repr {
 impl CallMask {
     /// The mask of a call over `grid`: `structural` (a mask expression at the call's offsets) AND `dense`
     /// (a bool or uint8 view broadcastable to `grid.shape()` by torch's rules, see [`DenseTiles::new`],
-    /// whose errors it returns). The memory `dense` addresses must outlive the `CallMask`.
+    /// whose errors it returns), after the structural part's own check ([`PlacedMask::check`]: its tables
+    /// fit the batch). The memory `dense` addresses must outlive the `CallMask`.
     pub fn new(
         grid: Grid,
         structural: Option<PlacedMask>,
         dense: Option<TensorView>,
     ) -> Result<CallMask> {
+        if let Some(s) = &structural {
+            s.check(grid)?;
+        }
         let dense = dense
             .map(|view| DenseTiles::new(view, grid.shape()))
             .transpose()?;

@@ -2,8 +2,9 @@
 
 use std::ops::Range;
 
-use super::{BlockClass, MaskTiles};
+use super::{BlockClass, Grid, MaskTiles};
 use crate::mask::MaskExpr;
+use crate::{Error, Result};
 
 /// `expr` seen from a `[Q, K]` grid whose row `i` is query position `q_offset + i` and column `j` is key
 /// position `kv_offset + j`.
@@ -21,6 +22,28 @@ impl PlacedMask {
             q_offset,
             kv_offset,
         }
+    }
+
+    /// The one check of a mask against the grid it is used on, for every path (attention, dense fills,
+    /// block layouts): its tables have 1 or `grid.batch` rows (and bitmaps 1 or `grid.heads` heads), and
+    /// every absolute position (offset + length) fits in `i64`. Evaluation relies on both.
+    pub fn check(&self, grid: Grid) -> Result<()> {
+        self.expr.check_dims(grid.batch, grid.heads)?;
+        let end = |arg: &str, offset: i64, len: usize| {
+            i64::try_from(len)
+                .ok()
+                .and_then(|n| offset.checked_add(n))
+                .map(|_| ())
+                .ok_or_else(|| {
+                    Error::value(
+                        arg,
+                        "an offset + length that fits in i64",
+                        format!("{offset} + {len}"),
+                    )
+                })
+        };
+        end("q_offset", self.q_offset, grid.q)?;
+        end("kv_offset", self.kv_offset, grid.kv)
     }
 
     fn place(&self, rows: Range<usize>, cols: Range<usize>) -> (Range<i64>, Range<i64>) {

@@ -24,6 +24,25 @@ fn saturate(x: i128) -> i64 {
     x.clamp(i64::MIN as i128, i64::MAX as i128) as i64
 }
 
+/// The number of positions of the half-open window `k0..k1` (`k0 < k1`; wider than `i64::MAX` is fine).
+fn width(k0: i64, k1: i64) -> u64 {
+    (k1 as i128 - k0 as i128) as u64
+}
+
+/// The non-empty half-open range `lo..hi` moved by `d` (a `Shift`), as `visible` moves single positions:
+/// saturating at the ends of `i64`. A range pushed wholly past an end collapses onto the last position
+/// there, so that it stays non-empty. (Plain `+` overflowed here on shifts near the ends of `i64`.)
+fn moved(lo: i64, hi: i64, d: i64) -> (i64, i64) {
+    let (a, e) = (lo.saturating_add(d), hi.saturating_add(d));
+    if a < e {
+        (a, e)
+    } else if a == i64::MAX {
+        (i64::MAX - 1, i64::MAX)
+    } else {
+        (i64::MIN, i64::MIN + 1)
+    }
+}
+
 /// Up to this many interval children of an `Or` are merged per row; beyond, rows are filled densely.
 const OR_INTERVALS: usize = 8;
 
@@ -52,9 +71,10 @@ impl Node {
             }
             Node::PrefixLm(ref len) => Iv::new(i64::MIN, (pick(len, b) - 1).max(q)),
             // Moving every row by the same amount keeps the ends nondecreasing and the union contiguous.
-            Node::Shift { dq, dk, ref inner } => {
-                inner.get().mono_iv(b, q.saturating_add(dq))?.shifted(-dk)
-            }
+            Node::Shift { dq, dk, ref inner } => inner
+                .get()
+                .mono_iv(b, q.saturating_add(dq))?
+                .shifted_back(dk),
             _ => return None,
         })
     }
@@ -89,9 +109,12 @@ impl Node {
                 }
             }
             Node::Not(inner) => inner.get().row_iv(b, q)?.complement(),
-            Node::Shift { dq, dk, inner } => {
-                Some(inner.get().row_iv(b, q.saturating_add(*dq))?.shifted(-dk))
-            }
+            Node::Shift { dq, dk, inner } => Some(
+                inner
+                    .get()
+                    .row_iv(b, q.saturating_add(*dq))?
+                    .shifted_back(*dk),
+            ),
             _ => None,
         }
     }
@@ -136,7 +159,7 @@ impl Node {
                 BlockClass::Partial
             };
         }
-        let width = (k1 - k0) as u64;
+        let width = width(k0, k1);
         match self {
             Node::Padding(rows) => {
                 let n = pick(rows, b).count(k0, k1);
@@ -176,10 +199,8 @@ impl Node {
                 BlockClass::Partial => BlockClass::Partial,
             },
             Node::Shift { dq, dk, inner } => {
-                let (dq, dk) = (*dq, *dk);
-                inner
-                    .get()
-                    .classify(b, h, q0 + dq, q1 + dq, k0 + dk, k1 + dk)
+                let ((q0, q1), (k0, k1)) = (moved(q0, q1, *dq), moved(k0, k1, *dk));
+                inner.get().classify(b, h, q0, q1, k0, k1)
             }
             _ => BlockClass::Empty,
         }
@@ -187,7 +208,7 @@ impl Node {
 
     /// Classifies a block row by row from exact visible counts, stopping as soon as it is known partial.
     fn resolve(&self, b: usize, h: usize, q0: i64, q1: i64, k0: i64, k1: i64) -> BlockClass {
-        let width = (k1 - k0) as u64;
+        let width = width(k0, k1);
         let (mut any, mut all) = (false, true);
         let mut scratch = Scratch::default();
         for q in q0..q1 {
@@ -222,11 +243,12 @@ impl Node {
             Node::Padding(rows) => pick(rows, b).count(k0, k1),
             Node::Document(rows) => pick(rows, b).count(q, k0, k1),
             Node::Bitmap(t) => t.count(b, h, q, k0, k1),
-            Node::Not(inner) => (k1 - k0) as u64 - inner.get().row_count(b, h, q, k0, k1, scratch),
+            Node::Not(inner) => width(k0, k1) - inner.get().row_count(b, h, q, k0, k1, scratch),
             Node::Shift { dq, dk, inner } => {
+                let (k0, k1) = moved(k0, k1, *dk);
                 inner
                     .get()
-                    .row_count(b, h, q + dq, k0 + dk, k1 + dk, scratch)
+                    .row_count(b, h, q.saturating_add(*dq), k0, k1, scratch)
             }
             Node::And(parts) => {
                 // Intersect the interval children; count the only other child inside the intersection.
@@ -315,7 +337,8 @@ impl Node {
                 out.iter_mut().for_each(|v| *v ^= 1);
             }
             Node::Shift { dq, dk, inner } => {
-                inner.get().fill_row(b, h, q + dq, k0 + dk, out, scratch)
+                let (q, k0) = (q.saturating_add(*dq), k0.saturating_add(*dk));
+                inner.get().fill_row(b, h, q, k0, out, scratch)
             }
             Node::And(parts) => {
                 let mut iv = Iv::ALL;
@@ -330,7 +353,7 @@ impl Node {
                 if a >= e {
                     return;
                 }
-                let (sub, sk0) = (&mut out[a..e], k0 + a as i64);
+                let (sub, sk0) = (&mut out[a..e], k0.saturating_add(a as i64));
                 let mut first = true;
                 for p in parts.iter().filter(|p| p.get().row_iv(b, q).is_none()) {
                     if first {
@@ -387,7 +410,10 @@ impl Node {
                 .iter()
                 .fold(Iv::EMPTY, |iv, p| iv.hull(p.get().col_hull(b, q0, q1))),
             Node::Not(_) => Iv::ALL,
-            Node::Shift { dq, dk, inner } => inner.get().col_hull(b, q0 + dq, q1 + dq).shifted(-dk),
+            Node::Shift { dq, dk, inner } => {
+                let (q0, q1) = moved(q0, q1, *dq);
+                inner.get().col_hull(b, q0, q1).shifted_back(*dk)
+            }
             _ => Iv::EMPTY,
         }
     }
@@ -425,7 +451,10 @@ impl Node {
                 hull.complement()
                     .unwrap_or_else(|| Iv::new(hull.hi.saturating_add(1), i64::MAX))
             }
-            Node::Shift { dq, dk, inner } => inner.get().col_core(b, q0 + dq, q1 + dq).shifted(-dk),
+            Node::Shift { dq, dk, inner } => {
+                let (q0, q1) = moved(q0, q1, *dq);
+                inner.get().col_core(b, q0, q1).shifted_back(*dk)
+            }
             _ => Iv::EMPTY,
         }
     }

@@ -44,8 +44,9 @@ impl Iv {
         self.lo <= k && k <= self.hi
     }
 
-    /// The interval moved by `d` (empty stays empty, unbounded ends stay unbounded).
-    pub fn shifted(self, d: i64) -> Iv {
+    /// The interval moved by `-d`, the keys `k` with `k + d` inside (empty stays empty, unbounded ends stay
+    /// unbounded). Subtracting `d` rather than adding `-d`: `-i64::MIN` overflows.
+    pub fn shifted_back(self, d: i64) -> Iv {
         if self.is_empty() {
             return Iv::EMPTY;
         }
@@ -53,7 +54,7 @@ impl Iv {
             if x == i64::MIN || x == i64::MAX {
                 x
             } else {
-                x.saturating_add(d)
+                x.saturating_sub(d)
             }
         };
         Iv {

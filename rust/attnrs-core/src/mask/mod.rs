@@ -47,7 +47,7 @@ use std::sync::Arc;
 
 use crate::{Error, Result};
 
-pub use program::MaskProgram;
+pub use program::{EMPTY_TABLE_ROWS, MAX_DEPTH, MaskProgram};
 pub use tiles::PlacedMask;
 
 use eval::Scratch;
@@ -234,16 +234,18 @@ impl MaskExpr {
     /// element `[b, h, i, j]` is the pair `(q0 + i, k0 + j)`. Outside the rectangle nothing is visible.
     /// `Bm` / `Hm` of 1 broadcast. For grids built in pieces, see [`BitmapBuilder`].
     pub fn bitmap(values: &[u8], shape: [usize; 4], q0: i64, k0: i64) -> Result<MaskExpr> {
-        let mut builder = BitmapBuilder::new(shape, q0, k0)?;
         let [bm, hm, qm, km] = shape;
-        let total = bm * hm * qm * km;
-        if values.len() != total {
+        // Checked before the table is allocated: a shape that lies must not allocate for what it claims.
+        let total = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        if total != Some(values.len()) {
+            let total = total.map_or("more than 2^64".to_string(), |t| t.to_string());
             return Err(Error::shape(
                 "bitmap",
                 format!("{bm} x {hm} x {qm} x {km} = {total} values"),
                 format!("{} values", values.len()),
             ));
         }
+        let mut builder = BitmapBuilder::new(shape, q0, k0)?;
         if qm > 0 && km > 0 {
             for (i, slab) in values.chunks_exact(qm * km).enumerate() {
                 builder.write_rows(i / hm, i % hm, 0, slab)?;
@@ -605,6 +607,14 @@ fn pack_word(bytes: &[u8]) -> u64 {
 }
 
 impl BitmapTable {
+    /// The number of packed words of a table of `shape = [Bm, Hm, Qm, Km]`, if it fits in `usize`.
+    pub(crate) fn words(shape: [usize; 4]) -> Option<usize> {
+        let [bm, hm, qm, km] = shape;
+        [bm, hm, qm, km.div_ceil(64)]
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+    }
+
     /// An all-false table of `shape = [Bm, Hm, Qm, Km]` placed at `(q0, k0)`; `Bm, Hm >= 1`.
     pub(crate) fn empty(shape: [usize; 4], q0: i64, k0: i64) -> Result<BitmapTable> {
         let [bm, hm, qm, km] = shape;
@@ -616,9 +626,7 @@ impl BitmapTable {
             ));
         }
         let words_per_row = km.div_ceil(64);
-        let words = [bm, hm, qm, words_per_row]
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        let words = BitmapTable::words(shape);
         let overflow = i64::try_from(qm)
             .ok()
             .and_then(|n| q0.checked_add(n))

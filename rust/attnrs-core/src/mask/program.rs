@@ -50,6 +50,17 @@ const OR: i64 = 11;
 const NOT: i64 = 12;
 const SHIFT: i64 = 13;
 
+/// How deep a decoded expression may nest. The evaluator and `Drop` recurse once per level (about 150 bytes
+/// of stack each, more through and / or): 20 000 levels, a 320 KB program, overflowed a 2 MiB thread stack
+/// (an abort), and nested and / or of partial children cost the evaluator more than linearly in the depth
+/// (a classification of 512 such levels took seconds). Masks nest a few levels; the Python encoder
+/// recurses once per level too.
+pub const MAX_DEPTH: usize = 256;
+
+/// How many rows the tables without columns (`[batch, 0]` padding or documents) of one program may have in
+/// all: such a row costs no input but a few dozen bytes once decoded.
+pub const EMPTY_TABLE_ROWS: usize = 1 << 16;
+
 fn bad(what: impl Into<String>) -> Error {
     Error::value(
         "mask program",
@@ -134,6 +145,11 @@ impl MaskExpr {
     }
 
     /// Rebuilds an expression from [`MaskExpr::encode`]'s arrays, validating every word and table range.
+    ///
+    /// What it builds is bounded by its input: tables must come in the order `encode` writes them, each
+    /// after the previous one of its array (so no input entry feeds two tables), every table is checked
+    /// against its array before anything is allocated for it, and tables without columns (which cost no
+    /// input) may have [`EMPTY_TABLE_ROWS`] rows in all. Expressions nest at most [`MAX_DEPTH`] levels.
     pub fn decode(program: &[i64], ints: &[i64], bytes: &[u8]) -> Result<MaskExpr> {
         let mut stack: Vec<MaskExpr> = Vec::new();
         let mut words = program.iter().copied();
@@ -145,18 +161,38 @@ impl MaskExpr {
         let size = |x: i64, what: &str| {
             usize::try_from(x).map_err(|_| bad(format!("a negative {what}: {x}")))
         };
-        let slice = |at: i64, n: usize, len: usize, what: &str| -> Result<std::ops::Range<usize>> {
+        // Where the next table of `ints` / `bytes` may start.
+        let (mut ints_free, mut bytes_free) = (0usize, 0usize);
+        let mut empty_rows_left = EMPTY_TABLE_ROWS;
+        let mut slice = |at: i64, n: usize, in_bytes: bool, what: &str| {
+            let (free, len) = if in_bytes {
+                (&mut bytes_free, bytes.len())
+            } else {
+                (&mut ints_free, ints.len())
+            };
             let at = size(at, what)?;
-            at.checked_add(n)
+            if at < *free {
+                return Err(bad(format!(
+                    "a {what} table at {at}, inside the previous table (which ends at {free})"
+                )));
+            }
+            let range = at
+                .checked_add(n)
                 .filter(|&end| end <= len)
                 .map(|end| at..end)
                 .ok_or_else(|| {
                     bad(format!(
                         "a {what} range {at}..+{n} outside a table of {len}"
                     ))
-                })
+                })?;
+            *free = range.end;
+            Ok::<_, Error>(range)
         };
+        // The depth of each expression on the stack (an upper bound: constructors may flatten).
+        let mut depth: Vec<usize> = Vec::new();
         while let Ok(op) = next("") {
+            // The depth of the node's deepest child (0 for a leaf).
+            let mut children = 0;
             let node = match op {
                 FULL => MaskExpr::full(),
                 EMPTY => MaskExpr::empty(),
@@ -169,7 +205,7 @@ impl MaskExpr {
                 CHUNKED => {
                     let chunk = next("chunked")?;
                     let (at, n) = (next("chunked")?, size(next("chunked")?, "count")?);
-                    MaskExpr::chunked(chunk, &ints[slice(at, n, ints.len(), "chunk start")?])?
+                    MaskExpr::chunked(chunk, &ints[slice(at, n, false, "chunk start")?])?
                 }
                 PADDING | DOCUMENT => {
                     // A [batch, len] table: padding bytes or document ids.
@@ -179,16 +215,24 @@ impl MaskExpr {
                     let n = batch
                         .checked_mul(len)
                         .ok_or_else(|| bad(format!("a {what} table that overflows")))?;
+                    if len == 0 {
+                        // Its rows take no input but memory each: bound them.
+                        empty_rows_left = empty_rows_left.checked_sub(batch).ok_or_else(|| {
+                            bad(format!(
+                                "more than {EMPTY_TABLE_ROWS} rows of tables without columns"
+                            ))
+                        })?;
+                    }
                     let at = next(what)?;
                     if op == PADDING {
-                        MaskExpr::padding(&bytes[slice(at, n, bytes.len(), what)?], batch, len)?
+                        MaskExpr::padding(&bytes[slice(at, n, true, what)?], batch, len)?
                     } else {
-                        MaskExpr::document(&ints[slice(at, n, ints.len(), what)?], batch, len)?
+                        MaskExpr::document(&ints[slice(at, n, false, what)?], batch, len)?
                     }
                 }
                 PREFIX_LM => {
                     let (at, n) = (next("prefix_lm")?, size(next("prefix_lm")?, "count")?);
-                    MaskExpr::prefix_lm(&ints[slice(at, n, ints.len(), "prefix length")?])?
+                    MaskExpr::prefix_lm(&ints[slice(at, n, false, "prefix length")?])?
                 }
                 BITMAP => {
                     let mut dims = [0usize; 4];
@@ -197,8 +241,12 @@ impl MaskExpr {
                     }
                     let (q0, k0) = (next("bitmap")?, next("bitmap")?);
                     let at = next("bitmap")?;
+                    // The packed words must be in `bytes` before the table is allocated for them.
+                    let n = BitmapTable::words(dims)
+                        .and_then(|w| w.checked_mul(8))
+                        .ok_or_else(|| bad(format!("a bitmap of {dims:?} that overflows")))?;
+                    let range = slice(at, n, true, "bitmap")?;
                     let mut table = BitmapTable::empty(dims, q0, k0)?;
-                    let range = slice(at, table.bits.len() * 8, bytes.len(), "bitmap")?;
                     for (word, chunk) in table.bits.iter_mut().zip(bytes[range].chunks_exact(8)) {
                         let mut raw = [0u8; 8];
                         raw.copy_from_slice(chunk);
@@ -215,26 +263,36 @@ impl MaskExpr {
                         )));
                     }
                     let parts = stack.split_off(stack.len() - n);
+                    let below = depth.split_off(depth.len() - n);
+                    children = below.into_iter().max().unwrap_or(0);
                     if op == AND {
                         MaskExpr::and(parts)
                     } else {
                         MaskExpr::or(parts)
                     }
                 }
-                NOT => stack
-                    .pop()
-                    .ok_or_else(|| bad("a not with nothing on the stack"))?
-                    .negate(),
+                NOT => {
+                    let inner = stack
+                        .pop()
+                        .ok_or_else(|| bad("a not with nothing on the stack"))?;
+                    children = depth.pop().unwrap_or(0);
+                    inner.negate()
+                }
                 SHIFT => {
                     let (dq, dk) = (next("shift")?, next("shift")?);
-                    stack
+                    let inner = stack
                         .pop()
-                        .ok_or_else(|| bad("a shift with nothing on the stack"))?
-                        .shift(dq, dk)
+                        .ok_or_else(|| bad("a shift with nothing on the stack"))?;
+                    children = depth.pop().unwrap_or(0);
+                    inner.shift(dq, dk)
                 }
                 other => return Err(bad(format!("opcode {other}"))),
             };
+            if children >= MAX_DEPTH {
+                return Err(bad(format!("an expression nested deeper than {MAX_DEPTH}")));
+            }
             stack.push(node);
+            depth.push(children + 1);
         }
         match (stack.pop(), stack.is_empty()) {
             (Some(expr), true) => Ok(expr),
@@ -324,5 +382,46 @@ mod tests {
         assert!(MaskExpr::decode(&[PADDING, i64::MAX, i64::MAX, 0], &[], &[]).is_err());
         assert!(MaskExpr::decode(&[BITMAP, 1, 1, 4, 4, 0, 0, 0], &[], &[0; 7]).is_err());
         assert!(MaskExpr::decode(&[CAUSAL, 0, CAUSAL, 0], &[], &[]).is_err()); // two roots
+    }
+
+    /// Regressions (#15 fuzzing): what the decoder builds is bounded by its input.
+    #[test]
+    fn lengths_that_lie_do_not_allocate() {
+        // A bitmap's size was trusted: 2^40 rows x 2^40 columns allocated 2^74 bits (an abort) before its
+        // missing bytes were noticed.
+        let huge = 1i64 << 40;
+        assert!(MaskExpr::decode(&[BITMAP, 1, 1, huge, huge, 0, 0, 0], &[], &[0; 8]).is_err());
+        assert!(MaskExpr::decode(&[BITMAP, i64::MAX, 2, 1, 1, 0, 0, 0], &[], &[]).is_err());
+        // So was the batch of a table without columns: 2^40 empty rows, no input.
+        assert!(MaskExpr::decode(&[PADDING, huge, 0, 0], &[], &[]).is_err());
+        assert!(MaskExpr::decode(&[DOCUMENT, huge, 0, 0], &[], &[]).is_err());
+        let rows = EMPTY_TABLE_ROWS as i64;
+        assert!(MaskExpr::decode(&[PADDING, rows, 0, 0], &[], &[]).is_ok());
+        let twice = [PADDING, rows, 0, 0, PADDING, 1, 0, 0, AND, 2];
+        assert!(MaskExpr::decode(&twice, &[], &[]).is_err());
+        // And one range of ids could feed any number of tables: 4 words per copy of all of `ints`.
+        let ids: Vec<i64> = (0..64).collect();
+        let mut program = Vec::new();
+        for _ in 0..3 {
+            program.extend([DOCUMENT, 1, 64, 0]);
+        }
+        program.extend([AND, 3]);
+        assert!(MaskExpr::decode(&program, &ids, &[]).is_err());
+        // Tables in encoding order, with gaps, still decode.
+        // Nesting is bounded: alternating not / shift levels do not simplify away.
+        let mut deep = vec![CAUSAL, 0];
+        for _ in 0..MAX_DEPTH / 2 {
+            deep.extend([NOT, SHIFT, 1, 1]);
+        }
+        assert!(MaskExpr::decode(&deep[..deep.len() - 4], &[], &[]).is_ok());
+        assert!(MaskExpr::decode(&deep, &[], &[]).is_err());
+        deep.extend(std::iter::repeat_n([NOT, SHIFT, 1, 1], 100_000).flatten());
+        assert!(MaskExpr::decode(&deep, &[], &[]).is_err());
+        let program = [DOCUMENT, 1, 2, 1, PREFIX_LM, 4, 1, AND, 2];
+        let m = MaskExpr::decode(&program, &[9, 0, 1, 9, 3], &[]).unwrap();
+        assert!(m.visible(0, 0, 1, 1) && !m.visible(0, 0, 0, 1));
+        // The public constructor checked the bitmap's values after allocating for its shape.
+        assert!(MaskExpr::bitmap(&[0; 4], [1, 1, 1 << 31, 1 << 31], 0, 0).is_err());
+        assert!(MaskExpr::bitmap(&[], [usize::MAX, 2, 1, 1], 0, 0).is_err());
     }
 }

@@ -32,7 +32,8 @@ pub(crate) fn clip(a: i64, b: i64, len: usize) -> (usize, usize) {
 /// entries, and returns the rest of the window with the table's indices it covers (`None` if nothing).
 #[inline]
 fn clip_window(out: &mut [u8], k0: i64, len: usize) -> Option<(&mut [u8], Range<usize>)> {
-    let (a, b) = clip(k0, k0 + out.len() as i64, len);
+    // Saturating: a window past the end of i64 (a shifted one) covers no table entry there.
+    let (a, b) = clip(k0, k0.saturating_add(out.len() as i64), len);
     if a >= b {
         out.fill(0);
         return None;
@@ -366,8 +367,10 @@ impl BitmapTable {
         if ra >= rb || ca >= cb {
             return (false, false);
         }
-        let width = (k1 - k0) as u64;
-        let mut all = (rb - ra) as i64 == q1 - q0 && (cb - ca) as u64 == width;
+        // In i128: a block may be wider than i64::MAX.
+        let (height, width) = (q1 as i128 - q0 as i128, k1 as i128 - k0 as i128);
+        let mut all = (rb - ra) as i128 == height && (cb - ca) as i128 == width;
+        let width = width as u64;
         let mut any = false;
         for r in ra..rb {
             let n = count_bits(self.row(b, h, r), ca, cb);
@@ -394,7 +397,7 @@ impl BitmapTable {
     }
 
     pub fn fill(&self, b: usize, h: usize, q: i64, k0: i64, out: &mut [u8]) {
-        let (a, e) = self.cols_of(k0, k0 + out.len() as i64);
+        let (a, e) = self.cols_of(k0, k0.saturating_add(out.len() as i64));
         let r = match self.row_index(q) {
             Some(r) if a < e => r,
             _ => {

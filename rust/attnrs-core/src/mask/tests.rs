@@ -251,3 +251,47 @@ fn bytes_pack_into_words() {
     assert_eq!(pack_word(&bytes[..13]), want & ((1 << 13) - 1));
     assert_eq!(pack_word(&[]), 0);
 }
+
+/// Regression (#15 fuzzing): shifts and windows near the ends of `i64` overflowed `+` / `-` in the
+/// evaluator (`Shift` moved blocks with plain additions, negated `dk`, and block widths were `k1 - k0`).
+/// They saturate now, as `visible` does.
+#[test]
+fn extreme_shifts_and_windows_do_not_overflow() {
+    let pad = MaskExpr::padding(&[1, 0, 1, 1], 1, 4).unwrap();
+    let docs = MaskExpr::document(&[0, 0, 1, 1], 1, 4).unwrap();
+    let bitmap = MaskExpr::bitmap(&[1, 0, 1, 1], [1, 1, 2, 2], 0, 0).unwrap();
+    let leaves = [pad, docs, bitmap, MaskExpr::causal(), MaskExpr::full()];
+    let shifts = [i64::MIN, i64::MIN + 1, -5, 5, i64::MAX - 1, i64::MAX];
+    for leaf in &leaves {
+        for &dq in &shifts {
+            for &dk in &shifts {
+                for m in [
+                    leaf.shift(dq, dk),
+                    leaf.negate().shift(dq, dk),
+                    (leaf.clone() | MaskExpr::causal().shift(1, 0).negate()).shift(dq, dk),
+                ] {
+                    for q0 in [i64::MIN, -3, 0, i64::MAX - 4] {
+                        for k0 in [i64::MIN, -3, 0, i64::MAX - 4] {
+                            let (q, k) = (q0..q0 + 4, k0..k0 + 4);
+                            let _ = m.classify(0, 0, q.clone(), k.clone());
+                            let _ = (m.key_hull(0, q.clone()), m.key_core(0, q.clone()));
+                            let mut out = [0u8; 16];
+                            m.fill(0, 0, q, k, &mut out);
+                            let _ = m.visible(0, 0, q0, k0);
+                        }
+                    }
+                }
+            }
+        }
+        // A block wider than i64::MAX.
+        let _ = leaf.negate().classify(0, 0, 0..2, i64::MIN..i64::MAX);
+        let _ = leaf.classify(0, 0, i64::MIN..i64::MAX, 0..2);
+    }
+    // Where nothing saturates, a far shift is exact.
+    let far = MaskExpr::padding(&[1, 0, 1, 1], 1, 4)
+        .unwrap()
+        .negate()
+        .shift(i64::MAX - 10, i64::MIN + 10);
+    let (q0, k0) = (8 - i64::MAX, i64::MAX - 11); // seen as rows and keys -2..6
+    consistent(&far, 0, q0..q0 + 8, k0..k0 + 8);
+}

@@ -587,12 +587,6 @@ fn tier_case() -> impl Strategy<Value = (common::Case, bool)> {
         )
 }
 
-/// The unfixed overflow of `BlockSparse::build` that [`block_sparse_no_keys_at_i64_min`] reproduces (not
-/// this code to fix): skipped so that the targets keep looking for others.
-fn known_block_sparse_overflow(kv_offset: i64, kv_len: usize) -> bool {
-    kv_offset == i64::MIN && kv_len == 0
-}
-
 /// Whether `offset + len` fits in `i64` (what the layout builders demand).
 fn fits(offset: i64, len: usize) -> bool {
     i64::try_from(len)
@@ -605,9 +599,6 @@ fn fits(offset: i64, len: usize) -> bool {
 /// `visible`; without `exact`, only that both are built when the grid fits in `i64` and refused otherwise.
 fn check_layout(c: &common::Case, exact: bool) -> Result<(), TestCaseError> {
     let g = c.grid;
-    if known_block_sparse_overflow(c.mask.kv_offset, g.kv) {
-        return Ok(());
-    }
     let placed_ok = fits(c.mask.q_offset, g.q) && fits(c.mask.kv_offset, g.kv);
     let built = BlockSparse::build(c.mask.clone(), g, (c.q_block, c.kv_block), 2);
     let mut out = vec![7u8; g.numel().unwrap()];
@@ -807,10 +798,6 @@ proptest! {
         (q_parts, kv_parts) in (1usize..8, 1usize..8),
         (q_offset, kv_offset) in (position(), position()),
     ) {
-        if known_block_sparse_overflow(kv_offset, kv_len) {
-            // Not `prop_assume!`: a long run rejects more than proptest's 1024 global rejects.
-            return Ok(());
-        }
         let (q_block, kv_block) = ((q_len / q_parts).max(1), (kv_len / kv_parts).max(1));
         let mask = PlacedMask::new(e, q_offset, kv_offset);
         let placed_ok = fits(q_offset, q_len) && fits(kv_offset, kv_len);
@@ -840,12 +827,10 @@ fn overflow_checks_are_on() {
     );
 }
 
-/// Found by `layouts_at_any_offset` (#15): a grid without keys placed at `kv_offset = i64::MIN` overflows in
-/// `q_block_lists` (`kv_offset + kv_len as i64 - 1`, block_sparse.rs), a panic with overflow checks and, in
-/// release builds, `nkb - 1` wrapping to `usize::MAX` in the loop over kv-blocks. It should build an empty
-/// layout, as it does at any other offset.
+/// Found by `layouts_at_any_offset` (#15): a grid without keys placed at `kv_offset = i64::MIN` overflowed in
+/// `q_block_lists` (`kv_offset + kv_len as i64 - 1`), and in release builds `nkb - 1` wrapped to
+/// `usize::MAX`. It builds an empty layout, as at any other offset.
 #[test]
-#[ignore = "#15: BlockSparse::build overflows on a grid without keys at kv_offset = i64::MIN (block_sparse.rs is being changed elsewhere)"]
 fn block_sparse_no_keys_at_i64_min() {
     let mask = PlacedMask::new(MaskExpr::full(), 0, i64::MIN);
     let bs = BlockSparse::build(mask, Grid::new(1, 1, 1, 0), (1, 1), 1).unwrap();

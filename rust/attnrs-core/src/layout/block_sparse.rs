@@ -412,9 +412,12 @@ impl Tiling<'_> {
         let r1 = (r0 + self.q_block).min(q_len);
         let rows_cut = r0 + self.q_block > q_len;
         let q = q_offset + r0 as i64..q_offset + r1 as i64;
+        if kv_len == 0 {
+            return Ok(()); // no kv-blocks (and `kv_len - 1` below would not exist)
+        }
         let (lo, hi) = expr.key_hull(b, q.clone());
         let lo = lo.max(kv_offset);
-        let hi = hi.min(kv_offset + kv_len as i64 - 1);
+        let hi = hi.min(kv_offset + (kv_len as i64 - 1)); // fits: check() bounds kv_offset + kv_len
         if lo > hi {
             return Ok(());
         }

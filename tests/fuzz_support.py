@@ -1,0 +1,341 @@
+"""Shared pieces of the fuzz suite (issue #15): the hypothesis budgets, a naive float64 reference of
+``attnrs.attention`` written from the README's definitions, independent mask references, and a runner that
+calls inputs in child processes so that a crash names its input instead of killing the test run.
+
+Budgets: the default profile ``attnrs-fuzz`` is small and derandomized (CI is deterministic, the whole fuzz suite
+runs in about a minute on two cores); ``ATTNRS_FUZZ=large`` selects ``attnrs-fuzz-large``: many more examples,
+random seeds and larger shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from hypothesis import HealthCheck, settings
+
+LARGE = os.environ.get("ATTNRS_FUZZ", "").strip().lower() == "large"
+TESTS_DIR = Path(__file__).resolve().parent
+
+settings.register_profile(
+    "attnrs-fuzz",
+    max_examples=20,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+settings.register_profile(
+    "attnrs-fuzz-large",
+    max_examples=400,
+    deadline=None,
+    derandomize=False,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+PROFILE = "attnrs-fuzz-large" if LARGE else "attnrs-fuzz"
+
+
+def fuzz_settings(default_examples: int, large_examples: int | None = None) -> settings:
+    """The settings of one fuzz test: the selected profile with this test's example count (the large count is
+    ``20 x`` the default one unless given)."""
+    n = (large_examples or 20 * default_examples) if LARGE else default_examples
+    return settings(settings.get_profile(PROFILE), max_examples=n)
+
+
+def size(default: int, large: int) -> int:
+    """An upper bound on a shape that grows with the large profile."""
+    return large if LARGE else default
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    visible: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention written from its definition in float64, differentiable (q, k, v, bias and sinks may require
+    grad), on 4-D ``[B, H, S, D]`` inputs (GQA by repeating key/value heads).
+
+    ``scores = q kᵀ scale``, then ``softcap * tanh(scores / softcap)``, ``+ bias``, ``-inf`` where not
+    ``visible``; each row's softmax denominator also counts ``exp(sinks[h])``. As the README documents, a row
+    that sees no key gives zeros and a log-sum-exp of ``-inf`` (the sink's logit when there are sinks), never NaN;
+    NaN inputs in visible positions propagate as they do in torch's math path."""
+    q, k, v = q.double(), k.double(), v.double()
+    heads, d = q.shape[1], q.shape[-1]
+    if k.shape[1] != heads:
+        k = k.repeat_interleave(heads // k.shape[1], dim=1) if k.shape[1] else k
+        v = v.repeat_interleave(heads // v.shape[1], dim=1) if v.shape[1] else v
+    if scale is None:
+        scale = d**-0.5 if d else 1.0
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if bias is not None:
+        scores = scores + bias.double()
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    row_max = scores.amax(-1, keepdim=True) if scores.shape[-1] else scores.new_full((*scores.shape[:-1], 1), -1e300)
+    if sinks is not None:
+        sink = sinks.double().reshape(1, heads, 1, 1).expand(*row_max.shape)
+        row_max = torch.maximum(row_max, sink)
+    row_max = row_max.detach()
+    # A row whose scores are all -inf (and no sink): subtract 0 instead of -inf, its weights are all 0. NaN rows
+    # keep their NaN (NaN is not finite, but it must reach the output as it does in torch).
+    finite = torch.isfinite(row_max) | torch.isnan(row_max)
+    shift = torch.where(finite, row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - shift)
+    denom = weights.sum(-1, keepdim=True)
+    if sinks is not None:
+        denom = denom + torch.exp(sinks.double().reshape(1, heads, 1, 1) - shift)
+    empty = denom == 0
+    safe = torch.where(empty, torch.ones_like(denom), denom)
+    out = (weights / safe) @ v
+    lse = torch.where(empty, torch.full_like(denom, float("-inf")), torch.log(safe) + shift)
+    return out, lse.squeeze(-1)
+
+
+def tolerance(dtype: torch.dtype, head_dim: int = 64) -> float:
+    """Absolute/relative tolerance of an output against the float64 reference (scaled by the output's size)."""
+    if dtype == torch.float64:
+        return 1e-10
+    if dtype == torch.float32:
+        return 2e-5 if head_dim <= 128 else 4e-5
+    if dtype == torch.float16:
+        return 4e-3
+    return 3e-2  # bfloat16: 8 bits of mantissa
+
+
+def assert_close_to_reference(
+    out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, head_dim: int, what: str = "out"
+) -> None:
+    tol = tolerance(dtype, head_dim)
+    magnitude = max(1.0, float(ref.abs().nan_to_num(0.0).max()) if ref.numel() else 1.0)
+    torch.testing.assert_close(
+        out.double(), ref, rtol=tol, atol=tol * magnitude, equal_nan=True, msg=lambda m: f"{what}: {m}"
+    )
+
+
+def assert_lse_close(lse: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, has_sinks: bool) -> None:
+    assert lse.dtype == torch.float32, lse.dtype
+    assert lse.shape == ref.shape, (lse.shape, ref.shape)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref)), "rows with LSE -inf differ from the reference"
+    assert not torch.isnan(lse).any(), "NaN in the LSE"
+    finite = torch.isfinite(ref)
+    tol = 1e-5 if dtype in (torch.float32, torch.float64) else 2e-3
+    torch.testing.assert_close(lse.double()[finite], ref[finite], rtol=tol, atol=tol * 4)
+
+
+def snapshot(*objects: Any) -> list[tuple[Any, torch.Tensor]]:
+    """Clones of every tensor in ``objects`` (nested in lists/tuples/dicts too), to check nothing was mutated."""
+    found: list[tuple[Any, torch.Tensor]] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            found.append((x, x.detach().clone()))
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                walk(y)
+        elif isinstance(x, dict):
+            for y in x.values():
+                walk(y)
+
+    for obj in objects:
+        walk(obj)
+    return found
+
+
+def assert_unchanged(saved: list[tuple[Any, torch.Tensor]]) -> None:
+    for i, (tensor, copy) in enumerate(saved):
+        assert tensor.shape == copy.shape, f"input tensor #{i} changed shape"
+        assert torch.equal(tensor.detach().isnan(), copy.isnan()), f"input tensor #{i} was mutated (NaNs)"
+        assert torch.equal(tensor.detach().nan_to_num(0.0), copy.nan_to_num(0.0)), f"input tensor #{i} was mutated"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad inputs in child processes
+
+
+@dataclass
+class Outcome:
+    """What one input did in a child process: ``returned``, ``raised`` (with the exception's classes and
+    message), ``crashed`` (the child died: signal or exit status, and the tail of its stderr) or ``timeout``."""
+
+    kind: str
+    type_name: str = ""
+    mro: list[str] = field(default_factory=list)
+    message: str = ""
+    detail: str = ""
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        if self.kind == "raised":
+            return f"raised {self.type_name}: {self.message[:300]}"
+        if self.kind in ("crashed", "timeout"):
+            return f"{self.kind} ({self.detail[-600:]})"
+        return self.kind
+
+
+_CHILD = r"""
+import importlib, json, os, resource, sys, time, traceback
+limit = int(os.environ.pop("ATTNRS_FUZZ_RLIMIT_AS", "0"))
+if limit:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+sys.path.insert(0, os.environ.pop("ATTNRS_FUZZ_TESTS_DIR"))
+module = importlib.import_module(sys.argv[1])
+import attnrs  # noqa: F401  (imported before the first case so that its time is not a case's)
+out = sys.stdout
+for name in sys.argv[2:]:
+    out.write("START " + name + "\n")
+    out.flush()
+    start = time.monotonic()
+    try:
+        module.CASES[name].call()
+        result = {"kind": "returned"}
+    except BaseException as e:
+        result = {"kind": "raised", "type_name": type(e).__name__, "mro": [c.__name__ for c in type(e).__mro__],
+                  "message": str(e)[:2000]}
+    result["seconds"] = time.monotonic() - start
+    out.write("END " + json.dumps(result) + "\n")
+    out.flush()
+"""
+
+
+def _reader(stream: Any, lines: queue.Queue[str | None]) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def run_in_children(
+    module: str,
+    names: Sequence[str],
+    *,
+    timeouts: dict[str, float] | None = None,
+    default_timeout: float = 20.0,
+    rlimit_as: int = 4 << 30,
+    env: dict[str, str] | None = None,
+) -> dict[str, Outcome]:
+    """Calls ``module.CASES[name].call()`` for each name in a child Python process (several per child, in order),
+    with the address space limited to ``rlimit_as`` bytes and a wall-clock limit per case. A child that dies or
+    overruns is recorded against the case it was running and a fresh child continues with the next one."""
+    timeouts = timeouts or {}
+    results: dict[str, Outcome] = {}
+    pending = list(names)
+    child_env = dict(os.environ)
+    child_env.update(env or {})
+    child_env["ATTNRS_FUZZ_TESTS_DIR"] = str(TESTS_DIR)
+    child_env["ATTNRS_FUZZ_RLIMIT_AS"] = str(rlimit_as)
+    child_env.setdefault("RUST_BACKTRACE", "0")
+    child_env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    while pending:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, module, *pending],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_env,
+            cwd=TESTS_DIR,
+        )
+        lines: queue.Queue[str | None] = queue.Queue()
+        errors: list[str] = []
+        threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
+        threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]
+        current: str | None = None
+        started = time.monotonic()
+        startup_limit = 120.0  # importing torch on a busy machine
+        while True:
+            limit = startup_limit if current is None else timeouts.get(current, default_timeout)
+            try:
+                line = lines.get(timeout=max(0.1, limit - (time.monotonic() - started)))
+            except queue.Empty:
+                proc.kill()
+                proc.wait()
+                if current is None:
+                    raise RuntimeError(
+                        f"the fuzz child did not start in {startup_limit} s: {''.join(errors)[-2000:]}"
+                    ) from None
+                results[current] = Outcome("timeout", detail=f"no answer in {limit} s", seconds=limit)
+                pending.remove(current)
+                break
+            if line is None:  # the child is gone
+                rc = proc.wait()
+                time.sleep(0.05)  # let the stderr reader finish
+                if current is None:
+                    if pending and not results.keys() >= set(pending):
+                        raise RuntimeError(f"the fuzz child died before any case (rc {rc}): {''.join(errors)[-3000:]}")
+                    pending = []
+                    break
+                how = f"signal {-rc}" if rc < 0 else f"exit status {rc}"
+                results[current] = Outcome("crashed", detail=f"{how}; stderr: {''.join(errors)[-1500:]}")
+                pending.remove(current)
+                break
+            if line.startswith("START "):
+                current = line[6:].strip()
+                started = time.monotonic()
+            elif line.startswith("END ") and current is not None:
+                data = json.loads(line[4:])
+                results[current] = Outcome(**data)
+                pending.remove(current)
+                current = None
+                started = time.monotonic()
+                startup_limit = 1e9
+                if not pending:
+                    proc.wait()
+                    break
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return results
+
+
+def typed_error_problem(
+    outcome: Outcome, words: Sequence[str], allowed: Sequence[str] = ("AttnrsError",), internal_ok: bool = False
+) -> str | None:
+    """None when the child raised one of ``allowed`` (class names in its MRO; never ``InternalError``, a panic,
+    unless ``internal_ok``) with every one of ``words`` in its message; otherwise what went wrong."""
+    if outcome.kind != "raised":
+        return outcome.describe() if outcome.kind != "returned" else "returned without an error"
+    if "InternalError" in outcome.mro and not internal_ok:
+        return f"an InternalError (a panic or broken invariant): {outcome.message[:300]}"
+    if not any(a in outcome.mro for a in allowed):
+        return f"an untyped error {outcome.type_name} (expected {'/'.join(allowed)}): {outcome.message[:300]}"
+    missing = [w for w in words if w.lower() not in outcome.message.lower()]
+    if missing:
+        return f"the message does not name {missing}: {outcome.type_name}: {outcome.message[:300]}"
+    return None
+
+
+@dataclass
+class BadCase:
+    """One bad input: ``call`` must raise an error of a class in ``allowed`` whose message contains ``words``."""
+
+    call: Callable[[], Any]
+    words: Sequence[str]
+    allowed: Sequence[str] = ("AttnrsError",)
+    timeout: float = 20.0
+    xfail: str | None = None  # the reason, "#15: ...", for a known defect
+
+
+def statm_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

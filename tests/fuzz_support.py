@@ -16,14 +16,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
+from attnrs import masks
+
+RefFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 LARGE = os.environ.get("ATTNRS_FUZZ", "").strip().lower() == "large"
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -169,6 +173,179 @@ def assert_unchanged(saved: list[tuple[Any, torch.Tensor]]) -> None:
         assert tensor.shape == copy.shape, f"input tensor #{i} changed shape"
         assert torch.equal(tensor.detach().isnan(), copy.isnan()), f"input tensor #{i} was mutated (NaNs)"
         assert torch.equal(tensor.detach().nan_to_num(0.0), copy.nan_to_num(0.0)), f"input tensor #{i} was mutated"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masks with independent references
+
+
+@dataclass
+class MaskSpec:
+    """An attnrs mask (a Mask or a plain mask_mod) and its reference ``ref(b, h, q_pos, kv_pos) -> bool`` on
+    absolute positions (broadcasting int64 index tensors), written from the documented definitions."""
+
+    mask: Any
+    ref: RefFn
+    text: str
+    tables: list[torch.Tensor] = field(default_factory=list)
+
+
+def _per_batch(values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return values[b] if values.shape[0] > 1 else values[torch.zeros_like(b)]
+
+
+def _row(table: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return b if table.shape[0] > 1 else torch.zeros_like(b)
+
+
+CALLABLES: list[tuple[str, RefFn]] = [
+    ("(q + 2kv + h) % 3 != 0", lambda b, h, q, kv: ((q + 2 * kv + h) % 3) != 0),
+    ("kv <= q and (b + h) even, or kv == 0", lambda b, h, q, kv: ((kv <= q) & ((b + h) % 2 == 0)) | (kv == 0)),
+    ("|q - kv| < 4", lambda b, h, q, kv: (q - kv).abs() < 4),
+    ("kv % 5 != 1", lambda b, h, q, kv: (kv % 5) != 1),
+    ("nothing", lambda b, h, q, kv: (q < -(10**9)) & (kv < 0)),
+]
+
+
+@st.composite
+def mask_specs(draw: st.DrawFn, batch: int, max_pos: int, depth: int = 0) -> MaskSpec:
+    """A random mask whose tables cover positions ``0 .. max_pos - 1`` with batch 1 or ``batch``."""
+    leaves = [
+        "causal",
+        "sliding",
+        "sliding_overlay",
+        "chunked",
+        "padding",
+        "document",
+        "prefix",
+        "bidirectional",
+        "callable",
+    ]
+    kinds = [*leaves, "and", "or", "not", "shift"] if depth < 2 else leaves
+    kind = draw(st.sampled_from(kinds))
+    table_batch = draw(st.sampled_from(sorted({1, max(1, batch)})))
+    n = max(1, max_pos)
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    if kind == "causal":
+        off = draw(st.integers(-5, 5))
+        return MaskSpec(masks.causal(off), lambda b, h, q, kv: kv <= q + off, f"causal({off})")
+    if kind == "sliding":
+        w, causal = draw(st.integers(1, 20)), draw(st.booleans())
+        if causal:
+            return MaskSpec(
+                masks.sliding_window(w), lambda b, h, q, kv: (kv > q - w) & (kv <= q), f"sliding_window({w})"
+            )
+        return MaskSpec(
+            masks.sliding_window(w, causal=False),
+            lambda b, h, q, kv: (q - kv).abs() <= w,
+            f"sliding_window({w}, causal=False)",
+        )
+    if kind == "sliding_overlay":
+        w = draw(st.integers(1, 20))
+        return MaskSpec(masks.sliding_window_overlay(w), lambda b, h, q, kv: kv > q - w, f"sliding_window_overlay({w})")
+    if kind == "chunked":
+        chunk, causal = draw(st.integers(1, 12)), draw(st.booleans())
+        lp = torch.randint(0, 6, (table_batch,), generator=gen)
+        lp_arg: Any = lp if draw(st.booleans()) else lp.tolist()
+
+        def chunk_ref(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            start = _per_batch(lp, b)
+            same = torch.div(kv - start, chunk, rounding_mode="floor") == torch.div(
+                q - start, chunk, rounding_mode="floor"
+            )
+            return same & (kv <= q) if causal else same
+
+        return MaskSpec(
+            masks.chunked(chunk, lp_arg, causal=causal), chunk_ref, f"chunked({chunk}, {lp.tolist()})", [lp]
+        )
+    if kind == "padding":
+        width = draw(st.integers(1, n + 3))
+        valid = torch.rand(table_batch, width, generator=gen) > draw(st.sampled_from([0.0, 0.3, 0.9]))
+
+        def pad_ref(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            inside = (kv >= 0) & (kv < width)
+            return valid[_row(valid, b), kv.clamp(0, width - 1)] & inside
+
+        return MaskSpec(masks.padding(valid), pad_ref, f"padding({list(valid.shape)})", [valid])
+    if kind == "document":
+        width = n + draw(st.integers(0, 3))
+        ids = torch.randint(0, draw(st.integers(1, 4)), (table_batch, width), generator=gen)
+        if draw(st.booleans()):
+            ids = ids.sort(-1).values
+        ids_arg = ids[0] if table_batch == 1 and draw(st.booleans()) else ids
+
+        def doc_ref(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            inside = (q >= 0) & (q < width) & (kv >= 0) & (kv < width)
+            row = _row(ids, b)
+            return (ids[row, q.clamp(0, width - 1)] == ids[row, kv.clamp(0, width - 1)]) & inside
+
+        return MaskSpec(masks.document(ids_arg), doc_ref, f"document({ids.tolist()})", [ids])
+    if kind == "prefix":
+        lengths = torch.randint(0, n + 2, (table_batch,), generator=gen)
+        return MaskSpec(
+            masks.prefix_lm(lengths),
+            lambda b, h, q, kv: (kv < _per_batch(lengths, b)) | (kv <= q),
+            f"prefix_lm({lengths.tolist()})",
+            [lengths],
+        )
+    if kind == "bidirectional":
+        return MaskSpec(masks.bidirectional(), lambda b, h, q, kv: (q == q) & (kv == kv), "bidirectional()")
+    if kind == "callable":
+        text, fn = draw(st.sampled_from(CALLABLES))
+        # A plain mask_mod (not recognised), or the same wrapped in from_callable.
+        wrapped = (lambda b, h, q, kv: fn(b, h, q, kv)) if draw(st.booleans()) else masks.from_callable(fn)
+        return MaskSpec(wrapped, fn, f"mask_mod[{text}]")
+    if kind == "not":
+        inner = draw(mask_specs(batch, max_pos, depth + 1))
+        return MaskSpec(~masks.as_mask(inner.mask), lambda b, h, q, kv: ~inner.ref(b, h, q, kv), f"~{inner.text}")
+    if kind == "shift":
+        inner = draw(mask_specs(batch, 0, depth + 1).filter(lambda s: "document" not in s.text))
+        dq, dk = draw(st.integers(-4, 4)), draw(st.integers(-4, 4))
+        return MaskSpec(
+            masks.as_mask(inner.mask).shifted(dq, dk),
+            lambda b, h, q, kv: inner.ref(b, h, q + dq, kv + dk),
+            f"{inner.text}.shifted({dq}, {dk})",
+            inner.tables,
+        )
+    parts = [draw(mask_specs(batch, max_pos, depth + 1)) for _ in range(draw(st.integers(2, 3)))]
+    if kind == "and":
+        if draw(st.booleans()):
+            combined = masks.and_masks(*(p.mask for p in parts))
+        else:
+            combined = masks.as_mask(parts[0].mask)
+            for p in parts[1:]:
+                combined = combined & p.mask
+
+        def and_ref(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            out = parts[0].ref(b, h, q, kv)
+            for p in parts[1:]:
+                out = out & p.ref(b, h, q, kv)
+            return out
+
+        return MaskSpec(
+            combined, and_ref, "(" + " & ".join(p.text for p in parts) + ")", [t for p in parts for t in p.tables]
+        )
+    combined = masks.or_masks(*(p.mask for p in parts))
+
+    def or_ref(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        out = parts[0].ref(b, h, q, kv)
+        for p in parts[1:]:
+            out = out | p.ref(b, h, q, kv)
+        return out
+
+    return MaskSpec(
+        combined, or_ref, "(" + " | ".join(p.text for p in parts) + ")", [t for p in parts for t in p.tables]
+    )
+
+
+def evaluate_ref(
+    ref: RefFn, batch: int, heads: int, q_len: int, kv_len: int, q_offset: int, kv_offset: int
+) -> torch.Tensor:
+    b = torch.arange(batch).view(-1, 1, 1, 1)
+    h = torch.arange(heads).view(1, -1, 1, 1)
+    q = (torch.arange(q_len) + q_offset).view(1, 1, -1, 1)
+    kv = (torch.arange(kv_len) + kv_offset).view(1, 1, 1, -1)
+    return ref(b, h, q, kv).expand(batch, heads, q_len, kv_len)
 
 
 # ---------------------------------------------------------------------------------------------------------------

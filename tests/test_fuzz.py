@@ -18,12 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import torch
 from fuzz_support import (
+    CALLABLES,
     assert_close_to_reference,
     assert_lse_close,
     assert_unchanged,
+    evaluate_ref,
     fuzz_settings,
+    mask_specs,
     reference_attention,
     size,
     snapshot,
@@ -36,180 +40,6 @@ from attnrs import masks
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 HEAD_DIMS = [1, 3, 8, 16, 17, 32, 64, 80, 96, 128, 256]
-RefFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Masks with independent references
-
-
-@dataclass
-class MaskSpec:
-    """An attnrs mask (a Mask or a plain mask_mod) and its reference ``ref(b, h, q_pos, kv_pos) -> bool`` on
-    absolute positions (broadcasting int64 index tensors), written from the documented definitions."""
-
-    mask: Any
-    ref: RefFn
-    text: str
-    tables: list[torch.Tensor] = field(default_factory=list)
-
-
-def _per_batch(values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return values[b] if values.shape[0] > 1 else values[torch.zeros_like(b)]
-
-
-def _row(table: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return b if table.shape[0] > 1 else torch.zeros_like(b)
-
-
-CALLABLES: list[tuple[str, RefFn]] = [
-    ("(q + 2kv + h) % 3 != 0", lambda b, h, q, kv: ((q + 2 * kv + h) % 3) != 0),
-    ("kv <= q and (b + h) even, or kv == 0", lambda b, h, q, kv: ((kv <= q) & ((b + h) % 2 == 0)) | (kv == 0)),
-    ("|q - kv| < 4", lambda b, h, q, kv: (q - kv).abs() < 4),
-    ("kv % 5 != 1", lambda b, h, q, kv: (kv % 5) != 1),
-    ("nothing", lambda b, h, q, kv: (q < -(10**9)) & (kv < 0)),
-]
-
-
-@st.composite
-def mask_specs(draw: st.DrawFn, batch: int, max_pos: int, depth: int = 0) -> MaskSpec:
-    """A random mask whose tables cover positions ``0 .. max_pos - 1`` with batch 1 or ``batch``."""
-    leaves = [
-        "causal",
-        "sliding",
-        "sliding_overlay",
-        "chunked",
-        "padding",
-        "document",
-        "prefix",
-        "bidirectional",
-        "callable",
-    ]
-    kinds = [*leaves, "and", "or", "not", "shift"] if depth < 2 else leaves
-    kind = draw(st.sampled_from(kinds))
-    table_batch = draw(st.sampled_from(sorted({1, max(1, batch)})))
-    n = max(1, max_pos)
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    if kind == "causal":
-        off = draw(st.integers(-5, 5))
-        return MaskSpec(masks.causal(off), lambda b, h, q, kv: kv <= q + off, f"causal({off})")
-    if kind == "sliding":
-        w, causal = draw(st.integers(1, 20)), draw(st.booleans())
-        if causal:
-            return MaskSpec(
-                masks.sliding_window(w), lambda b, h, q, kv: (kv > q - w) & (kv <= q), f"sliding_window({w})"
-            )
-        return MaskSpec(
-            masks.sliding_window(w, causal=False),
-            lambda b, h, q, kv: (q - kv).abs() <= w,
-            f"sliding_window({w}, causal=False)",
-        )
-    if kind == "sliding_overlay":
-        w = draw(st.integers(1, 20))
-        return MaskSpec(masks.sliding_window_overlay(w), lambda b, h, q, kv: kv > q - w, f"sliding_window_overlay({w})")
-    if kind == "chunked":
-        chunk, causal = draw(st.integers(1, 12)), draw(st.booleans())
-        lp = torch.randint(0, 6, (table_batch,), generator=gen)
-        lp_arg: Any = lp if draw(st.booleans()) else lp.tolist()
-
-        def chunk_ref(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-            start = _per_batch(lp, b)
-            same = torch.div(kv - start, chunk, rounding_mode="floor") == torch.div(
-                q - start, chunk, rounding_mode="floor"
-            )
-            return same & (kv <= q) if causal else same
-
-        return MaskSpec(
-            masks.chunked(chunk, lp_arg, causal=causal), chunk_ref, f"chunked({chunk}, {lp.tolist()})", [lp]
-        )
-    if kind == "padding":
-        width = draw(st.integers(1, n + 3))
-        valid = torch.rand(table_batch, width, generator=gen) > draw(st.sampled_from([0.0, 0.3, 0.9]))
-
-        def pad_ref(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-            inside = (kv >= 0) & (kv < width)
-            return valid[_row(valid, b), kv.clamp(0, width - 1)] & inside
-
-        return MaskSpec(masks.padding(valid), pad_ref, f"padding({list(valid.shape)})", [valid])
-    if kind == "document":
-        width = n + draw(st.integers(0, 3))
-        ids = torch.randint(0, draw(st.integers(1, 4)), (table_batch, width), generator=gen)
-        if draw(st.booleans()):
-            ids = ids.sort(-1).values
-        ids_arg = ids[0] if table_batch == 1 and draw(st.booleans()) else ids
-
-        def doc_ref(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-            inside = (q >= 0) & (q < width) & (kv >= 0) & (kv < width)
-            row = _row(ids, b)
-            return (ids[row, q.clamp(0, width - 1)] == ids[row, kv.clamp(0, width - 1)]) & inside
-
-        return MaskSpec(masks.document(ids_arg), doc_ref, f"document({ids.tolist()})", [ids])
-    if kind == "prefix":
-        lengths = torch.randint(0, n + 2, (table_batch,), generator=gen)
-        return MaskSpec(
-            masks.prefix_lm(lengths),
-            lambda b, h, q, kv: (kv < _per_batch(lengths, b)) | (kv <= q),
-            f"prefix_lm({lengths.tolist()})",
-            [lengths],
-        )
-    if kind == "bidirectional":
-        return MaskSpec(masks.bidirectional(), lambda b, h, q, kv: (q == q) & (kv == kv), "bidirectional()")
-    if kind == "callable":
-        text, fn = draw(st.sampled_from(CALLABLES))
-        # A plain mask_mod (not recognised), or the same wrapped in from_callable.
-        wrapped = (lambda b, h, q, kv: fn(b, h, q, kv)) if draw(st.booleans()) else masks.from_callable(fn)
-        return MaskSpec(wrapped, fn, f"mask_mod[{text}]")
-    if kind == "not":
-        inner = draw(mask_specs(batch, max_pos, depth + 1))
-        return MaskSpec(~masks.as_mask(inner.mask), lambda b, h, q, kv: ~inner.ref(b, h, q, kv), f"~{inner.text}")
-    if kind == "shift":
-        inner = draw(mask_specs(batch, 0, depth + 1).filter(lambda s: "document" not in s.text))
-        dq, dk = draw(st.integers(-4, 4)), draw(st.integers(-4, 4))
-        return MaskSpec(
-            masks.as_mask(inner.mask).shifted(dq, dk),
-            lambda b, h, q, kv: inner.ref(b, h, q + dq, kv + dk),
-            f"{inner.text}.shifted({dq}, {dk})",
-            inner.tables,
-        )
-    parts = [draw(mask_specs(batch, max_pos, depth + 1)) for _ in range(draw(st.integers(2, 3)))]
-    if kind == "and":
-        if draw(st.booleans()):
-            combined = masks.and_masks(*(p.mask for p in parts))
-        else:
-            combined = masks.as_mask(parts[0].mask)
-            for p in parts[1:]:
-                combined = combined & p.mask
-
-        def and_ref(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-            out = parts[0].ref(b, h, q, kv)
-            for p in parts[1:]:
-                out = out & p.ref(b, h, q, kv)
-            return out
-
-        return MaskSpec(
-            combined, and_ref, "(" + " & ".join(p.text for p in parts) + ")", [t for p in parts for t in p.tables]
-        )
-    combined = masks.or_masks(*(p.mask for p in parts))
-
-    def or_ref(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        out = parts[0].ref(b, h, q, kv)
-        for p in parts[1:]:
-            out = out | p.ref(b, h, q, kv)
-        return out
-
-    return MaskSpec(
-        combined, or_ref, "(" + " | ".join(p.text for p in parts) + ")", [t for p in parts for t in p.tables]
-    )
-
-
-def evaluate_ref(
-    ref: RefFn, batch: int, heads: int, q_len: int, kv_len: int, q_offset: int, kv_offset: int
-) -> torch.Tensor:
-    b = torch.arange(batch).view(-1, 1, 1, 1)
-    h = torch.arange(heads).view(1, -1, 1, 1)
-    q = (torch.arange(q_len) + q_offset).view(1, 1, -1, 1)
-    kv = (torch.arange(kv_len) + kv_offset).view(1, 1, 1, -1)
-    return ref(b, h, q, kv).expand(batch, heads, q_len, kv_len)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -555,3 +385,152 @@ def test_gradients_match_float64_autograd(p: Problem) -> None:
         assert not torch.isnan(g).any(), f"{name}: NaN"
         magnitude = max(1.0, float(rg.abs().max()) if rg.numel() else 1.0)
         torch.testing.assert_close(g.double(), rg, rtol=1e-4, atol=1e-4 * magnitude, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NaN inputs: torch's math path is the reference where the NaN is visible
+
+
+def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    if mask is not None and mask.dtype == torch.bool:  # the raw op adds a bool mask; SDPA converts it first
+        mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+    out, _ = torch.ops.aten._scaled_dot_product_attention_math(q, k, v, mask, 0.0, False, scale=scale, enable_gqa=True)
+    return out
+
+
+@fuzz_settings(60)
+@given(st.data())
+def test_nan_in_keys_and_values_propagates_like_torch_math(data: st.DataObject) -> None:
+    """A NaN in a key or a value reaches exactly the rows that see it, as in torch's math path; rows that do not
+    see it (masked out) keep their NaN-free values."""
+    b, h_kv = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2))
+    h = h_kv * data.draw(st.integers(1, 2))
+    q_len, kv_len, d = data.draw(st.integers(1, size(20, 150))), data.draw(st.integers(1, size(20, 150))), 8
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    q, k, v = (torch.randn(s, generator=gen) for s in ((b, h, q_len, d), (b, h_kv, kv_len, d), (b, h_kv, kv_len, d)))
+    dense = torch.rand(b, 1, q_len, kv_len, generator=gen) > 0.4 if data.draw(st.booleans()) else None
+    where = data.draw(st.sampled_from(["key", "value"]))
+    bi, hi, j, di = (data.draw(st.integers(0, n - 1)) for n in (b, h_kv, kv_len, d))
+    (k if where == "key" else v)[bi, hi, j, di] = float("nan")
+    note(f"NaN in {where}[{bi}, {hi}, {j}, {di}], dense mask: {dense is not None}")
+    saved = snapshot(q, k, v, dense)
+    out = attnrs.attention(q, k, v, dense, scale=0.5)
+    assert_unchanged(saved)
+    visible = torch.ones(b, h, q_len, kv_len, dtype=torch.bool) if dense is None else dense.expand(b, h, -1, -1)
+    sees = torch.zeros(b, h, q_len, dtype=torch.bool)
+    group = h // h_kv
+    sees[bi, hi * group : (hi + 1) * group] = visible[bi, hi * group : (hi + 1) * group, :, j]
+    if where == "key":
+        # A row whose only visible key is the NaN one: see test_nan_in_the_only_visible_key_gives_a_nan_row.
+        assume(not bool((sees & (visible.sum(-1) == 1)).any()))
+    expected = _math(q, k, v, None if dense is None else dense, 0.5)
+    torch.testing.assert_close(out[sees], expected[sees], equal_nan=True, msg="rows that see the NaN")
+    clean_k, clean_v = k.nan_to_num(0.0), v.nan_to_num(0.0)
+    ref, _ = reference_attention(q, clean_k, clean_v, visible, scale=0.5)
+    if where == "key":  # a masked NaN value leaks as 0 * NaN: see test_a_masked_nan_value_does_not_leak
+        torch.testing.assert_close(out[~sees].double(), ref[~sees], rtol=2e-5, atol=2e-5, msg="rows that miss it")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="#15 new: a NaN in a value that a row does not see (masked, e.g. an unused KV-cache slot) still makes "
+    "that row NaN (weight 0 x NaN), when the key shares a tile with visible ones (torch's math path does the same)",
+)
+@pytest.mark.parametrize("mask", ["is_causal", "dense"])
+def test_a_masked_nan_value_does_not_leak(mask: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 40, 8, generator=gen) for _ in range(3))
+    v[0, 0, 30, 0] = float("nan")  # key 30: masked for rows 0..29
+    causal = torch.ones(40, 40, dtype=torch.bool).tril()
+    out = attnrs.attention(q, k, v, causal if mask == "dense" else None, is_causal=mask == "is_causal")
+    assert not torch.isnan(out[0, 0, :30]).any(), torch.isnan(out[0, 0, :, 0]).nonzero().flatten().tolist()
+
+
+@pytest.mark.xfail(strict=True, reason="#15 (c): a NaN in one query row gives zeros instead of NaN")
+@pytest.mark.parametrize("mask", ["none", "causal", "dense"])
+def test_nan_in_a_query_row_propagates_like_torch_math(mask: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=gen) for _ in range(3))
+    q[0, 1, 5, 3] = float("nan")
+    dense = torch.ones(16, 16, dtype=torch.bool).tril() if mask != "none" else None
+    out = attnrs.attention(q, k, v, dense if mask == "dense" else None, is_causal=mask == "causal", scale=0.5)
+    expected = _math(q, k, v, dense, 0.5)
+    torch.testing.assert_close(out, expected, equal_nan=True)
+
+
+@pytest.mark.xfail(strict=True, reason="#15 (c): a row whose only visible score is NaN gives zeros instead of NaN")
+@pytest.mark.parametrize("kv_len", [1, 5])
+def test_nan_in_the_only_visible_key_gives_a_nan_row(kv_len: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 5, 8, generator=gen) for _ in range(3))
+    k, v = k[:, :, :kv_len].clone(), v[:, :, :kv_len]
+    k[0, 0, 0, 0] = float("nan")
+    mask = torch.zeros(5, kv_len, dtype=torch.bool)
+    mask[:, 0] = True  # key 0 (the NaN one) is the only key every row sees
+    out = attnrs.attention(q, k, v, mask if kv_len > 1 else None, scale=0.5)
+    torch.testing.assert_close(out, _math(q, k, v, mask, 0.5), equal_nan=True)
+
+
+@pytest.mark.xfail(strict=True, reason="#15 (c): a NaN in an additive mask gives zeros instead of NaN")
+@pytest.mark.parametrize("row", ["nan_among_minus_inf", "all_nan"])
+def test_nan_in_an_additive_mask_propagates_like_torch_math(row: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 8, generator=gen) for _ in range(3))
+    bias = torch.zeros(1, 1, 6, 6)
+    if row == "all_nan":
+        bias[0, 0, 2] = float("nan")
+    else:
+        bias[0, 0, 2] = float("-inf")
+        bias[0, 0, 2, 4] = float("nan")
+    out = attnrs.attention(q, k, v, bias, scale=0.5)
+    torch.testing.assert_close(out, _math(q, k, v, bias, 0.5), equal_nan=True)
+
+
+def test_nan_in_an_additive_mask_at_a_visible_position_gives_a_nan_row() -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 8, generator=gen) for _ in range(3))
+    bias = torch.randn(40, 40, generator=gen)
+    bias[7, 30] = float("nan")
+    out = attnrs.attention(q, k, v, bias, scale=0.5)
+    torch.testing.assert_close(out, _math(q, k, v, bias, 0.5), equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Other defects
+
+
+@pytest.mark.xfail(strict=True, reason="#15 (g): capabilities={'devices': 'cpu'} is stored as ['c', 'p', 'u']")
+def test_capabilities_given_as_a_string_are_one_entry() -> None:
+    name = "fuzz_caps_string"
+    attnrs.AttentionInterface.register(name, lambda *a, **k: None, capabilities={"devices": "cpu", "dtypes": "bf16"})
+    try:
+        caps = attnrs.AttentionInterface().capabilities(name)
+        assert caps is not None
+        assert caps["devices"] == ["cpu"] and caps["dtypes"] == ["bf16"], caps
+    finally:
+        attnrs.AttentionInterface._global_mapping.pop(name)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="#15 new: a mask_mod that reads b or h on an empty batch or head grid raises ShapeError ('bitmap: "
+    "expected batch and head sizes of at least 1'), while structural masks and None give the empty output",
+)
+@pytest.mark.parametrize("shape", [(0, 2, 4, 8), (1, 0, 4, 8), (0, 0, 1, 1)])
+def test_a_mask_mod_on_an_empty_grid_gives_an_empty_output(shape: tuple[int, ...]) -> None:
+    q = torch.randn(shape)
+    expected = attnrs.attention(q, q, q, masks.causal())
+    out = attnrs.attention(q, q, q, lambda b, h, qi, kv: (kv <= qi) & (b + h >= 0))
+    assert out.shape == expected.shape
+
+
+@pytest.mark.xfail(strict=True, reason="#15 new: sinks=+inf gives a NaN LSE on the native kernel (math: +inf, out 0)")
+def test_an_infinite_sink_takes_the_whole_row() -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 3, 8, generator=gen) for _ in range(3))
+    sinks = torch.tensor([float("inf"), 0.0])
+    out, lse = attnrs.attention(q, k, v, sinks=sinks, return_lse=True)
+    _, ref_lse = reference_attention(q, k, v, sinks=sinks)
+    assert bool((out[0, 0] == 0).all())
+    assert not torch.isnan(lse).any(), lse
+    torch.testing.assert_close(lse.double(), ref_lse)

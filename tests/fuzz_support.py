@@ -220,6 +220,7 @@ def mask_specs(draw: st.DrawFn, batch: int, max_pos: int, depth: int = 0) -> Mas
         "prefix",
         "bidirectional",
         "callable",
+        *(["transformers"] if _TRANSFORMERS is not None else []),
     ]
     kinds = [*leaves, "and", "or", "not", "shift"] if depth < 2 else leaves
     kind = draw(st.sampled_from(kinds))
@@ -290,6 +291,8 @@ def mask_specs(draw: st.DrawFn, batch: int, max_pos: int, depth: int = 0) -> Mas
         )
     if kind == "bidirectional":
         return MaskSpec(masks.bidirectional(), lambda b, h, q, kv: (q == q) & (kv == kv), "bidirectional()")
+    if kind == "transformers":
+        return draw(_transformers_masks(table_batch, n, gen))
     if kind == "callable":
         text, fn = draw(st.sampled_from(CALLABLES))
         # A plain mask_mod (not recognised), or the same wrapped in from_callable.
@@ -335,6 +338,76 @@ def mask_specs(draw: st.DrawFn, batch: int, max_pos: int, depth: int = 0) -> Mas
 
     return MaskSpec(
         combined, or_ref, "(" + " | ".join(p.text for p in parts) + ")", [t for p in parts for t in p.tables]
+    )
+
+
+try:
+    from transformers import masking_utils as _TRANSFORMERS
+except ImportError:  # transformers is optional
+    _TRANSFORMERS = None
+
+
+@st.composite
+def _transformers_masks(draw: st.DrawFn, table_batch: int, n: int, gen: torch.Generator) -> MaskSpec:
+    """transformers' own mask functions (recognised by attnrs as structural masks), with the references of the
+    pieces they mean."""
+    mu = _TRANSFORMERS
+    kind = draw(st.sampled_from(["causal", "overlay", "bidirectional_overlay", "chunked", "padding", "packed", "and"]))
+    if kind == "causal":
+        return MaskSpec(mu.causal_mask_function, lambda b, h, q, kv: kv <= q, "mu.causal_mask_function")
+    if kind == "overlay":
+        w = draw(st.integers(-3, 20))  # configs ship 0 for "no window"; transformers still builds the mask
+        return MaskSpec(mu.sliding_window_overlay(w), lambda b, h, q, kv: kv > q - w, f"mu.sliding_window_overlay({w})")
+    if kind == "bidirectional_overlay":
+        w = draw(st.integers(-2, 20))
+        return MaskSpec(
+            mu.sliding_window_bidirectional_overlay(w),
+            lambda b, h, q, kv: (q - kv).abs() <= w,
+            f"mu.sliding_window_bidirectional_overlay({w})",
+        )
+    if kind == "chunked":
+        chunk = draw(st.integers(1, 12))
+        lp = torch.randint(0, 6, (table_batch,), generator=gen)
+
+        def chunk_ref(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            start = _per_batch(lp, b)
+            return torch.div(kv - start, chunk, rounding_mode="floor") == torch.div(
+                q - start, chunk, rounding_mode="floor"
+            )
+
+        return MaskSpec(mu.chunked_overlay(chunk, lp), chunk_ref, f"mu.chunked_overlay({chunk}, {lp.tolist()})", [lp])
+    if kind == "padding":
+        valid = torch.rand(table_batch, n, generator=gen) > 0.3
+
+        def pad_ref(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            return valid[_row(valid, b), kv.clamp(0, n - 1)] & (kv >= 0) & (kv < n)
+
+        return MaskSpec(
+            mu.padding_mask_function(valid), pad_ref, f"mu.padding_mask_function({list(valid.shape)})", [valid]
+        )
+    if kind == "packed":
+        ids = torch.randint(0, 3, (table_batch, n), generator=gen).sort(-1).values
+
+        def doc_ref(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            inside = (q >= 0) & (q < n) & (kv >= 0) & (kv < n)
+            row = _row(ids, b)
+            return (ids[row, q.clamp(0, n - 1)] == ids[row, kv.clamp(0, n - 1)]) & inside
+
+        return MaskSpec(
+            mu.packed_sequence_mask_function(ids), doc_ref, f"mu.packed_sequence_mask_function({ids.tolist()})", [ids]
+        )
+    w = draw(st.integers(1, 10))
+    combine = draw(st.sampled_from(["and", "or"]))
+    if combine == "and":
+        return MaskSpec(
+            mu.and_masks(mu.causal_mask_function, mu.sliding_window_overlay(w)),
+            lambda b, h, q, kv: (kv <= q) & (kv > q - w),
+            f"mu.and_masks(causal, overlay({w}))",
+        )
+    return MaskSpec(
+        mu.or_masks(mu.causal_mask_function, mu.sliding_window_bidirectional_overlay(w)),
+        lambda b, h, q, kv: (kv <= q) | ((q - kv).abs() <= w),
+        f"mu.or_masks(causal, bidirectional_overlay({w}))",
     )
 
 

@@ -169,6 +169,8 @@ def problems(draw: st.DrawFn, dtypes: list[torch.dtype] = DTYPES, grad: bool = F
         q_len, kv_len = draw(st.integers(1, 3)), draw(st.integers(1, size(600, 5000)))
     else:
         q_len, kv_len = draw(st.sampled_from([(0, 5), (4, 0), (0, 0), (1, 0), (3, 3)]))
+    if grad:  # the float64 autograd reference is the slow part
+        q_len, kv_len = min(q_len, 100), min(kv_len, size(200, 1000))
     if d * max(1, h) * (q_len + kv_len) > 300_000:  # keeps an example well under a second
         d, dv = min(d, 32), min(dv, 32)
     rank = draw(st.sampled_from([4, 4, 4, 3, 5]))
@@ -247,7 +249,9 @@ def problems(draw: st.DrawFn, dtypes: list[torch.dtype] = DTYPES, grad: bool = F
         spec = draw(mask_specs(batch, max(q_off + q_len, kv_off + kv_len)))
         assume("mask_mod" not in spec.text or (batch > 0 and h > 0))
         block = draw(st.sampled_from([1, 3, 16, 64, 128, (16, 32), (128, 64)]))
-        mb, mh = draw(st.sampled_from(sorted({1, batch}))), draw(st.sampled_from(sorted({1, max(h, 1)})))
+        per_batch = any(t.dim() and t.shape[0] > 1 for t in spec.tables)  # its tables' batch must be B
+        mb = batch if per_batch else draw(st.sampled_from(sorted({1, batch})))
+        mh = draw(st.sampled_from(sorted({1, max(h, 1)})))
         p.mask = attnrs.create_block_mask(
             spec.mask, None if mb == 1 else mb, mh, q_len, kv_len, BLOCK_SIZE=block, q_offset=q_off, kv_offset=kv_off
         )
@@ -304,7 +308,8 @@ def problems(draw: st.DrawFn, dtypes: list[torch.dtype] = DTYPES, grad: bool = F
             p.sinks.requires_grad_(draw(st.booleans()))
     p.return_lse = draw(st.booleans())
     p.enable_gqa = h != h_kv or draw(st.booleans())
-    p.backend = "auto" if grad else draw(st.sampled_from(["auto", "auto", "native"]))
+    # "attnrs": the built-in kernel through the native-kernel table (forward only)
+    p.backend = "auto" if grad else draw(st.sampled_from(["auto", "auto", "native", "attnrs"]))
     p.keep += [q_base, k_base, v_base, q, k, v, p.sinks]
     p.text += f" scale={p.scale} softcap={p.softcap} sinks={p.sinks is not None} lse={p.return_lse}"
     return p
@@ -314,7 +319,7 @@ def problems(draw: st.DrawFn, dtypes: list[torch.dtype] = DTYPES, grad: bool = F
 # Tests
 
 
-@fuzz_settings(260)
+@fuzz_settings(250)
 @given(problems())
 def test_forward_matches_the_float64_reference(p: Problem) -> None:
     note(p.text)
@@ -339,7 +344,7 @@ def test_forward_matches_the_float64_reference(p: Problem) -> None:
         assert_lse_close(lse.reshape(ref_lse.shape), ref_lse, dtype, p.sinks is not None)
 
 
-@fuzz_settings(60)
+@fuzz_settings(50)
 @given(problems(dtypes=[torch.float32], grad=True))
 def test_gradients_match_float64_autograd(p: Problem) -> None:
     note(p.text)

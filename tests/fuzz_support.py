@@ -459,7 +459,7 @@ if limit:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 sys.path.insert(0, os.environ.pop("ATTNRS_FUZZ_TESTS_DIR"))
 timeouts = json.loads(os.environ.pop("ATTNRS_FUZZ_TIMEOUTS"))
-fork = os.environ.pop("ATTNRS_FUZZ_FORK") == "1"
+forked = set(json.loads(os.environ.pop("ATTNRS_FUZZ_FORK")))
 module = importlib.import_module(sys.argv[1])  # imports torch and attnrs once; no attnrs call runs here
 import attnrs  # noqa: E402
 attnrs.masks.from_callable(lambda b, h, q, kv: kv <= q)  # imports transformers' mask functions (pure Python)
@@ -517,7 +517,7 @@ out = sys.stdout
 for name in sys.argv[2:]:
     out.write("START " + name + "\n")
     out.flush()
-    result = run_forked(name) if fork else run(name)
+    result = run_forked(name) if name in forked else run(name)
     out.write("END " + json.dumps(result) + "\n")
     out.flush()
 """
@@ -537,13 +537,13 @@ def run_in_children(
     default_timeout: float = 20.0,
     rlimit_as: int = 4 << 30,
     env: dict[str, str] | None = None,
-    fork: bool = True,
+    fork: Sequence[str] = (),
 ) -> dict[str, Outcome]:
     """Calls ``module.CASES[name].call()`` for each name in a child Python process, with the address space limited
     to ``rlimit_as`` bytes and a wall-clock limit per case. The child imports ``module`` (and so torch and
-    attnrs) once and, with ``fork``, runs every case in a forked copy of itself that has not called attnrs yet,
-    so a crash or a hang costs one fork. A case that kills the child (or overruns) is recorded against it and a
-    fresh child continues with the next one."""
+    attnrs) once; the cases named in ``fork`` (those likely to crash or to change the process) run in a forked
+    copy of it, so they cost one fork, not a fresh child. A case that kills the child (or overruns) is recorded
+    against it and a fresh child continues with the next one."""
     timeouts = timeouts or {}
     results: dict[str, Outcome] = {}
     pending = list(names)
@@ -552,7 +552,7 @@ def run_in_children(
     child_env["ATTNRS_FUZZ_TESTS_DIR"] = str(TESTS_DIR)
     child_env["ATTNRS_FUZZ_RLIMIT_AS"] = str(rlimit_as)
     child_env["ATTNRS_FUZZ_TIMEOUTS"] = json.dumps({n: timeouts.get(n, default_timeout) for n in names})
-    child_env["ATTNRS_FUZZ_FORK"] = "1" if fork else "0"
+    child_env["ATTNRS_FUZZ_FORK"] = json.dumps(list(fork))
     child_env.setdefault("RUST_BACKTRACE", "0")
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     while pending:

@@ -362,6 +362,7 @@ def test_gradients_match_float64_autograd(p: Problem) -> None:
     if p.bias is not None and isinstance(p.mask, torch.Tensor) and p.mask.dtype == torch.float32:
         bias_leaf = p.mask.detach().clone().requires_grad_(True)  # a learned additive bias: its gradient too
         p.mask = bias_leaf
+    saved = snapshot(p.keep, p.mask if isinstance(p.mask, torch.Tensor) else None)
     result = p.call()
     out, lse = result if p.return_lse else (result, None)
     gen = torch.Generator().manual_seed(1)
@@ -380,6 +381,7 @@ def test_gradients_match_float64_autograd(p: Problem) -> None:
         inputs.append(bias_leaf)
         names.append("dbias")
     grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    assert_unchanged(saved)
 
     # The same views of float64 copies of the leaves, through the reference.
     leaves64 = [t.detach().double().requires_grad_(True) for t in inputs]

@@ -5,8 +5,8 @@ neither 1 nor B, sparse/nested tensors, bad ``ATTNRS_NUM_THREADS``.
 A crash (abort, segfault, out of memory under the child's 4 GiB address-space limit) or a hang is a failure of
 the test named after the input, not a dead test run; so is an untyped error (not an :class:`attnrs.AttnrsError`
 or the documented builtin), an :class:`attnrs.InternalError` (a panic), or a message that does not name the
-argument. The inputs are in :mod:`fuzz_bad_cases`; all of them run in as few children as possible (a fresh child
-after each crash), once per test session.
+argument. The inputs are in :mod:`fuzz_bad_cases`; all of them run in one child process, once per test module
+(the risky ones, huge sizes and thread counts, each in a fork of it; a fresh child after any crash).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from fuzz_support import Outcome, run_in_children, typed_error_problem
 @pytest.fixture(scope="module")
 def outcomes() -> dict[str, Outcome]:
     names = sorted(CASES, key=lambda n: CASES[n].risky)  # the ones that may crash last: fewer fresh children
-    return run_in_children("fuzz_bad_cases", names, timeouts={n: c.timeout for n, c in CASES.items()})
+    risky = [n for n in names if CASES[n].risky]
+    return run_in_children("fuzz_bad_cases", names, timeouts={n: c.timeout for n, c in CASES.items()}, fork=risky)
 
 
 def _params() -> list[object]:

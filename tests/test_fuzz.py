@@ -447,22 +447,6 @@ def test_nan_in_keys_and_values_propagates_like_torch_math(data: st.DataObject) 
         torch.testing.assert_close(out[~sees].double(), ref[~sees], rtol=2e-5, atol=2e-5, msg="rows that miss it")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="#15 new: a NaN in a value that a row does not see (masked, e.g. an unused KV-cache slot) still makes "
-    "that row NaN (weight 0 x NaN), when the key shares a tile with visible ones (torch's math path does the same)",
-)
-@pytest.mark.parametrize("mask", ["is_causal", "dense"])
-def test_a_masked_nan_value_does_not_leak(mask: str) -> None:
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 1, 40, 8, generator=gen) for _ in range(3))
-    v[0, 0, 30, 0] = float("nan")  # key 30: masked for rows 0..29
-    causal = torch.ones(40, 40, dtype=torch.bool).tril()
-    out = attnrs.attention(q, k, v, causal if mask == "dense" else None, is_causal=mask == "is_causal")
-    assert not torch.isnan(out[0, 0, :30]).any(), torch.isnan(out[0, 0, :, 0]).nonzero().flatten().tolist()
-
-
-@pytest.mark.xfail(strict=True, reason="#15 (c): a NaN in one query row gives zeros instead of NaN")
 @pytest.mark.parametrize("mask", ["none", "causal", "dense"])
 def test_nan_in_a_query_row_propagates_like_torch_math(mask: str) -> None:
     gen = torch.Generator().manual_seed(0)
@@ -474,7 +458,6 @@ def test_nan_in_a_query_row_propagates_like_torch_math(mask: str) -> None:
     torch.testing.assert_close(out, expected, equal_nan=True)
 
 
-@pytest.mark.xfail(strict=True, reason="#15 (c): a row whose only visible score is NaN gives zeros instead of NaN")
 @pytest.mark.parametrize("kv_len", [1, 5])
 def test_nan_in_the_only_visible_key_gives_a_nan_row(kv_len: int) -> None:
     gen = torch.Generator().manual_seed(0)
@@ -487,7 +470,6 @@ def test_nan_in_the_only_visible_key_gives_a_nan_row(kv_len: int) -> None:
     torch.testing.assert_close(out, _math(q, k, v, mask, 0.5), equal_nan=True)
 
 
-@pytest.mark.xfail(strict=True, reason="#15 (c): a NaN in an additive mask gives zeros instead of NaN")
 @pytest.mark.parametrize("row", ["nan_among_minus_inf", "all_nan"])
 def test_nan_in_an_additive_mask_propagates_like_torch_math(row: str) -> None:
     gen = torch.Generator().manual_seed(0)
@@ -515,23 +497,6 @@ def test_nan_in_an_additive_mask_at_a_visible_position_gives_a_nan_row() -> None
 # Other defects
 
 
-@pytest.mark.xfail(strict=True, reason="#15 (g): capabilities={'devices': 'cpu'} is stored as ['c', 'p', 'u']")
-def test_capabilities_given_as_a_string_are_one_entry() -> None:
-    name = "fuzz_caps_string"
-    attnrs.AttentionInterface.register(name, lambda *a, **k: None, capabilities={"devices": "cpu", "dtypes": "bf16"})
-    try:
-        caps = attnrs.AttentionInterface().capabilities(name)
-        assert caps is not None
-        assert caps["devices"] == ["cpu"] and caps["dtypes"] == ["bf16"], caps
-    finally:
-        attnrs.AttentionInterface._global_mapping.pop(name)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="#15 new: a mask_mod that reads b or h on an empty batch or head grid raises ShapeError ('bitmap: "
-    "expected batch and head sizes of at least 1'), while structural masks and None give the empty output",
-)
 @pytest.mark.parametrize("shape", [(0, 2, 4, 8), (1, 0, 4, 8), (0, 0, 1, 1)])
 def test_a_mask_mod_on_an_empty_grid_gives_an_empty_output(shape: tuple[int, ...]) -> None:
     q = torch.randn(shape)
@@ -540,7 +505,6 @@ def test_a_mask_mod_on_an_empty_grid_gives_an_empty_output(shape: tuple[int, ...
     assert out.shape == expected.shape
 
 
-@pytest.mark.xfail(strict=True, reason="#15 new: sinks=+inf gives a NaN LSE on the native kernel (math: +inf, out 0)")
 def test_an_infinite_sink_takes_the_whole_row() -> None:
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 3, 8, generator=gen) for _ in range(3))

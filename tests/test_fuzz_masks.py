@@ -74,10 +74,9 @@ def test_rust_evaluation_at_negative_positions_matches_the_reference(
 @fuzz_settings(40)
 @given(st.data(), grids(negative=True))
 def test_python_evaluation_at_negative_positions_agrees_with_rust(data: st.DataObject, grid: tuple[int, ...]) -> None:
-    """The same as a mask_mod: ``mask(b, h, q, kv)`` with tensors must agree with the Rust evaluation, except for
-    ``bidirectional()`` (covered by the xfail below)."""
+    """The same as a mask_mod: ``mask(b, h, q, kv)`` with tensors must agree with the Rust evaluation."""
     batch, heads, q_len, kv_len, qo, ko = grid
-    spec = data.draw(mask_specs(batch, max(qo + q_len, ko + kv_len)).filter(lambda s: "bidirectional" not in s.text))
+    spec = data.draw(mask_specs(batch, max(qo + q_len, ko + kv_len)))
     note(spec.text)
     assume(q_len * kv_len > 0)
     rust = attnrs.create_dense_mask(spec.mask, batch, heads, q_len, kv_len, q_offset=qo, kv_offset=ko)
@@ -85,11 +84,6 @@ def test_python_evaluation_at_negative_positions_agrees_with_rust(data: st.DataO
     assert torch.equal(python, rust.expand_as(python))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="#15 (f): masks.bidirectional() called as a mask_mod gives q >= 0 (False before position 0); its Rust "
-    "evaluation (create_dense_mask, attention) sees every key",
-)
 @pytest.mark.parametrize("mask", [masks.bidirectional(), ~masks.bidirectional()], ids=["bidirectional", "negated"])
 def test_bidirectional_as_a_mask_mod_agrees_with_rust_at_negative_positions(mask: masks.Mask) -> None:
     for qo, ko in [(-2, 0), (0, -3), (-4, -4)]:

@@ -291,7 +291,7 @@ def test_bad_capabilities_are_argument_errors(capabilities: object, message: str
 @pytest.mark.parametrize("scale", [1e39, -1e39, 3.5e38])
 def test_a_scale_float32_cannot_hold_is_refused(scale: float) -> None:
     q = torch.randn(1, 1, 4, 8)
-    with pytest.raises(ArgumentError, match="scale: expected a finite number of magnitude at most 3.403e"):
+    with pytest.raises(ArgumentError, match=r"scale: expected a finite number of magnitude at most 3\.403e"):
         attnrs.attention(q, q, q, scale=scale)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import _attnrs
-from .errors import ArgumentError
+from .errors import ArgumentError, LayoutError
 
 __all__ = [
     "FLOAT32_MAX",
@@ -29,6 +29,7 @@ __all__ = [
     "integer",
     "non_negative",
     "positive",
+    "strided",
 ]
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -91,3 +92,12 @@ def check_memory(name: str, nbytes: int, what: str) -> None:
             f"{name}: expected sizes whose memory fits here (at most {human_bytes(budget)}), got {what}, "
             f"which needs {human_bytes(nbytes)}"
         )
+
+
+def strided(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t`` if it is a dense (strided) tensor; sparse, nested and other layouts are a LayoutError (the kernels read
+    memory through strides)."""
+    if t.layout != torch.strided or t.is_nested:
+        kind = "a nested tensor" if t.is_nested else f"a {t.layout} tensor"
+        raise LayoutError(f"{name}: expected a dense (strided) tensor, got {kind}")
+    return t

@@ -6,6 +6,7 @@ One table, read top to bottom; the first row whose condition holds wins:
 device                 condition                                                                   backend
 =====================  ==========================================================================  ============
 cpu                    always (dropout included)                                                   ``native``
+meta                   always (shapes only: the operator's fake implementation)                    ``native``
 cuda                   flash-attn importable and the inputs fit it (see :func:`flash_reason`)      ``flash``
 cuda                   a structural mask (Mask / BlockMask) and no sinks, bias or dense mask       ``flex``
 cuda                   softcap or sinks (SDPA has neither)                                         ``math``
@@ -76,6 +77,8 @@ def choose_backend(
     """(backend, reason) for ``backend="auto"``, following the table in the module documentation."""
     if query.device.type == "cpu":
         return "native", "CPU: the Rust kernel"
+    if query.device.type == "meta":
+        return "native", "meta tensors: the Rust kernel's operator gives the output's shape (no data)"
     if flash_attn_available() and flash_reason(query, key, value, resolved, sinks) is None:
         return "flash", "CUDA, fp16/bf16, a mask flash-attn expresses"
     plain = sinks is None and resolved.bias is None and resolved.dense_bool is None

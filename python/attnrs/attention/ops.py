@@ -10,11 +10,13 @@ schema's arguments by those fields, so an operand added or removed is one edit o
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
 
 from .. import _attnrs
+from ..arguments import check_memory, non_negative
 from ..errors import ArgumentError, UnsupportedError
 from ..threads import num_threads
 
@@ -113,7 +115,11 @@ def draw_dropout_seed() -> torch.Tensor:
 def dropout_keep_pattern(shape: tuple[int, int, int, int], dropout_p: float, seed: torch.Tensor | int) -> torch.Tensor:
     """The bool ``[B, H, Q, K]`` pattern (True = kept) the Rust kernel applies for this probability and seed:
     kept weights are scaled by ``1 / (1 - dropout_p)``. For tests and debugging; O(B·H·Q·K)."""
-    out = torch.empty(tuple(shape), dtype=torch.bool)
+    if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 4:
+        raise ArgumentError(f"shape: expected a (B, H, Q, K) tuple, got {shape!r}")
+    dims = [non_negative(n, f"shape[{i}]") for i, n in enumerate(shape)]
+    check_memory("shape", math.prod(dims), f"a keep pattern of {dims}")
+    out = torch.empty(dims, dtype=torch.bool)
     _attnrs.dropout_keep_pattern(out, float(dropout_p), seed_value(float(dropout_p), torch.as_tensor(seed)))
     return out
 

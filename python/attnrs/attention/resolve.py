@@ -14,8 +14,8 @@ import torch
 from torch.nn.attention.bias import CausalBias, CausalVariant
 from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
 
-from ..arguments import FLOAT32_MAX, FLOAT32_TINY, check_memory, integer
-from ..errors import ArgumentError, DeviceError, DtypeError, LayoutError, ShapeError
+from ..arguments import FLOAT32_MAX, FLOAT32_TINY, check_memory, integer, strided
+from ..errors import ArgumentError, DeviceError, DtypeError, ShapeError
 from ..masks.block_mask import BlockMask, listed_blocks
 from ..masks.grid import Grid
 from ..masks.mask import Mask, causal, from_callable
@@ -57,9 +57,7 @@ def _check_tensors(query: Any, key: Any, value: Any, *, exact_dim: int | None) -
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise DtypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.layout != torch.strided or t.is_nested:
-            kind = "a nested tensor" if t.is_nested else f"a {t.layout} tensor"
-            raise LayoutError(f"{name}: expected a dense (strided) tensor, got {kind}")
+        strided(t, name)
         if exact_dim is not None and t.dim() != exact_dim:
             raise ShapeError(f"{name}: expected a 4-D tensor [B, H, S, D], got shape {list(t.shape)}")
         if t.dim() < 3:
@@ -160,6 +158,7 @@ def _check_dense(
 ) -> torch.Tensor:
     """A dense mask broadcastable to ``[*batch_shape, H, Q, K]`` as a ``[B, H, Q, K]`` view (a copy only where
     several broadcast batch dims cannot be merged by strides)."""
+    strided(mask, arg)
     if mask.device != device:
         raise DeviceError(f"{arg}: expected a tensor on {device} (the query's device), got {mask.device}")
     if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
@@ -314,6 +313,7 @@ def check_scalars(query: torch.Tensor, scale: Any, softcap: Any, sinks: Any, dro
     if sinks is not None:
         if not isinstance(sinks, torch.Tensor) or not sinks.dtype.is_floating_point:
             raise DtypeError(f"sinks: expected a floating tensor [H], got {getattr(sinks, 'dtype', type(sinks))}")
+        strided(sinks, "sinks")
         if sinks.shape != (query.shape[1],):
             raise ShapeError(f"sinks: expected shape [{query.shape[1]}] (one per query head), got {list(sinks.shape)}")
         if sinks.device != query.device:

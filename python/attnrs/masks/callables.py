@@ -23,6 +23,8 @@ def evaluate_callable(fn: Callable[..., Any], use_vmap: bool, grid: Grid) -> Any
 
     Broadcasting first (transformers' default: index tensors shaped [B,1,1,1], [1,H,1,1], [1,1,Q,1], [1,1,1,K]);
     ``torch.vmap`` over the four indices when that fails or ``use_vmap`` was asked for."""
+    if grid.batch == 0 or grid.heads == 0 or grid.q_len == 0 or grid.kv_len == 0:
+        return _attnrs.MaskExpr.empty()  # no pair to evaluate (and no bitmap of zero batch or heads to build)
     b_idx = torch.arange(grid.batch)
     h_idx = torch.arange(grid.heads)
     kv_idx = torch.arange(grid.kv_len) + grid.kv_offset
@@ -36,8 +38,7 @@ def evaluate_callable(fn: Callable[..., Any], use_vmap: bool, grid: Grid) -> Any
             shape = [values.shape[0], values.shape[1], grid.q_len, grid.kv_len]
             builder = _attnrs.BitmapBuilder(shape, grid.q_offset, grid.kv_offset)
         builder.write_rows(start, values)
-    if builder is None:  # no rows at all
-        return _attnrs.MaskExpr.empty()
+    assert builder is not None  # q_len > 0: at least one chunk
     return builder.finish()
 
 

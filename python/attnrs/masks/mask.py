@@ -31,7 +31,7 @@ from typing import Any, Union
 import torch
 
 from .. import _attnrs
-from ..arguments import integer, positive
+from ..arguments import integer, positive, strided
 from ..errors import ArgumentError, DeviceError, DtypeError, ShapeError
 from .callables import evaluate_callable
 from .grid import Grid
@@ -304,10 +304,13 @@ def _int_tensor(value: Any, name: str, rank: int) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         try:
             value = torch.as_tensor(value)
-        except (TypeError, ValueError, RuntimeError):
+        except (TypeError, ValueError, RuntimeError) as e:
+            if "overflow" in str(e).lower():
+                raise ArgumentError(f"{name}: expected integers that fit in int64, got {value!r}") from None
             raise DtypeError(f"{name}: expected integers, got {type(value).__name__}") from None
     if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
         raise DtypeError(f"{name}: expected an integer tensor, got {value.dtype}")
+    strided(value, name)
     if value.device.type == "meta":
         raise DeviceError(f"{name}: expected a tensor with data, got a tensor on meta")
     if value.dim() == rank - 1:
@@ -363,6 +366,7 @@ def padding(mask2d: torch.Tensor) -> Mask:
         raise DtypeError(f"mask2d: expected a bool torch.Tensor [B, K], got {type(mask2d).__name__}")
     if mask2d.dtype != torch.bool:
         raise DtypeError(f"mask2d: expected a bool tensor [B, K], got {mask2d.dtype}")
+    strided(mask2d, "mask2d")
     if mask2d.dim() != 2:
         raise ShapeError(f"mask2d: expected a 2-D tensor [B, K], got shape {list(mask2d.shape)}")
     if mask2d.device.type == "meta":

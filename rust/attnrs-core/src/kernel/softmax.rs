@@ -28,6 +28,7 @@ pub(crate) trait Acc:
     const ZERO: Self;
     const ONE: Self;
     const NEG_INF: Self;
+    const INF: Self;
     fn from_f64(x: f64) -> Self;
     fn to_f32(self) -> f32;
     fn to_f64(self) -> f64;
@@ -50,6 +51,7 @@ impl Acc for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const NEG_INF: Self = f32::NEG_INFINITY;
+    const INF: Self = f32::INFINITY;
     #[inline(always)]
     fn from_f64(x: f64) -> Self {
         x as f32
@@ -109,6 +111,7 @@ impl Acc for f64 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const NEG_INF: Self = f64::NEG_INFINITY;
+    const INF: Self = f64::INFINITY;
     #[inline(always)]
     fn from_f64(x: f64) -> Self {
         x
@@ -296,6 +299,8 @@ pub(crate) fn finish<A: Acc>(m: A, l: A, sink: Option<A>) -> (A, A) {
         None if m == A::NEG_INF => (A::ZERO, A::NEG_INF),
         None => (l.recip(), m + l.ln()),
         Some(sink) if m == A::NEG_INF => (A::ZERO, sink),
+        // A +inf sink takes the whole row: output 0, lse +inf (the formula below would give inf - inf).
+        Some(sink) if sink == A::INF && m.is_finite() => (A::ZERO, sink),
         Some(sink) => {
             // den = l + exp(sink - m) may overflow to inf when the sink dominates: the output is then 0.
             let den = l + (sink - m).exp();

@@ -395,11 +395,18 @@ def test_gradients_match_float64_autograd(p: Problem) -> None:
         finite = torch.isfinite(ref_lse)
         ref_loss = ref_loss + (ref_lse.masked_fill(~finite, 0.0) * grad_lse.double().reshape(ref_lse.shape)).sum()
     ref_grads = torch.autograd.grad(ref_loss, leaves64, allow_unused=True)
+    scale = p.scale if p.scale is not None else q64.shape[-1] ** -0.5
+    biggest = max(float(t.detach().abs().max()) if t.numel() else 0.0 for t in (q64, k64, v64, grad_out))
+    cancelling = abs(scale) * biggest**3
     for name, g, rg, leaf in zip(names, grads, ref_grads, inputs):
         g = torch.zeros_like(leaf) if g is None else g
         rg = torch.zeros_like(leaf, dtype=torch.float64) if rg is None else rg
         assert not torch.isnan(g).any(), f"{name}: NaN"
         magnitude = max(1.0, float(rg.abs().max()) if rg.numel() else 1.0)
+        if name.startswith(("dq", "dk")):
+            # dS = P * (dP - delta) cancels terms of size |dO| |v|, in float32: dq and dk carry an absolute error of
+            # that size times the scale and |k| / |q|, however small the exact gradient is (one key: exactly 0).
+            magnitude = max(magnitude, cancelling)
         torch.testing.assert_close(g.double(), rg, rtol=1e-4, atol=1e-4 * magnitude, msg=lambda m, n=name: f"{n}: {m}")
 
 

@@ -54,11 +54,22 @@ def test_the_subset_names_installed_families() -> None:
     assert set(SUBSET) <= installed, set(SUBSET) - installed
 
 
+# Families whose attnrs run differs from eager for a reason the checker found and the entry explains; strict: a
+# fix makes the test fail until the entry goes.
+KNOWN_DIFFERENCES = {
+    "blt": "rows that see no key: attnrs gives zeros, eager the mean of the values; BLT pools its byte positions "
+    "(the left padding too) into patches, so the padding rows reach the real ones",
+}
+
+
 @pytest.mark.parametrize("family", _chosen(), ids=lambda f: f"{f.model_type}-{f.task}")
 def test_family_matches_eager(family: Family) -> None:
     result = check_family(family)
     if FULL and result.status in ("not built", "not routed"):
         pytest.skip(f"{result.status}: {result.detail}")  # listed in the output, not an attnrs failure
+    if family.model_type in KNOWN_DIFFERENCES:
+        assert result.status == "fail", f"{result.status}: remove {family.model_type} from KNOWN_DIFFERENCES"
+        pytest.xfail(f"{KNOWN_DIFFERENCES[family.model_type]}: {result.detail}")
     assert result.status == "pass", result.detail
 
 

@@ -4,8 +4,10 @@
 :func:`check_family` builds a tiny random model of one (the family's default config scaled down by
 :func:`tiny_config`, fixed seed, parameters that start at zero randomised so that a dropped input shows), runs a
 left-padded batch of 2 with eager and with attnrs (counting the calls that reach attnrs, so "passed" means attnrs
-ran), compares logits (relative 1e-4) and, for generative families, 8 greedily generated tokens. ``python -m
-attnrs models`` prints the table; ``tests/test_model_families.py`` asserts it.
+ran), compares logits (relative 1e-4) and, for generative families, 8 greedily generated tokens. Where the
+scaled-down default config does not build, :data:`OVERRIDES` corrects it per family; :data:`NOT_BUILT` names the
+families the checker cannot run, and why. ``python -m attnrs models`` prints the table;
+``tests/test_model_families.py`` asserts it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any
 import torch
 
 __all__ = [
+    "NOT_BUILT",
+    "OVERRIDES",
     "Family",
     "Result",
     "check_family",
@@ -72,6 +76,111 @@ MLA_SIZES = {"kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_n
              "num_key_value_heads": 4}  # fmt: skip
 MAX_PARAMETERS = 20 * 10**6  # a tiny config that stays bigger than this is not built (some are gigabytes)
 TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
+
+
+def _hrm_layers(config: Any) -> None:
+    """One block per stack: ``num_hidden_layers`` counts every attention call of the recurrent forward."""
+    config.num_layers_per_stack = 1
+    config.num_hidden_layers = config.H_cycles * (config.L_cycles + 1)
+
+
+# Two layers of each kind, the last two reading the keys and values of the first two.
+_KV_SHARING = {"layer_types": ["sliding_attention", "full_attention"] * 2, "num_hidden_layers": 4,
+               "num_kv_shared_layers": 2}  # fmt: skip
+_QSA = {"indexer_n_heads": 4, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
+        "indexer_compress_ratio": 2}  # fmt: skip
+# Per-family corrections to the scaled-down default config (applied after TINY_SIZES) where it does not build as it
+# is: a None the modeling code needs as a number, a layer pattern whose attention layers lie past the tiny layer
+# count, sizes that must agree. A dict sets attributes (a dict value, a sub-config's); a function edits the config.
+# They change sizes and layer patterns only, never what is compared.
+OVERRIDES: dict[str, dict[str, Any] | Callable[[Any], None]] = {
+    # None defaults the modeling code reads as numbers
+    "deepseek_v2": {"num_experts_per_tok": 2},
+    "dots1": {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1},
+    "hunyuan_v1_dense": {"head_dim": 16},
+    "hunyuan_v1_moe": {"head_dim": 16},
+    "ministral": {"head_dim": 16},
+    "nemotron": {"num_key_value_heads": 2},
+    "qwen4_exp": _QSA,  # QSA token selection (a budget of 8 of the 12 tokens)
+    "qwen4_exp_text": _QSA,
+    # sizes in sub-configs the scaling does not reach, or derived from the default sizes when the config was made
+    "dbrx": {
+        "attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0},  # read by the modeling code as numbers
+        "ffn_config": {"hidden_size": 64, "ffn_hidden_size": 128},
+    },
+    # byte-level: hash n-gram tables, a global model as wide as cross_attn_k (2) patches of the local one, and the
+    # layer count its cache is made for (which its config lacks)
+    "blt": {
+        "encoder_hash_byte_group_vocab": 256,
+        "encoder_config": {"hidden_size_global": 128},
+        "decoder_config": {"hidden_size_global": 128},
+        "global_config": {"hidden_size": 128, "head_dim": 32},
+        "num_hidden_layers": 2,
+    },
+    "vibevoice_asr": {
+        f"{kind}_tokenizer_encoder_config": {"num_filters": 4, "depths": [1] * 7} for kind in ("acoustic", "semantic")
+    },
+    # hybrid layer patterns whose attention layers lie past the tiny layer count: one of each kind
+    "bamba": {"attn_layer_indices": [1], "mamba_n_heads": 8, "mamba_d_head": 16},
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"], "mamba_n_heads": 8, "mamba_d_head": 16},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "recurrent_gemma": {"num_hidden_layers": 3, "lru_width": 64},  # recurrent, recurrent, attention
+    "zamba": {
+        "layers_block_type": ["linear_attention", "hybrid", "hybrid"],
+        "num_hidden_layers": 3,
+        "attention_hidden_size": 128,
+        "attention_head_dim": 32,
+        "mamba_dt_rank": 4,
+    },
+    "zamba2": {
+        "layers_block_type": ["linear_attention", "hybrid"],
+        "hybrid_layer_ids": [1],
+        "mamba_headdim": 16,
+        "attention_hidden_size": 128,
+        "attention_head_dim": 32,
+    },
+    "esm": {"vocab_size": 256, "pad_token_id": 1},
+    "esmc": {"num_key_value_heads": 4},  # its key norm spans the hidden size
+    "mobilebert": {"embedding_size": 32},  # below the hidden size (the head projects the rest)
+    "t5gemma": {"decoder": {"cross_attention_hidden_size": 64}},  # the encoder's (tiny) hidden size
+    "gemma4_text": {"vocab_size_per_layer_input": 256, "hidden_size_per_layer_input": 16},
+    "gemma4": {"text_config": {"vocab_size_per_layer_input": 256, "hidden_size_per_layer_input": 16}},
+    "gemma3n_text": {"vocab_size_per_layer_input": 256, "hidden_size_per_layer_input": 16, **_KV_SHARING},
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+    "hrm_text": _hrm_layers,
+    # one input, one recurrent (looped twice) and one output layer
+    "dory": {
+        "n_input_layers": 1,
+        "n_recurrent_layers": 1,
+        "n_output_layers": 1,
+        "num_hidden_layers": 3,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+    },
+    "xmod": {"default_language": "en_XX"},
+    # families whose attention transformers hard-codes ("not routed"): built all the same, so the sweep says so
+    "funnel": {"block_sizes": [1, 1]},
+    "prophetnet": {"num_encoder_layers": 2, "num_decoder_layers": 2},
+    "reformer": {"axial_pos_embds_dim": [32, 32]},
+    "squeezebert": {"embedding_size": 64},
+    "rwkv": {"attention_hidden_size": 64},
+    "luke": {"entity_vocab_size": 16, "entity_emb_size": 16},
+    "perceiver": {"d_latents": 64, "num_latents": 16, "num_self_attends_per_block": 2},
+    # state-space sizes that must match the tiny hidden size (heads x head dim = expand x hidden)
+    "mamba2": {"num_heads": 8, "n_groups": 1},
+    # one codebook: the input ids are (batch x codebooks, length)
+    "musicgen": {"num_codebooks": 1},
+    "musicgen_melody": {"num_codebooks": 1},
+}
+# Families the checker cannot build, and why.
+_ASSISTANT = ("a draft model: every layer reads the keys and values of its target model's forward (shared_kv_states), "
+              "which the checker does not run")  # fmt: skip
+NOT_BUILT: dict[str, str] = {
+    "gemma4_assistant": _ASSISTANT,
+    "gemma4_unified_assistant": _ASSISTANT,
+    "voxtral_realtime": "a streaming speech model: every forward needs audio features (input_features), which the "
+    "checker does not make",
+}
 MASKS = {"causal": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "masked": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
          "seq2seq": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"}  # fmt: skip
 
@@ -152,25 +261,52 @@ def unrouted_families() -> list[str]:
 
 def _configs(config: Any) -> Iterator[Any]:
     yield config
-    for name in ("text_config", "decoder", "encoder", "audio_config", "vision_config"):
-        sub = getattr(config, name, None)
+    names = ("text_config", "decoder", "encoder", "audio_config", "vision_config", *_sub_configs(config))
+    for name in dict.fromkeys(names):
+        sub = _get(config, name)
         if sub is not None and hasattr(sub, "to_dict"):
             yield from _configs(sub)
 
 
-def tiny_config(model_type: str) -> Any:
+def _sub_configs(config: Any) -> list[str]:
+    return list(getattr(type(config), "sub_configs", None) or {})
+
+
+def _get(config: Any, name: str) -> Any:
+    """``config.name`` or None, also for a per-layer attribute of a heterogeneous config (its global value)."""
+    if hasattr(config, "_getattr_without_heterogeneous_validation"):
+        return config._getattr_without_heterogeneous_validation(name, None)
+    return getattr(config, name, None)
+
+
+def _part_for(config: Any, config_class: type | None) -> Any:
+    """The part of a composite config that a head class takes (``Llama4ForCausalLM`` takes the text config of
+    the ``llama4`` config), else the config itself."""
+    if config_class is None or isinstance(config, config_class):
+        return config
+    for name in _sub_configs(config):
+        if isinstance(_get(config, name), config_class):
+            return _get(config, name)
+    return config
+
+
+def tiny_config(model_type: str, config_class: type | None = None) -> Any:
     """The family's default config scaled down: every size attribute in :data:`TINY_SIZES` it has, token ids
-    inside the tiny vocabulary, ``layer_types`` cut to the layer count (sub-configs likewise)."""
+    inside the tiny vocabulary, ``layer_types`` cut to the layer count (sub-configs likewise; per-layer values of
+    a heterogeneous config in proportion), then the family's :data:`OVERRIDES`. With ``config_class`` (the head
+    class's), the part of a composite config of that class."""
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model(model_type)
+    config = _part_for(AutoConfig.for_model(model_type), config_class)
     for part in _configs(config):
+        per_layer = _take_per_layer_overrides(part)
+        originals = {name: _get(part, name) for name in {*TINY_SIZES, *MLA_SIZES}}
         for name, value in TINY_SIZES.items():
             current = getattr(part, name, None)
             if isinstance(current, int) and not isinstance(current, bool):
                 try:
                     setattr(part, name, value)
-                except AttributeError:  # a derived property
+                except (AttributeError, NotImplementedError):  # a derived property (its parts are in OVERRIDES)
                     pass
         for name in TOKEN_IDS:
             current = getattr(part, name, None)
@@ -184,42 +320,88 @@ def tiny_config(model_type: str) -> Any:
                     setattr(part, name, value)
         if isinstance(getattr(part, "rotary_dim", None), int):
             part.rotary_dim = 8  # at most the tiny head dim
-        _keep_every_layer_type(part)
+        kept = _keep_every_layer_type(part)
+        if per_layer is not None:
+            _restore_per_layer_overrides(part, per_layer, kept, originals)
+    _override(config, OVERRIDES.get(model_type, {}))
     return config
 
 
-def _keep_every_layer_type(config: Any) -> None:
-    """``layer_types`` cut to the first layer of each kind (at least two layers), so that a hybrid model keeps an
-    attention layer (and its other kinds) in the tiny config."""
-    layer_types = getattr(config, "layer_types", None)
-    if (
-        not isinstance(layer_types, list)
-        or not layer_types
-        or not isinstance(getattr(config, "num_hidden_layers", None), int)
-    ):
+def _take_per_layer_overrides(config: Any) -> dict[int, dict[str, Any]] | None:
+    """A heterogeneous config's per-layer values, removed (so that the global ones can be scaled), or None."""
+    if not getattr(config, "is_heterogeneous", False):
+        return None
+    overrides = {i: dict(values) for i, values in config._heterogeneity_spec.per_layer_overrides.items()}
+    config.per_layer_config = None
+    return overrides
+
+
+def _restore_per_layer_overrides(
+    config: Any, overrides: dict[int, dict[str, Any]], kept: list[int], originals: dict[str, Any]
+) -> None:
+    """The per-layer values of the layers kept (``kept[i]``: the original index of tiny layer ``i``), each size
+    scaled as its global value was (a full-attention head dim twice the sliding one stays twice the tiny one)."""
+
+    def scaled(name: str, value: Any) -> Any:
+        before, after = originals.get(name), _get(config, name)
+        if isinstance(value, int) and isinstance(before, int) and before and isinstance(after, int):
+            return max(1, round(value * after / before))
+        return value
+
+    tiny = {}
+    for new, old in enumerate(kept):
+        values = {name: scaled(name, value) for name, value in overrides.get(old, {}).items()}
+        if values:
+            tiny[new] = values
+    config.per_layer_config = tiny
+
+
+def _override(config: Any, values: dict[str, Any] | Callable[[Any], None]) -> None:
+    """Sets ``values`` on ``config`` (a dict value for a sub-config attribute sets that sub-config's attributes),
+    or calls it."""
+    if callable(values):
+        values(config)
         return
-    kept = list(dict.fromkeys(layer_types))
-    kept = (kept * 2)[: max(2, len(kept))]
+    for name, value in values.items():
+        current = _get(config, name)
+        if isinstance(value, dict) and hasattr(current, "to_dict"):
+            _override(current, value)
+        else:
+            setattr(config, name, value)
+
+
+def _keep_every_layer_type(config: Any) -> list[int]:
+    """``layer_types`` cut to the first layer of each kind (at least two layers), so that a hybrid model keeps an
+    attention layer (and its other kinds) in the tiny config. Returns the original index of each layer kept."""
+    layer_types = _get(config, "layer_types")
+    layers = _get(config, "num_hidden_layers")
+    if not isinstance(layers, int):
+        return []
+    if not isinstance(layer_types, list) or not layer_types:
+        return list(range(layers))
+    first = {kind: layer_types.index(kind) for kind in dict.fromkeys(layer_types)}
+    kept = (list(first.values()) * 2)[: max(2, len(first))]
     try:
-        config.layer_types = kept
+        config.layer_types = [layer_types[i] for i in kept]
         config.num_hidden_layers = len(kept)
     except AttributeError:  # derived properties
-        pass
+        return list(range(layers))
+    return kept
 
 
 def _features(config: Any) -> list[str]:
     """What the family's attention uses, read from its config."""
     found = []
     for part in _configs(config):
-        if getattr(part, "sliding_window", None) or getattr(part, "use_sliding_window", False):
+        if _get(part, "sliding_window") or _get(part, "use_sliding_window"):
             found.append("sliding")
-        if getattr(part, "attn_logit_softcapping", None):
+        if _get(part, "attn_logit_softcapping"):
             found.append("softcap")
-        if getattr(part, "kv_lora_rank", None):
+        if _get(part, "kv_lora_rank"):
             found.append("MLA")
-        if getattr(part, "is_encoder_decoder", False):
+        if _get(part, "is_encoder_decoder"):
             found.append("cross-attention")
-        if getattr(part, "relative_attention_num_buckets", None):
+        if _get(part, "relative_attention_num_buckets"):
             found.append("position_bias")
     return sorted(set(found))
 
@@ -261,7 +443,10 @@ def check_family(family: Family, dtype: torch.dtype = torch.float32, generate_to
     result = Result(family, "not built")
     try:
         model_class = getattr(transformers, family.class_name)
-        config = tiny_config(family.model_type)
+        if family.model_type in NOT_BUILT:
+            result.detail = NOT_BUILT[family.model_type]
+            return result
+        config = tiny_config(family.model_type, model_class.config_class)
         result.features = _features(config)
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
@@ -308,7 +493,7 @@ def check_family(family: Family, dtype: torch.dtype = torch.float32, generate_to
     except Exception as error:  # the checker reports every failure with where it happened
         frames = traceback.extract_tb(error.__traceback__)
         where = f"{frames[-1].filename.split('site-packages/')[-1]}:{frames[-1].lineno}" if frames else ""
-        message = str(error).splitlines()[0][:160] if str(error) else ""
+        message = next((line for line in str(error).splitlines() if line.strip()), "")[:160]
         result.detail += f"{type(error).__name__}: {message} ({where})"
     finally:
         result.seconds = time.perf_counter() - started
@@ -343,22 +528,27 @@ def _generate(model: Any, inputs: dict[str, torch.Tensor], family: Family, token
     return out
 
 
-def bfloat16_errors(family: Family) -> tuple[float, float]:
+def bfloat16_errors(family: Family) -> tuple[float, float] | None:
     """(eager bf16, attnrs bf16) logit errors relative to fp32 eager, on the tiny model of ``family``: attnrs in
-    bf16 should be no further from fp32 than eager's own bf16 is."""
+    bf16 should be no further from fp32 than eager's own bf16 is. None where eager itself cannot run the model in
+    bf16 (a part that stays fp32, say)."""
     import transformers
 
-    config = tiny_config(family.model_type)
+    model_class = getattr(transformers, family.class_name)
+    config = tiny_config(family.model_type, model_class.config_class)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = getattr(transformers, family.class_name)._from_config(config, attn_implementation="eager").eval()
+        model = model_class._from_config(config, attn_implementation="eager").eval()
         _randomise_zero_parameters(model)
         inputs = _inputs(config, family)
         with torch.no_grad():
             reference = model(**inputs).logits.float()
             model.to(torch.bfloat16)
-            eager = model(**inputs).logits.float()
+            try:
+                eager = model(**inputs).logits.float()
+            except Exception:  # eager's own failure: nothing to compare attnrs with
+                return None
             model.set_attn_implementation("attnrs")
             ours = model(**inputs).logits.float()
     rows = _compared_rows(inputs, reference)

@@ -56,12 +56,6 @@ def test_the_subset_names_installed_families() -> None:
     assert set(BF16_SUBSET) <= set(SUBSET), set(BF16_SUBSET) - set(SUBSET)
 
 
-# Families whose attnrs run differs from eager for a reason the checker found and the entry explains; strict: a
-# fix makes the test fail until the entry goes.
-KNOWN_DIFFERENCES = {
-    "blt": "rows that see no key: attnrs gives zeros, eager the mean of the values; BLT pools its byte positions "
-    "(the left padding too) into patches, so the padding rows reach the real ones",
-}
 FP32: dict[Family, Result] = {}  # test_family_matches_eager's results, for the bf16 test
 
 
@@ -70,9 +64,6 @@ def test_family_matches_eager(family: Family) -> None:
     result = FP32[family] = check_family(family)
     if FULL and result.status in ("not built", "not routed"):
         pytest.skip(f"{result.status}: {result.detail}")  # listed in the output, not an attnrs failure
-    if family.model_type in KNOWN_DIFFERENCES:
-        assert result.status == "fail", f"{result.status}: remove {family.model_type} from KNOWN_DIFFERENCES"
-        pytest.xfail(f"{KNOWN_DIFFERENCES[family.model_type]}: {result.detail}")
     assert result.status == "pass", result.detail
 
 

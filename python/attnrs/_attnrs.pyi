@@ -21,6 +21,7 @@ __all__ = [
     "Registry",
     "cpu_features",
     "simd_path",
+    "memory_budget",
     "_strided_copy",
     "_strided_sum",
     "_pool_threads",

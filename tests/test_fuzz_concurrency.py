@@ -7,8 +7,10 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import sys
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -150,9 +152,16 @@ def test_a_forked_child_gets_correct_results_while_a_parent_thread_is_busy() -> 
         if pid == 0:  # the child: never returns into pytest
             code = 3
             try:
-                code = 0 if all(_equal(call(), exp) for call, exp in zip(calls, expected)) else 1
+                # Not the gradient call: torch's autograd refuses to run in a forked child once the parent used
+                # its worker threads (https://github.com/pytorch/pytorch/wiki/Autograd-and-Fork), which other tests
+                # in the same process may have done. The backward shares the forward's Rust pools.
+                forward = [(call, exp) for call, exp in zip(calls, expected) if call.__name__ != "grads"]
+                code = 0 if all(_equal(call(), exp) for call, exp in forward) else 1
                 os.environ["ATTNRS_NUM_THREADS"] = "2"  # a pool of another size in the child too
                 code = code or (0 if _equal(calls[0](), expected[0]) else 2)
+            except BaseException:
+                traceback.print_exc()  # to the parent's captured stderr: what went wrong in the child
+                sys.stderr.flush()
             finally:
                 os._exit(code)
         deadline = time.monotonic() + 120

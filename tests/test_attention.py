@@ -234,11 +234,14 @@ def test_opcheck() -> None:
     empty = torch.empty(0, dtype=torch.uint8)
     causal_expr = masks.causal().to_rust(None)  # type: ignore[arg-type]
     causal = torch.frombuffer(_attnrs.mask_operand(causal_expr, 2, 0), dtype=torch.uint8)
+    none3 = (None, None, None)  # no score-mod terms (head_scale, score_distance, score_key)
+    terms = (torch.rand(4) + 0.5, torch.randn(1, 19), torch.randn(1, 4, 11))
     samples = [
-        (q, k, v, None, None, None, empty, 0.2, 0.0, 0.0, None),
-        (q, k, v, torch.rand(1, 1, 9, 11) > 0.5, None, torch.randn(4), causal, 0.2, 10.0, 0.0, None),
-        (q.double(), k.double(), v.double(), None, torch.randn(1, 4, 9, 11), None, empty, 0.5, 0.0, 0.0, None),
-        (q, k, v, None, None, None, empty, 0.2, 0.0, 0.3, torch.tensor(12345)),
+        (q, k, v, None, None, None, *none3, empty, 0.2, 0.0, 0.0, None),
+        (q, k, v, torch.rand(1, 1, 9, 11) > 0.5, None, torch.randn(4), *none3, causal, 0.2, 10.0, 0.0, None),
+        (q.double(), k.double(), v.double(), None, torch.randn(1, 4, 9, 11), None, *none3, empty, 0.5, 0, 0, None),
+        (q, k, v, None, None, None, *none3, empty, 0.2, 0.0, 0.3, torch.tensor(12345)),
+        (q, k, v, None, None, None, *terms, causal, 0.2, 5.0, 0.0, None),
     ]
     for args in samples:
         torch.library.opcheck(torch.ops.attnrs.attention.default, args)
@@ -585,9 +588,11 @@ def test_malformed_mask_programs_are_argument_errors() -> None:
     ]:
         program = torch.tensor(list(raw), dtype=torch.uint8)
         with pytest.raises(attnrs.ArgumentError, match=f"mask_program: expected a packed mask program.*{message}"):
-            torch.ops.attnrs.attention(q, k, v, None, None, None, program, 0.5, 0.0, 0.0, None)
+            torch.ops.attnrs.attention(q, k, v, None, None, None, None, None, None, program, 0.5, 0.0, 0.0, None)
     with pytest.raises(attnrs.DtypeError, match="mask_program: expected a 1-D torch.uint8 tensor"):
-        torch.ops.attnrs.attention(q, k, v, None, None, None, torch.zeros(4, dtype=torch.int64), 0.5, 0.0, 0.0, None)
+        torch.ops.attnrs.attention(
+            q, k, v, None, None, None, None, None, None, torch.zeros(4, dtype=torch.int64), 0.5, 0.0, 0.0, None
+        )
 
 
 def test_opcheck_with_gradients() -> None:
@@ -597,8 +602,11 @@ def test_opcheck_with_gradients() -> None:
     v = torch.randn(1, 2, 11, 8, requires_grad=True)
     sinks = torch.randn(4, requires_grad=True)
     empty = torch.empty(0, dtype=torch.uint8)
-    for dropout in ((0.0, None), (0.2, torch.tensor(77))):
-        args = (q, k, v, None, None, sinks, empty, 0.25, 0.0, *dropout)
+    distance = torch.randn(4, 19, requires_grad=True)
+    key_terms = torch.randn(1, 1, 11, requires_grad=True)
+    cases = [(None, None, (0.0, None)), (None, None, (0.2, torch.tensor(77))), (distance, key_terms, (0.0, None))]
+    for dist, key_t, dropout in cases:
+        args = (q, k, v, None, None, sinks, None, dist, key_t, empty, 0.25, 0.0, *dropout)
         with warnings.catch_warnings():
             # opcheck itself reads .grad of non-leaf tensors it creates (a torch-internal warning).
             warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")

@@ -195,7 +195,7 @@ def test_capabilities_are_enforced_before_the_kernel_runs() -> None:
 
 def test_native_op_passes_opcheck() -> None:
     q, k, v = qkv(1, 2, 1, 5, 7, 8)
-    args = ("example", q, k, v, None, None, None, torch.empty(0, dtype=torch.uint8), 0.3, 0.0, True)
+    args = ("example", q, k, v, None, None, None, None, None, None, torch.empty(0, dtype=torch.uint8), 0.3, 0.0, True)
     torch.library.opcheck(torch.ops.attnrs.native_attention, args)
 
 
@@ -324,7 +324,7 @@ def test_the_gil_is_released_during_a_native_call() -> None:
         before = ticks
         with torch.no_grad():
             _attnrs.native_attention_forward(
-                "example", (q, k, v, None), (torch.empty_like(q), None),
+                "example", (q, k, v, None, None, None, None), (torch.empty_like(q), None),
                 (torch.empty(0, dtype=torch.uint8), None, None), (0.125, 0.0, 0.0, 0, 1),
             )
         during = ticks - before

@@ -121,16 +121,17 @@ class BlockLayout:
     def write(self, name: str, counts: Any, indices: Any) -> None: ...
     def write_counts(self, name: str, counts: Any) -> None: ...
 
-# (query, key, value, sinks)
-_Inputs = tuple[Any, Any, Any, Any | None]
+# (query, key, value, sinks, head_scale, score_distance, score_key)
+_Inputs = tuple[Any, Any, Any, Any | None, Any | None, Any | None, Any | None]
 # (out, lse): written by the forward, read by the backward (which needs lse)
 _Outputs = tuple[Any, Any | None]
 # (mask_program: the packed uint8 operand of mask_operand, or empty; dense_mask; bias)
 _MaskArgs = tuple[Any, Any | None, Any | None]
 # (scale, softcap, dropout_p, dropout_seed, num_threads)
 _Scalars = tuple[float, float, float, int, int]
-# (grad_out, grad_lse, grad_query, grad_key, grad_value, grad_sinks, grad_bias)
-_GradArgs = tuple[Any, Any | None, Any, Any, Any, Any | None, Any | None]
+# (grad_out, grad_lse, grad_query, grad_key, grad_value, grad_sinks, grad_bias, grad_score_distance,
+#  grad_score_key)
+_GradArgs = tuple[Any, Any | None, Any, Any, Any, Any | None, Any | None, Any | None, Any | None]
 
 def attention_backward(
     inputs: _Inputs, outputs: _Outputs, mask: _MaskArgs, scalars: _Scalars, grads: _GradArgs

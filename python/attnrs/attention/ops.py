@@ -32,11 +32,16 @@ __all__ = [
 
 
 class KernelOperands(NamedTuple):
-    """The mask, the sinks and the score's scalars: what every operator takes after ``query, key, value``."""
+    """The mask, the sinks, the score mod's terms and the score's scalars: what every operator takes after
+    ``query, key, value``. The terms are :class:`attnrs.scores.ScoreTerms`'s tensors (``head_scale [H]``,
+    ``score_distance [H or 1, Q + K - 1]``, ``score_key [B or 1, H or 1, K]``), differentiable inputs."""
 
     dense_mask: torch.Tensor | None
     bias: torch.Tensor | None
     sinks: torch.Tensor | None
+    head_scale: torch.Tensor | None
+    score_distance: torch.Tensor | None
+    score_key: torch.Tensor | None
     mask_program: torch.Tensor  # the structural mask at its offsets, packed (``_attnrs.mask_operand``); or empty
     scale: float
     softcap: float
@@ -44,10 +49,11 @@ class KernelOperands(NamedTuple):
     def binding_args(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float, seed: int
     ) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]]:
-        """The groups every Rust entry point takes around its outputs: ``(query, key, value, sinks)`` before them,
-        then ``(mask_program, dense_mask, bias)`` and ``(scale, softcap, dropout_p, dropout_seed, num_threads)``."""
+        """The groups every Rust entry point takes around its outputs: ``(query, key, value, sinks, head_scale,
+        score_distance, score_key)`` before them, then ``(mask_program, dense_mask, bias)`` and
+        ``(scale, softcap, dropout_p, dropout_seed, num_threads)``."""
         return (
-            (query, key, value, self.sinks),
+            (query, key, value, self.sinks, self.head_scale, self.score_distance, self.score_key),
             (self.mask_program, self.dense_mask, self.bias),
             (self.scale, self.softcap, dropout_p, seed, num_threads()),
         )
@@ -70,6 +76,8 @@ class GradientOperands(NamedTuple):
     grad_lse: torch.Tensor | None
     want_sinks: bool
     want_bias: bool
+    want_score_distance: bool
+    want_score_key: bool
 
 
 # Python annotation (as written above) -> torch schema type.
@@ -97,11 +105,13 @@ _N = len(KernelOperands._fields)  # the operands after query, key, value
 _G = _N + len(DropoutOperands._fields)  # where the backward's GradientOperands start
 _BIAS = 3 + KernelOperands._fields.index("bias")  # input positions, for needs_input_grad
 _SINKS = 3 + KernelOperands._fields.index("sinks")
+_DISTANCE = 3 + KernelOperands._fields.index("score_distance")
+_KEY = 3 + KernelOperands._fields.index("score_key")
 
 ATTENTION_SCHEMA = f"({_QKV}, {_arguments(KernelOperands, DropoutOperands)}) -> (Tensor, Tensor)"
 ATTENTION_BACKWARD_SCHEMA = (
     f"({_QKV}, {_arguments(KernelOperands, DropoutOperands, GradientOperands)}) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 NATIVE_ATTENTION_SCHEMA = f"(str name, {_QKV}, {_arguments(KernelOperands)}, bool want_lse) -> (Tensor, Tensor)"
 
@@ -168,9 +178,10 @@ def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any) -
 )
 def attention_backward_op(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     """The Rust backward. ``out``/``grad_out`` are laid out [B, Q, H, Dv] like the forward's output. Returns
-    (dq, dk, dv, dsinks f32 [H] or empty, dbias f32 [B, H, Q, K] or empty)."""
+    (dq, dk, dv, dsinks f32 [H], dbias f32 [B, H, Q, K], dscore_distance [H, Q + K - 1], dscore_key [B, H, K]),
+    each of the last four empty when not wanted (the terms' gradients in float64 for float64 inputs)."""
     operands = KernelOperands(*args[:_N])
     dropout = DropoutOperands(*args[_N:_G])
     grads = GradientOperands(*args[_G:])
@@ -180,6 +191,7 @@ def attention_backward_op(
     grad_sinks = torch.empty(query.shape[1] if grads.want_sinks else 0, dtype=torch.float32)
     b, h, q_len, _ = query.shape
     grad_bias = torch.empty((b, h, q_len, key.shape[2]) if grads.want_bias else (0,), dtype=torch.float32)
+    grad_distance, grad_score_key = _term_grads(query, key, grads, torch.empty)
     inputs, mask, scalars = operands.binding_args(
         query, key, value, dropout.dropout_p, seed_value(dropout.dropout_p, dropout.dropout_seed)
     )
@@ -191,15 +203,30 @@ def attention_backward_op(
         grad_value,
         grad_sinks if grads.want_sinks else None,
         grad_bias if grads.want_bias else None,
+        grad_distance if grads.want_score_distance else None,
+        grad_score_key if grads.want_score_key else None,
     )
     _attnrs.attention_backward(inputs, (grads.out.transpose(1, 2), grads.lse), mask, scalars, gradients)
-    return grad_query, grad_key, grad_value, grad_sinks, grad_bias
+    return grad_query, grad_key, grad_value, grad_sinks, grad_bias, grad_distance, grad_score_key
+
+
+def _term_grads(
+    query: torch.Tensor, key: torch.Tensor, grads: GradientOperands, empty: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of the score terms as the kernel writes them (``[H, Q + K - 1]``, ``[B, H, K]``; empty when
+    not wanted; float64 for float64 inputs, else float32), allocated by ``empty(shape, dtype=...)``."""
+    b, h, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    span = max(q_len + kv_len - 1, 0)
+    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    return (
+        empty((h, span) if grads.want_score_distance else (0,), dtype=dtype),
+        empty((b, h, kv_len) if grads.want_score_key else (0,), dtype=dtype),
+    )
 
 
 @attention_backward_op.register_fake
-def _(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any) -> tuple[torch.Tensor, ...]:
     grads = GradientOperands(*args[_G:])
     b, h, q_len, _ = query.shape
     return (
@@ -208,6 +235,7 @@ def _(
         torch.empty_like(value),
         query.new_empty(h if grads.want_sinks else 0, dtype=torch.float32),
         query.new_empty((b, h, q_len, key.shape[2]) if grads.want_bias else (0,), dtype=torch.float32),
+        *_term_grads(query, key, grads, query.new_empty),
     )
 
 
@@ -226,14 +254,18 @@ def _backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -
     inputs = [next(saved) if t else next(others) for t in ctx.is_tensor]
     out, lse = saved
     bias, sinks = inputs[_BIAS], inputs[_SINKS]
-    want_bias, want_sinks = ctx.needs_input_grad[_BIAS], ctx.needs_input_grad[_SINKS]
-    dq, dk, dv, dsinks, dbias = torch.ops.attnrs.attention_backward(
-        *inputs, out, lse, grad_out, grad_lse, bool(want_sinks), bool(want_bias)
+    distance, key_terms = inputs[_DISTANCE], inputs[_KEY]
+    want = [bool(ctx.needs_input_grad[i]) for i in (_SINKS, _BIAS, _DISTANCE, _KEY)]
+    dq, dk, dv, dsinks, dbias, ddistance, dkey = torch.ops.attnrs.attention_backward(
+        *inputs, out, lse, grad_out, grad_lse, *want
     )
     grads: list[Any] = [None] * len(inputs)
     grads[:3] = dq, dk, dv
-    grads[_BIAS] = dbias.to(bias.dtype) if want_bias else None
-    grads[_SINKS] = dsinks.to(sinks.dtype) if want_sinks else None
+    grads[_SINKS] = dsinks.to(sinks.dtype) if want[0] else None
+    grads[_BIAS] = dbias.to(bias.dtype) if want[1] else None
+    # The kernel writes the terms' gradients per head (and per batch); broadcast operands take their sums.
+    grads[_DISTANCE] = ddistance.sum_to_size(distance.shape).to(distance.dtype) if want[2] else None
+    grads[_KEY] = dkey.sum_to_size(key_terms.shape).to(key_terms.dtype) if want[3] else None
     return tuple(grads)
 
 

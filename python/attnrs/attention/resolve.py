@@ -330,8 +330,19 @@ def kernel_operands(
     sinks: torch.Tensor | None,
     scale: float,
     softcap: float | None,
+    terms: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None),
 ) -> KernelOperands:
-    """The operands the custom operators take after query/key/value, for this mask on the ``[B, H, Q, K]`` grid."""
+    """The operands the custom operators take after query/key/value, for this mask on the ``[B, H, Q, K]`` grid,
+    and the score mod's ``terms`` ``(head_scale, distance, key)`` (see :class:`attnrs.scores.ScoreTerms`)."""
+    head_scale, distance, key = terms
     return KernelOperands(
-        resolved.dense_bool, resolved.bias, sinks, _program(resolved, shape), scale, float(softcap or 0.0)
+        resolved.dense_bool,
+        resolved.bias,
+        sinks,
+        head_scale,
+        distance,
+        key,
+        _program(resolved, shape),
+        scale,
+        float(softcap or 0.0),
     )

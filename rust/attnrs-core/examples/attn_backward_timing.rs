@@ -57,6 +57,7 @@ fn main() {
         softcap: None,
         sinks: None,
         dropout: None,
+        score: Default::default(),
         num_threads: threads,
     };
     let bwd = AttentionGradArgs {
@@ -78,6 +79,9 @@ fn main() {
         grad_sinks: None,
         grad_bias: None,
         dropout: None,
+        score: Default::default(),
+        grad_score_distance: None,
+        grad_score_key: None,
         num_threads: threads,
     };
     let (mut best_f, mut best_b) = (f64::INFINITY, f64::INFINITY);

@@ -107,6 +107,7 @@ fn main() {
             softcap: None,
             sinks: None,
             dropout: None,
+            score: Default::default(),
             num_threads: threads,
         };
         attention_forward_with(&args, backend).unwrap(); // warm-up (pools, page faults)

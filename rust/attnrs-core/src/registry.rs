@@ -204,6 +204,8 @@ pub fn check_call(
         return refuse("does not compute the log-sum-exp (return_lse=True)".to_owned());
     }
     let optional = [
+        // The kernel table's C ABI carries no score-mod terms: they run on the built-in kernel directly.
+        (!args.score.is_empty(), "score_mod terms"),
         (args.softcap.is_some() && !features.softcap, "softcap"),
         (args.sinks.is_some() && !features.sinks, "sinks"),
         (

@@ -8,7 +8,7 @@
 
 use attnrs_core::Error;
 use attnrs_core::kernel::{
-    AttentionArgs, AttentionGradArgs, Dropout, attention_backward as run_backward,
+    AttentionArgs, AttentionGradArgs, Dropout, ScoreTerms, attention_backward as run_backward,
     attention_forward as run_kernel, keep_pattern,
 };
 use attnrs_core::mask::PlacedMask;
@@ -22,12 +22,16 @@ use crate::door::run_detached;
 use crate::errors::PyAttnrsError;
 use crate::operand::MaskArgs;
 
-/// The tensors every call reads: `(query, key, value, sinks)`.
+/// The tensors every call reads: `(query, key, value, sinks, head_scale, score_distance, score_key)` (the
+/// last three: the score mod's terms, see `attnrs_core::kernel::ScoreTerms`).
 #[derive(FromPyObject)]
 pub struct Inputs<'py>(
     Bound<'py, PyAny>,
     Bound<'py, PyAny>,
     Bound<'py, PyAny>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
     Option<Bound<'py, PyAny>>,
 );
 
@@ -52,8 +56,9 @@ impl Scalars {
 }
 
 /// The gradient tensors of the backward: `(grad_out, grad_lse, grad_query, grad_key, grad_value,
-/// grad_sinks, grad_bias)`, the first two read, the others written (`grad_sinks` f32 `[H]`, `grad_bias`
-/// f32 `[B, H, Q, K]`, each when given).
+/// grad_sinks, grad_bias, grad_score_distance, grad_score_key)`, the first two read, the others written
+/// (`grad_sinks` f32 `[H]`, `grad_bias` f32 `[B, H, Q, K]`, `grad_score_distance` f32 `[H, Q + K - 1]`,
+/// `grad_score_key` f32 `[B, H, K]`, each when given).
 #[derive(FromPyObject)]
 pub struct GradArgs<'py>(
     Bound<'py, PyAny>,
@@ -61,6 +66,8 @@ pub struct GradArgs<'py>(
     Bound<'py, PyAny>,
     Bound<'py, PyAny>,
     Bound<'py, PyAny>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
     Option<Bound<'py, PyAny>>,
     Option<Bound<'py, PyAny>>,
 );
@@ -78,6 +85,8 @@ struct Prepared {
     /// Keeps the dense mask tensor that `mask` reads alive.
     _dense: Option<Imported>,
     bias: Option<Imported>,
+    /// The score mod's terms: head scales, distance and key terms.
+    terms: [Option<Imported>; 3],
     scalars: Scalars,
 }
 
@@ -105,6 +114,11 @@ impl Prepared {
         let dense_view = imported.dense.as_ref().map(|t| t.view.clone());
         let call_mask = CallMask::new(grid, structural, dense_view).map_err(PyAttnrsError)?;
         let sinks = dlpack::import_optional(inputs.3.as_ref(), "sinks")?;
+        let terms = [
+            dlpack::import_optional(inputs.4.as_ref(), "head_scale")?,
+            dlpack::import_optional(inputs.5.as_ref(), "score_distance")?,
+            dlpack::import_optional(inputs.6.as_ref(), "score_key")?,
+        ];
         Ok(Prepared {
             query,
             key,
@@ -115,6 +129,7 @@ impl Prepared {
             mask: call_mask,
             _dense: imported.dense,
             bias: imported.bias,
+            terms,
             scalars,
         })
     }
@@ -132,6 +147,7 @@ impl Prepared {
     ) -> PyResult<()> {
         run_detached(py, move || {
             let Scalars(scale, softcap, _, _, num_threads) = self.scalars;
+            let [head_scale, distance, key] = &self.terms;
             kernel(&AttentionArgs {
                 query: &self.query.view,
                 key: &self.key.view,
@@ -144,6 +160,11 @@ impl Prepared {
                 softcap: (softcap > 0.0).then_some(softcap),
                 sinks: self.sinks.as_ref().map(|t| &t.view),
                 dropout: self.scalars.dropout(),
+                score: ScoreTerms {
+                    head_scale: head_scale.as_ref().map(|t| &t.view),
+                    distance: distance.as_ref().map(|t| &t.view),
+                    key: key.as_ref().map(|t| &t.view),
+                },
                 num_threads,
             })
         })
@@ -205,8 +226,17 @@ pub fn attention_backward(
     grads: GradArgs<'_>,
 ) -> PyResult<()> {
     let call = Prepared::new(&inputs, &outputs, &mask, scalars)?;
-    let GradArgs(grad_out, grad_lse, grad_query, grad_key, grad_value, grad_sinks, grad_bias) =
-        &grads;
+    let GradArgs(
+        grad_out,
+        grad_lse,
+        grad_query,
+        grad_key,
+        grad_value,
+        grad_sinks,
+        grad_bias,
+        grad_distance,
+        grad_score_key,
+    ) = &grads;
     let grad_out = dlpack::import(grad_out, "grad_out")?;
     let grad_query = dlpack::import_output(grad_query, "grad_query")?;
     let grad_key = dlpack::import_output(grad_key, "grad_key")?;
@@ -214,6 +244,9 @@ pub fn attention_backward(
     let grad_sinks = dlpack::import_output_optional(grad_sinks.as_ref(), "grad_sinks")?;
     let grad_bias = dlpack::import_output_optional(grad_bias.as_ref(), "grad_bias")?;
     let grad_lse = dlpack::import_optional(grad_lse.as_ref(), "grad_lse")?;
+    let grad_distance =
+        dlpack::import_output_optional(grad_distance.as_ref(), "grad_score_distance")?;
+    let grad_score_key = dlpack::import_output_optional(grad_score_key.as_ref(), "grad_score_key")?;
     call.run(py, move |args| {
         let lse = args
             .lse
@@ -237,6 +270,9 @@ pub fn attention_backward(
             grad_sinks: grad_sinks.as_ref().map(|t| &t.view),
             grad_bias: grad_bias.as_ref().map(|t| &t.view),
             grad_lse: grad_lse.as_ref().map(|t| &t.view),
+            score: args.score,
+            grad_score_distance: grad_distance.as_ref().map(|t| &t.view),
+            grad_score_key: grad_score_key.as_ref().map(|t| &t.view),
             num_threads: args.num_threads,
         })
     })

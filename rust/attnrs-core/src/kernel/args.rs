@@ -4,6 +4,7 @@
 //! checks on its forward arguments and adds only its gradients'. Every argument error message lives here.
 
 use super::Dropout;
+use super::score::ScoreTerms;
 use crate::mask::tiles::MaskTiles;
 use crate::tensor::{DType, TensorView};
 use crate::{Error, Result};
@@ -30,8 +31,11 @@ pub struct AttentionArgs<'a> {
     pub bias: Option<&'a TensorView>,
     /// Multiplies `Q·Kᵀ`; must be finite. (f64 so that the f64 path is exact; f32 paths round it once.)
     pub scale: f64,
-    /// `s = c * tanh(s / c)` after scaling, before bias and mask; `c` must be finite and positive.
+    /// `s = c * tanh(s / c)` after scaling and the score terms, before bias and mask; `c` must be finite
+    /// and positive.
     pub softcap: Option<f64>,
+    /// The score mod's operands (see [`ScoreTerms`]); empty by default.
+    pub score: ScoreTerms<'a>,
     /// Optional `[H]` of any float dtype: `exp(sink_h)` joins each row's softmax denominator (GPT-OSS sinks).
     pub sinks: Option<&'a TensorView>,
     /// Optional dropout on the normalised weights (see [`Dropout`]): dropped weights are zeroed, kept ones
@@ -52,6 +56,7 @@ impl std::fmt::Debug for AttentionArgs<'_> {
             .field("bias", &self.bias.map(|t| t.shape().to_vec()))
             .field("scale", &self.scale)
             .field("softcap", &self.softcap)
+            .field("score", &self.score)
             .field("sinks", &self.sinks.map(|t| t.shape().to_vec()))
             .field("dropout", &self.dropout)
             .field("num_threads", &self.num_threads)
@@ -113,6 +118,7 @@ impl AttentionArgs<'_> {
         ];
         inputs.extend(self.bias.map(|t| ("bias", t)));
         inputs.extend(self.sinks.map(|t| ("sinks", t)));
+        inputs.extend(self.score.named());
         let mut outputs = vec![("out", self.out)];
         outputs.extend(self.lse.map(|t| ("lse", t)));
         check_disjoint(&inputs, &outputs, false)?;
@@ -187,17 +193,19 @@ impl AttentionArgs<'_> {
         }
         check_scale_softcap(self.scale, self.softcap)?;
         super::dropout::check(self.dropout)?;
+        let dims = Dims {
+            b,
+            h,
+            hkv,
+            g: h.checked_div(hkv).unwrap_or(1),
+            q,
+            k,
+            d,
+            dv,
+        };
+        self.score.check(&dims)?;
         Ok(Checked {
-            dims: Dims {
-                b,
-                h,
-                hkv,
-                g: h.checked_div(hkv).unwrap_or(1),
-                q,
-                k,
-                d,
-                dv,
-            },
+            dims,
             dtype,
             bias_strides,
             scale: self.scale,

@@ -4,6 +4,8 @@
 //!
 //! ```text
 //! s[b,h,i,j]   = scale * q[b,h,i,:] · k[b,h/G,j,:]            (G = H / Hkv query heads per kv head)
+//! s            = head_scale[h] * s + distance[h, j - i + Q - 1] + key[b, h, j]   (score-mod terms, if any:
+//!                                                                 see `score`)
 //! s            = softcap * tanh(s / softcap)                    (when softcap is given)
 //! s            = s + bias[b,h,i,j]                              (when bias is given; -inf excludes the pair)
 //! s            = -inf where the mask hides (i, j)
@@ -33,6 +35,7 @@
 //! | `dispatch` | [`Backend`], and the one dtype × ISA table every phase runs through |
 //! | `gemm` | the micro-kernel trait and one file per ISA: `portable`, `avx2`, `avx512` |
 //! | `pack` | strided input rows packed into operand layouts (forward K/V tiles, backward rows) |
+//! | `score` | [`ScoreTerms`]: the score mod's operands (head scales, distance and key terms) as rows |
 //! | `softmax` | the online-softmax step, finishing and merging rows |
 //! | `dropout` | [`Dropout`], the keep pattern both passes regenerate |
 //! | `strided` | typed raw views of validated tensors |
@@ -47,6 +50,7 @@ mod dropout;
 mod forward;
 mod gemm;
 mod pack;
+mod score;
 mod softmax;
 mod strided;
 
@@ -57,6 +61,7 @@ pub use args::{AttentionArgs, Checked};
 pub use backward::{AttentionGradArgs, attention_backward, attention_backward_with};
 pub use dispatch::Backend;
 pub use dropout::{Dropout, keep_pattern};
+pub use score::ScoreTerms;
 
 use crate::Result;
 

@@ -201,7 +201,8 @@ pub(crate) struct Logits<A> {
 
 /// One online-softmax step for one row of one tile.
 ///
-/// `s` holds the raw scores of the tile's padded width (a multiple of 16); the first `n` are real. `bias` (length `n`) is added
+/// `s` holds the raw scores of the tile's padded width (a multiple of 16); the first `n` are real. `terms`
+/// (length `n`, the score mod's additive terms) are added before the softcap, `bias` (length `n`) after it,
 /// and `vis` (length `n`, 0 = hidden) masks. `p` (the tile's padded width) receives `exp(s - m_new)` through
 /// `to_p`, with zeros beyond `n` and for hidden pairs. Returns `alpha`, the factor the caller must apply
 /// to the row's `O` (1 when nothing changed).
@@ -211,6 +212,7 @@ pub(crate) fn online_step<A: Acc, E: Copy>(
     s: &mut [A],
     n: usize,
     lg: Logits<A>,
+    terms: Option<&[A]>,
     bias: Option<&[A]>,
     vis: Option<&[u8]>,
     m: &mut A,
@@ -222,6 +224,11 @@ pub(crate) fn online_step<A: Acc, E: Copy>(
     debug_assert!(width.is_multiple_of(16) && p.len() >= width);
     for x in s.iter_mut() {
         *x = *x * lg.scale;
+    }
+    if let Some(terms) = terms {
+        for (x, &t) in s[..n].iter_mut().zip(terms) {
+            *x = *x + t;
+        }
     }
     if let Some((c, inv)) = lg.softcap {
         for x in s[..n].iter_mut() {

@@ -106,6 +106,7 @@ fn compare(name: &str, case: &Case, mask: &dyn MaskTiles, masked: bool) -> Resul
             softcap: case.softcap,
             sinks: sinks.as_ref(),
             dropout: None,
+            score: Default::default(),
             num_threads: 3,
         };
         run_kernel(kernel_name, &args, masked)?;

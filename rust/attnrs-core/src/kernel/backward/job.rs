@@ -6,6 +6,7 @@ use crate::kernel::args::Dims;
 use crate::kernel::dropout::DropMask;
 use crate::kernel::gemm::Kern;
 use crate::kernel::pack::{pack_a, pack_b_rows};
+use crate::kernel::score::Terms;
 use crate::kernel::softmax::Acc;
 use crate::kernel::strided::{BiasRef, Strided};
 use crate::mask::tiles::MaskTiles;
@@ -93,6 +94,10 @@ pub(super) struct Job<'a, T, A> {
     /// `(c, 1/c)`.
     pub(super) softcap: Option<(A, A)>,
     pub(super) drop: Option<DropMask>,
+    /// The score mod's terms (head scales, distance and key terms), read once per call.
+    pub(super) terms: Option<Terms<A>>,
+    /// Where the kv items put the gradients of the terms, when they are wanted.
+    pub(super) term_grads: Option<TermGrads<A>>,
     /// Per row `(b * H + h) * Q + i`: `P_ij = exp(x_ij - shift_i) · norm_i` (`shift = lse`, `norm = 1` from
     /// the saved lse; `(max, 1 / sum)` where it was recomputed); a non-finite shift means the row saw nothing.
     pub(super) shift: Vec<A>,
@@ -117,6 +122,24 @@ impl<T, A> Job<'_, T, A> {
         self.dims.k.div_ceil(self.bk)
     }
 }
+
+/// The written gradients of the score-mod terms. Key terms: each kv item owns its columns of `key`
+/// (`[B, H, K]`, written directly). Distance terms: each kv item `(b, kvh, kb)` writes its partial sums into
+/// its own slot of `dist` (`g` rows of `slot = Q + bk - 1`, local index `c - i + Q - 1` for tile column `c`
+/// and query row `i`, i.e. global index `kb·bk + local`); the slots are then summed in a fixed order.
+pub(super) struct TermGrads<A> {
+    pub(super) dist: Option<Slots<A>>,
+    pub(super) slot: usize,
+    pub(super) key: Option<AnyOut>,
+}
+
+/// A buffer of per-item slots that items write in parallel, each its own.
+pub(super) struct Slots<A>(pub(super) *mut A);
+
+// SAFETY: the address of a buffer that outlives the call's items; each item writes only its own slot.
+unsafe impl<A> Send for Slots<A> {}
+// SAFETY: as for `Send`.
+unsafe impl<A> Sync for Slots<A> {}
 
 /// Query and dO rows packed as operands of `K`: all rows of the GQA group (`[G][Q'][..]`, `Q'` = Q rounded
 /// up to even), packed once per kv item when they fit [`GROUP_PACK_BUDGET`]; otherwise (`per_tile`, and for a
@@ -230,8 +253,12 @@ pub(super) struct Scratch<K: Kern> {
     pub(super) g: Vec<K::A>,
     /// Visibility of a partial tile, `[m][n]`.
     pub(super) vis: Vec<u8>,
-    /// One bias row, `[BK]`.
+    /// One bias row (or one row of score terms), `[BK]`.
     pub(super) brow: Vec<K::A>,
+    /// This kv item's partial gradients of the score terms: distance `[G][slot]`, key `[G][BK]` (empty
+    /// when not wanted).
+    pub(super) gdist: Vec<K::A>,
+    pub(super) gkey: Vec<K::A>,
     /// dK `[BK][dp]` (kv items) or dQ `[BQ][dp]` (dQ items).
     pub(super) acc_k: Vec<K::A>,
     /// dV `[BK][dvp]`.
@@ -257,6 +284,14 @@ impl<K: Kern> Scratch<K> {
             g: vec![za; BQ * bk],
             vis: vec![0; BQ * bk],
             brow: vec![za; bk],
+            gdist: match &job.term_grads {
+                Some(t) if t.dist.is_some() => vec![za; job.dims.g * t.slot],
+                _ => Vec::new(),
+            },
+            gkey: match &job.term_grads {
+                Some(t) if t.key.is_some() => vec![za; job.dims.g * bk],
+                _ => Vec::new(),
+            },
             acc_k: vec![za; bk.max(BQ) * dp],
             acc_v: vec![za; bk * dvp],
             zeros: vec![za; bk],

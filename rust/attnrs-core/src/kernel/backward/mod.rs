@@ -11,7 +11,10 @@
 //!            (dropout: P_ij in dV and dP_ij are both multiplied by M_ij / (1 - p), M the keep pattern;
 //!             Δ and dX keep the undropped P)
 //! dX_ij      = P_ij (dP_ij - Δ_i)                            (= dL/dbias_ij: `grad_bias`)
-//! dS_ij      = dX_ij · (1 - t_ij²)   where t = tanh(scale·q·k / c)   (softcap; dS = dX without it)
+//! dY_ij      = dX_ij · (1 - t_ij²)   where t = tanh(y / c), y the logit before the softcap
+//!                                                             (softcap; dY = dX without it)
+//! dterms     : d distance[h, j - i + Q - 1] += dY_ij, d key[b, h, j] += dY_ij   (score-mod terms)
+//! dS_ij      = head_scale_h · dY_ij                           (score-mod head scales; dS = dY without)
 //! dQ_i       = scale · Σ_j dS_ij K_j
 //! dK_j      += scale · Σ_i dS_ij Q_i
 //! dsink_h    = -Σ_{b,i} exp(sink_h - lse_bhi) · Δ_bhi
@@ -119,6 +122,14 @@ pub struct AttentionGradArgs<'a> {
     /// `dL/dx` for every `(b, h, i, j)`, dense `[B, H, Q, K]`, any float dtype, written: the gradient of an
     /// additive bias before any broadcast reduction (0 where the mask hides a pair or the row saw no key).
     pub grad_bias: Option<&'a TensorView>,
+    /// The forward's score-mod terms (see [`super::ScoreTerms`]).
+    pub score: super::ScoreTerms<'a>,
+    /// `dL/dscore_distance`, `[H, Q + K - 1]`, any float dtype, written (summed over batch and rows; a
+    /// broadcast `[1, Q + K - 1]` operand takes the sum over heads); only with `score.distance`.
+    pub grad_score_distance: Option<&'a TensorView>,
+    /// `dL/dscore_key`, `[B, H, K]`, any float dtype, written (the caller reduces broadcast dims); only with
+    /// `score.key`.
+    pub grad_score_key: Option<&'a TensorView>,
     /// Worker threads (a private pool; 0 means 1). The result does not depend on it.
     pub num_threads: usize,
 }
@@ -140,6 +151,9 @@ impl std::fmt::Debug for AttentionGradArgs<'_> {
             .field("dropout", &self.dropout)
             .field("grad_sinks", &shape(self.grad_sinks))
             .field("grad_bias", &shape(self.grad_bias))
+            .field("score", &self.score)
+            .field("grad_score_distance", &shape(self.grad_score_distance))
+            .field("grad_score_key", &shape(self.grad_score_key))
             .field("num_threads", &self.num_threads)
             .finish_non_exhaustive()
     }
@@ -240,6 +254,7 @@ fn validate(a: &AttentionGradArgs) -> Result<Checked> {
         softcap: a.softcap,
         sinks: a.sinks,
         dropout: a.dropout,
+        score: a.score,
         num_threads: a.num_threads,
     };
     let checked = forward.check_inputs(Call::Backward)?;
@@ -295,6 +310,35 @@ fn validate(a: &AttentionGradArgs) -> Result<Checked> {
         expect_float(gb, "grad_bias", FLOATS)?;
         expect_shape(gb, "grad_bias", &[b, h, q, k], "[B, H, Q, K]")?;
     }
+    let terms = [
+        (
+            "grad_score_distance",
+            a.grad_score_distance,
+            a.score.distance.is_some(),
+            vec![h, super::score::span(q, k)],
+            "[H, Q + K - 1]",
+        ),
+        (
+            "grad_score_key",
+            a.grad_score_key,
+            a.score.key.is_some(),
+            vec![b, h, k],
+            "[B, H, K]",
+        ),
+    ];
+    for (arg, grad, has_operand, want, layout) in terms {
+        if let Some(t) = grad {
+            if !has_operand {
+                return Err(Error::value(
+                    arg,
+                    "None when the score has no such term",
+                    "a tensor",
+                ));
+            }
+            expect_float(t, arg, FLOATS)?;
+            expect_shape(t, arg, &want, layout)?;
+        }
+    }
     check_outputs(a)?;
     Ok(checked)
 }
@@ -312,6 +356,7 @@ fn check_outputs(a: &AttentionGradArgs) -> Result<()> {
     inputs.extend(a.bias.map(|t| ("bias", t)));
     inputs.extend(a.grad_lse.map(|t| ("grad_lse", t)));
     inputs.extend(a.sinks.map(|t| ("sinks", t)));
+    inputs.extend(a.score.named());
     let mut outputs = vec![
         ("grad_query", a.grad_query),
         ("grad_key", a.grad_key),
@@ -319,5 +364,7 @@ fn check_outputs(a: &AttentionGradArgs) -> Result<()> {
     ];
     outputs.extend(a.grad_sinks.map(|t| ("grad_sinks", t)));
     outputs.extend(a.grad_bias.map(|t| ("grad_bias", t)));
+    outputs.extend(a.grad_score_distance.map(|t| ("grad_score_distance", t)));
+    outputs.extend(a.grad_score_key.map(|t| ("grad_score_key", t)));
     check_disjoint(&inputs, &outputs, true)
 }

@@ -6,6 +6,7 @@ use crate::kernel::args::Dims;
 use crate::kernel::dispatch::Isa;
 use crate::kernel::dropout::DropMask;
 use crate::kernel::gemm::Kern;
+use crate::kernel::score::Terms;
 use crate::kernel::softmax::Acc;
 use crate::kernel::strided::{BiasRef, Strided};
 use crate::mask::tiles::{BlockClass, MaskTiles};
@@ -85,6 +86,36 @@ pub(super) fn run<T: Float, K: Isa>(
     let (strategy, bk) = (tuning.dq, tuning.bk);
     type A<K> = <K as Kern>::A;
     let dims = chk.dims;
+    let terms = (!args.score.is_empty())
+        .then(|| Terms::<A<K>>::new(&args.score, &dims))
+        .transpose()?;
+    let slot = dims.q + bk - 1;
+    let nkb_all = dims.k.div_ceil(bk);
+    let mut dist_parts: Vec<A<K>> = match args.grad_score_distance {
+        None => Vec::new(),
+        Some(_) => {
+            let len = crate::memory::product(&[dims.b, dims.h, nkb_all, slot]);
+            let what = "the partial gradients of the score's distance terms";
+            let bytes = len.and_then(|n| n.checked_mul(std::mem::size_of::<A<K>>()));
+            crate::memory::check("score_distance", what, bytes)?;
+            crate::memory::zeroed(len.unwrap_or(0), what)?
+        }
+    };
+    let term_grads =
+        (args.grad_score_distance.is_some() || args.grad_score_key.is_some()).then(|| {
+            TermGrads {
+                dist: args
+                    .grad_score_distance
+                    .map(|_| Slots(dist_parts.as_mut_ptr())),
+                slot,
+                // Viewed as [B, H, 1, K], so that a row of columns is the fourth index.
+                key: args.grad_score_key.map(|t| {
+                    let mut out = AnyOut::of(t);
+                    out.st = [out.st[0], out.st[1], 0, out.st[2]];
+                    out
+                }),
+            }
+        });
     let mut job = Job::<T, A<K>> {
         dims,
         q: Strided::of(args.query),
@@ -110,6 +141,8 @@ pub(super) fn run<T: Float, K: Isa>(
             .softcap
             .map(|c| (A::<K>::from_f64(c), A::<K>::from_f64(1.0 / c))),
         drop: DropMask::new(args.dropout, dims.h, dims.q),
+        terms,
+        term_grads,
         shift: Vec::new(),
         norm: Vec::new(),
         delta: Vec::new(),
@@ -117,12 +150,66 @@ pub(super) fn run<T: Float, K: Isa>(
         dvp: dims.dv.div_ceil(16) * 16,
         bk,
     };
+    threads::install(chk.threads, || {
+        kv_and_q_passes::<T, K>(args, &mut job, strategy, tuning)
+    })?;
+    if let Some(out) = args.grad_score_distance {
+        // Viewed as [H, 1, 1, span], so that a row is the fourth index.
+        let mut out = AnyOut::of(out);
+        out.st = [out.st[0], 0, 0, out.st[1]];
+        reduce_distance_grads(&job, &dist_parts, out);
+    }
+    Ok(())
+}
+
+/// Sums the kv items' distance-gradient slots into `out` (`[H, Q + K - 1]`), in a fixed order (batch, then
+/// kv tile), so the result never depends on the thread count.
+fn reduce_distance_grads<T, A: Acc>(job: &Job<T, A>, parts: &[A], out: AnyOut) {
+    let Dims {
+        b: nb,
+        h,
+        hkv,
+        g,
+        q,
+        k,
+        ..
+    } = job.dims;
+    let (span, slot, nkb) = (crate::kernel::score::span(q, k), q + job.bk - 1, job.nkb());
+    let mut acc = vec![A::ZERO; span];
+    for hh in 0..h {
+        let (kvh, gi) = (hh / g, hh % g);
+        acc.fill(A::ZERO);
+        for b in 0..nb {
+            for kb in 0..nkb {
+                let c0 = kb * job.bk;
+                let base = (((b * hkv + kvh) * nkb + kb) * g + gi) * slot;
+                let len = slot.min(span - c0);
+                for (x, &y) in acc[c0..c0 + len].iter_mut().zip(&parts[base..base + len]) {
+                    *x = *x + y;
+                }
+            }
+        }
+        // SAFETY: row hh of the [H, span] output; this thread is its only writer.
+        unsafe { out.write_row([hh, 0, 0, 0], &acc) };
+    }
+}
+
+/// The passes after validation: row statistics, then the kv items (dK, dV and the terms' gradients) and dQ
+/// by the chosen path.
+fn kv_and_q_passes<T: Float, K: Isa>(
+    args: &AttentionGradArgs,
+    job: &mut Job<T, <K as Kern>::A>,
+    strategy: DqPath,
+    tuning: Resolved,
+) {
+    type A<K> = <K as Kern>::A;
+    let dims = job.dims;
     let Dims {
         b: nb, h, hkv, q, ..
     } = dims;
     let zero = A::<K>::ZERO;
     let init = |job: &Job<T, A<K>>| (Scratch::<K>::new(job), Packed::<K::E>::new());
-    threads::install(chk.threads, || {
+    {
         let rows = nb * h * q;
         let mut shift = vec![zero; rows];
         let mut norm = vec![zero; rows];
@@ -134,12 +221,12 @@ pub(super) fn run<T: Float, K: Isa>(
                 .zip(delta.par_chunks_mut(q))
                 .enumerate()
                 .for_each_init(
-                    || init(&job),
+                    || init(job),
                     |(sc, pk), (bh, ((s, nm), dl))| {
                         // SAFETY: `K` is only chosen when the CPU has its features (`backward_with`).
                         unsafe {
                             K::enter(StatsItem::<T, K> {
-                                job: &job,
+                                job,
                                 sc,
                                 rows: pk,
                                 b: bh / h,
@@ -153,7 +240,7 @@ pub(super) fn run<T: Float, K: Isa>(
                 );
         }
         (job.shift, job.norm, job.delta) = (shift, norm, delta);
-        let job = &job;
+        let job = &*job;
         if let (Some(gs), Some(sinks)) = (args.grad_sinks.map(AnyOut::of), &job.sinks) {
             for (hh, &sink) in sinks.iter().enumerate() {
                 let mut acc = 0.0f64;
@@ -317,5 +404,5 @@ pub(super) fn run<T: Float, K: Isa>(
                 };
             },
         );
-    })
+    }
 }

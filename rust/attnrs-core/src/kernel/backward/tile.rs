@@ -167,7 +167,8 @@ pub(super) unsafe fn write_rows<T: Float, A: Acc>(
 }
 
 /// Turns the raw scores `q·k` in `p` (rows `q0..q0+m` of head `h`, kv tile `c0..c0+n`) into final logits:
-/// scale, softcap (its derivative `1 - t²` into `g`), bias, and `-inf` for hidden pairs and padding columns.
+/// scale (times the head's score-mod scale), score-mod terms, softcap (its derivative `1 - t²` into `g`), bias,
+/// and `-inf` for hidden pairs and padding columns.
 /// `vis` must hold the tile's visibility when `cls` is partial.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -186,10 +187,17 @@ pub(super) fn logits<T, A: Acc>(
     cls: BlockClass,
 ) {
     let bk = job.bk;
+    let scale = job.scale * job.terms.as_ref().map_or(A::ONE, |t| t.scale_of(h));
     for r in 0..m {
         let x = &mut p[r * bk..(r + 1) * bk];
-        let scale = job.scale;
         x.iter_mut().for_each(|v| *v = *v * scale);
+        if let Some(terms) = job.terms.as_ref()
+            && let Some(add) = terms.row(b, h, q0 + r, c0, n, brow)
+        {
+            for (v, &t) in x[..n].iter_mut().zip(add) {
+                *v = *v + t;
+            }
+        }
         if let Some((c, ic)) = job.softcap {
             for (v, gg) in x.iter_mut().zip(&mut g[r * bk..(r + 1) * bk]) {
                 let t = (*v * ic).tanh();
@@ -245,6 +253,8 @@ pub(super) fn tile<T, K: Kern>(
         g,
         vis,
         brow,
+        gdist,
+        gkey,
         ..
     } = sc;
     let p = &mut p[..m * bk];
@@ -303,6 +313,25 @@ pub(super) fn tile<T, K: Kern>(
             for (x, &gv) in dr.iter_mut().zip(&g[r * bk..(r + 1) * bk]) {
                 *x = *x * gv;
             }
+        }
+        if write_bias && let Some(tg) = &job.term_grads {
+            // dr is now dL/d(the logit before the softcap): the gradient of every additive term.
+            let gi = h % job.dims.g;
+            if tg.dist.is_some() {
+                let at = gi * tg.slot + (job.dims.q - 1) - (q0 + r);
+                for (acc, &x) in gdist[at..at + n].iter_mut().zip(&dr[..n]) {
+                    *acc = *acc + x;
+                }
+            }
+            if tg.key.is_some() {
+                for (acc, &x) in gkey[gi * bk..gi * bk + n].iter_mut().zip(&dr[..n]) {
+                    *acc = *acc + x;
+                }
+            }
+        }
+        if let Some(t) = job.terms.as_ref().filter(|t| t.has_scale()) {
+            let factor = t.scale_of(h);
+            dr.iter_mut().for_each(|x| *x = *x * factor);
         }
     }
 }
@@ -368,6 +397,8 @@ pub(super) fn kv_body<T: Float, K: Kern>(
     }
     sc.acc_k[..bk * dp].fill(K::A::ZERO);
     sc.acc_v[..bk * dvp].fill(K::A::ZERO);
+    sc.gdist.fill(K::A::ZERO);
+    sc.gkey.fill(K::A::ZERO);
     for gi in 0..g {
         let h = kvh * g + gi;
         for qb in 0..job.nqb() {
@@ -412,6 +443,23 @@ pub(super) fn kv_body<T: Float, K: Kern>(
     unsafe {
         write_rows(&job.dk, b, kvh, c0, n, d, &sc.acc_k, dp, job.scale);
         write_rows(&job.dv, b, kvh, c0, n, dv, &sc.acc_v, dvp, K::A::ONE);
+    }
+    if let Some(tg) = &job.term_grads {
+        if let Some(key) = &tg.key {
+            for gi in 0..g {
+                // SAFETY: (b, kvh * g + gi, c0..c0 + n) is in range of grad_score_key (viewed [B, H, 1, K]);
+                // this kv tile's columns belong to this item alone.
+                unsafe { key.write_row([b, kvh * g + gi, 0, c0], &sc.gkey[gi * bk..gi * bk + n]) };
+            }
+        }
+        if let Some(dist) = &tg.dist {
+            let len = g * tg.slot;
+            let at = ((b * job.dims.hkv + kvh) * job.nkb() + kb) * len;
+            // SAFETY: slot (b, kvh, kb) of `len` elements lies inside the buffer (sized for every item in
+            // `run`) and is written by this item alone.
+            let slot = unsafe { std::slice::from_raw_parts_mut(dist.0.add(at), len) };
+            slot.copy_from_slice(&sc.gdist);
+        }
     }
 }
 

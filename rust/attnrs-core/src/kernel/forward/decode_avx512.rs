@@ -69,7 +69,7 @@ impl Scratch {
             m: vec![0.0; rows],
             l: vec![0.0; rows],
             vis: vec![0; job.dims.q * BC],
-            bias: vec![0.0; BC],
+            bias: vec![0.0; 2 * BC], // a bias row, then a score-terms row
         }
     }
 }
@@ -583,7 +583,8 @@ fn body<L: Lanes, T: Float, const DOT: bool>(
             ld,
         };
         let cells = (0..q, c0..c0 + n);
-        let scratch = (&mut sc.vis[..], &mut sc.bias[..]);
+        let (bias, terms) = sc.bias.split_at_mut(BC);
+        let scratch = (&mut sc.vis[..], bias, terms);
         if DOT {
             for (gi, &cls) in classes.iter().enumerate() {
                 if cls == BlockClass::Empty {

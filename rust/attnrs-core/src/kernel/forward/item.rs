@@ -37,7 +37,7 @@ impl<K: Kern> Scratch<K> {
             m: vec![K::A::default(); rows],
             l: vec![K::A::default(); rows],
             vis: vec![0; job.bq * BC],
-            bias: vec![K::A::default(); BC],
+            bias: vec![K::A::default(); 2 * BC], // a bias row, then a score-terms row
             kv: Vec::new(),
             stage: Vec::new(),
         }
@@ -161,7 +161,10 @@ fn item_body<K: Kern, T: Float>(
                 o: &mut sc.o,
                 ld: dvp,
             },
-            (&mut sc.vis, &mut sc.bias),
+            {
+                let (bias, terms) = sc.bias.split_at_mut(BC);
+                (&mut sc.vis, bias, terms)
+            },
             K::to_e,
         );
         for &(r0, m) in &spans {

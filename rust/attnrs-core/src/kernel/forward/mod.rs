@@ -14,6 +14,7 @@ use super::AttentionArgs;
 use super::args::Checked;
 use super::dispatch::{Backend, select};
 use super::dropout::DropMask;
+use super::score::AnyTerms;
 use super::strided::{BiasRef, Strided, read_sinks};
 use crate::tensor::Float;
 use crate::{Result, threads};
@@ -56,6 +57,7 @@ fn go<K: Entry, T: Float>(args: &AttentionArgs, plan: &Checked, rows: usize) -> 
         mask: args.mask,
         scale: plan.scale,
         softcap: plan.softcap,
+        terms: AnyTerms::new::<K::A>(&args.score, &dims)?,
         drop: DropMask::new(args.dropout, dims.h, dims.q),
         bq,
         dp: round_up(dims.d, 2),

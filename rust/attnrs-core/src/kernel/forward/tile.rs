@@ -7,6 +7,7 @@ use std::ops::Range;
 
 use crate::kernel::args::Dims;
 use crate::kernel::dropout::DropMask;
+use crate::kernel::score::AnyTerms;
 use crate::kernel::softmax::{Acc, Logits, finish, online_step, rescale};
 use crate::kernel::strided::{BiasRef, Strided};
 use crate::mask::tiles::{BlockClass, MaskTiles};
@@ -34,6 +35,8 @@ pub(crate) struct Job<'a, T> {
     pub(crate) mask: &'a dyn MaskTiles,
     pub(crate) scale: f64,
     pub(crate) softcap: Option<f64>,
+    /// The score mod's terms (head scales, distance and key terms), read once per call.
+    pub(crate) terms: AnyTerms,
     pub(crate) drop: Option<DropMask>,
     /// Query rows per block (per head).
     pub(crate) bq: usize,
@@ -67,9 +70,9 @@ pub(super) struct Rows<'a, A> {
 }
 
 /// The online-softmax step of one kv tile (`cells` = query rows × key columns) for the rows of every head of
-/// the group whose class is not empty: bias and mask applied, `m` and `l` updated, `O` rescaled, `P` written.
-/// `s` and `p` hold the rows of the group (`r = gi * bq + i`) at stride [`BC`]; `scratch` is (visibility
-/// bytes, one bias row).
+/// the group whose class is not empty: score terms, bias and mask applied, `m` and `l` updated, `O` rescaled,
+/// `P` written. `s` and `p` hold the rows of the group (`r = gi * bq + i`) at stride [`BC`]; `scratch` is
+/// (visibility bytes, one bias row, one terms row).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn softmax_tile<A: Acc, E: Copy, T>(
@@ -82,18 +85,26 @@ pub(super) fn softmax_tile<A: Acc, E: Copy, T>(
     s: &mut [A],
     p: &mut [E],
     st: Rows<'_, A>,
-    scratch: (&mut [u8], &mut [A]),
+    scratch: (&mut [u8], &mut [A], &mut [A]),
     to_e: impl Fn(A) -> E + Copy,
 ) {
     let (rows, cols) = cells;
     let (q0, bq, c0, n) = (rows.start, rows.len(), cols.start, cols.len());
     let (g, nw) = (job.dims.g, round_up(n, 16));
-    let (vis, bias) = scratch;
+    let (vis, bias, term_row) = scratch;
+    let terms = job.terms.get::<A>();
     for (gi, &cls) in classes.iter().enumerate() {
         if cls == BlockClass::Empty {
             continue;
         }
         let h = kvh * g + gi;
+        let lg = match terms {
+            Some(t) if t.has_scale() => Logits {
+                scale: lg.scale * t.scale_of(h),
+                ..lg
+            },
+            _ => lg,
+        };
         let partial = cls == BlockClass::Partial;
         if partial {
             job.mask
@@ -105,10 +116,12 @@ pub(super) fn softmax_tile<A: Acc, E: Copy, T>(
                 // SAFETY: (b, h, q0 + i) and columns c0..c0+n are in range of [B, H, Q, K].
                 unsafe { bref.row(b, h, q0 + i, c0, &mut bias[..n], A::from_f64) };
             }
+            let add = terms.and_then(|t| t.row(b, h, q0 + i, c0, n, term_row));
             let alpha = online_step(
                 &mut s[r * BC..r * BC + nw],
                 n,
                 lg,
+                add,
                 job.bias.as_ref().map(|_| &bias[..n]),
                 partial.then(|| &vis[i * n..(i + 1) * n]),
                 &mut st.m[r],

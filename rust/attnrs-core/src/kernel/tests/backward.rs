@@ -239,6 +239,9 @@ fn forward_then_backward_matches_reference() {
             grad_sinks: Some(&gs.view),
             grad_bias: None,
             dropout: p.dropout,
+            score: Default::default(),
+            grad_score_distance: None,
+            grad_score_key: None,
             num_threads: 2,
         })
         .unwrap();

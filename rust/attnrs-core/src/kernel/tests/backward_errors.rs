@@ -47,6 +47,9 @@ fn errors_name_the_argument_and_never_panic() {
         grad_sinks: None,
         grad_bias: None,
         dropout: None,
+        score: Default::default(),
+        grad_score_distance: None,
+        grad_score_key: None,
         num_threads: 2,
     };
     attention_backward(&base).unwrap();

@@ -190,6 +190,7 @@ impl Inputs {
             softcap: p.softcap,
             sinks: self.sinks.as_ref().map(|b| &b.view),
             dropout: p.dropout,
+            score: Default::default(),
             num_threads: 2,
         };
         crate::kernel::attention_forward_with(&args, backend).unwrap();
@@ -254,6 +255,9 @@ pub(super) fn run_backward(
         grad_sinks: sinks.as_ref().map(|_| &gs.view),
         grad_bias: with_bias_grad.then_some(&gb.view),
         dropout: p.dropout,
+        score: Default::default(),
+        grad_score_distance: None,
+        grad_score_key: None,
         num_threads: threads,
     };
     backward_with(&args, backend, strategy).unwrap();

@@ -96,6 +96,7 @@ fn decode_paths_agree_with_portable() {
                 softcap: None,
                 sinks: None,
                 dropout: None,
+                score: Default::default(),
                 num_threads: 2,
             };
             attention_forward_with(&args, backend).unwrap();

@@ -39,6 +39,7 @@ fn errors_name_the_argument_and_never_panic() {
         softcap: None,
         sinks: None,
         dropout: None,
+        score: Default::default(),
         num_threads: 2,
     };
     attention_forward(&base).unwrap();
@@ -284,6 +285,7 @@ fn finfo_min_bias_row_is_the_mean_of_v_and_empty_rows_are_zero() {
         softcap: None,
         sinks: None,
         dropout: None,
+        score: Default::default(),
         num_threads: 1,
     };
     for backend in backends(DType::F32) {

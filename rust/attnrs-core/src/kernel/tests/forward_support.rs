@@ -190,6 +190,7 @@ pub(super) fn check(
         softcap: x.softcap.map(f64::from),
         sinks: x.sinks.as_ref().map(|t| &t.view),
         dropout: None,
+        score: Default::default(),
         num_threads: threads,
     };
     let plan = args.check().unwrap();

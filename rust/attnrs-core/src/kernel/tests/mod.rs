@@ -11,5 +11,6 @@ mod dropout;
 mod forward;
 mod forward_errors;
 mod forward_support;
+mod score;
 mod softmax;
 pub(crate) mod support;

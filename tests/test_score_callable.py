@@ -14,7 +14,7 @@ import pytest
 import torch
 from flex_support import causal, flex
 
-from attnrs import masks
+from attnrs import masks, scores
 from attnrs.attention import score_callable
 from attnrs.attention.resolve import ResolvedMask
 from attnrs.attention.score_callable import callable_score_attention, chunk_rows
@@ -191,6 +191,34 @@ def test_equals_a_float64_reference(q_offset: int, kv_offset: int, rows: int, mo
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # the LSE's float32 rounding enters its gradient
 
 
+def test_a_score_mod_value_is_a_callable_too() -> None:
+    """An attnrs.scores value through this path equals its kernel operands (terms) applied by the reference."""
+    q, k, v = _inputs(torch.float64, q_len=5)
+    table = torch.randn(H, 32, dtype=torch.float64, requires_grad=True)
+    mod = scores.scale(0.5).then(scores.alibi(H) + scores.relative_bias(table, scores.t5_buckets(32, 16)))
+    resolved = ResolvedMask(structural=masks.causal(), q_offset=7, kv_offset=0)
+    out, lse = callable_score_attention(q, k, v, resolved, mod, 0.3, None, None, True)
+    terms = mod.terms(batch=B, heads=H, q_len=5, kv_len=K, q_offset=7, dtype=torch.float64)
+    assert terms.head_scale is not None and terms.distance is not None
+
+    def from_terms(score: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        return (
+            score * terms.head_scale[h]
+            + terms.distance[0 if terms.distance.shape[0] == 1 else h, kv_idx - q_idx + 4 + 7]
+        )
+
+    visible = torch.arange(K) <= torch.arange(5)[:, None] + 7
+    ref_out, ref_lse = reference(
+        q, k, v, from_terms, scale=0.3, softcap=None, bias=None, visible=visible, sinks=None, q_offset=7, kv_offset=0
+    )
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    assert lse is not None
+    torch.testing.assert_close(lse, ref_lse.float())
+    torch.testing.assert_close(
+        torch.autograd.grad(out.sum(), table)[0], torch.autograd.grad(ref_out.sum(), table)[0], rtol=1e-10, atol=1e-12
+    )
+
+
 def test_a_row_that_sees_only_its_sink() -> None:
     q, k, v = _inputs(torch.float32, q_len=3)
     sinks = torch.zeros(H, requires_grad=True)
@@ -257,6 +285,8 @@ def test_without_grad_and_without_lse() -> None:
     with torch.no_grad():
         out, lse = callable_score_attention(q, k, v, ResolvedMask(), cosine, 1.0, None, None, False)
     assert lse is None and out.shape == (B, H, Q, D) and not out.requires_grad
+    again, _ = callable_score_attention(q, k, v, ResolvedMask(), cosine, 1.0, None, None, False)  # grad mode, no grad
+    assert torch.equal(again, out) and not again.requires_grad
 
 
 # ---------------------------------------------------------------------------------------------------------------

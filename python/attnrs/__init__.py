@@ -12,7 +12,7 @@ of transformers once it is imported (:mod:`attnrs.integrations.transformers.regi
 
 from __future__ import annotations
 
-from . import errors, masks, plugins, registrations  # noqa: F401  (registrations: fills the registries)
+from . import errors, masks, plugins, registrations, scores  # noqa: F401  (registrations: fills the registries)
 from ._attnrs import __version__, cpu_features, simd_path
 from .attention.api import attention
 from .attention.ops import dropout_keep_pattern
@@ -80,5 +80,6 @@ __all__ = [
     "plugin_errors",
     "plugins",
     "register_native",
+    "scores",
     "simd_path",
 ]

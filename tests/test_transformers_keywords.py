@@ -109,6 +109,29 @@ def test_unknown_keywords_are_refused_by_name_and_known_ones_ignored() -> None:
     assert torch.equal(out, want)
 
 
+def test_sinks_and_s_aux_together_are_refused() -> None:
+    """Two names of one argument: attnrs would otherwise keep one and drop the other silently."""
+    q, k, v = _qkv()
+    a, b = torch.randn(4), torch.randn(4)
+    with pytest.raises(attnrs.ArgumentError, match="sinks and s_aux"):
+        attention_forward(_module(), q, k, v, None, sinks=a, s_aux=b)
+    out, _ = attention_forward(_module(), q, k, v, None, sinks=a, s_aux=a)  # the same tensor under both names
+    want, _ = attention_forward(_module(), q, k, v, None, s_aux=a)
+    assert torch.equal(out, want)
+
+
+def test_position_bias_is_checked_by_name() -> None:
+    q, k, v = _qkv()
+    with pytest.raises(attnrs.ShapeError, match="position_bias"):
+        attention_forward(_module(), q, k, v, None, position_bias=torch.zeros(1, 4, 9, 10))
+    with pytest.raises(attnrs.DtypeError, match="position_bias"):
+        attention_forward(_module(), q, k, v, None, position_bias=[[0.0]])
+    bias = torch.randn(4, 9, 9)  # [H, Q, K] broadcasts as well
+    out, _ = attention_forward(_module(), q, k, v, None, position_bias=bias)
+    want, _ = attention_forward(_module(), q, k, v, None, position_bias=bias[None].expand(2, 4, 9, 9))
+    torch.testing.assert_close(out, want)
+
+
 def test_a_non_positive_sliding_window_means_no_window() -> None:
     q, k, v = _qkv()
     want, _ = attention_forward(_module(), q, k, v, None)

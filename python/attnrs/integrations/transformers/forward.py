@@ -124,6 +124,8 @@ def attention_forward(
     batch, heads, q_len, _ = query.shape
     kv_len = key.shape[2]
     shape = (batch, heads, q_len, kv_len)
+    if sinks is not None and s_aux is not None and sinks is not s_aux:
+        raise ArgumentError("sinks and s_aux: got both (two names of one argument, the sink logits); pass one")
     head_sinks, row_sinks = _sinks(sinks if sinks is not None else s_aux, module, shape)
     dropout_p = float(dropout) if getattr(module, "training", False) else 0.0
     scale = check_scalars(query, scaling, softcap, head_sinks, dropout_p)
@@ -160,7 +162,7 @@ def attention_forward(
         if selected is not None:
             resolved.dense_bool = selected if resolved.dense_bool is None else resolved.dense_bool & selected
     if position_bias is not None:
-        bias = position_bias.expand(shape) if position_bias.dim() == 4 else position_bias
+        bias = _position_bias(position_bias, shape)
         resolved.bias = bias if resolved.bias is None else resolved.bias + bias
     if output_attentions:
         out, weights = attention_with_weights(
@@ -206,6 +208,25 @@ def _sinks(
             f"{list(sinks.shape)}"
         )
     return None, rows.expand(batch, heads, q_len)
+
+
+def _position_bias(position_bias: Any, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """``position_bias`` (T5's ``[1, H, Q, K]``, any floating tensor broadcastable to ``[B, H, Q, K]``), a 4-D one
+    expanded to the call's shape; its dtype is checked with the other additive masks."""
+    if not isinstance(position_bias, torch.Tensor):
+        raise DtypeError(
+            f"position_bias: expected a floating tensor [B|1, H|1, Q, K], got {type(position_bias).__name__}"
+        )
+    try:
+        broadcast = torch.broadcast_shapes(position_bias.shape, shape) == torch.Size(shape)  # type: ignore[no-untyped-call]
+    except RuntimeError:
+        broadcast = False
+    if not broadcast:
+        raise ShapeError(
+            f"position_bias: expected a shape broadcastable to [B, H, Q, K] = {list(shape)}, "
+            f"got {list(position_bias.shape)}"
+        )
+    return position_bias.expand(shape) if position_bias.dim() == 4 else position_bias
 
 
 def _check_selection(table: Any, name: str, layout: str, n: int) -> torch.Tensor:

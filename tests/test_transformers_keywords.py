@@ -4,6 +4,7 @@ eager functions and mask code from the installed transformers."""
 
 from __future__ import annotations
 
+import copy
 import types
 from typing import Any
 
@@ -168,3 +169,53 @@ def test_the_builders_dense_mask_keeps_its_structure_until_it_is_changed() -> No
     torch.testing.assert_close(structural[real], plain[real], atol=2e-6, rtol=2e-6)
     dense[0, 0, 5, :] = torch.finfo(torch.float32).min  # changed in place: the structure no longer describes it
     assert DenseStructure.of(dense) is None
+
+
+def test_score_mod_reaches_the_attention_function_and_a_models_layers() -> None:
+    """``score_mod`` is attnrs's keyword: given to the attention function (or to a model's forward, which passes
+    extra keywords down to it) it means what it means for attnrs.attention."""
+    from attnrs import scores
+
+    q, k, v = _qkv()
+    out, _ = attention_forward(_module(), q, k, v, None, score_mod=scores.alibi(4))
+    want = attnrs.attention(q, k, v, is_causal=True, score_mod=scores.alibi(4)).transpose(1, 2)
+    torch.testing.assert_close(out, want)
+
+    transformers = pytest.importorskip("transformers")
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    heads = 4
+    slopes = scores.alibi_slopes(heads)
+
+    def sdpa_with_dense_alibi(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kw: Any) -> Any:
+        # The reference users build today: the dense ALiBi bias added to the additive causal mask.
+        q_len, kv_len = query.shape[2], key.shape[2]
+        rel = torch.arange(kv_len)[None, :] - torch.arange(q_len)[:, None] - (kv_len - q_len)
+        bias = slopes[:, None, None] * rel
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
+        mask = bias.masked_fill(~causal, float("-inf"))[None].to(query.dtype)
+        return sdpa_attention_forward(module, query, key, value, mask, **{**kw, "is_causal": False})
+
+    transformers.AttentionInterface.register("sdpa_dense_alibi_test", sdpa_with_dense_alibi)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        vocab_size=97,
+        intermediate_size=96,
+        initializer_range=0.1,  # weights large enough that the bias shows in the logits, not so large that one key wins
+    )
+    torch.manual_seed(0)
+    ids = torch.randint(0, 97, (1, 12))
+    got_model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="attnrs").eval()
+    ref_model = transformers.LlamaForCausalLM._from_config(
+        copy.deepcopy(config), attn_implementation="sdpa_dense_alibi_test"
+    )  # its own config: _from_config writes the implementation into the config it is given
+    ref_model.load_state_dict(got_model.state_dict())
+    with torch.no_grad():
+        got = got_model(ids, score_mod=scores.alibi(slopes)).logits
+        plain = got_model(ids).logits
+        ref = ref_model.eval()(ids).logits
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    assert (got - plain).abs().max() > 1e-2, (got - plain).abs().max()

@@ -1,4 +1,4 @@
-"""Recognition of transformers' FlexAttention score_mod closures (attnrs.integrations.transformers.score_mods).
+"""Recognition of transformers' FlexAttention score_mod closures (attnrs.scores.recognise).
 
 The closures are the real ones: transformers' ``flex_attention_forward`` (and DOGE's) is called with small
 tensors and the ``score_mod`` it hands to FlexAttention is captured (the FlexAttention call itself is stubbed),
@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 
 import transformers.integrations.flex_attention as hf_flex
 
-from attnrs.integrations.transformers.score_mods import (
+from attnrs.scores.recognise import (
     is_identity_score_mod,
     recognise_transformers_score_mod,
 )

@@ -20,6 +20,7 @@ Rows that see no key give zeros (and a log-sum-exp of ``-inf``), never NaN.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal, cast, overload
 
 import torch
@@ -27,9 +28,12 @@ import torch
 from .. import _attnrs
 from ..errors import ArgumentError, DeviceError, UnsupportedError
 from ..plugins import BUILTIN_KERNEL, is_native
+from ..scores import ScoreMod
 from .dispatch import choose_backend, needs_grad
 from .ops import draw_dropout_seed
 from .resolve import ResolvedMask, batched_inputs, check_scalars, kernel_operands, resolve_mask
+from .score_callable import callable_score_attention
+from .score_mods import ScoreModLike, refuse, resolve_score_mod, term_tensors
 from .torch_backends import torch_attention
 
 __all__ = ["BACKENDS", "attention", "check_backend", "run_resolved"]
@@ -51,6 +55,7 @@ def attention(
     q_offset: int = 0,
     kv_offset: int = 0,
     softcap: float | None = None,
+    score_mod: Any = None,
     sinks: torch.Tensor | None = None,
     return_lse: Literal[False] = False,
     backend: str = "auto",
@@ -71,6 +76,7 @@ def attention(
     q_offset: int = 0,
     kv_offset: int = 0,
     softcap: float | None = None,
+    score_mod: Any = None,
     sinks: torch.Tensor | None = None,
     return_lse: Literal[True],
     backend: str = "auto",
@@ -91,6 +97,7 @@ def attention(
     q_offset: int = 0,
     kv_offset: int = 0,
     softcap: float | None = None,
+    score_mod: Any = None,
     sinks: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str = "auto",
@@ -110,6 +117,7 @@ def attention(
     q_offset: int = 0,
     kv_offset: int = 0,
     softcap: float | None = None,
+    score_mod: Any = None,
     sinks: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str = "auto",
@@ -137,7 +145,13 @@ def attention(
         scale: multiplies ``Q Kᵀ`` (default ``D ** -0.5``); a Python or NumPy number.
         enable_gqa: SDPA's flag; GQA shapes are accepted either way.
         q_offset, kv_offset: the positions of query row 0 and key 0 for a Mask or mask_mod (see ``attn_mask``).
-        softcap: ``s = softcap * tanh(s / softcap)`` after scaling, before the mask (Gemma 2).
+        softcap: ``s = softcap * tanh(s / softcap)`` after scaling (and after ``score_mod``), before the mask
+            (Gemma 2).
+        score_mod: FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx)``, applied to the scaled logit before
+            the mask (``q_idx``/``kv_idx`` are positions, as for masks): an :mod:`attnrs.scores` value (ALiBi,
+            relative biases, per-head scales, tables, softcap; evaluated inside the Rust kernel, gradients
+            into its tables) or any callable (run exactly with torch ops, chunk of rows by chunk; slower). See
+            :mod:`attnrs.attention.score_mods`.
         sinks: ``[H]`` logits that join each row's softmax denominator only (GPT-OSS).
         return_lse: also return the float32 log-sum-exp ``[..., H, Q]`` of each row.
         backend: ``"auto"`` (see :mod:`attnrs.attention.dispatch`), ``"native"`` (the Rust CPU kernel), ``"sdpa"``,
@@ -163,7 +177,9 @@ def attention(
         q_offset=q_offset,
         kv_offset=kv_offset,
     )
-    out, lse = run_resolved(query, key, value, resolved, scale, softcap, sinks, dropout_p, backend, return_lse)
+    out, lse = run_resolved(
+        query, key, value, resolved, scale, softcap, sinks, dropout_p, backend, return_lse, score_mod=score_mod
+    )
     if return_lse:
         return batched.restore(out), batched.restore(cast(torch.Tensor, lse))  # every backend returns it or raises
     return batched.restore(out)
@@ -218,14 +234,23 @@ def run_resolved(
     dropout_p: float,
     backend: str,
     return_lse: bool,
+    *,
+    score_mod: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Runs attention on an already resolved mask with the chosen backend (``auto``: see
-    :mod:`attnrs.attention.dispatch`)."""
+    :mod:`attnrs.attention.dispatch`; with a ``score_mod``: :mod:`attnrs.attention.score_mods`)."""
     if dropout_p == 1:
         # Every weight dropped: zeros, as SDPA gives (with zero gradients); the LSE is the undropped one.
-        out, lse = run_resolved(query, key, value, resolved, scale, softcap, sinks, 0.0, backend, return_lse)
+        out, lse = run_resolved(
+            query, key, value, resolved, scale, softcap, sinks, 0.0, backend, return_lse, score_mod=score_mod
+        )
         return out * 0, lse
     shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    mod, softcap, captured = resolve_score_mod(score_mod, softcap, shape)
+    if captured is not None:  # a transformers FlexAttention closure's tensors: an additive bias
+        resolved = dataclasses.replace(resolved, bias=captured if resolved.bias is None else resolved.bias + captured)
+    if mod is not None:
+        return _run_score_mod(query, key, value, resolved, scale, softcap, sinks, dropout_p, backend, return_lse, mod)
     if backend == BUILTIN_KERNEL and (dropout_p > 0 or needs_grad(query, key, value, sinks, resolved.bias)):
         # The built-in kernel's dropout and backward are wired through autograd on the "native" operator.
         backend = "native"
@@ -253,3 +278,50 @@ def run_resolved(
         out, lse = torch.ops.attnrs.attention(query, key, value, *operands, float(dropout_p), seed)
         return out.transpose(1, 2), lse
     return torch_attention(backend, query, key, value, resolved, shape, scale, softcap, sinks, return_lse, dropout_p)
+
+
+def _run_score_mod(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    resolved: ResolvedMask,
+    scale: float,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    dropout_p: float,
+    backend: str,
+    return_lse: bool,
+    mod: ScoreModLike,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`run_resolved` with a score mod (see the table in :mod:`attnrs.attention.score_mods`)."""
+    is_value = isinstance(mod, ScoreMod)
+    if backend == BUILTIN_KERNEL and is_value:
+        backend = "native"  # the kernel table's ABI has no score terms; the built-in kernel runs them directly
+    if backend == "auto":
+        if query.device.type in ("cpu", "meta"):
+            backend = "native" if is_value else "math"
+        else:
+            backend = "flex"
+    if backend == "native" and is_value:
+        if query.device.type not in ("cpu", "meta"):
+            raise DeviceError(f"query: the native backend runs on CPU, got a tensor on {query.device}")
+        shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+        assert isinstance(mod, ScoreMod)
+        terms, cap = term_tensors(mod, query, key.shape[2], resolved.q_offset, resolved.kv_offset)
+        operands = kernel_operands(resolved, shape, sinks, scale, cap, terms)
+        seed = draw_dropout_seed() if dropout_p > 0 else None
+        out, lse = torch.ops.attnrs.attention(query, key, value, *operands, float(dropout_p), seed)
+        return out.transpose(1, 2), lse
+    if dropout_p > 0:
+        raise UnsupportedError(
+            f"dropout_p > 0 with a score_mod: only the Rust kernel drops weights with a score mod, and it runs "
+            f"attnrs.scores values (backend {backend!r}, score_mod {mod!r})"
+        )
+    if backend == "math":
+        return callable_score_attention(query, key, value, resolved, mod, scale, softcap, sinks, return_lse)
+    if backend == "flex":
+        shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+        return torch_attention(
+            "flex", query, key, value, resolved, shape, scale, softcap, sinks, return_lse, score_mod=mod
+        )
+    raise refuse(backend, mod)

@@ -104,8 +104,10 @@ def torch_attention(
     sinks: torch.Tensor | None,
     return_lse: bool,
     dropout_p: float = 0.0,
+    score_mod: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Runs ``backend`` (``math``, ``sdpa``, ``flex`` or ``flash``) on the resolved mask: (out, lse or None)."""
+    """Runs ``backend`` (``math``, ``sdpa``, ``flex`` or ``flash``) on the resolved mask: (out, lse or None).
+    ``score_mod`` (flex only: :func:`attnrs.attention.api.run_resolved` routes it) sees positions, as masks do."""
     if backend == "math":
         visible = visibility(resolved, shape, query.device)
         out, lse = math_attention(query, key, value, visible, resolved.bias, scale, softcap, sinks, dropout_p)
@@ -141,7 +143,7 @@ def torch_attention(
             out = out.masked_fill(~visible.any(-1, keepdim=True), 0.0)  # fully hidden rows are zeros
         return out, None
     if backend == "flex":
-        return _flex(query, key, value, resolved, shape, scale, softcap, sinks)
+        return _flex(query, key, value, resolved, shape, scale, softcap, sinks, score_mod)
     raise AssertionError(backend)
 
 
@@ -154,6 +156,7 @@ def _flex(
     scale: float,
     softcap: float | None,
     sinks: torch.Tensor | None,
+    user_score_mod: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, heads, q_len, kv_len = shape
     structural = resolved.structural
@@ -171,8 +174,11 @@ def _flex(
             structural, batch, heads, q_len, kv_len, q_offset=resolved.q_offset, kv_offset=resolved.kv_offset
         )
     bias = resolved.bias
+    q_offset, kv_offset = resolved.q_offset, resolved.kv_offset
 
     def score_mod(score: Any, b: Any, h: Any, q: Any, kv: Any) -> Any:
+        if user_score_mod is not None:
+            score = user_score_mod(score, b, h, q + q_offset, kv + kv_offset)  # positions, as masks see them
         if softcap is not None:
             score = softcap * torch.tanh(score / softcap)
         if bias is not None:
@@ -187,7 +193,7 @@ def _flex(
             query,
             key,
             value,
-            score_mod=score_mod if softcap is not None or bias is not None else None,
+            score_mod=score_mod if softcap is not None or bias is not None or user_score_mod is not None else None,
             block_mask=block_mask,
             scale=scale,
             enable_gqa=key.shape[1] != heads,

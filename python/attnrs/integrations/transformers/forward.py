@@ -101,6 +101,7 @@ def attention_forward(
     cu_seq_lens_q: torch.Tensor | None = None,
     cu_seq_lens_k: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    score_mod: Any = None,
     backend: str = "auto",
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -111,6 +112,9 @@ def attention_forward(
     see (DeepSeek-V3.2-style sparse top-k selection; negative entries select nothing), applied on top of the mask;
     ``block_indices`` ``[B, H_idx, Q, topk]``: the same at the granularity of ``module.indexer.block_size`` keys,
     one selection per group of ``H / H_idx`` query heads (MiniMax-M3).
+    ``score_mod`` is attnrs's too (transformers passes a model call's extra keywords down to the attention
+    function): an :mod:`attnrs.scores` value or a FlexAttention ``score_mod`` callable, as for
+    :func:`attnrs.attention`; ``position_bias`` (T5) stays what it is, an additive dense bias.
     ``backend`` is attnrs's, not a transformers keyword: ``"auto"`` or any backend :func:`attnrs.attention`
     takes, including the name of a registered native kernel (see :func:`attention_function`). Other keywords
     are refused unless listed in :data:`IGNORED_KEYWORDS`."""
@@ -165,6 +169,10 @@ def attention_forward(
         bias = _position_bias(position_bias, shape)
         resolved.bias = bias if resolved.bias is None else resolved.bias + bias
     if output_attentions:
+        if score_mod is not None:
+            raise UnsupportedError(
+                "output_attentions: the attention weights are not formed with a score_mod; drop one of them"
+            )
         out, weights = attention_with_weights(
             query,
             key,
@@ -178,7 +186,17 @@ def attention_forward(
         )
         return out.transpose(1, 2).contiguous(), weights
     out, lse = run_resolved(
-        query, key, value, resolved, scale, softcap, head_sinks, dropout_p, backend, row_sinks is not None
+        query,
+        key,
+        value,
+        resolved,
+        scale,
+        softcap,
+        head_sinks,
+        dropout_p,
+        backend,
+        row_sinks is not None,
+        score_mod=score_mod,
     )
     if row_sinks is not None:
         # A sink logit per row joins the denominator: out * e^lse / (e^lse + e^sink) = out * sigmoid(lse - sink).

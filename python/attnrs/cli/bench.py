@@ -4,6 +4,7 @@ transformers' sdpa and eager attention paths, and compiled flex_attention. Needs
     python -m attnrs bench                                 # the issue's table, B1 H32 Hkv8 D128, 2 threads
     python -m attnrs bench --quick                         # L 1024 instead of 4096, shorter decode
     python -m attnrs bench --backward                      # forward + backward, L 2048 and 4096
+    python -m attnrs bench --scores                        # score_mod rows: ALiBi L4096, T5 bias L2048 (+ bwd)
     python benchmarks/bench_attention.py [same flags]      # the same, from a checkout
 
 Reported: median milliseconds, useful GFLOP/s (4 * B * H * D * visible pairs per forward; x2.5 with backward),
@@ -214,12 +215,111 @@ def run_backward(lengths: list[int], threads: int, repeats: int) -> None:
             )
 
 
+def _dense_alibi(slopes: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense additive mask users build today for causal ALiBi: ``slope_h * (kv - q)``, -inf above the
+    diagonal, ``[1, H, L, L]``."""
+    rel = (torch.arange(length)[None, :] - torch.arange(length)[:, None]).to(torch.float32)
+    bias = slopes.to(torch.float32)[:, None, None] * rel
+    return bias.masked_fill(rel > 0, float("-inf"))[None].to(dtype)
+
+
+def run_scores(length: int, t5_length: int, threads: int, repeats: int) -> None:
+    """The score_mod rows: causal + ALiBi (fp32, bf16) against causal alone, SDPA with the dense ALiBi bias and
+    compiled flex with the same score_mod; a Python callable's cost; T5's relative bias (bidirectional, 32
+    buckets) forward + backward with a learned table against SDPA with the dense bias. Each pair is timed in
+    alternation (:func:`paired_median_ms`)."""
+    from attnrs import scores
+
+    torch.set_num_threads(threads)
+    print(f"\nscore_mod, B{B} H{H} Hkv{H_KV} D{D}, {threads} threads; median ms, peer/attnrs (alternated)")
+    alibi = scores.alibi(H)
+    slopes = scores.alibi_slopes(H)
+    flex = torch.compile(torch.nn.attention.flex_attention.flex_attention)
+
+    def row(label: str, ours_ms: float, peer: str, peer_ms: float) -> None:
+        print(f"  {label:<30} attnrs {ours_ms:>9.1f} ms | {peer:<26} {peer_ms:>9.1f} ms {peer_ms / ours_ms:>6.2f}x")
+
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        case = Case(f"causal+ALiBi {name} L{length}", length, length, dtype, None)
+        q, k, v = tensors(case)
+        print(f"\n{case.name}")
+
+        def ours() -> Any:
+            return attnrs.attention(q, k, v, is_causal=True, score_mod=alibi)
+
+        ours_ms, plain_ms = paired_median_ms(ours, lambda: attnrs.attention(q, k, v, is_causal=True), repeats)
+        print(
+            f"  {'attnrs causal + ALiBi':<30} {ours_ms:>9.1f} ms | attnrs causal alone {plain_ms:>9.1f} ms: "
+            f"ALiBi costs {100 * (ours_ms / plain_ms - 1):+.1f}%"
+        )
+        dense = _dense_alibi(slopes, length, dtype)
+        ours_ms, peer_ms = paired_median_ms(
+            ours, lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True), repeats
+        )
+        row("causal + ALiBi", ours_ms, "sdpa + dense ALiBi bias", peer_ms)
+        block_mask = attnrs.create_block_mask(masks.causal(), 1, None, length, length)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            start = time.perf_counter()
+            try:
+                flex(q, k, v, score_mod=alibi, block_mask=block_mask, enable_gqa=True)
+            except Exception as e:
+                print(f"  flex (compiled) failed: {type(e).__name__}: {str(e)[:100]}")
+            else:
+                print(f"  {'(flex compile + first call)':<30} {time.perf_counter() - start:>9.1f} s")
+                ours_ms, peer_ms = paired_median_ms(
+                    ours, lambda: flex(q, k, v, score_mod=alibi, block_mask=block_mask, enable_gqa=True), repeats
+                )
+                row("causal + ALiBi", ours_ms, "flex (compiled) + score_mod", peer_ms)
+        short = min(length, 1024)
+        qs, ks, vs = (t[:, :, :short] for t in (q, k, v))
+
+        def alibi_callable(score: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+            return score + slopes.to(score.dtype)[h] * (kv_idx - q_idx)
+
+        ours_ms, peer_ms = paired_median_ms(
+            lambda: attnrs.attention(qs, ks, vs, is_causal=True, score_mod=alibi),
+            lambda: attnrs.attention(qs, ks, vs, is_causal=True, score_mod=alibi_callable),
+            max(1, repeats // 2),
+        )
+        row(f"ALiBi value L{short}", ours_ms, "the same as a Python callable", peer_ms)
+
+    case = Case(f"T5 bias fp32 L{t5_length} fwd+bwd", t5_length, t5_length, torch.float32, None)
+    q, k, v = tensors(case, requires_grad=True)
+    table = (torch.randn(H, 32, generator=torch.Generator().manual_seed(1)) * 0.5).requires_grad_()
+    buckets = scores.t5_buckets(32, 128, bidirectional=True)
+    grad = torch.randn(B, H, t5_length, D)
+    print(f"\n{case.name} (learned [H, 32] table)")
+
+    def step(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            q.grad = k.grad = v.grad = table.grad = None
+            fn().backward(grad)  # type: ignore[no-untyped-call]
+
+        return run
+
+    rel = torch.arange(t5_length)[None, :] - torch.arange(t5_length)[:, None]
+    index = buckets(rel)  # [L, L] bucket of each pair
+
+    def sdpa_dense() -> torch.Tensor:
+        bias = table[:, index][None]  # [1, H, L, L], differentiable into the table
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+
+    ours_ms, peer_ms = paired_median_ms(
+        step(lambda: attnrs.attention(q, k, v, score_mod=scores.relative_bias(table, buckets))),
+        step(sdpa_dense),
+        repeats,
+    )
+    row("T5 bias, bidirectional", ours_ms, "sdpa + dense bias (table)", peer_ms)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="attnrs bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="L 1024 and a short decode")
     parser.add_argument("--backward", action="store_true", help="forward + backward instead of forward")
+    parser.add_argument("--scores", action="store_true", help="the score_mod rows (ALiBi, T5 relative bias)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-one-thread", action="store_true", help="skip the 1-thread column")
@@ -227,6 +327,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"attnrs {attnrs.__version__} ({attnrs.simd_path()}), torch {torch.__version__}")
     if args.backward:
         run_backward([1024] if args.quick else [2048, 4096], args.threads, args.repeats)
+        return
+    if args.scores:
+        run_scores(1024 if args.quick else 4096, 1024 if args.quick else 2048, args.threads, args.repeats)
         return
     length = 1024 if args.quick else 4096
     ids = torch.arange(length) // (length // 8)

@@ -222,12 +222,17 @@ pub(crate) fn online_step<A: Acc, E: Copy>(
 ) -> A {
     let width = s.len();
     debug_assert!(width.is_multiple_of(16) && p.len() >= width);
-    for x in s.iter_mut() {
-        *x = *x * lg.scale;
-    }
-    if let Some(terms) = terms {
-        for (x, &t) in s[..n].iter_mut().zip(terms) {
-            *x = *x + t;
+    match terms {
+        // One pass: the scale and the terms (the padding columns beyond `n` become -inf below).
+        Some(terms) => {
+            for (x, &t) in s[..n].iter_mut().zip(terms) {
+                *x = *x * lg.scale + t;
+            }
+        }
+        None => {
+            for x in s.iter_mut() {
+                *x = *x * lg.scale;
+            }
         }
     }
     if let Some((c, inv)) = lg.softcap {

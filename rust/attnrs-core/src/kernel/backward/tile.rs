@@ -190,13 +190,17 @@ pub(super) fn logits<T, A: Acc>(
     let scale = job.scale * job.terms.as_ref().map_or(A::ONE, |t| t.scale_of(h));
     for r in 0..m {
         let x = &mut p[r * bk..(r + 1) * bk];
-        x.iter_mut().for_each(|v| *v = *v * scale);
-        if let Some(terms) = job.terms.as_ref()
-            && let Some(add) = terms.row(b, h, q0 + r, c0, n, brow)
+        match job
+            .terms
+            .as_ref()
+            .and_then(|t| t.row(b, h, q0 + r, c0, n, brow))
         {
-            for (v, &t) in x[..n].iter_mut().zip(add) {
-                *v = *v + t;
-            }
+            // One pass: the scale and the terms (the padding columns beyond `n` become -inf below).
+            Some(add) => x[..n]
+                .iter_mut()
+                .zip(add)
+                .for_each(|(v, &t)| *v = *v * scale + t),
+            None => x.iter_mut().for_each(|v| *v = *v * scale),
         }
         if let Some((c, ic)) = job.softcap {
             for (v, gg) in x.iter_mut().zip(&mut g[r * bk..(r + 1) * bk]) {

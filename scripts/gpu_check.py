@@ -74,10 +74,38 @@ def main() -> int:
                 failures += not ok
                 label = f"{backend} -> {chosen} ({reason})" if backend == "auto" else backend
                 print(f"  {'ok ' if ok else 'BAD'} {dtype} {name:<18} {label:<70} max err {error:.2e}")
+    failures += check_score_mods()
     failures += check_sdpa_call_forms()
     failures += check_model()
     print("all CUDA paths agree" if failures == 0 else f"{failures} mismatches")
     return 1 if failures else 0
+
+
+def check_score_mods() -> int:
+    """score_mod on CUDA (backend="auto" hands it to flex_attention): an attnrs.scores value with a learned T5
+    table and a plain callable, forward and the table's gradient, against the Rust kernel / math path on CPU."""
+    from attnrs import scores
+
+    failures = 0
+    torch.manual_seed(1)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        q = torch.randn(1, 4, 128, 64, dtype=dtype)
+        k = torch.randn(1, 2, 160, 64, dtype=dtype)
+        v = torch.randn(1, 2, 160, 64, dtype=dtype)
+        table = torch.randn(4, 32, requires_grad=True)
+        for name, mod in (
+            ("alibi + t5", scores.alibi(4) + scores.relative_bias(table, scores.t5_buckets(32, 128, True))),
+            ("callable", lambda s, b, h, qi, ki: s * torch.cos(ki.to(s.dtype) / 7)),
+        ):
+            expected = attnrs.attention(q.double(), k.double(), v.double(), masks.causal(32), score_mod=mod)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = attnrs.attention(q.cuda(), k.cuda(), v.cuda(), masks.causal(32), score_mod=mod)
+            error = (out.double().cpu() - expected).abs().max().item()
+            ok = error <= (2e-2 if dtype != torch.float32 else 2e-3)
+            failures += not ok
+            print(f"  {'ok ' if ok else 'BAD'} score_mod {name:<12} {dtype} auto (flex on CUDA) max err {error:.2e}")
+    return failures
 
 
 def check_sdpa_call_forms() -> int:

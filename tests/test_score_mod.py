@@ -212,3 +212,29 @@ def test_nan_from_a_score_mod_gives_nan_rows_not_a_crash() -> None:
     table[1, :] = float("nan")  # a learned table that diverged later
     out = attnrs.attention(q, k, v, score_mod=mod)
     assert out[:, 1].isnan().all() and not out[:, [0, 2, 3]].isnan().any()
+
+
+def test_a_value_moves_to_another_device_differentiably() -> None:
+    table = _randn(H, 32, seed=80).requires_grad_()
+    mod = scores.alibi(H) + scores.relative_bias(table, scores.t5_buckets(32, 128, True))
+    assert mod.to("cpu") is mod
+    moved = mod.to("meta")
+    assert repr(moved) == repr(mod)
+    terms = moved.terms(batch=1, heads=H, q_len=3, kv_len=5, dtype=torch.float64)
+    assert terms.distance is not None and terms.distance.device.type == "meta"
+    assert terms.distance.requires_grad  # the moved table is still connected to the original
+
+
+def test_a_value_compiles_into_one_graph_with_its_table_gradient() -> None:
+    q, k, v = (t.detach() for t in _inputs(torch.float32))
+    table = _randn(H, 32, seed=81, dtype=torch.float32).requires_grad_()
+    mod = scores.alibi(H) + scores.relative_bias(table, scores.t5_buckets(32, 128, True))
+
+    def f(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attnrs.attention(q, k, v, is_causal=True, score_mod=mod)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    got, want = compiled(q, k, v), f(q, k, v)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), table)[0], torch.autograd.grad(want.sum(), table)[0])

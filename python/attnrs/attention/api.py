@@ -295,6 +295,8 @@ def _run_score_mod(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`run_resolved` with a score mod (see the table in :mod:`attnrs.attention.score_mods`)."""
     is_value = isinstance(mod, ScoreMod)
+    if isinstance(mod, ScoreMod) and query.device.type != "meta":
+        mod = mod.to(query.device)  # e.g. scores.alibi(8) (slopes on CPU) for CUDA inputs: flex indexes them there
     if backend == BUILTIN_KERNEL and is_value:
         backend = "native"  # the kernel table's ABI has no score terms; the built-in kernel runs them directly
     if backend == "auto":

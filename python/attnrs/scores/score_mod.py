@@ -257,6 +257,11 @@ def _scale_repr(factor: float | torch.Tensor) -> str:
     return f"scale({factor!r})" if isinstance(factor, float) else f"scale({factor.shape[0]} heads)"
 
 
+def _slots(term: _Term) -> list[str]:
+    """The instance attributes of a term (its classes' ``__slots__``)."""
+    return [name for cls in type(term).__mro__ for name in getattr(cls, "__slots__", ()) if hasattr(term, name)]
+
+
 class ScoreMod:
     """A change to attention logits as a value: ``cap(multiplier[h] * score + sum of terms)``. Build one with
     :func:`scale`, :func:`alibi`, :func:`relative_bias`, :func:`bias_table`, :func:`softcap` and combine them
@@ -327,6 +332,26 @@ class ScoreMod:
                     "a.then(b) (b applied to a's result) to apply one after the other"
                 )
         return ScoreMod((), self._terms + other._terms, None)
+
+    def to(self, device: torch.device | str) -> ScoreMod:
+        """The same mod with its tensors (tables, slopes, per-head scales, document ids) on ``device``; moved with
+        ``Tensor.to``, so gradients still reach the originals. ``self`` when they are there already."""
+        device = torch.device(device)
+        tensors = [f for f in self._factors if isinstance(f, torch.Tensor)]
+        tensors += [getattr(t, n) for t in self._terms for n in _slots(t) if isinstance(getattr(t, n), torch.Tensor)]
+        if all(x.device == device for x in tensors):
+            return self
+
+        def move(x: Any) -> Any:
+            return x.to(device) if isinstance(x, torch.Tensor) else x
+
+        terms = []
+        for term in self._terms:
+            copy = object.__new__(type(term))
+            for name in _slots(term):
+                object.__setattr__(copy, name, move(getattr(term, name)))
+            terms.append(copy)
+        return ScoreMod([move(f) for f in self._factors], terms, self._cap)
 
     def then(self, other: ScoreMod) -> ScoreMod:
         """``other`` applied to this mod's result: ``other(self(score))``. A softcap must come last, and a

@@ -318,7 +318,8 @@ def tiny_config(model_type: str, config_class: type | None = None) -> Any:
             current = getattr(part, name, None)
             if isinstance(current, int) and current >= TINY_SIZES["vocab_size"]:
                 setattr(part, name, 1)
-        if getattr(part, "is_encoder_decoder", False) and getattr(part, "decoder_start_token_id", 0) is None:
+        # Absent or None: an encoder-decoder cannot generate without one (T5's tiny configs lack the attribute).
+        if getattr(part, "is_encoder_decoder", False) and getattr(part, "decoder_start_token_id", None) is None:
             part.decoder_start_token_id = 0
         if getattr(part, "kv_lora_rank", None):  # multi-head latent attention: its own head dims
             for name, value in MLA_SIZES.items():

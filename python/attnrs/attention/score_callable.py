@@ -20,31 +20,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ArgumentError
-from ..masks.dense import create_dense_mask
-from ..masks.mask import Mask
+from .resolve import ResolvedMask
+from .torch_backends import visibility
 
 __all__ = ["CHUNK_BYTES", "callable_score_attention", "chunk_rows"]
 
 # The bytes of one chunk's scores [B, H, rows, K] in the working precision (each temporary of the chunk is this
 # size; tests shrink it to exercise chunking).
 CHUNK_BYTES = 64 << 20
-
-
-class ResolvedMaskLike(Protocol):
-    """What this module reads of :class:`attnrs.attention.resolve.ResolvedMask` (not imported: resolve's
-    users import this module)."""
-
-    structural: Mask | None
-    q_offset: int
-    kv_offset: int
-    dense_bool: torch.Tensor | None
-    bias: torch.Tensor | None
 
 
 class _ResultError(ArgumentError):
@@ -62,7 +51,7 @@ def callable_score_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    resolved: ResolvedMaskLike,
+    resolved: ResolvedMask,
     score_mod: Callable[..., Any],
     scale: float,
     softcap: float | None,
@@ -103,7 +92,7 @@ def callable_score_attention(
             x = softcap * torch.tanh(x / softcap)
         if resolved.bias is not None:
             x = x + resolved.bias[:, :, start : start + n].to(work)
-        visible = _visible(resolved, batch, heads, start, n, kv_len)
+        visible = visibility(resolved, (batch, heads, n, kv_len), x.device, start)
         if visible is not None:
             x = x.masked_fill(~visible, -math.inf)
         return _softmax_rows(x, v, sink, batch, kv_heads, groups)
@@ -137,9 +126,7 @@ def _no_keys(
     return out, sinks.to(torch.float32)[None, :, None].expand(batch, heads, q_len)
 
 
-def _modded(
-    score_mod: Callable[..., Any], scores: torch.Tensor, start: int, resolved: ResolvedMaskLike
-) -> torch.Tensor:
+def _modded(score_mod: Callable[..., Any], scores: torch.Tensor, start: int, resolved: ResolvedMask) -> torch.Tensor:
     """``score_mod`` over one chunk's scores ``[B, H, rows, K]``, vectorised with vmap as flex's uncompiled path
     does, at the absolute positions ``q_offset + start + i`` and ``kv_offset + j``; its result checked."""
     from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
@@ -174,27 +161,6 @@ def _modded(
             f"{list(result.shape[4:])} instead of a scalar)"
         )
     return result.to(scores.dtype)
-
-
-def _visible(
-    resolved: ResolvedMaskLike, batch: int, heads: int, start: int, n: int, kv_len: int
-) -> torch.Tensor | None:
-    """Which pairs of query rows ``[start, start + n)`` the masks let through, ``[B, H|1, n, K]`` (None: all)."""
-    visible = None
-    if resolved.structural is not None:
-        visible = create_dense_mask(
-            resolved.structural,
-            batch,
-            heads,
-            n,
-            kv_len,
-            q_offset=resolved.q_offset + start,
-            kv_offset=resolved.kv_offset,
-        )
-    if resolved.dense_bool is not None:
-        rows = resolved.dense_bool[:, :, start : start + n]
-        visible = rows if visible is None else visible & rows
-    return visible
 
 
 def _softmax_rows(

@@ -25,8 +25,11 @@ from .resolve import ResolvedMask
 __all__ = ["attention_with_weights", "math_attention", "torch_attention", "visibility"]
 
 
-def visibility(resolved: ResolvedMask, shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor | None:
-    """The resolved mask's bool visibility broadcastable to [B, H, Q, K] (None: everything visible)."""
+def visibility(
+    resolved: ResolvedMask, shape: tuple[int, int, int, int], device: torch.device, start: int = 0
+) -> torch.Tensor | None:
+    """The resolved mask's bool visibility of query rows ``[start, start + Q)`` (``shape`` is ``[B, H, Q, K]``),
+    broadcastable to ``shape`` (None: everything visible)."""
     batch, heads, q_len, kv_len = shape
     visible = None
     if resolved.structural is not None:
@@ -36,11 +39,12 @@ def visibility(resolved: ResolvedMask, shape: tuple[int, int, int, int], device:
             heads,
             q_len,
             kv_len,
-            q_offset=resolved.q_offset,
+            q_offset=resolved.q_offset + start,
             kv_offset=resolved.kv_offset,
         ).to(device)
     if resolved.dense_bool is not None:
-        visible = resolved.dense_bool if visible is None else visible & resolved.dense_bool
+        rows = resolved.dense_bool[:, :, start : start + q_len]
+        visible = rows if visible is None else visible & rows
     return visible
 
 

@@ -160,12 +160,11 @@ class _Alibi(_Term):
         return f"alibi({self.heads} heads)" if self.on_distance else f'alibi({self.heads} heads, form="key")'
 
 
-class _RelativeBias(_Term):
-    __slots__ = ("buckets", "table")
-    label = "relative_bias: table"
+class _TableTerm(_Term):
+    """A term read from a learned ``[H, N]`` table."""
 
-    def __init__(self, table: torch.Tensor, buckets: BucketFn) -> None:
-        self.table, self.buckets = table, buckets
+    __slots__ = ("table",)
+    table: torch.Tensor
 
     @property
     def heads(self) -> int:
@@ -174,6 +173,14 @@ class _RelativeBias(_Term):
     @property
     def tensor(self) -> torch.Tensor:
         return self.table
+
+
+class _RelativeBias(_TableTerm):
+    __slots__ = ("buckets",)
+    label = "relative_bias: table"
+
+    def __init__(self, table: torch.Tensor, buckets: BucketFn) -> None:
+        self.table, self.buckets = table, buckets
 
     def __call__(self, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         return self.table[_head(h, self.heads), self.buckets(kv - q)]
@@ -185,20 +192,12 @@ class _RelativeBias(_Term):
         return f"relative_bias({self.buckets!r})"
 
 
-class _DistanceTable(_Term):
-    __slots__ = ("table",)
+class _DistanceTable(_TableTerm):
+    __slots__ = ()
     label = "bias_table: table"
 
     def __init__(self, table: torch.Tensor) -> None:
         self.table = table
-
-    @property
-    def heads(self) -> int:
-        return self.table.shape[0]
-
-    @property
-    def tensor(self) -> torch.Tensor:
-        return self.table
 
     def __call__(self, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         return self.table[_head(h, self.heads), (q - kv).clamp(0, self.table.shape[1] - 1)]
@@ -210,21 +209,13 @@ class _DistanceTable(_Term):
         return f"bias_table({self.heads} heads x {self.table.shape[1]})"
 
 
-class _DocumentBias(_Term):
-    __slots__ = ("document_ids", "table")
+class _DocumentBias(_TableTerm):
+    __slots__ = ("document_ids",)
     on_distance = False
     label = "bias_table: table"
 
     def __init__(self, table: torch.Tensor, document_ids: torch.Tensor) -> None:
         self.table, self.document_ids = table, document_ids
-
-    @property
-    def heads(self) -> int:
-        return self.table.shape[0]
-
-    @property
-    def tensor(self) -> torch.Tensor:
-        return self.table
 
     def __call__(self, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         ids = self.document_ids

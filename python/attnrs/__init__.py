@@ -15,6 +15,7 @@ from __future__ import annotations
 from . import errors, masks, plugins, registrations, scores  # noqa: F401  (registrations: fills the registries)
 from ._attnrs import __version__, cpu_features, simd_path
 from .attention.api import attention
+from .attention.merge import merge_attention_states, merge_attention_states_n
 from .attention.ops import dropout_keep_pattern
 from .errors import (
     ArgumentError,
@@ -75,6 +76,8 @@ __all__ = [
     "load_plugins",
     "mask_builders",
     "masks",
+    "merge_attention_states",
+    "merge_attention_states_n",
     "native_kernels",
     "num_threads",
     "plugin_errors",

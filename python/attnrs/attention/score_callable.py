@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import ArgumentError
 from .resolve import ResolvedMask
-from .torch_backends import visibility
+from .torch_backends import math_attention, visibility
 
 __all__ = ["CHUNK_BYTES", "callable_score_attention", "chunk_rows"]
 
@@ -71,40 +71,37 @@ def callable_score_attention(
     Raises :class:`~attnrs.ArgumentError` (``"score_mod: ..."``) when the callable raises, or returns anything but
     a floating tensor of the chunk's scores' shape."""
     batch, heads, q_len, _ = query.shape
-    kv_heads, kv_len, dv = key.shape[1], key.shape[2], value.shape[-1]
+    kv_len, dv = key.shape[2], value.shape[-1]
     work = torch.float64 if query.dtype == torch.float64 else torch.float32
     if batch * heads * q_len == 0 or kv_len == 0:
         return _no_keys(query, dv, heads, sinks, return_lse)
     rows = chunk_rows(batch, heads, kv_len, work.itemsize)
-    groups = heads // kv_heads
-    keys = key.to(work)
-    values = value.to(work)
-    sink_logits = None if sinks is None else sinks.to(work)
 
-    def one_chunk(
-        q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor | None, start: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def one_chunk(q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor | None, start: int) -> Any:
+        # The plain formula on these rows, the callable applied to their scaled scores at their positions.
         n = q_rows.shape[2]
-        # [B, Hkv, G, rows, D] @ [B, Hkv, 1, D, K]: the query heads of a group share their key head (no copy)
-        logits = q_rows.to(work).reshape(batch, kv_heads, groups, n, -1) @ k[:, :, None].transpose(-1, -2)
-        x = _modded(score_mod, (logits.reshape(batch, heads, n, kv_len) * scale).to(work), start, resolved)
-        if softcap is not None:
-            x = softcap * torch.tanh(x / softcap)
-        if resolved.bias is not None:
-            x = x + resolved.bias[:, :, start : start + n].to(work)
-        visible = visibility(resolved, (batch, heads, n, kv_len), x.device, start)
-        if visible is not None:
-            x = x.masked_fill(~visible, -math.inf)
-        return _softmax_rows(x, v, sink, batch, kv_heads, groups)
+        visible = visibility(resolved, (batch, heads, n, kv_len), q_rows.device, start)
+        bias = None if resolved.bias is None else resolved.bias[:, :, start : start + n]
+        return math_attention(
+            q_rows,
+            k,
+            v,
+            visible,
+            bias,
+            scale,
+            softcap,
+            sink,
+            score_mod=lambda x: _modded(score_mod, x, start, resolved),
+        )
 
     outs: list[torch.Tensor] = []
     lses: list[torch.Tensor] = []
     for start in range(0, q_len, rows):
         q_rows = query[:, :, start : start + rows]
         if torch.is_grad_enabled():
-            out, lse = checkpoint(one_chunk, q_rows, keys, values, sink_logits, start, use_reentrant=False)
+            out, lse = checkpoint(one_chunk, q_rows, key, value, sinks, start, use_reentrant=False)
         else:
-            out, lse = one_chunk(q_rows, keys, values, sink_logits, start)
+            out, lse = one_chunk(q_rows, key, value, sinks, start)
         outs.append(out)
         lses.append(lse)
     out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).to(query.dtype)
@@ -161,27 +158,3 @@ def _modded(score_mod: Callable[..., Any], scores: torch.Tensor, start: int, res
             f"{list(result.shape[4:])} instead of a scalar)"
         )
     return result.to(scores.dtype)
-
-
-def _softmax_rows(
-    x: torch.Tensor, v: torch.Tensor, sink: torch.Tensor | None, batch: int, kv_heads: int, groups: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax of the final logits ``x [B, H, rows, K]`` (with one sink logit per head in the denominator) times
-    ``v``, and the rows' LSE; a row that sees nothing gives 0 and -inf, with zero gradients (no NaN)."""
-    heads, n = x.shape[1], x.shape[2]
-    top = x.amax(dim=-1, keepdim=True)
-    if sink is not None:
-        top = torch.maximum(top, sink[None, :, None, None])
-    # The row maximum only keeps exp in range (the result does not depend on it): no gradient through it.
-    top = top.detach()
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # empty rows (-inf); NaN rows stay NaN
-    weights = torch.exp(x - top)
-    total = weights.sum(dim=-1, keepdim=True)
-    if sink is not None:
-        total = total + torch.exp(sink[None, :, None, None] - top)
-    empty = total == 0
-    total = torch.where(empty, torch.ones_like(total), total)
-    p = weights / total
-    lse = torch.where(empty, -math.inf, torch.log(total) + top).squeeze(-1)
-    out = p.reshape(batch, kv_heads, groups, n, -1) @ v[:, :, None]
-    return out.reshape(batch, heads, n, -1), lse

@@ -9,6 +9,7 @@ for float64) and supports everything; ``sdpa`` and ``flex`` support what their t
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -63,15 +64,19 @@ def math_attention(
     sinks: torch.Tensor | None,
     dropout_p: float = 0.0,
     return_weights: bool = False,
+    score_mod: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The formula, written plainly (and differentiably): returns (out [B, H, Q, Dv], lse float32 [B, H, Q]),
-    plus the attention weights [B, H, Q, K] when ``return_weights``."""
+    plus the attention weights [B, H, Q, K] when ``return_weights``. ``score_mod`` maps the scaled scores
+    ``[B, H, Q, K]`` (in the working precision) to the modified ones, before the softcap, bias and mask."""
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
     heads = query.shape[1]
     q = query.to(compute)
     k = _repeat_kv(key, heads).to(compute)
     v = _repeat_kv(value, heads).to(compute)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if score_mod is not None:
+        scores = score_mod(scores)
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     if bias is not None:

@@ -30,7 +30,7 @@ from ..errors import ArgumentError, DeviceError, UnsupportedError
 from ..plugins import BUILTIN_KERNEL, is_native
 from ..scores import ScoreMod
 from .dispatch import choose_backend, needs_grad
-from .ops import draw_dropout_seed
+from .ops import KernelOperands, draw_dropout_seed
 from .resolve import ResolvedMask, batched_inputs, check_scalars, kernel_operands, resolve_mask
 from .score_callable import callable_score_attention
 from .score_mods import ScoreModLike, refuse, resolve_score_mod, term_tensors
@@ -250,7 +250,9 @@ def run_resolved(
     if captured is not None:  # a transformers FlexAttention closure's tensors: an additive bias
         resolved = dataclasses.replace(resolved, bias=captured if resolved.bias is None else resolved.bias + captured)
     if mod is not None:
-        return _run_score_mod(query, key, value, resolved, scale, softcap, sinks, dropout_p, backend, return_lse, mod)
+        return _run_score_mod(
+            query, key, value, resolved, shape, scale, softcap, sinks, dropout_p, backend, return_lse, mod
+        )
     if backend == BUILTIN_KERNEL and (dropout_p > 0 or needs_grad(query, key, value, sinks, resolved.bias)):
         # The built-in kernel's dropout and backward are wired through autograd on the "native" operator.
         backend = "native"
@@ -271,13 +273,19 @@ def run_resolved(
     if backend == "auto":
         backend, _reason = choose_backend(query, key, value, resolved, softcap, sinks, dropout_p, return_lse)
     if backend == "native":
-        if query.device.type != "cpu":
-            raise DeviceError(f"query: the native backend runs on CPU, got a tensor on {query.device}")
-        operands = kernel_operands(resolved, shape, sinks, scale, softcap)
-        seed = draw_dropout_seed() if dropout_p > 0 else None
-        out, lse = torch.ops.attnrs.attention(query, key, value, *operands, float(dropout_p), seed)
-        return out.transpose(1, 2), lse
+        return _native(query, key, value, kernel_operands(resolved, shape, sinks, scale, softcap), dropout_p)
     return torch_attention(backend, query, key, value, resolved, shape, scale, softcap, sinks, return_lse, dropout_p)
+
+
+def _native(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, operands: KernelOperands, dropout_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Rust kernel's operator (``attnrs::attention``, with autograd) on CPU tensors."""
+    if query.device.type != "cpu":
+        raise DeviceError(f"query: the native backend runs on CPU, got a tensor on {query.device}")
+    seed = draw_dropout_seed() if dropout_p > 0 else None
+    out, lse = torch.ops.attnrs.attention(query, key, value, *operands, float(dropout_p), seed)
+    return out.transpose(1, 2), lse
 
 
 def _run_score_mod(
@@ -285,6 +293,7 @@ def _run_score_mod(
     key: torch.Tensor,
     value: torch.Tensor,
     resolved: ResolvedMask,
+    shape: tuple[int, int, int, int],
     scale: float,
     softcap: float | None,
     sinks: torch.Tensor | None,
@@ -304,16 +313,9 @@ def _run_score_mod(
             backend = "native" if is_value else "math"
         else:
             backend = "flex"
-    if backend == "native" and is_value:
-        if query.device.type not in ("cpu", "meta"):
-            raise DeviceError(f"query: the native backend runs on CPU, got a tensor on {query.device}")
-        shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
-        assert isinstance(mod, ScoreMod)
-        terms, cap = term_tensors(mod, query, key.shape[2], resolved.q_offset, resolved.kv_offset)
-        operands = kernel_operands(resolved, shape, sinks, scale, cap, terms)
-        seed = draw_dropout_seed() if dropout_p > 0 else None
-        out, lse = torch.ops.attnrs.attention(query, key, value, *operands, float(dropout_p), seed)
-        return out.transpose(1, 2), lse
+    if backend == "native" and isinstance(mod, ScoreMod):
+        terms, cap = term_tensors(mod, query, shape[3], resolved.q_offset, resolved.kv_offset)
+        return _native(query, key, value, kernel_operands(resolved, shape, sinks, scale, cap, terms), dropout_p)
     if dropout_p > 0:
         raise UnsupportedError(
             f"dropout_p > 0 with a score_mod: only the Rust kernel drops weights with a score mod, and it runs "
@@ -322,7 +324,6 @@ def _run_score_mod(
     if backend == "math":
         return callable_score_attention(query, key, value, resolved, mod, scale, softcap, sinks, return_lse)
     if backend == "flex":
-        shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
         return torch_attention(
             "flex", query, key, value, resolved, shape, scale, softcap, sinks, return_lse, score_mod=mod
         )

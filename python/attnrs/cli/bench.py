@@ -176,6 +176,23 @@ def peers_one(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, whi
     return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
 
 
+def backward_step(
+    grad: torch.Tensor, *leaves: torch.Tensor
+) -> Callable[[Callable[[], torch.Tensor]], Callable[[], None]]:
+    """``step(fn)``: a callable running ``fn()`` forward and backward with ``grad``, the leaves' gradients cleared
+    first (so each timed run does the same work)."""
+
+    def step(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            for leaf in leaves:
+                leaf.grad = None
+            fn().backward(grad)  # type: ignore[no-untyped-call]
+
+        return run
+
+    return step
+
+
 def run_backward(lengths: list[int], threads: int, repeats: int) -> None:
     torch.set_num_threads(threads)
     print(f"\nforward + backward, B{B} H{H} Hkv{H_KV} D{D}, {threads} threads; median ms, peer/attnrs")
@@ -189,13 +206,7 @@ def run_backward(lengths: list[int], threads: int, repeats: int) -> None:
             q, k, v = tensors(case, requires_grad=True)
             grad = torch.randn(B, H, length, D).to(dtype)
 
-            def step(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-                def run() -> None:
-                    q.grad = k.grad = v.grad = None
-                    fn().backward(grad)  # type: ignore[no-untyped-call]
-
-                return run
-
+            step = backward_step(grad, q, k, v)
             ours = step(lambda: attnrs.attention(q, k, v, mask, is_causal=mask is None))
             if mask is None:
                 peer, label = (
@@ -291,13 +302,7 @@ def run_scores(length: int, t5_length: int, threads: int, repeats: int) -> None:
     grad = torch.randn(B, H, t5_length, D)
     print(f"\n{case.name} (learned [H, 32] table)")
 
-    def step(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-        def run() -> None:
-            q.grad = k.grad = v.grad = table.grad = None
-            fn().backward(grad)  # type: ignore[no-untyped-call]
-
-        return run
-
+    step = backward_step(grad, q, k, v, table)
     rel = torch.arange(t5_length)[None, :] - torch.arange(t5_length)[:, None]
     index = buckets(rel)  # [L, L] bucket of each pair
 

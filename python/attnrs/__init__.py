@@ -17,6 +17,7 @@ from ._attnrs import __version__, cpu_features, simd_path
 from .attention.api import attention
 from .attention.merge import merge_attention_states, merge_attention_states_n
 from .attention.ops import dropout_keep_pattern
+from .attention.varlen import varlen_attention
 from .errors import (
     ArgumentError,
     AttnrsError,
@@ -85,4 +86,5 @@ __all__ = [
     "register_native",
     "scores",
     "simd_path",
+    "varlen_attention",
 ]

@@ -8,8 +8,9 @@
 
 use attnrs_core::Error;
 use attnrs_core::kernel::{
-    AttentionArgs, AttentionGradArgs, Dropout, ScoreTerms, attention_backward as run_backward,
-    attention_forward as run_kernel, keep_pattern,
+    AttentionArgs, AttentionGradArgs, Dropout, RaggedArgs, ScoreTerms,
+    attention_backward as run_backward, attention_forward as run_kernel, attention_forward_ragged,
+    keep_pattern,
 };
 use attnrs_core::mask::PlacedMask;
 use attnrs_core::mask::tiles::{CallMask, Grid};
@@ -210,6 +211,57 @@ pub fn native_attention_forward(
     call.run(py, move |args| {
         check_call(&name, kernel.as_ref(), args, masked)?;
         kernel.forward(args)
+    })
+}
+
+/// The description of a ragged (varlen) call: `(cu_seq_q, cu_seq_k, seqused_k, block_table, page_size,
+/// window_left, window_right)` (see `attnrs_core::kernel::RaggedArgs`).
+#[derive(FromPyObject)]
+pub struct Ragged<'py>(
+    Bound<'py, PyAny>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+    usize,
+    i64,
+    i64,
+);
+
+/// [`attention_forward`] over a ragged batch: `inputs` and `outputs` are batch-1 views of packed rows
+/// (query/out `[1, H, Tq, ·]`, lse `[1, H, Tq]`, key/value `[1, Hkv, Tk, ·]`, a paged pool's pages one after
+/// another), split into sequences by `ragged`. No mask is taken: each sequence's window is the mask.
+#[pyfunction]
+pub fn varlen_attention_forward(
+    py: Python<'_>,
+    inputs: Inputs<'_>,
+    outputs: Outputs<'_>,
+    mask: MaskArgs<'_>,
+    scalars: Scalars,
+    ragged: Ragged<'_>,
+) -> PyResult<()> {
+    let call = Prepared::new(&inputs, &outputs, &mask, scalars)?;
+    if call.masked() || call.bias.is_some() {
+        let what = "none in a varlen call (window_size is its mask)";
+        return Err(PyAttnrsError(Error::value("attn_mask", what, "a mask")).into());
+    }
+    let Ragged(cu_q, cu_k, used, table, page_size, left, right) = &ragged;
+    let cu_q = dlpack::import(cu_q, "cu_seq_q")?;
+    let cu_k = dlpack::import_optional(cu_k.as_ref(), "cu_seq_k")?;
+    let used = dlpack::import_optional(used.as_ref(), "seqused_k")?;
+    let table = dlpack::import_optional(table.as_ref(), "block_table")?;
+    let (page_size, window) = (*page_size, (*left, *right));
+    call.run(py, move |args| {
+        attention_forward_ragged(
+            args,
+            &RaggedArgs {
+                cu_seq_q: &cu_q.view,
+                cu_seq_k: cu_k.as_ref().map(|t| &t.view),
+                seqused_k: used.as_ref().map(|t| &t.view),
+                block_table: table.as_ref().map(|t| &t.view),
+                page_size,
+                window,
+            },
+        )
     })
 }
 

@@ -28,6 +28,7 @@ mod _attnrs {
     #[pymodule_export]
     use crate::attention::{
         attention_backward, attention_forward, dropout_keep_pattern, native_attention_forward,
+        varlen_attention_forward,
     };
     #[pymodule_export]
     use crate::masks::{PyBitmapBuilder, PyBlockLayout, PyMaskExpr};

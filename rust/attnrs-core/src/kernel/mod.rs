@@ -35,6 +35,7 @@
 //! | `dispatch` | [`Backend`], and the one dtype × ISA table every phase runs through |
 //! | `gemm` | the micro-kernel trait and one file per ISA: `portable`, `avx2`, `avx512` |
 //! | `pack` | strided input rows packed into operand layouts (forward K/V tiles, backward rows) |
+//! | `ragged` | [`RaggedArgs`]: variable-length sequences and paged KV, checked; the per-sequence window mask |
 //! | `score` | [`ScoreTerms`]: the score mod's operands (head scales, distance and key terms) as rows |
 //! | `softmax` | the online-softmax step, finishing and merging rows |
 //! | `dropout` | [`Dropout`], the keep pattern both passes regenerate |
@@ -50,6 +51,7 @@ mod dropout;
 mod forward;
 mod gemm;
 mod pack;
+mod ragged;
 mod score;
 mod softmax;
 mod strided;
@@ -61,6 +63,7 @@ pub use args::{AttentionArgs, Checked};
 pub use backward::{AttentionGradArgs, attention_backward, attention_backward_with};
 pub use dispatch::Backend;
 pub use dropout::{Dropout, keep_pattern};
+pub use ragged::RaggedArgs;
 pub use score::ScoreTerms;
 
 use crate::Result;
@@ -79,5 +82,46 @@ pub fn attention_forward_with(args: &AttentionArgs, backend: Backend) -> Result<
     if plan.dims.is_empty() {
         return Ok(());
     }
-    forward::run(args, &plan, backend, forward::ROWS)
+    forward::run(args, &plan, backend, forward::ROWS, None)
+}
+
+/// Attention over a ragged batch (see [`RaggedArgs`]): `args` holds batch-1 views (query and out
+/// `[1, H, Tq, ·]`, lse `[1, H, Tq]`, key and value `[1, Hkv, Tk, ·]`), whose rows `ragged` splits into
+/// sequences that never see each other; each sequence's mask is its bottom-right aligned window. `args.mask`
+/// is not read (callers pass none); a bias, score terms and dropout are refused. Prefill items are query blocks
+/// of every sequence together, so threads are balanced by tokens; decode (few rows per sequence) splits keys.
+pub fn attention_forward_ragged(args: &AttentionArgs, ragged: &RaggedArgs) -> Result<()> {
+    attention_forward_ragged_with(args, ragged, Backend::Auto)
+}
+
+/// [`attention_forward_ragged`] on a chosen [`Backend`].
+pub fn attention_forward_ragged_with(
+    args: &AttentionArgs,
+    ragged: &RaggedArgs,
+    backend: Backend,
+) -> Result<()> {
+    let plan = args.check()?;
+    let refused = [
+        ("bias", args.bias.is_some()),
+        ("score_mod", !args.score.is_empty()),
+        ("dropout_p", args.dropout.is_some()),
+    ];
+    if let Some((name, _)) = refused.iter().find(|(_, given)| *given) {
+        return Err(crate::Error::value(
+            *name,
+            "none in a ragged (varlen) call",
+            "given",
+        ));
+    }
+    if plan.dims.b != 1 {
+        let got = format!("batch size {}", plan.dims.b);
+        return Err(crate::Error::shape(
+            "query",
+            "batch-1 views of packed rows",
+            got,
+        ));
+    }
+    let ragged = ragged.check(plan.dims.q, plan.dims.k)?;
+    let backend = backend.resolve(plan.dtype)?;
+    forward::run(args, &plan, backend, forward::ROWS, Some(&ragged))
 }

@@ -20,33 +20,27 @@ pub(crate) fn pack_tile<K: Kern, T: Float>(
     dst: &mut [K::E],
     stage: &mut Vec<u32>,
 ) {
-    let Dims {
-        k: klen_total,
-        d,
-        dv,
-        ..
-    } = job.dims;
+    let Dims { d, dv, .. } = job.dims;
     let pair = K::PAIR;
     let c0 = t * BC;
-    let n = (klen_total - c0).min(BC);
+    // Keys past the sequence's own (a ragged call) are padding, written as zeros.
+    let n = job.k_len(b).saturating_sub(c0).min(BC);
     let (kt, vt) = dst.split_at_mut(job.klen());
     let zero = K::E::default();
     // Contiguous rows whose bits are the operand's pack by moving 32-bit units (no conversion).
     let raw = K::RAW == Some(T::DTYPE) && std::mem::size_of::<K::E>() * pair == 4;
-    let tsize = std::mem::size_of::<T>() as isize;
     // Kᵀ: [dp / pair][BC][pair].
     if raw && job.k.st[3] == 1 && d % pair == 0 && n > 0 {
         // SAFETY: rows c0..c0+n of key are in range, each with D contiguous elements (D / pair units); `kt`
         // holds dp / pair units of BC columns; the kernel's features were checked by `Backend::resolve`.
         unsafe {
-            let src = job.k.at(b, kvh, c0, 0).cast::<u8>();
-            let row_bytes = job.k.st[2] * tsize;
             let units = d / pair;
             // Copy the rows to a contiguous stage first: a sequential read the prefetchers follow, after which
-            // the transposing gathers hit L1/L2 instead of 16 DRAM streams at once.
+            // the transposing gathers hit L1/L2 instead of 16 DRAM streams at once. Each row is found on its
+            // own: a paged pool's rows are contiguous only within a page.
             stage.resize(n * units, 0);
             for c in 0..n {
-                let row = src.offset(c as isize * row_bytes);
+                let row = job.k.at(b, kvh, c0 + c, 0).cast::<u8>();
                 std::ptr::copy_nonoverlapping(
                     row,
                     stage.as_mut_ptr().add(c * units).cast::<u8>(),

@@ -3,11 +3,27 @@
 
 use crate::tensor::{DType, Float, TensorView};
 
-/// A typed base pointer plus four element strides.
+/// A typed base pointer plus four element strides, and where row `(i0, i2)` lives ([`Rows`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Strided<T> {
     pub ptr: *mut T,
     pub st: [isize; 4],
+    pub rows: Rows,
+}
+
+/// How `(i0, i2)` (batch, row) maps to a row of the underlying view.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Rows {
+    /// A dense batch: `i0 * st[0] + i2 * st[2]`.
+    Batched,
+    /// Sequences packed along dim 2 of a batch-1 view: row `start[i0] + i2`.
+    Packed(*const usize),
+    /// A paged pool along dim 2 of a batch-1 view: row `pages[i0 * per_seq + i2 / page] * page + i2 % page`.
+    Paged {
+        pages: *const u32,
+        per_seq: usize,
+        page: usize,
+    },
 }
 
 // SAFETY: a `Strided` is an address plus strides taken from a validated `TensorView`, whose creator guarantees
@@ -25,7 +41,16 @@ impl<T> Strided<T> {
         Strided {
             ptr: v.as_ptr().cast(),
             st,
+            rows: Rows::Batched,
         }
+    }
+    /// The same view with its rows found through `rows`.
+    ///
+    /// # Safety
+    /// The tables `rows` points to must outlive every use of the result, and every row they yield for the
+    /// indices callers pass must lie inside the view (as `kernel::ragged::Ragged` checks).
+    pub unsafe fn with_rows(self, rows: Rows) -> Self {
+        Strided { rows, ..self }
     }
     /// Pointer to element `[i0, i1, i2, i3]`.
     ///
@@ -33,10 +58,21 @@ impl<T> Strided<T> {
     /// The indices must be in range for the view this was made from.
     #[inline(always)]
     pub unsafe fn at(&self, i0: usize, i1: usize, i2: usize, i3: usize) -> *mut T {
-        let off = i0 as isize * self.st[0]
-            + i1 as isize * self.st[1]
-            + i2 as isize * self.st[2]
-            + i3 as isize * self.st[3];
+        let row = match self.rows {
+            Rows::Batched => i0 as isize * self.st[0] + i2 as isize * self.st[2],
+            // SAFETY: `i0` is a sequence of the checked ragged call, so its table entry exists.
+            Rows::Packed(start) => (unsafe { *start.add(i0) } + i2) as isize * self.st[2],
+            Rows::Paged {
+                pages,
+                per_seq,
+                page,
+            } => {
+                // SAFETY: `i2` is a used key of sequence `i0`, whose page entry was checked.
+                let p = unsafe { *pages.add(i0 * per_seq + i2 / page) } as usize;
+                (p * page + i2 % page) as isize * self.st[2]
+            }
+        };
+        let off = row + i1 as isize * self.st[1] + i3 as isize * self.st[3];
         // SAFETY: in range by the caller's promise, so the offset stays inside the viewed allocation.
         unsafe { self.ptr.offset(off) }
     }

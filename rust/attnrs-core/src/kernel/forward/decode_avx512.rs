@@ -29,6 +29,8 @@ const AHEAD: usize = 1;
 pub(super) fn applies<T: Float>(job: &Job<T>) -> bool {
     matches!(T::DTYPE, DType::F32 | DType::BF16 | DType::F16)
         && job.drop.is_none()
+        // Ragged calls (per-sequence lengths, paged rows) take the packed streaming path.
+        && job.ragged.is_none()
         && job.dims.g * job.dims.q <= MAX_ROWS
         && (job.k.st[3] == 1 || job.dims.d <= 1)
         && (job.v.st[3] == 1 || job.dims.dv <= 1)

@@ -66,12 +66,8 @@ fn item_body<K: Kern, T: Float>(
     src: KvSrc<'_, K::E>,
     sc: &mut Scratch<K>,
 ) {
-    let Dims {
-        g,
-        d,
-        k: klen_total,
-        ..
-    } = job.dims;
+    let Dims { g, d, .. } = job.dims;
+    let klen_total = job.k_len(b);
     let (bq, dp, dvp, pair) = (q1 - q0, job.dp, job.dvp, K::PAIR);
     let rows = g * bq;
     // Pack the query rows of the whole GQA group: row r = gi * bq + i.
@@ -99,6 +95,9 @@ fn item_body<K: Kern, T: Float>(
     let mut classes = vec![BlockClass::Empty; g];
     for t in tiles {
         let c0 = t * BC;
+        if c0 >= klen_total {
+            break; // past this sequence's keys (a ragged call)
+        }
         let n = (klen_total - c0).min(BC);
         for (gi, cls) in classes.iter_mut().enumerate() {
             *cls = job.mask.classify(b, kvh * g + gi, q0..q1, c0..c0 + n);

@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use super::item::{Entry, KvSrc, Scratch};
-use super::tile::{Job, write_rows};
+use super::tile::{BC, Job, write_rows};
 use crate::kernel::args::Dims;
 use crate::tensor::Float;
 
@@ -29,6 +29,9 @@ pub(super) fn prefill<K: Entry, T: Float>(job: &Job<T>) {
                 Vec::new,
                 |stage, (idx, dst)| {
                     let (b, kvh) = group[idx / ntiles];
+                    if (idx % ntiles) * BC >= job.k_len(b) {
+                        return; // past a ragged sequence's keys: never read, left as zeros
+                    }
                     // SAFETY: `K` was chosen by `Backend::resolve` for this CPU.
                     unsafe { K::pack::<T>(job, b, kvh, idx % ntiles, dst, stage) };
                 },
@@ -42,7 +45,10 @@ pub(super) fn prefill<K: Entry, T: Float>(job: &Job<T>) {
                 let (hi, qb) = (idx / nqb, nqb - 1 - idx % nqb);
                 let (b, kvh) = group[hi];
                 let q0 = qb * job.bq;
-                let q1 = (q0 + job.bq).min(job.dims.q);
+                let q1 = (q0 + job.bq).min(job.q_len(b));
+                if q0 >= q1 {
+                    return; // past a ragged sequence's rows
+                }
                 let all = &packed[hi * ntiles * tile_len..(hi + 1) * ntiles * tile_len];
                 // SAFETY: as above.
                 unsafe { K::item::<T>(job, b, kvh, q0, q1, 0..ntiles, KvSrc::Packed(all), sc) };

@@ -48,10 +48,9 @@ pub(super) fn decode<K: Entry, T: Float>(job: &Job<T>, threads: usize) {
         };
         return split_kv::<f32, T, _>(job, threads, scratch, run);
     }
-    let q = job.dims.q;
     // SAFETY: `K` was chosen by `Backend::resolve` for this CPU.
     let run = |sc: &mut Scratch<K>, b, kvh, tiles| unsafe {
-        K::item::<T>(job, b, kvh, 0, q, tiles, KvSrc::Stream, sc)
+        K::item::<T>(job, b, kvh, 0, job.q_len(b), tiles, KvSrc::Stream, sc)
     };
     split_kv::<K::A, T, _>(job, threads, || Scratch::<K>::new(job), run);
 }
@@ -65,20 +64,23 @@ fn split_kv<A: Acc, T: Float, S: State<A>>(
     scratch: impl Fn() -> S + Sync + Send,
     run: impl Fn(&mut S, usize, usize, Range<usize>) + Sync + Send,
 ) {
-    let Dims {
-        b: nb, hkv, q, g, ..
-    } = job.dims;
+    let Dims { b: nb, hkv, g, .. } = job.dims;
     let ntiles = job.ntiles();
     let heads = nb * hkv;
     let dvp = job.dvp;
     // Enough pieces to keep every thread busy, none shorter than two tiles.
     let splits = (4 * threads).div_ceil(heads).clamp(1, (ntiles / 2).max(1));
-    let rows = g * q;
+    // Rows of a batch item's GQA group; a ragged sequence without rows is skipped.
+    let rows_of = |b: usize| g * job.q_len(b);
     if splits == 1 {
         (0..heads)
             .into_par_iter()
             .for_each_init(&scratch, |sc, idx| {
                 let (b, kvh) = (idx / hkv, idx % hkv);
+                let (q, rows) = (job.q_len(b), rows_of(b));
+                if q == 0 {
+                    return;
+                }
                 run(sc, b, kvh, 0..ntiles);
                 let (m, l, o) = sc.state();
                 write_rows(job, b, kvh, 0, q, &m[..rows], &l[..rows], &o[..rows * dvp]);
@@ -92,7 +94,11 @@ fn split_kv<A: Acc, T: Float, S: State<A>>(
         .map_init(&scratch, |sc, idx| {
             let (head, s) = (idx / splits, idx % splits);
             let (b, kvh) = (head / hkv, head % hkv);
+            let rows = rows_of(b);
             let tiles = (s * per).min(ntiles)..((s + 1) * per).min(ntiles);
+            if rows == 0 {
+                return (Vec::new(), Vec::new(), Vec::new());
+            }
             run(sc, b, kvh, tiles);
             let (m, l, o) = sc.state();
             (
@@ -104,6 +110,10 @@ fn split_kv<A: Acc, T: Float, S: State<A>>(
         .collect();
     (0..heads).into_par_iter().for_each(|head| {
         let (b, kvh) = (head / hkv, head % hkv);
+        let (q, rows) = (job.q_len(b), rows_of(b));
+        if q == 0 {
+            return;
+        }
         let mine = &parts[head * splits..(head + 1) * splits];
         let mut m = vec![A::NEG_INF; rows];
         let mut l = vec![A::ZERO; rows];

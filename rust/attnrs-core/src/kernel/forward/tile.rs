@@ -7,6 +7,7 @@ use std::ops::Range;
 
 use crate::kernel::args::Dims;
 use crate::kernel::dropout::DropMask;
+use crate::kernel::ragged::Ragged;
 use crate::kernel::score::AnyTerms;
 use crate::kernel::softmax::{Acc, Logits, finish, online_step, rescale};
 use crate::kernel::strided::{BiasRef, Strided};
@@ -43,6 +44,8 @@ pub(crate) struct Job<'a, T> {
     /// Packed row lengths: D rounded up to 2, Dv rounded up to 16.
     pub(crate) dp: usize,
     pub(crate) dvp: usize,
+    /// A ragged call's sequences (their lengths bound every loop), or `None` for a dense batch.
+    pub(crate) ragged: Option<&'a Ragged>,
 }
 
 impl<T> Job<'_, T> {
@@ -57,6 +60,16 @@ impl<T> Job<'_, T> {
     }
     pub(crate) fn vlen(&self) -> usize {
         BC * self.dvp
+    }
+    /// Query rows of batch item (sequence) `b`.
+    #[inline]
+    pub(crate) fn q_len(&self, b: usize) -> usize {
+        self.ragged.map_or(self.dims.q, |r| r.q_len[b])
+    }
+    /// Keys of batch item (sequence) `b`.
+    #[inline]
+    pub(crate) fn k_len(&self, b: usize) -> usize {
+        self.ragged.map_or(self.dims.k, |r| r.k_len[b])
     }
 }
 

@@ -327,7 +327,7 @@ class _VarlenAttention(torch.autograd.Function):
                     attn_mask=mask,
                     scale=plan.scale,
                     enable_gqa=True,
-                    q_offset=(k1 - k0) - (q1 - q0),
+                    q_offset=(k1 - k0) - (q1 - q0) if mask is not None else 0,
                     softcap=plan.softcap or None,
                     backend="native",
                 )

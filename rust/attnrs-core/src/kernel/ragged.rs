@@ -330,3 +330,43 @@ impl MaskTiles for Window {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::tests::support::Rng;
+
+    /// Every tile's class agrees with its visibility bytes (which follow the documented rule), for random
+    /// sequences, windows and tiles: a wrong `Empty` would skip visible keys, a wrong `Full` would unmask.
+    #[test]
+    fn window_classes_match_its_bytes() {
+        let mut rng = Rng(11);
+        for _ in 0..400 {
+            let (q_len, k_len) = (1 + rng.below(90), 1 + rng.below(90));
+            let side = |rng: &mut Rng| if rng.chance(0.3) { None } else { Some(rng.below(12) as i64) };
+            let w = Window {
+                offset: vec![k_len as i64 - q_len as i64],
+                k_len: vec![k_len],
+                left: side(&mut rng),
+                right: side(&mut rng),
+            };
+            let r0 = rng.below(q_len);
+            let rows = r0..r0 + 1 + rng.below(q_len - r0);
+            let c0 = rng.below(k_len);
+            let cols = c0..c0 + 1 + rng.below(k_len - c0);
+            let mut bytes = vec![0u8; rows.len() * cols.len()];
+            w.fill(0, 0, rows.clone(), cols.clone(), &mut bytes);
+            for (r, i) in rows.clone().enumerate() {
+                for (c, j) in cols.clone().enumerate() {
+                    let a = i as i64 + k_len as i64 - q_len as i64;
+                    let j = j as i64;
+                    let rule = w.left.is_none_or(|l| j >= a - l) && w.right.is_none_or(|r| j <= a + r);
+                    assert_eq!(bytes[r * cols.len() + c] == 1, rule, "{w:?} row {i} key {j}");
+                }
+            }
+            let seen = bytes.iter().filter(|&&x| x == 1).count();
+            let want = BlockClass::of(seen > 0, seen == bytes.len());
+            assert_eq!(w.classify(0, 0, rows.clone(), cols.clone()), want, "{w:?} {rows:?} {cols:?}");
+        }
+    }
+}

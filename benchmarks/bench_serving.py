@@ -135,7 +135,8 @@ def paged_decode(n: int, length: int, heads: int, kv_heads: int, dim: int, dtype
         )
     base = times["paged"]
     read = 2 * n * length * kv_heads * dim * q.element_size()
-    row = f"| paged decode {n} x {length}, page {page} | {str(dtype)[6:]} | {base * 1e3:.2f} ms ({read / base / 1e9:.1f} GB/s) |"
+    row = f"| paged decode {n} x {length}, page {page} | {str(dtype)[6:]} |"
+    row += f" {base * 1e3:.2f} ms ({read / base / 1e9:.1f} GB/s) |"
     for peer in ("contiguous", "packed varlen"):
         row += f" {times[peer] * 1e3:.2f} ms | **{times[peer] / base:.2f}x** |"
     print(row, flush=True)

@@ -158,14 +158,12 @@ def main() -> None:
     decode_n, decode_len = (8, 1024) if args.quick else (32, 4096)
     shape = f"H{args.heads} Hkv{args.kv_heads} D{args.dim}"
     print(f"CPU: {cpu_name()} · ISA path {attnrs.simd_path()} · {torch.get_num_threads()} thread(s) · {shape}")
-    print(
-        "\n| case | dtype | attnrs varlen | sdpa padded | ratio | attnrs padded | ratio |\n|---|---|---|---|---|---|---|"
-    )
+    print("\n| case | dtype | attnrs varlen | sdpa padded | ratio | attnrs padded | ratio |")
+    print("|---|---|---|---|---|---|---|")
     for dtype in dtypes:
         varlen_prefill(lengths, args.heads, args.kv_heads, args.dim, dtype, args.reps)
-    print(
-        "\n| case | dtype | attnrs paged | contiguous (attention) | ratio | packed varlen | ratio |\n|---|---|---|---|---|---|---|"
-    )
+    print("\n| case | dtype | attnrs paged | contiguous (attention) | ratio | packed varlen | ratio |")
+    print("|---|---|---|---|---|---|---|")
     for dtype in dtypes:
         paged_decode(decode_n, decode_len, args.heads, args.kv_heads, args.dim, dtype, args.reps)
 

@@ -106,10 +106,11 @@ def test_forward_matches_attnrs_attention_per_sequence():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("window", [(-1, 0), (-1, -1), (4, 1)])
-def test_backward_matches_sdpa_per_sequence(dtype, window):
-    rng = random.Random(7)
+@pytest.mark.parametrize("lengths", [([5, 0, 1, 33, 12], [9, 4, 1, 33, 3]), ([5, 0, 1, 33, 12], [5, 0, 1, 33, 12])])
+def test_backward_matches_sdpa_per_sequence(dtype, window, lengths):
+    """Unequal query and key lengths run sequence by sequence; equal ones as one call with a document mask."""
     torch.manual_seed(7)
-    lq, lk = [5, 0, 1, 33, 12], [9, 4, 1, 33, 3]
+    lq, lk = lengths
     q = torch.randn(sum(lq), 4, 8, dtype=dtype, requires_grad=True)
     k = torch.randn(sum(lk), 2, 8, dtype=dtype, requires_grad=True)
     v = torch.randn(sum(lk), 2, 8, dtype=dtype, requires_grad=True)
@@ -122,7 +123,19 @@ def test_backward_matches_sdpa_per_sequence(dtype, window):
     torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=tol, rtol=tol)
-    del rng
+
+
+def test_lse_is_differentiable():
+    torch.manual_seed(2)
+    lq = [6, 1, 9]
+    q, k, v = (torch.randn(16, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    cu = offsets(lq)
+    out, lse = attnrs.varlen_attention(q, k, v, cu, cu, 9, 9, window_size=(-1, 0), return_aux=AuxRequest(lse=True))
+    gq, gk = torch.autograd.grad(lse.sum() + out.sum(), (q, k))
+    ref_out, ref_lse = per_sequence_sdpa(q, k, v, lq, lq, (-1, 0))
+    wq, wk = torch.autograd.grad(ref_lse.sum() + ref_out.sum(), (q, k))
+    torch.testing.assert_close(gq, wq)
+    torch.testing.assert_close(gk, wk)
 
 
 def paged_copy(k, v, lk, page, rng: random.Random, share_first: bool = False):

@@ -12,8 +12,9 @@ query ``i`` sees key ``j`` iff ``i + Lk - Lq - left <= j <= i + Lk - Lq + right`
 zeros and ``lse = -inf``.
 
 One kernel call runs every sequence: its work items are query blocks of all sequences together (threads are
-balanced by tokens, not by sequences), and decode-shaped calls split each sequence's keys over threads. The
-backward (packed keys only, as torch's) runs each sequence's gradients on the kernel, recomputing its forward.
+balanced by tokens, not by sequences), and decode-shaped calls split each sequence's keys over threads. A
+differentiable call (packed keys only, as torch's) runs through :func:`attnrs.attention`'s autograd instead: one
+call with a document mask when every sequence's query and key lengths agree (training), else one per sequence.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from .. import _attnrs
 from ..errors import ArgumentError, DeviceError, DtypeError, LayoutError, ShapeError, UnsupportedError
-from ..masks.mask import Mask, and_masks, causal, sliding_window_overlay
+from ..masks.mask import Mask, and_masks, causal, document, sliding_window_overlay
 from ..threads import num_threads
 from .api import attention
 
@@ -110,7 +111,7 @@ def varlen_attention(
                 "seqused_k/block_table: inference only (as torch's varlen_attn); run under torch.no_grad() "
                 "or detach query, key and value"
             )
-        out, lse = _VarlenAttention.apply(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, plan)
+        out, lse = _differentiable(query, key, value, plan)
     else:
         out, lse = _forward(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, plan)
     return (out, lse) if want_lse else out
@@ -283,59 +284,46 @@ def _forward(
     return out, lse
 
 
-def _sequence_mask(window: tuple[int, int]) -> Mask | None:
-    """A sequence's window as an attnrs mask over its own rows placed at ``q_offset = Lk - Lq``."""
+def _window_mask(window: tuple[int, int]) -> Mask | None:
+    """The window over positions of one sequence whose query ``i`` is placed at ``Lk - Lq + i``, as a mask."""
     left, right = window
     parts = ([causal(right)] if right >= 0 else []) + ([sliding_window_overlay(left + 1)] if left >= 0 else [])
     return and_masks(*parts) if parts else None
 
 
-class _VarlenAttention(torch.autograd.Function):
-    """The kernel's forward; the backward runs each sequence's gradients on the kernel (its forward recomputed
-    with autograd), written into the packed gradients."""
+def _differentiable(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: _Plan
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The call through :func:`attnrs.attention`'s autograd (gradients of out and lse, no recomputation).
 
-    @staticmethod
-    def forward(
-        ctx: Any, query: Any, key: Any, value: Any, cu_q: Any, cu_k: Any, used: Any, table: Any, plan: Any
-    ) -> Any:
-        out, lse = _forward(query, key, value, cu_q, cu_k, used, table, plan)
-        ctx.save_for_backward(query, key, value)
-        ctx.plan = plan
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Any, _grad_lse: Any) -> Any:
-        query, key, value = ctx.saved_tensors
-        plan: _Plan = ctx.plan
-        assert plan.cu_k is not None  # no pages in a differentiable call (refused before)
-        grads = [torch.zeros_like(t) for t in (query, key, value)]
-        mask = _sequence_mask(plan.window)
-        for b in range(len(plan.cu_q) - 1):
-            (q0, q1), (k0, k1) = plan.cu_q[b : b + 2], plan.cu_k[b : b + 2]
-            if q1 == q0 or k1 == k0:
-                continue
-            parts = [
-                t[a:z].detach().requires_grad_()
-                for t, (a, z) in zip((query, key, value), ((q0, q1), (k0, k1), (k0, k1)))
-            ]
-            with torch.enable_grad():
-                out = attention(
-                    _rows(parts[0]),
-                    _rows(parts[1]),
-                    _rows(parts[2]),
-                    attn_mask=mask,
-                    scale=plan.scale,
-                    enable_gqa=True,
-                    q_offset=(k1 - k0) - (q1 - q0) if mask is not None else 0,
-                    softcap=plan.softcap or None,
-                    backend="native",
-                )
-                dq, dk, dv = torch.autograd.grad(out, parts, _rows(grad_out[q0:q1]))
-            grads[0][q0:q1] = dq
-            grads[1][k0:k1] += dk
-            grads[2][k0:k1] += dv
-        return (*grads, None, None, None, None, None)
+    Sequences of equal query and key lengths (training's packed batches) are one call over the packed rows with a
+    document mask, whose positions are each sequence's own up to a shift, so the window needs no alignment; other
+    batches run sequence by sequence."""
+    assert plan.cu_k is not None  # no pages here: refused before
+    window = _window_mask(plan.window)
+    if plan.cu_q == plan.cu_k:
+        lengths = torch.tensor([b - a for a, b in itertools.pairwise(plan.cu_q)])
+        ids = torch.repeat_interleave(torch.arange(len(lengths)), lengths)[None]
+        mask = document(ids) if window is None else document(ids) & window
+        out, lse = attention(
+            _rows(query), _rows(key), _rows(value), attn_mask=mask, scale=plan.scale, enable_gqa=True,
+            softcap=plan.softcap or None, return_lse=True, backend="native",
+        )  # fmt: skip
+        return out[0].transpose(0, 1), lse[0]
+    outs, lses = [], []
+    for (q0, q1), (k0, k1) in zip(itertools.pairwise(plan.cu_q), itertools.pairwise(plan.cu_k)):
+        if k1 == k0:  # nothing to see: zeros and -inf, as the kernel gives
+            outs.append(query.new_zeros(q1 - q0, query.shape[1], value.shape[-1]))
+            lses.append(torch.full((query.shape[1], q1 - q0), -torch.inf))
+            continue
+        out, lse = attention(
+            _rows(query[q0:q1]), _rows(key[k0:k1]), _rows(value[k0:k1]), attn_mask=window, scale=plan.scale,
+            enable_gqa=True, q_offset=(k1 - k0) - (q1 - q0) if window is not None else 0,
+            softcap=plan.softcap or None, return_lse=True, backend="native",
+        )  # fmt: skip
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, -1)
 
 
 def _on_cuda(

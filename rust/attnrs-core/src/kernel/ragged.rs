@@ -160,7 +160,7 @@ impl RaggedArgs<'_> {
             }
             (None, Some(table)) => {
                 let page = self.page_size;
-                if page == 0 || tk % page != 0 {
+                if page == 0 || !tk.is_multiple_of(page) {
                     return Err(Error::shape(
                         "key",
                         format!("a pool of whole pages of page_size {page} rows"),
@@ -343,7 +343,13 @@ mod tests {
         let mut rng = Rng(11);
         for _ in 0..400 {
             let (q_len, k_len) = (1 + rng.below(90), 1 + rng.below(90));
-            let side = |rng: &mut Rng| if rng.chance(0.3) { None } else { Some(rng.below(12) as i64) };
+            let side = |rng: &mut Rng| {
+                if rng.chance(0.3) {
+                    None
+                } else {
+                    Some(rng.below(12) as i64)
+                }
+            };
             let w = Window {
                 offset: vec![k_len as i64 - q_len as i64],
                 k_len: vec![k_len],
@@ -360,13 +366,22 @@ mod tests {
                 for (c, j) in cols.clone().enumerate() {
                     let a = i as i64 + k_len as i64 - q_len as i64;
                     let j = j as i64;
-                    let rule = w.left.is_none_or(|l| j >= a - l) && w.right.is_none_or(|r| j <= a + r);
-                    assert_eq!(bytes[r * cols.len() + c] == 1, rule, "{w:?} row {i} key {j}");
+                    let rule =
+                        w.left.is_none_or(|l| j >= a - l) && w.right.is_none_or(|r| j <= a + r);
+                    assert_eq!(
+                        bytes[r * cols.len() + c] == 1,
+                        rule,
+                        "{w:?} row {i} key {j}"
+                    );
                 }
             }
             let seen = bytes.iter().filter(|&&x| x == 1).count();
             let want = BlockClass::of(seen > 0, seen == bytes.len());
-            assert_eq!(w.classify(0, 0, rows.clone(), cols.clone()), want, "{w:?} {rows:?} {cols:?}");
+            assert_eq!(
+                w.classify(0, 0, rows.clone(), cols.clone()),
+                want,
+                "{w:?} {rows:?} {cols:?}"
+            );
         }
     }
 }

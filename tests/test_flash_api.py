@@ -460,3 +460,36 @@ def test_refusals_name_the_argument(varlen):
             call()
     with pytest.raises(UnsupportedError, match="no backward"):
         flash.flash_attn_with_kvcache(q.requires_grad_(), k, v)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# transformers (docs/serving.md, "transformers' flash path and continuous batching")
+
+
+def test_transformers_refuses_attnrs_in_its_flash_path_and_continuous_batching():
+    """The refusals docs/serving.md records: when one of these stops raising, transformers has opened a way in."""
+    transformers = pytest.importorskip("transformers")
+    from attnrs.integrations.transformers import attention_forward
+
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    llama = transformers.LlamaForCausalLM
+    with pytest.raises(ImportError, match="FlashAttention2 has been toggled on"):  # is_flash_attn_2_available: CUDA
+        llama._from_config(config, attn_implementation="flash_attention_2")
+    name = "attnrs_flash_probe"  # a flash-named custom function: _lazy_imports finds no flash functions for it
+    transformers.AttentionInterface.register(name, attention_forward)
+    try:
+        with pytest.raises(ValueError, match="Could not find the currently requested flash attention implementation"):
+            llama._from_config(config, attn_implementation=name)
+    finally:
+        transformers.AttentionInterface._global_mapping.pop(name, None)
+    model = llama._from_config(config, attn_implementation="attnrs")
+    with pytest.raises(ValueError, match="not supported for continuous batching"):
+        model.init_continuous_batching()

@@ -169,6 +169,40 @@ def test_forward_matches_the_reference(case, dtype):
     _close(lse, want_lse, torch.float32 if dtype == torch.float32 else dtype, f"lse {case}")
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_random_calls_match_the_reference(seed):
+    """Random shapes (seqlen_q above, equal to or below seqlen_k), GQA ratios, windows, softcap and ALiBi."""
+    g = torch.Generator().manual_seed(100 + seed)
+
+    def draw(n):
+        return int(torch.randint(n, (1,), generator=g))
+
+    b, sq, sk, hkv = 1 + draw(2), 1 + draw(9), 1 + draw(12), 1 + draw(2)
+    h, d = hkv * (1 + draw(3)), (8, 16)[draw(2)]
+    causal = bool(draw(2))
+    window = (draw(6) - 1, draw(6) - 1)
+    softcap = (0.0, 3.0)[draw(2)]
+    slopes = (None, (h,), (b, h))[draw(3)]
+    slopes = None if slopes is None else torch.rand(*slopes, generator=g)
+    dtype = (torch.float32, torch.bfloat16)[draw(2)]
+    q, k, v = _qkv(b, sq, sk, h, hkv, d, dtype, seed=seed)
+    out, lse, _ = flash.flash_attn_func(
+        q, k, v, causal=causal, window_size=window, softcap=softcap, alibi_slopes=slopes, return_attn_probs=True
+    )
+    want_out, want_lse = naive(q, k, v, causal, window, softcap, slopes)
+    what = f"{(b, sq, sk, h, hkv, d, causal, window, softcap, slopes is not None, dtype)}"
+    _close(out, want_out, dtype, f"out {what}")
+    _close(lse, want_lse, torch.float32 if dtype == torch.float32 else dtype, f"lse {what}")
+    if softcap == 0 and slopes is None and dtype == torch.float32:  # SDPA with the explicit mask, where it applies
+        mask = _visible(sq, sk, causal, window)
+        sdpa = F.scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask, enable_gqa=True
+        ).transpose(1, 2)
+        seen = mask.any(-1)  # SDPA gives NaN for rows that see nothing; flash (and attnrs) give zeros
+        torch.testing.assert_close(out[:, seen], sdpa[:, seen], atol=1e-5, rtol=1e-5)
+        assert out[:, ~seen].abs().sum() == 0
+
+
 def test_bottom_right_causal_and_gqa_match_sdpa_with_an_explicit_mask():
     q, k, v = _qkv(2, 3, 8, 6, 2, 16, torch.float32)
     out = flash.flash_attn_func(q, k, v, causal=True, softmax_scale=0.3)
@@ -360,7 +394,7 @@ def test_kvcache_paged_equals_contiguous(varlen):
     b, sq, snew, h, hkv, d, page = 2, 1, 1, 4, 2, 8, 4
     g = torch.Generator().manual_seed(5)
     lengths = torch.tensor([5, 9], dtype=torch.int32)
-    table = torch.tensor([[6, 1, 4], [0, 7, 3]], dtype=torch.int32)  # random, non-monotone pages
+    table = torch.randperm(8, generator=g)[:6].reshape(2, 3).to(torch.int32)  # random pages, in any order
     flat_k, flat_v = torch.randn(b, 12, hkv, d, generator=g), torch.randn(b, 12, hkv, d, generator=g)
     k_pages, v_pages = torch.randn(8, page, hkv, d, generator=g), torch.randn(8, page, hkv, d, generator=g)
     for i in range(b):
@@ -369,15 +403,26 @@ def test_kvcache_paged_equals_contiguous(varlen):
             v_pages[table[i, t // page], t % page] = flat_v[i, t]
     q = torch.randn(b, sq, h, d, generator=g)
     k_new, v_new = torch.randn(b, snew, hkv, d, generator=g), torch.randn(b, snew, hkv, d, generator=g)
-    args = dict(cache_seqlens=lengths, causal=True, window_size=(6, -1), softcap=3.0, return_softmax_lse=True)
+    cos, sin = _rotary_tables(16, 2)
+    args = dict(
+        cache_seqlens=lengths,
+        causal=True,
+        window_size=(6, -1),
+        softcap=3.0,
+        rotary_cos=cos,
+        rotary_sin=sin,
+        rotary_interleaved=False,
+        return_softmax_lse=True,
+    )
     want, want_lse = flash.flash_attn_with_kvcache(q, flat_k, flat_v, k_new, v_new, **args)
     got, got_lse = flash.flash_attn_with_kvcache(q, k_pages, v_pages, k_new, v_new, block_table=table, **args)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(got_lse, want_lse, atol=1e-6, rtol=1e-6)
     for i in range(b):
         n = int(lengths[i])
-        assert torch.equal(k_pages[table[i, n // page], n % page], k_new[i, 0])
+        assert torch.equal(k_pages[table[i, n // page], n % page], flat_k[i, n])  # rotated, stored in place
         assert torch.equal(v_pages[table[i, n // page], n % page], v_new[i, 0])
+        assert torch.equal(v_pages[table[i, n // page], n % page], flat_v[i, n])
 
 
 def test_kvcache_leftpad_and_alibi_run_per_sequence(varlen):

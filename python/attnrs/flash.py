@@ -27,7 +27,12 @@ defaults, layouts (``[batch, seqlen, nheads, headdim]``; varlen ``[total, nheads
 :func:`flash_attn_varlen_func` and :func:`flash_attn_with_kvcache` run on ``attnrs.varlen_attention`` (torch's
 ``varlen_attn`` call), looked up when called; with ALiBi, dropout or ``cache_leftpad`` they run one attnrs
 call per sequence instead (views of the cache, no copy without paging). Anything else attnrs cannot honour is
-refused with an :mod:`attnrs.errors` class naming the argument, never ignored.
+refused with an :mod:`attnrs.errors` class naming the argument, never ignored. Dtypes are those
+:func:`attnrs.attention` takes (float32, bfloat16, float16, float64: a superset of flash's fp16/bf16); index
+tensors are int32 and slopes float32, as flash requires.
+
+Import it as ``import attnrs.flash`` or ``from attnrs import flash``: ``import attnrs`` does not import it (it
+looks ``attnrs.varlen_attention`` up on the package when called, so the package must not import it back).
 """
 
 from __future__ import annotations

@@ -559,7 +559,7 @@ def flash_attn_varlen_kvpacked_func(
     )
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """flash-attn's rotary embedding (``flash_attn.layers.rotary.apply_rotary_emb``) of ``x [B, S, H, D]`` with
     ``cos``/``sin`` ``[B, S, rotary_dim / 2]`` (already at each token's position): the first ``rotary_dim``
     features rotated in pairs (``interleaved``: ``(0, 1), (2, 3), ...``; else GPT-NeoX's ``(i, i + rotary_dim /
@@ -735,9 +735,9 @@ def flash_attn_with_kvcache(
             raise ShapeError(f"rotary_cos: expected at least {needed} positions (seqlen_ro), got {cos.shape[0]}")
         start = lengths.long()[:, None]
         k_pos = start + torch.arange(new_len, device=device)[None]
-        k = apply_rotary(k, cos[k_pos], sin[k_pos], interleaved)
+        k = _rotary(k, cos[k_pos], sin[k_pos], interleaved)
         q_pos = start + (torch.arange(q_len, device=device)[None] if local else torch.zeros_like(start))
-        q = apply_rotary(q, cos[q_pos], sin[q_pos], interleaved)
+        q = _rotary(q, cos[q_pos], sin[q_pos], interleaved)
     if k is not None and v is not None and new_len:
         page = k_cache.shape[1]
         pos = lengths.long()[:, None] + torch.arange(new_len, device=device)[None]  # [B, S_new]

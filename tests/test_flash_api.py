@@ -2,9 +2,7 @@
 semantics (bottom-right causal, windows, softcap before ALiBi ``-slope * |i + sk - sq - j|``, +inf LSE for empty
 rows) and against torch SDPA with explicit masks.
 
-``attnrs.varlen_attention`` (what the varlen and KV-cache wrappers run on) is replaced by ``_varlen_reference``
-(per-sequence SDPA) while attnrs has none, so the wrappers' own logic is tested today; once it exists, the same
-tests run on it.
+The varlen and KV-cache wrappers run on ``attnrs.varlen_attention`` (tested on its own in ``test_varlen.py``).
 """
 
 from __future__ import annotations
@@ -56,70 +54,6 @@ def naive(q, k, v, causal=False, window=(-1, -1), softcap=0.0, alibi=None, scale
     w = torch.softmax(s, -1).nan_to_num(0.0)
     out = w @ vf
     return out.transpose(1, 2), torch.where(lse == -math.inf, math.inf, lse)
-
-
-def _sequence_keys(key, b, start, end, block_table):
-    if block_table is None:
-        return key[start:end]
-    page = key.shape[1]
-    pages = block_table[b, : -(-end // page)].long()
-    return key[pages].flatten(0, 1)[:end]
-
-
-def _varlen_reference(
-    query,
-    key,
-    value,
-    cu_seq_q,
-    cu_seq_k,
-    max_q,
-    max_k,
-    *,
-    return_aux=None,
-    scale=None,
-    window_size=(-1, -1),
-    enable_gqa=False,
-    seqused_k=None,
-    block_table=None,
-    softcap=None,
-):
-    """torch's ``varlen_attn`` call (attnrs.varlen_attention's): one SDPA per sequence with an explicit bool
-    mask (bottom-right windows; causal is (-1, 0)); the LSE from the same scores; softcap by explicit math."""
-    heads = query.shape[1]
-    outs, lses = [], []
-    for b in range(cu_seq_q.shape[0] - 1):
-        q0, q1 = int(cu_seq_q[b]), int(cu_seq_q[b + 1])
-        if seqused_k is not None:
-            k0 = 0 if cu_seq_k is None else int(cu_seq_k[b])
-            k1 = k0 + int(seqused_k[b])
-        else:
-            k0, k1 = int(cu_seq_k[b]), int(cu_seq_k[b + 1])
-        keys = _sequence_keys(key, b, k0, k1, block_table).double()
-        values = _sequence_keys(value, b, k0, k1, block_table).double()
-        rep = heads // keys.shape[1]
-        qd = query[q0:q1].double().transpose(0, 1)
-        kd = keys.transpose(0, 1).repeat_interleave(rep, 0)
-        vd = values.transpose(0, 1).repeat_interleave(rep, 0)
-        vis = _visible(q1 - q0, k1 - k0, False, window_size)
-        s = qd @ kd.transpose(-1, -2) * (qd.shape[-1] ** -0.5 if scale is None else scale)
-        if softcap:
-            s = softcap * torch.tanh(s / softcap)
-            out = torch.softmax(s.masked_fill(~vis, -math.inf), -1).nan_to_num(0.0) @ vd
-        else:
-            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=vis, scale=scale)
-            out = torch.where(vis.any(-1)[None, :, None], out, 0.0)
-        lses.append(torch.logsumexp(s.masked_fill(~vis, -math.inf), -1).float())
-        outs.append(out.transpose(0, 1).to(query.dtype))
-    out = torch.cat(outs)
-    return (out, torch.cat(lses, 1)) if return_aux is not None and return_aux.lse else out
-
-
-@pytest.fixture
-def varlen(monkeypatch):
-    """attnrs.varlen_attention, or the reference while attnrs has none."""
-    if not hasattr(attnrs, "varlen_attention"):
-        monkeypatch.setattr(attnrs, "varlen_attention", _varlen_reference, raising=False)
-    return attnrs.varlen_attention
 
 
 def _close(got, want, dtype, what):
@@ -279,7 +213,7 @@ def _packed(lengths_q, lengths_k, h, hkv, d, dtype=torch.float32, seed=0):
         dict(alibi_slopes="bh"),
     ],
 )
-def test_varlen_matches_the_reference_per_sequence(varlen, kwargs):
+def test_varlen_matches_the_reference_per_sequence(kwargs):
     lq, lk = [3, 1, 5], [6, 4, 2]
     q, k, v, cu_q, cu_k = _packed(lq, lk, 4, 2, 8)
     slopes = {"h": torch.rand(4), "bh": torch.rand(3, 4)}.get(kwargs.pop("alibi_slopes", None))
@@ -303,7 +237,7 @@ def test_varlen_matches_the_reference_per_sequence(varlen, kwargs):
         _close(lse[:, rows], want_lse[0], torch.float32, f"lse of sequence {b}")
 
 
-def test_varlen_paged_keys(varlen):
+def test_varlen_paged_keys():
     lq, lk = [2, 3], [7, 5]
     q, k, v, cu_q, cu_k = _packed(lq, lk, 4, 2, 8, seed=2)
     page, pages = 3, torch.tensor([[5, 0, 3], [1, 6, 2]], dtype=torch.int32)  # non-monotone pages
@@ -347,7 +281,7 @@ def _rotary_tables(n, half):
 
 @pytest.mark.parametrize("interleaved", [True, False])
 @pytest.mark.parametrize("causal", [True, False])
-def test_kvcache_appends_in_place_rotates_and_attends(varlen, interleaved, causal):
+def test_kvcache_appends_in_place_rotates_and_attends(interleaved, causal):
     b, sq, snew, h, hkv, d, cap = 3, 2, 2, 4, 2, 16, 12
     g = torch.Generator().manual_seed(4)
     k_cache, v_cache = torch.randn(4, cap, hkv, d, generator=g), torch.randn(4, cap, hkv, d, generator=g)
@@ -390,7 +324,7 @@ def test_kvcache_appends_in_place_rotates_and_attends(varlen, interleaved, causa
     assert torch.equal(k_cache[1], before_k[1]) and torch.equal(v_cache[1], before_v[1])  # row 1 is not used
 
 
-def test_kvcache_paged_equals_contiguous(varlen):
+def test_kvcache_paged_equals_contiguous():
     b, sq, snew, h, hkv, d, page = 2, 1, 1, 4, 2, 8, 4
     g = torch.Generator().manual_seed(5)
     lengths = torch.tensor([5, 9], dtype=torch.int32)
@@ -425,7 +359,7 @@ def test_kvcache_paged_equals_contiguous(varlen):
         assert torch.equal(v_pages[table[i, n // page], n % page], flat_v[i, n])
 
 
-def test_kvcache_leftpad_and_alibi_run_per_sequence(varlen):
+def test_kvcache_leftpad_and_alibi_run_per_sequence():
     b, h, hkv, d = 2, 4, 2, 8
     g = torch.Generator().manual_seed(6)
     k_cache, v_cache = torch.randn(b, 10, hkv, d, generator=g), torch.randn(b, 10, hkv, d, generator=g)
@@ -449,7 +383,7 @@ def test_kvcache_leftpad_and_alibi_run_per_sequence(varlen):
 # Refusals
 
 
-def test_refusals_name_the_argument(varlen):
+def test_refusals_name_the_argument():
     q, k, v = _qkv(2, 4, 4, 4, 2, 8, torch.float32)
     cases = [
         (DtypeError, "alibi_slopes", lambda: flash.flash_attn_func(q, k, v, alibi_slopes=torch.rand(4).double())),

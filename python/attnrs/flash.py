@@ -25,14 +25,13 @@ defaults, layouts (``[batch, seqlen, nheads, headdim]``; varlen ``[total, nheads
   dropout pattern) "is for testing only", not guaranteed correct, and attnrs never forms the probabilities.
 
 :func:`flash_attn_varlen_func` and :func:`flash_attn_with_kvcache` run on ``attnrs.varlen_attention`` (torch's
-``varlen_attn`` call), looked up when called; with ALiBi, dropout or ``cache_leftpad`` they run one attnrs
+``varlen_attn`` call); with ALiBi, dropout or ``cache_leftpad`` they run one attnrs
 call per sequence instead (views of the cache, no copy without paging). Anything else attnrs cannot honour is
 refused with an :mod:`attnrs.errors` class naming the argument, never ignored. Dtypes are those
 :func:`attnrs.attention` takes (float32, bfloat16, float16, float64: a superset of flash's fp16/bf16); index
 tensors are int32 and slopes float32, as flash requires.
 
-Import it as ``import attnrs.flash`` or ``from attnrs import flash``: ``import attnrs`` does not import it (it
-looks ``attnrs.varlen_attention`` up on the package when called, so the package must not import it back).
+Import it as ``import attnrs.flash`` or ``from attnrs import flash`` (``import attnrs`` does not load it).
 """
 
 from __future__ import annotations
@@ -47,6 +46,7 @@ import numpy as np
 import torch
 
 from .attention.api import attention
+from .attention.varlen import varlen_attention
 from .errors import ArgumentError, DtypeError, ShapeError, UnsupportedError
 from .masks import Mask
 from .masks import mask as masks
@@ -353,19 +353,6 @@ def flash_attn_kvpacked_func(
 # Variable length and the KV cache: attnrs.varlen_attention
 
 
-def _varlen_attention() -> Callable[..., Any]:
-    """``attnrs.varlen_attention``, looked up when called (the package is imported by then)."""
-    import attnrs
-
-    fn = getattr(attnrs, "varlen_attention", None)
-    if fn is None:
-        raise UnsupportedError(
-            "flash_attn_varlen_func / flash_attn_with_kvcache: this attnrs has no varlen_attention (the varlen "
-            "kernel they run on); use flash_attn_func"
-        )
-    return fn
-
-
 def _lse_request() -> Any:
     from torch.nn.attention.varlen import AuxRequest
 
@@ -462,7 +449,7 @@ def flash_attn_varlen_func(
         lse = torch.cat(lses, dim=1) if lses else q.new_empty(q.shape[1], 0, dtype=torch.float32)
         return _result(out, lse, bool(return_attn_probs))
 
-    varlen = _varlen_attention()
+    varlen = varlen_attention
     out, lse = varlen(
         q,
         k,
@@ -761,7 +748,7 @@ def flash_attn_with_kvcache(
         out = torch.cat(outs) if outs else q.new_empty(0, q_len, heads, v_cache.shape[3])
         lse = torch.cat(lses) if lses else q.new_empty(0, heads, q_len, dtype=torch.float32)
     else:
-        varlen = _varlen_attention()
+        varlen = varlen_attention
         cu_q = (torch.arange(batch + 1, device=q.device) * q_len).to(torch.int32)
         flat, lse = varlen(
             q.reshape(batch * q_len, heads, q.shape[3]),

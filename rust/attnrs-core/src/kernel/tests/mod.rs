@@ -11,6 +11,7 @@ mod dropout;
 mod forward;
 mod forward_errors;
 mod forward_support;
+mod ragged;
 mod score;
 mod softmax;
 pub(crate) mod support;

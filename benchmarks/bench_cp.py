@@ -35,12 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_model() -> str:
-    """The CPU model from lscpu, else /proc/cpuinfo."""
+    """The CPU model (with its family and model numbers) from lscpu, else /proc/cpuinfo."""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        if "Model name" in fields:
+            return f"{fields['Model name']} (family {fields.get('CPU family', '?')}, model {fields.get('Model', '?')})"
     except OSError:
         pass
     try:

@@ -88,6 +88,39 @@ def test_layout_helpers_without_a_group() -> None:
         shard_sequence(x, 0, world_size=2, rank=2)
 
 
+def test_one_rank_is_plain_attention() -> None:
+    """Without a process group the calls refuse clearly; on a group of one (in this process) they are
+    attnrs.attention on the whole sequence, gradients included, and no transfer is made."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+    import torch.distributed as dist
+
+    import attnrs
+    from attnrs import masks
+    from attnrs.distributed import allgather_attention, last_ring_timings, ring_attention
+    from attnrs.errors import ArgumentError
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(3))
+    with pytest.raises(ArgumentError, match="not initialised"):
+        ring_attention(q, k, v, "causal")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mask = masks.sliding_window(5)
+        expected = attnrs.attention(q, k, v, mask)
+        want = torch.autograd.grad(expected.sum(), (q, k, v))
+        for fn in (ring_attention, allgather_attention):
+            out = fn(q, k, v, mask)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+            for got, ref in zip(torch.autograd.grad(out.sum(), (q, k, v)), want):
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        ring_attention(q, k, v, mask)
+        assert (
+            last_ring_timings().forward_wait == 0.0 and last_ring_timings().pairs == 3
+        )  # (early queries, late keys) is skipped
+    finally:
+        dist.destroy_process_group()
+
+
 def test_recomputed_pair_backward_matches_the_kernel() -> None:
     """The device-agnostic backward of one pair (autograd through a recomputed forward, used off CPU) against the
     kernel's backward with the global LSE, both summed over key parts against autograd on the whole."""

@@ -214,9 +214,11 @@ def _numerics() -> None:
                 for dtype in dtypes:
                     _compare(fn, mask, layout, dtype, (b, h, h_kv, n, d), name, rank, world)
                     if fn is ring_attention and name == "causal":
-                        pairs = last_ring_timings().pairs
-                        want = 2 * world + 1 if layout == "zigzag" else rank + 1
-                        assert pairs == want, f"{layout} causal: rank {rank} ran {pairs} pairs, expected {want}"
+                        # zigzag: 2W + 1 pairs on every rank, in W + 2 calls (3 on the diagonal step, then the
+                        # full pairs of a step fused into one); contiguous: rank r computes r + 1 pairs.
+                        t = last_ring_timings()
+                        want = (2 * world + 1, world + 2) if layout == "zigzag" else (rank + 1, rank + 1)
+                        assert (t.pairs, t.calls) == want, f"{layout}: rank {rank} ran {t}, expected {want}"
     # A group that is not the world and does not start at rank 0: ring peers are group ranks mapped to global ones.
     if world == 4:
         members = [1, 2, 3]

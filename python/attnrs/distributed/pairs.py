@@ -19,7 +19,14 @@ from ..masks.grid import Grid
 from ..masks.mask import Mask
 from ..threads import num_threads
 
-__all__ = ["kernel_pair_backward", "pair_backward", "pair_forward", "pair_is_empty", "recomputed_pair_backward"]
+__all__ = [
+    "kernel_pair_backward",
+    "pair_backward",
+    "pair_class",
+    "pair_forward",
+    "pair_is_empty",
+    "recomputed_pair_backward",
+]
 
 # The kernel's backward forms P from the saved float32 lse only below this magnitude, and never for float64
 # inputs (rust/attnrs-core/src/kernel/backward/stats.rs, LSE_RECOMPUTE): elsewhere it recomputes the row's
@@ -28,23 +35,33 @@ __all__ = ["kernel_pair_backward", "pair_backward", "pair_forward", "pair_is_emp
 _LSE_EXACT = 1024.0
 
 
-def pair_is_empty(
-    mask: Mask | None, batch: int, heads: int, q_start: int, q_len: int, kv_start: int, kv_len: int
-) -> bool:
-    """True when no query of ``[q_start, q_start + q_len)`` sees a key of ``[kv_start, kv_start + kv_len)`` for any
-    batch row and head (the mask's exact block classes, one block covering the pair)."""
-    if mask is None or q_len == 0 or kv_len == 0:
-        return mask is not None
+def pair_class(mask: Mask | None, batch: int, heads: int, q_start: int, q_len: int, kv_start: int, kv_len: int) -> str:
+    """``"empty"`` when no query of ``[q_start, q_start + q_len)`` sees a key of ``[kv_start, kv_start +
+    kv_len)``, ``"full"`` when every query sees every key, else ``"partial"``, for every batch row and head (the
+    mask's exact block classes, one block covering the pair)."""
+    if q_len == 0 or kv_len == 0:
+        return "empty"
+    if mask is None:
+        return "full"
     b = batch if mask.depends_on_batch else 1
     h = heads if mask.depends_on_head else 1
     expr = mask.to_rust(Grid(b, h, q_len, kv_len, q_start, kv_start))
     layout = expr.block_sparse(b, h, q_len, kv_len, q_start, kv_start, q_len, kv_len, num_threads())
-    seen = 0
+    counts = {}
     for name in ("kv", "full_kv"):
-        counts = torch.empty(layout.layout_batch, layout.layout_heads, 1, dtype=torch.int32)
-        layout.write_counts(name, counts)
-        seen += int(counts.sum())
-    return seen == 0
+        table = torch.empty(layout.layout_batch, layout.layout_heads, 1, dtype=torch.int32)
+        layout.write_counts(name, table)
+        counts[name] = table
+    if not bool((counts["kv"] + counts["full_kv"]).any()):
+        return "empty"
+    return "full" if bool(counts["full_kv"].all()) else "partial"
+
+
+def pair_is_empty(
+    mask: Mask | None, batch: int, heads: int, q_start: int, q_len: int, kv_start: int, kv_len: int
+) -> bool:
+    """True when the mask hides the whole pair (see :func:`pair_class`)."""
+    return pair_class(mask, batch, heads, q_start, q_len, kv_start, kv_len) == "empty"
 
 
 def pair_forward(

@@ -13,9 +13,10 @@ accumulator of the shard it holds and passes it on; after ``W`` hops every accum
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from ..attention.merge import merge_attention_states
 from ..masks.mask import Mask
 from .checks import check_call
-from .pairs import pair_backward, pair_forward, pair_is_empty
+from .pairs import pair_backward, pair_class, pair_forward
 from .sharding import Chunk, rank_chunks
 
 __all__ = ["RingTimings", "last_ring_timings", "ring_attention"]
@@ -32,13 +33,16 @@ __all__ = ["RingTimings", "last_ring_timings", "ring_attention"]
 @dataclass
 class RingTimings:
     """Where this process's last ring call spent its time (seconds): ``wait`` is time blocked on a receive (the
-    communication compute did not hide), ``total`` the whole pass; ``pairs``/``skipped`` count pair calls."""
+    communication compute did not hide), ``total`` the whole pass; ``pairs``/``skipped`` count the (query
+    chunk, key chunk) pairs the forward computed and skipped, ``calls`` the attention calls they took (full
+    pairs are fused)."""
 
     forward_total: float = 0.0
     forward_wait: float = 0.0
     backward_total: float = 0.0
     backward_wait: float = 0.0
     pairs: int = 0
+    calls: int = 0
     skipped: int = 0
     extra: dict[str, float] = field(default_factory=dict)
 
@@ -94,6 +98,24 @@ def _unpack(buf: torch.Tensor, *likes: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+class _Call(NamedTuple):
+    """One attention call of a step: query rows ``q`` (local rows of this rank's shard) against key rows ``kv``
+    (of the shard held), with the mask at their global offsets (``masked``) or without (every pair full)."""
+
+    q: Chunk
+    kv: Chunk
+    masked: bool
+
+
+def _span(chunks: list[Chunk]) -> Chunk | None:
+    """One chunk covering ``chunks`` when their local rows are consecutive (global starts no longer matter: only
+    unmasked calls are fused), else None."""
+    chunks = sorted(chunks, key=lambda c: c.local)
+    if any(a.local + a.size != b.local for a, b in itertools.pairwise(chunks)):
+        return None
+    return Chunk(chunks[0].start, chunks[0].local, sum(c.size for c in chunks))
+
+
 @dataclass
 class _Plan:
     """What both passes need besides the tensors."""
@@ -104,22 +126,41 @@ class _Plan:
     rank: int
     world_size: int
     layout: str
-    cache: dict[int, list[tuple[Chunk, Chunk]]] = field(default_factory=dict)
+    cache: dict[int, tuple[list[_Call], int]] = field(default_factory=dict)
 
     def chunks(self, rank: int, local_len: int) -> list[Chunk]:
         return rank_chunks(local_len, self.world_size, rank, self.layout)
 
-    def pairs(self, q: torch.Tensor, src: int) -> list[tuple[Chunk, Chunk]]:
-        """The (query chunk, key chunk of rank ``src``) pairs of this rank that the mask does not hide (found
-        once per call: the backward reuses the forward's answer)."""
-        if src not in self.cache:
-            b, h, n, _ = q.shape
-            self.cache[src] = [
-                (qc, kc)
-                for qc in self.chunks(self.rank, n)
-                for kc in self.chunks(src, n)
-                if not pair_is_empty(self.mask, b, h, qc.start, qc.size, kc.start, kc.size)
-            ]
+    def calls(self, q: torch.Tensor, src: int) -> tuple[list[_Call], int]:
+        """The attention calls of the step holding rank ``src``'s K/V, and how many (query chunk, key chunk)
+        pairs they cover. Pairs the mask hides are skipped; query chunks whose visible pairs are all full and
+        see the same key chunks are fused into one unmasked call (zigzag under a causal mask: one call per step
+        after the first, as ring-flash-attention does); the rest run pair by pair. Found once per call of
+        ring_attention: the backward reuses the forward's answer."""
+        if src in self.cache:
+            return self.cache[src]
+        b, h, n, _ = q.shape
+        q_chunks, kv_chunks = self.chunks(self.rank, n), self.chunks(src, n)
+        classes = {
+            (qc, kc): pair_class(self.mask, b, h, qc.start, qc.size, kc.start, kc.size)
+            for qc in q_chunks
+            for kc in kv_chunks
+        }
+        visible = {qc: [kc for kc in kv_chunks if classes[qc, kc] != "empty"] for qc in q_chunks}
+        fusable: dict[tuple[Chunk, ...], list[Chunk]] = {}
+        calls: list[_Call] = []
+        for qc in q_chunks:
+            if visible[qc] and all(classes[qc, kc] == "full" for kc in visible[qc]):
+                fusable.setdefault(tuple(visible[qc]), []).append(qc)
+            else:
+                calls += [_Call(qc, kc, classes[qc, kc] == "partial") for kc in visible[qc]]
+        for kcs, qcs in fusable.items():
+            q_span, kv_span = _span(qcs), _span(list(kcs))
+            if q_span is not None and kv_span is not None:
+                calls.append(_Call(q_span, kv_span, False))
+            else:
+                calls += [_Call(qc, kc, False) for qc in qcs for kc in kcs]
+        self.cache[src] = (calls, sum(len(kcs) for kcs in visible.values()))
         return self.cache[src]
 
 
@@ -131,36 +172,38 @@ def _ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan
     t0 = time.perf_counter()
     ring = _Ring(plan.group, plan.rank, plan.world_size)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    n = q.shape[2]
-    acc: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    b, h, n, _ = q.shape
+    # Rows no call reaches keep attention's own answer for rows that see nothing: zeros and an LSE of -inf.
+    acc_out = q.new_zeros(b, h, n, v.shape[-1], dtype=compute)
+    acc_lse = q.new_full((b, h, n), -torch.inf, dtype=compute)
     kv = _pack(k, v)
     for step in range(plan.world_size):
         src = (plan.rank - step) % plan.world_size
         pending = ring.start(kv, 0) if step < plan.world_size - 1 else None
         k_cur, v_cur = _unpack(kv, k, v)
-        pairs = plan.pairs(q, src)
-        _LAST.pairs += len(pairs)
-        _LAST.skipped += len(plan.chunks(0, n)) ** 2 - len(pairs)
-        for qc, kc in pairs:
+        calls, pairs = plan.calls(q, src)
+        _LAST.pairs += pairs
+        _LAST.calls += len(calls)
+        _LAST.skipped += len(plan.chunks(0, n)) ** 2 - pairs
+        for call in calls:
             out, lse = pair_forward(
-                _rows(q, qc), _rows(k_cur, kc), _rows(v_cur, kc), plan.mask, qc.start, kc.start, plan.scale
+                _rows(q, call.q),
+                _rows(k_cur, call.kv),
+                _rows(v_cur, call.kv),
+                plan.mask if call.masked else None,
+                call.q.start,
+                call.kv.start,
+                plan.scale,
             )
-            part = (out.to(compute), lse.to(compute))
-            acc[qc.local] = part if qc.local not in acc else merge_attention_states(*acc[qc.local], *part)
+            merged_out, merged_lse = merge_attention_states(
+                _rows(acc_out, call.q), _rows(acc_lse, call.q), out.to(compute), lse.to(compute)
+            )
+            _rows(acc_out, call.q).copy_(merged_out)
+            _rows(acc_lse, call.q).copy_(merged_lse)
         if pending is not None:
             kv = ring.wait(pending)
-    outs, lses = [], []
-    b, h, _, _ = q.shape
-    for qc in plan.chunks(plan.rank, n):
-        if qc.local in acc:
-            out, lse = acc[qc.local]
-        else:  # the mask hides every key from these rows: attention's own answer, zeros and -inf
-            out = q.new_zeros(b, h, qc.size, v.shape[-1], dtype=compute)
-            lse = q.new_full((b, h, qc.size), -torch.inf, dtype=compute)
-        outs.append(out)
-        lses.append(lse)
     _LAST.forward_wait, _LAST.forward_total = ring.waited, time.perf_counter() - t0
-    return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2).to(torch.float32)
+    return acc_out.to(q.dtype), acc_lse.to(torch.float32)
 
 
 def _ring_backward(
@@ -186,24 +229,23 @@ def _ring_backward(
         k_cur, v_cur = _unpack(kv, k, v)
         dk = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)
         dv = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
-        for qc, kc in plan.pairs(q, src):
-            g_lse = None if grad_lse is None else _rows(grad_lse, qc)
+        for call in plan.calls(q, src)[0]:
             dq_p, dk_p, dv_p = pair_backward(
-                _rows(q, qc),
-                _rows(k_cur, kc),
-                _rows(v_cur, kc),
-                _rows(out, qc),
-                _rows(lse, qc),
-                _rows(grad_out, qc),
-                g_lse,
-                plan.mask,
-                qc.start,
-                kc.start,
+                _rows(q, call.q),
+                _rows(k_cur, call.kv),
+                _rows(v_cur, call.kv),
+                _rows(out, call.q),
+                _rows(lse, call.q),
+                _rows(grad_out, call.q),
+                None if grad_lse is None else _rows(grad_lse, call.q),
+                plan.mask if call.masked else None,
+                call.q.start,
+                call.kv.start,
                 plan.scale,
             )
-            _rows(dq, qc).add_(dq_p)
-            _rows(dk, kc).add_(dk_p)
-            _rows(dv, kc).add_(dv_p)
+            _rows(dq, call.q).add_(dq_p)
+            _rows(dk, call.kv).add_(dk_p)
+            _rows(dv, call.kv).add_(dv_p)
         if pending_grads is not None:  # the accumulator of shard src, from the ranks before this one
             dk_in, dv_in = _unpack(ring.wait(pending_grads), dk, dv)
             dk.add_(dk_in)

@@ -140,7 +140,7 @@ def _worker(args: argparse.Namespace) -> None:
         out = ring_attention(*inputs, "causal", layout=args.layout)
         torch.autograd.grad(out, inputs, grad)
         t = last_ring_timings()
-        return t.forward_wait, t.backward_wait, t.backward_total, t.pairs
+        return t.forward_wait, t.backward_wait, t.backward_total, f"{t.pairs} ({t.calls})"
 
     dist.barrier()
     result["forward_s"], waits = _best(forward, args.reps)
@@ -207,7 +207,7 @@ def main(argv: list[str]) -> None:
     for layout in ("zigzag", "contiguous"):
         rows += _launch(args, 2, layout)
     base = rows[0]["forward_s"] + rows[0]["backward_s"]
-    names = ["setup", "rank", "fwd s", "bwd s", "vs 1 rank", "pairs", "peak MiB (+attn)", "comm hidden fwd"]
+    names = ["setup", "rank", "fwd s", "bwd s", "vs 1 rank", "pairs (calls)", "peak MiB (+attn)", "comm hidden fwd"]
     names.append("comm hidden bwd")
     table = []
     for r in rows:
@@ -234,7 +234,8 @@ def main(argv: list[str]) -> None:
             + " | ".join(x.ljust(w) if i in (0, 7, 8) else x.rjust(w) for i, (x, w) in enumerate(zip(line, widths)))
             + " |"
         )
-    print("# vs 1 rank: the 1-rank (fwd + bwd) time over this rank's; pairs: (query chunk, key chunk) attention calls")
+    print("# vs 1 rank: the 1-rank (fwd + bwd) time over this rank's")
+    print("# pairs (calls): (query chunk, key chunk) pairs the rank computed, and the attention calls they took")
     print("# comm hidden: 1 - wait / alone; wait also counts time spent waiting for a slower neighbour (imbalance)")
     print(
         "# peak: ru_maxrss of the process (torch and attnrs included); (+attn): its growth over VmRSS before the runs"

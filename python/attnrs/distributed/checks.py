@@ -114,6 +114,8 @@ def check_call(q: Any, k: Any, v: Any, mask: Any, scale: Any, layout: Any, group
         checked = _local(q, k, v, mask, scale, layout_name, world_size)
     except AttnrsError as e:
         error = (type(e).__name__, str(e))
+    except Exception as e:  # anything else must not leave the other ranks waiting either
+        error = ("ArgumentError", f"{type(e).__name__}: {e}")
     shapes = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else () for t in (q, k, v))
     dtype = str(getattr(q, "dtype", type(q).__name__))
     mask_kind = "none" if checked[0] is None else checked[0].kind

@@ -2,10 +2,11 @@
 step, the transfer of the next step overlapped with the compute of the current one (ring-flash-attention's
 ``zigzag_ring_flash_attn``, torch's ``_templated_ring_attention``).
 
-Forward, on rank ``r`` of ``W``: at step ``s`` the rank holds the K/V shard of rank ``r - s``; for each of its
-query chunks and each chunk of that shard it skips the pair if the mask hides it entirely
-(:func:`~attnrs.distributed.pairs.pair_is_empty`), else runs attnrs.attention at the pair's global offsets and
-merges the partial result into the chunk's running ``(out, lse)`` (float32, float64 for float64 inputs). Backward:
+Forward, on rank ``r`` of ``W``: at step ``s`` the rank holds the K/V shard of rank ``r - s``; each of its query
+chunks against each chunk of that shard is classified (:func:`~attnrs.distributed.pairs.pair_class`): pairs the
+mask hides are skipped, full pairs that line up are fused into one unmasked call, the others run attnrs.attention
+at the pair's global offsets; each result is merged into the rows' running ``(out, lse)`` (float32, float64 for
+float64 inputs). Backward:
 the K/V shards go around again with a dK/dV accumulator travelling one hop behind them; each rank adds its
 pairs' gradients (computed from the global out/lse, :func:`~attnrs.distributed.pairs.pair_backward`) to the
 accumulator of the shard it holds and passes it on; after ``W`` hops every accumulator is back with its owner.
@@ -44,7 +45,6 @@ class RingTimings:
     pairs: int = 0
     calls: int = 0
     skipped: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 _LAST = RingTimings()

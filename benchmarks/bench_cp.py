@@ -1,5 +1,6 @@
-"""Context parallelism on one machine: causal attention over L positions on 2 ranks x 1 thread (gloo, ring
-attention, zigzag and contiguous layouts) against 1 rank x 1 thread (attnrs.attention on the whole sequence).
+"""Context parallelism on one machine: causal attention over L positions on 2 ranks x 1 thread (gloo; ring
+attention with the zigzag and contiguous layouts, all-gather attention) against 1 rank x 1 thread
+(attnrs.attention on the whole sequence).
 
     python benchmarks/bench_cp.py                      # L = 32768 (minutes: one thread per rank)
     python benchmarks/bench_cp.py --length 8192        # a smoke run
@@ -82,12 +83,13 @@ def _worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     import attnrs
-    from attnrs.distributed import last_ring_timings, ring_attention, shard_sequence
+    from attnrs.distributed import allgather_attention, last_ring_timings, ring_attention, shard_sequence
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.manual_seed(0)
     b, h, n, d = 1, args.heads, args.length, args.dim
     result: dict[str, Any] = {"rank": int(os.environ.get("RANK", "0")), "world": world, "layout": args.layout}
+    result["variant"] = args.variant
     if world == 1:
         q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
         grad = torch.randn(b, h, n, d)
@@ -142,6 +144,27 @@ def _worker(args: argparse.Namespace) -> None:
         t = last_ring_timings()
         return t.forward_wait, t.backward_wait, t.backward_total, f"{t.pairs} ({t.calls})"
 
+    if args.variant == "allgather":
+
+        def gathered_forward() -> Any:
+            with torch.no_grad():
+                allgather_attention(q, k, v, "causal", layout=args.layout)
+
+        def gathered_both() -> Any:
+            out = allgather_attention(*inputs, "causal", layout=args.layout)
+            torch.autograd.grad(out, inputs, grad)
+
+        dist.barrier()
+        result["forward_s"], _ = _best(gathered_forward, args.reps)
+        dist.barrier()
+        total, _ = _best(gathered_both, args.reps)
+        result["backward_s"] = total - result["forward_s"]
+        result["peak_mib"] = _peak_mib()
+        dist.barrier()
+        dist.destroy_process_group()
+        print(json.dumps(result), flush=True)
+        return
+
     dist.barrier()
     result["forward_s"], waits = _best(forward, args.reps)
     dist.barrier()
@@ -159,7 +182,7 @@ def _worker(args: argparse.Namespace) -> None:
     print(json.dumps(result), flush=True)
 
 
-def _launch(args: argparse.Namespace, world: int, layout: str) -> list[dict[str, Any]]:
+def _launch(args: argparse.Namespace, world: int, layout: str, variant: str = "ring") -> list[dict[str, Any]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -167,7 +190,7 @@ def _launch(args: argparse.Namespace, world: int, layout: str) -> list[dict[str,
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "python"), env.get("PYTHONPATH")) if p)
     flags = ["--worker", "--length", str(args.length), "--heads", str(args.heads), "--dim", str(args.dim)]
-    flags += ["--reps", str(args.reps), "--layout", layout]
+    flags += ["--reps", str(args.reps), "--layout", layout, "--variant", variant]
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, *flags], env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, text=True
@@ -195,7 +218,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--layout", default="zigzag")
+    parser.add_argument("--layout", default="zigzag", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="ring", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -206,6 +230,7 @@ def main(argv: list[str]) -> None:
     rows = _launch(args, 1, "whole")
     for layout in ("zigzag", "contiguous"):
         rows += _launch(args, 2, layout)
+    rows += _launch(args, 2, "zigzag", "allgather")
     base = rows[0]["forward_s"] + rows[0]["backward_s"]
     names = ["setup", "rank", "fwd s", "bwd s", "vs 1 rank", "pairs (calls)", "peak MiB (+attn)", "comm hidden fwd"]
     names.append("comm hidden bwd")
@@ -214,7 +239,7 @@ def main(argv: list[str]) -> None:
         total = r["forward_s"] + r["backward_s"]
         table.append(
             [
-                "1 rank x 1 thread" if r["world"] == 1 else f"2 ranks x 1 thread, {r['layout']}",
+                "1 rank x 1 thread" if r["world"] == 1 else f"2 ranks x 1 thread, {r['variant']} {r['layout']}",
                 str(r["rank"]),
                 f"{r['forward_s']:.3f}",
                 f"{r['backward_s']:.3f}",

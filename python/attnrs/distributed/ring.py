@@ -34,14 +34,16 @@ __all__ = ["RingTimings", "last_ring_timings", "ring_attention"]
 @dataclass
 class RingTimings:
     """Where this process's last ring call spent its time (seconds): ``wait`` is time blocked on a receive (the
-    communication compute did not hide), ``total`` the whole pass; ``pairs``/``skipped`` count the (query
-    chunk, key chunk) pairs the forward computed and skipped, ``calls`` the attention calls they took (full
-    pairs are fused)."""
+    communication compute did not hide), ``compute`` time in attention calls and merges, ``total`` the whole
+    pass; ``pairs``/``skipped`` count the (query chunk, key chunk) pairs the forward computed and skipped,
+    ``calls`` the attention calls they took (full pairs are fused)."""
 
     forward_total: float = 0.0
     forward_wait: float = 0.0
+    forward_compute: float = 0.0
     backward_total: float = 0.0
     backward_wait: float = 0.0
+    backward_compute: float = 0.0
     pairs: int = 0
     calls: int = 0
     skipped: int = 0
@@ -185,6 +187,7 @@ def _ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan
         _LAST.pairs += pairs
         _LAST.calls += len(calls)
         _LAST.skipped += len(plan.chunks(0, n)) ** 2 - pairs
+        started = time.perf_counter()
         for call in calls:
             out, lse = pair_forward(
                 _rows(q, call.q),
@@ -200,6 +203,7 @@ def _ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan
             )
             _rows(acc_out, call.q).copy_(merged_out)
             _rows(acc_lse, call.q).copy_(merged_lse)
+        _LAST.forward_compute += time.perf_counter() - started
         if pending is not None:
             kv = ring.wait(pending)
     _LAST.forward_wait, _LAST.forward_total = ring.waited, time.perf_counter() - t0
@@ -229,6 +233,7 @@ def _ring_backward(
         k_cur, v_cur = _unpack(kv, k, v)
         dk = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)
         dv = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
+        started = time.perf_counter()
         for call in plan.calls(q, src)[0]:
             dq_p, dk_p, dv_p = pair_backward(
                 _rows(q, call.q),
@@ -246,6 +251,7 @@ def _ring_backward(
             _rows(dq, call.q).add_(dq_p)
             _rows(dk, call.kv).add_(dk_p)
             _rows(dv, call.kv).add_(dv_p)
+        _LAST.backward_compute += time.perf_counter() - started
         if pending_grads is not None:  # the accumulator of shard src, from the ranks before this one
             dk_in, dv_in = _unpack(ring.wait(pending_grads), dk, dv)
             dk.add_(dk_in)

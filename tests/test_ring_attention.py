@@ -208,7 +208,9 @@ def _numerics() -> None:
         assert torch.equal(unshard_sequence(positions, 0, layout=layout), torch.arange(n))
         for name, mask in cases.items():
             for fn in (ring_attention, allgather_attention):
-                if fn is allgather_attention and name in ("none", "callable"):
+                # The all-gather variant places one mask per query chunk against the whole K/V: its few cases
+                # run on every world size for zigzag, on two ranks for contiguous (keeps the suite short).
+                if fn is allgather_attention and (name in ("none", "callable") or (world > 2 and layout != "zigzag")):
                     continue
                 dtypes = [torch.float32] + ([torch.float64] if name == "causal" and fn is ring_attention else [])
                 for dtype in dtypes:

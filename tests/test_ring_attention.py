@@ -201,6 +201,8 @@ def _numerics() -> None:
         "documents_causal": masks.document(ids) & masks.causal(),
         "documents": masks.document(ids),
         "callable": lambda b_, h_, q_, kv_: (kv_ <= q_) & ((q_ - kv_) % 3 != 1),
+        # Rows that see no key anywhere: zeros and an LSE of -inf, zero gradients, never NaN.
+        "empty_rows": masks.causal() & masks.from_callable(lambda b_, h_, q_, kv_: q_ % 7 != 3),
     }
     for layout in ("zigzag", "contiguous"):
         positions = shard_positions(n, layout=layout)

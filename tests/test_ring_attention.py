@@ -223,6 +223,16 @@ def _numerics() -> None:
                         t = last_ring_timings()
                         want = (2 * world + 1, world + 2) if layout == "zigzag" else (rank + 1, rank + 1)
                         assert (t.pairs, t.calls) == want, f"{layout}: rank {rank} ran {t}, expected {want}"
+    # The all-gather backward's two ways to return dK/dV to their owners agree with the sum over ranks.
+    from attnrs.distributed.allgather import all_reduce_sequence, reduce_scatter_sequence
+
+    for layout in ("zigzag", "contiguous"):
+        torch.manual_seed(7)
+        per_rank = [torch.randn(1, 2, n, 4) for _ in range(world)]
+        want = shard_sequence(sum(per_rank), 2, layout=layout)  # type: ignore[arg-type]
+        for reduce in (reduce_scatter_sequence, all_reduce_sequence):
+            got = reduce(per_rank[rank].clone(), None, rank, world, layout)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=lambda m, r=reduce: f"{r.__name__}: {m}")
     # A group that is not the world and does not start at rank 0: ring peers are group ranks mapped to global ones.
     if world == 4:
         members = [1, 2, 3]

@@ -1,9 +1,10 @@
 """All-gather attention: every rank gathers the whole K/V once and runs one attention call per query chunk at
 the chunk's global positions (torch's ``context_parallel`` all-gather rotation). Fewer, larger messages than the
 ring and no per-step merge; the price is holding the global K/V on every rank, so it suits short rings and
-sequences. The backward reduce-scatters dK/dV to their owners: ``reduce_scatter_tensor`` where the backend has
-it, and on gloo (which has no reduce-scatter) an ``all_reduce`` of the global gradient followed by each rank
-slicing its own shard (``W`` times the traffic of a reduce-scatter; fine for the short rings this is for).
+sequences. The backward reduce-scatters dK/dV to their owners with ``reduce_scatter_tensor`` (gloo has it in
+the torch this is tested with, 2.15; older gloo builds refuse it as unsupported); where the backend refuses it,
+an ``all_reduce`` of the global gradient followed by each rank slicing its own shard (``W`` times the traffic of
+a reduce-scatter; fine for the short rings this variant is for).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .checks import check_call
 from .pairs import pair_forward
 from .sharding import rank_chunks, reorder_to_global
 
-__all__ = ["allgather_attention"]
+__all__ = ["all_reduce_sequence", "allgather_attention", "reduce_scatter_sequence"]
 
 
 def _sharded_from_global(x: torch.Tensor, rank: int, world_size: int, layout: str) -> torch.Tensor:
@@ -39,15 +40,31 @@ class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         group, rank, world_size, layout = ctx.args
-        if dist.get_backend(group) == "gloo":
-            total = grad.contiguous()
-            dist.all_reduce(total, group=group)
-            return _sharded_from_global(total, rank, world_size, layout), None, None, None, None
-        # Rank-major order along a leading dim, as reduce_scatter_tensor splits its input.
-        by_rank = torch.stack([_sharded_from_global(grad, r, world_size, layout) for r in range(world_size)])
-        mine = torch.empty_like(by_rank[0])
-        dist.reduce_scatter_tensor(mine, by_rank.contiguous(), group=group)
+        try:
+            mine = reduce_scatter_sequence(grad, group, rank, world_size, layout)
+        except (RuntimeError, NotImplementedError) as e:
+            # The same backend on every rank refuses it the same way, so every rank falls back together.
+            if "support" not in str(e).lower():
+                raise
+            mine = all_reduce_sequence(grad, group, rank, world_size, layout)
         return mine, None, None, None, None
+
+
+def reduce_scatter_sequence(grad: torch.Tensor, group: Any, rank: int, world_size: int, layout: str) -> torch.Tensor:
+    """This rank's shard of the sum over ranks of the global ``grad`` ``[B, H, L, D]``, by ``reduce_scatter_tensor``
+    (the shards concatenated rank-major along dim 0, as it splits its input)."""
+    by_rank = torch.cat([_sharded_from_global(grad, r, world_size, layout) for r in range(world_size)])
+    mine = grad.new_empty(by_rank.shape[0] // world_size, *by_rank.shape[1:])
+    dist.reduce_scatter_tensor(mine, by_rank, group=group)
+    return mine
+
+
+def all_reduce_sequence(grad: torch.Tensor, group: Any, rank: int, world_size: int, layout: str) -> torch.Tensor:
+    """:func:`reduce_scatter_sequence`'s result by ``all_reduce`` and a slice, for backends without a
+    reduce-scatter."""
+    total = grad.contiguous().clone()
+    dist.all_reduce(total, group=group)
+    return _sharded_from_global(total, rank, world_size, layout)
 
 
 def allgather_attention(

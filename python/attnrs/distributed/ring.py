@@ -306,7 +306,12 @@ def ring_attention(
     ``mask`` is None, ``"causal"``, or an attnrs Mask / mask_mod over *global* positions (causal, sliding windows,
     documents with global ids, their combinations). Returns this rank's output shard ``[B, H, L_local, Dv]``
     (and the float32 LSE ``[B, H, L_local]`` with ``return_lse``), both differentiable. ``enable_gqa`` is
-    accepted for SDPA's signature; GQA shapes work either way."""
+    accepted for SDPA's signature; GQA shapes work either way.
+
+    Bad arguments on any rank (dtypes, shapes that differ across ranks, an odd ``L_local`` for zigzag, mask
+    tables that do not cover the global sequence, a dense mask) raise the same :mod:`attnrs.errors` exception on
+    every rank before any transfer (:mod:`attnrs.distributed.checks`). :func:`last_ring_timings` says where the
+    call spent its time."""
     plan_args = check_call(q, k, v, mask, scale, layout, group, "ring_attention")
     plan = _Plan(plan_args.mask, plan_args.scale, group, plan_args.rank, plan_args.world_size, layout)
     global _LAST

@@ -65,16 +65,19 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _best(fn: Any, reps: int) -> tuple[float, list[Any]]:
-    """The shortest of ``reps`` runs after a warm-up (the least disturbed by other work on a shared machine),
-    and what each run returned."""
+def _best(fn: Any, reps: int) -> tuple[float, list[Any], float]:
+    """The shortest wall time of ``reps`` runs after a warm-up (the least disturbed by other work on a shared
+    machine), what each run returned, and the process CPU time of that run (the work itself, whatever the
+    contention: one thread per process)."""
     fn()
-    times, extras = [], []
+    times, extras, cpus = [], [], []
     for _ in range(reps):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         extras.append(fn())
         times.append(time.perf_counter() - start)
-    return min(times), extras
+        cpus.append(time.process_time() - cpu)
+    best = times.index(min(times))
+    return times[best], extras, cpus[best]
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -104,8 +107,8 @@ def _worker(args: argparse.Namespace) -> None:
             out = attnrs.attention(*inputs, is_causal=True)
             torch.autograd.grad(out, inputs, grad)
 
-        result["forward_s"], _ = _best(forward, args.reps)
-        total, _ = _best(both, args.reps)
+        result["forward_s"], _, _ = _best(forward, args.reps)
+        total, _, result["cpu_s"] = _best(both, args.reps)
         result["backward_s"] = total - result["forward_s"]
         result["peak_mib"] = _peak_mib()
         print(json.dumps(result), flush=True)
@@ -129,7 +132,7 @@ def _worker(args: argparse.Namespace) -> None:
             r.wait()
 
     dist.barrier()
-    alone, _ = _best(exchange, args.reps)
+    alone, _, _ = _best(exchange, args.reps)
     result["exchange_s"] = alone
 
     def forward() -> Any:
@@ -155,9 +158,9 @@ def _worker(args: argparse.Namespace) -> None:
             torch.autograd.grad(out, inputs, grad)
 
         dist.barrier()
-        result["forward_s"], _ = _best(gathered_forward, args.reps)
+        result["forward_s"], _, _ = _best(gathered_forward, args.reps)
         dist.barrier()
-        total, _ = _best(gathered_both, args.reps)
+        total, _, result["cpu_s"] = _best(gathered_both, args.reps)
         result["backward_s"] = total - result["forward_s"]
         result["peak_mib"] = _peak_mib()
         dist.barrier()
@@ -166,9 +169,9 @@ def _worker(args: argparse.Namespace) -> None:
         return
 
     dist.barrier()
-    result["forward_s"], waits = _best(forward, args.reps)
+    result["forward_s"], waits, _ = _best(forward, args.reps)
     dist.barrier()
-    total, extras = _best(both, args.reps)
+    total, extras, result["cpu_s"] = _best(both, args.reps)
     result["backward_s"] = min(e[2] for e in extras)
     result["forward_wait_s"] = statistics.median(waits)
     result["backward_wait_s"] = statistics.median(e[1] for e in extras)
@@ -232,7 +235,8 @@ def main(argv: list[str]) -> None:
         rows += _launch(args, 2, layout)
     rows += _launch(args, 2, "zigzag", "allgather")
     base = rows[0]["forward_s"] + rows[0]["backward_s"]
-    names = ["setup", "rank", "fwd s", "bwd s", "vs 1 rank", "pairs (calls)", "peak MiB (+attn)", "comm hidden fwd"]
+    names = ["setup", "rank", "fwd s", "bwd s", "vs 1 rank", "cpu s (share)", "pairs (calls)", "peak MiB (+attn)"]
+    names.append("comm hidden fwd")
     names.append("comm hidden bwd")
     table = []
     for r in rows:
@@ -244,6 +248,7 @@ def main(argv: list[str]) -> None:
                 f"{r['forward_s']:.3f}",
                 f"{r['backward_s']:.3f}",
                 f"{base / total:.2f}x",
+                f"{r['cpu_s']:.3f} ({r['cpu_s'] / rows[0]['cpu_s']:.2f})",
                 str(r.get("pairs", "-")),
                 f"{r['peak_mib']:.0f} (+{r['peak_mib'] - r['rss_before_mib']:.0f})",
                 _hidden(r["forward_wait_s"], r["forward_alone_s"]) if "forward_wait_s" in r else "-",
@@ -256,10 +261,11 @@ def main(argv: list[str]) -> None:
     for line in table:
         print(
             "| "
-            + " | ".join(x.ljust(w) if i in (0, 7, 8) else x.rjust(w) for i, (x, w) in enumerate(zip(line, widths)))
+            + " | ".join(x.ljust(w) if i in (0, 8, 9) else x.rjust(w) for i, (x, w) in enumerate(zip(line, widths)))
             + " |"
         )
     print("# vs 1 rank: the 1-rank (fwd + bwd) time over this rank's")
+    print("# cpu s (share): the process CPU time of that fwd + bwd run, and its share of the 1-rank run's (ideal 0.5)")
     print("# pairs (calls): (query chunk, key chunk) pairs the rank computed, and the attention calls they took")
     print("# comm hidden: 1 - wait / alone; wait also counts time spent waiting for a slower neighbour (imbalance)")
     print(

@@ -6,7 +6,9 @@ attention with the zigzag and contiguous layouts, all-gather attention) against 
     python benchmarks/bench_cp.py --length 8192        # a smoke run
 
 Every process is started fresh (subprocess), pinned to one thread. Reported per rank: the best time of the
-forward and of the backward (of ``--reps`` runs after one warm-up: the machine is shared), the peak resident
+forward and of the backward (of ``--reps`` runs after one warm-up: the machine is shared), the process CPU time
+of the fastest forward + backward (the rank's work, whatever the contention) and its share of the one-rank
+run's, the peak resident
 memory (``ru_maxrss`` of the process, and its growth over the resident size just before the first call, i.e.
 what the attention itself added), and for the ring the communication hidden behind compute:
 ``1 - wait / alone``, where ``wait`` is the (median) time the rank spent blocked on receives during the pass

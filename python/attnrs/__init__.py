@@ -4,6 +4,8 @@
 * Registries with transformers' semantics: :class:`AttentionInterface`, :class:`AttentionMaskInterface`.
 * Native kernels and plugins: :func:`register_native`, :func:`load_plugins`.
 * Typed errors: :mod:`attnrs.errors`.
+* Context parallelism over a process group: :mod:`attnrs.distributed` (ring and all-gather attention), imported
+  on first use (it loads ``torch.distributed``).
 
 The compiled module ``attnrs._attnrs`` is private; everything public is re-exported here. Importing the package
 also fills the registries (:mod:`attnrs.registrations`) and makes their entries ``attn_implementation`` values
@@ -11,6 +13,9 @@ of transformers once it is imported (:mod:`attnrs.integrations.transformers.regi
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from . import errors, masks, plugins, registrations, scores  # noqa: F401  (registrations: fills the registries)
 from ._attnrs import __version__, cpu_features, simd_path
@@ -71,6 +76,7 @@ __all__ = [
     "cpu_features",
     "create_block_mask",
     "create_dense_mask",
+    "distributed",
     "dropout_keep_pattern",
     "errors",
     "functions",
@@ -88,3 +94,10 @@ __all__ = [
     "simd_path",
     "varlen_attention",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``attnrs.distributed`` on first use: importing torch.distributed is left to those who need it."""
+    if name == "distributed":
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,6 +24,8 @@ pub(super) struct Scratch<K: Kern> {
     pub(super) bias: Vec<K::A>,
     pub(super) kv: Vec<K::E>,
     pub(super) stage: Vec<u32>,
+    /// Continue from the rows' state left by the previous call (same rows, later tiles) instead of starting.
+    pub(super) resume: bool,
 }
 
 impl<K: Kern> Scratch<K> {
@@ -40,6 +42,7 @@ impl<K: Kern> Scratch<K> {
             bias: vec![K::A::default(); 2 * BC], // a bias row, then a score-terms row
             kv: Vec::new(),
             stage: Vec::new(),
+            resume: false,
         }
     }
 }
@@ -70,8 +73,8 @@ fn item_body<K: Kern, T: Float>(
     let klen_total = job.k_len(b);
     let (bq, dp, dvp, pair) = (q1 - q0, job.dp, job.dvp, K::PAIR);
     let rows = g * bq;
-    // Pack the query rows of the whole GQA group: row r = gi * bq + i.
-    for gi in 0..g {
+    // Pack the query rows of the whole GQA group: row r = gi * bq + i (already there when resuming).
+    for gi in (0..g).filter(|_| !sc.resume) {
         for i in 0..bq {
             let r = gi * bq + i;
             // SAFETY: (b, kvh * g + gi, q0 + i, 0) is in range of query; its row has D elements.
@@ -83,9 +86,11 @@ fn item_body<K: Kern, T: Float>(
             }
         }
     }
-    sc.m[..rows].fill(K::A::NEG_INF);
-    sc.l[..rows].fill(K::A::ZERO);
-    sc.o[..rows * dvp].fill(K::A::ZERO);
+    if !sc.resume {
+        sc.m[..rows].fill(K::A::NEG_INF);
+        sc.l[..rows].fill(K::A::ZERO);
+        sc.o[..rows * dvp].fill(K::A::ZERO);
+    }
     let lg = Logits {
         scale: K::A::from_f64(job.scale),
         softcap: job

@@ -8,7 +8,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::item::{Entry, KvSrc, Scratch};
-use super::tile::{Job, write_rows};
+use super::tile::{BC, Job, write_rows};
 use crate::kernel::args::Dims;
 use crate::kernel::gemm::Kern;
 use crate::kernel::softmax::{Acc, merge_into};
@@ -47,6 +47,9 @@ pub(super) fn decode<K: Entry, T: Float>(job: &Job<T>, threads: usize) {
             super::decode_avx512::item::<T>(job, b, kvh, tiles, sc, dot)
         };
         return split_kv::<f32, T, _>(job, threads, scratch, run);
+    }
+    if job.dims.hkv > 1 && job.k.st[1].abs() < job.k.st[2].abs() {
+        return heads_together::<K, T>(job, threads);
     }
     // SAFETY: `K` was chosen by `Backend::resolve` for this CPU.
     let run = |sc: &mut Scratch<K>, b, kvh, tiles| unsafe {
@@ -110,20 +113,119 @@ fn split_kv<A: Acc, T: Float, S: State<A>>(
         .collect();
     (0..heads).into_par_iter().for_each(|head| {
         let (b, kvh) = (head / hkv, head % hkv);
-        let (q, rows) = (job.q_len(b), rows_of(b));
-        if q == 0 {
-            return;
-        }
-        let mine = &parts[head * splits..(head + 1) * splits];
-        let mut m = vec![A::NEG_INF; rows];
-        let mut l = vec![A::ZERO; rows];
-        let mut o = vec![A::ZERO; rows * dvp];
-        for r in 0..rows {
-            let it = mine
-                .iter()
-                .map(|(pm, pl, po)| (pm[r], pl[r], &po[r * dvp..(r + 1) * dvp]));
-            (m[r], l[r]) = merge_into(it, &mut o[r * dvp..(r + 1) * dvp]);
-        }
-        write_rows(job, b, kvh, 0, q, &m, &l, &o);
+        merge_and_write(job, b, kvh, &parts[head * splits..(head + 1) * splits]);
     });
+}
+
+/// Merges the partial states of `(b, kvh)`'s rows by log-sum-exp and writes them.
+fn merge_and_write<A: Acc, T: Float>(job: &Job<T>, b: usize, kvh: usize, mine: &[Partial<A>]) {
+    let (q, dvp) = (job.q_len(b), job.dvp);
+    let rows = job.dims.g * q;
+    if q == 0 {
+        return;
+    }
+    let mut m = vec![A::NEG_INF; rows];
+    let mut l = vec![A::ZERO; rows];
+    let mut o = vec![A::ZERO; rows * dvp];
+    for r in 0..rows {
+        let it = mine
+            .iter()
+            .map(|(pm, pl, po)| (pm[r], pl[r], &po[r * dvp..(r + 1) * dvp]));
+        (m[r], l[r]) = merge_into(it, &mut o[r * dvp..(r + 1) * dvp]);
+    }
+    write_rows(job, b, kvh, 0, q, &m, &l, &o);
+}
+
+/// Decode over token-major K/V (a paged pool, packed varlen rows, a `[B, L, Hkv, D]` view), where a token's rows
+/// of all kv heads sit together: one work item takes every kv head of its sequence, tile by tile, so each tile's
+/// tokens are read while their pages are in the TLB and their neighbouring lines in cache, instead of one head
+/// over the whole sequence at a time (a stride of `Hkv·D` that defeats the prefetchers). The keys are split over
+/// threads as in [`split_kv`] when there are few sequences.
+fn heads_together<K: Entry, T: Float>(job: &Job<T>, threads: usize) {
+    let Dims { b: nb, hkv, .. } = job.dims;
+    let ntiles = job.ntiles();
+    let splits = (4 * threads).div_ceil(nb).clamp(1, (ntiles / 2).max(1));
+    let per = ntiles.div_ceil(splits);
+    let rows_of = |b: usize| job.dims.g * job.q_len(b);
+    let scratch = || (0..hkv).map(|_| Scratch::<K>::new(job)).collect::<Vec<_>>();
+    // One unit: a sequence's split of tiles, every kv head; its partial states, one per kv head.
+    let parts: Vec<Vec<Partial<K::A>>> = (0..nb * splits)
+        .into_par_iter()
+        .map_init(scratch, |scs, idx| {
+            let (b, s) = (idx / splits, idx % splits);
+            let (q, rows) = (job.q_len(b), rows_of(b));
+            if q == 0 {
+                return Vec::new();
+            }
+            let tiles = (s * per).min(ntiles)..((s + 1) * per).min(ntiles);
+            for (kvh, sc) in scs.iter_mut().enumerate() {
+                sc.resume = false;
+                // SAFETY: `K` was chosen by `Backend::resolve` for this CPU. An empty range only starts the state.
+                unsafe {
+                    K::item::<T>(
+                        job,
+                        b,
+                        kvh,
+                        0,
+                        q,
+                        tiles.start..tiles.start,
+                        KvSrc::Stream,
+                        sc,
+                    )
+                };
+                sc.resume = true;
+            }
+            for t in tiles {
+                prefetch_tile(job, b, t + 1);
+                for (kvh, sc) in scs.iter_mut().enumerate() {
+                    // SAFETY: as above; the scratch holds this (b, kvh)'s rows, resumed.
+                    unsafe { K::item::<T>(job, b, kvh, 0, q, t..t + 1, KvSrc::Stream, sc) };
+                }
+            }
+            scs.iter()
+                .map(|sc| {
+                    let (m, l, o) = sc.state();
+                    (
+                        m[..rows].to_vec(),
+                        l[..rows].to_vec(),
+                        o[..rows * job.dvp].to_vec(),
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    (0..nb * hkv).into_par_iter().for_each(|head| {
+        let (b, kvh) = (head / hkv, head % hkv);
+        let mine: Vec<Partial<K::A>> = (0..splits)
+            .filter_map(|s| parts[b * splits + s].get(kvh).cloned())
+            .collect();
+        merge_and_write(job, b, kvh, &mine);
+    });
+}
+
+/// Asks the CPU to fetch the K and V rows of tile `t` of sequence `b`, every kv head, in address order (each
+/// token's heads are one contiguous span): a hint that lets the next tile's reads, which go head by head, hit
+/// cache. Never faults; a no-op off x86-64 or past the sequence's keys.
+#[inline]
+fn prefetch_tile<T: Float>(job: &Job<T>, b: usize, t: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+        let klen = job.k_len(b);
+        let Dims { hkv, d, dv, .. } = job.dims;
+        let size = std::mem::size_of::<T>() as isize;
+        for (view, width) in [(&job.k, d), (&job.v, dv)] {
+            let span = ((hkv as isize - 1) * view.st[1] + width as isize * view.st[3]) * size;
+            for j in (t * BC)..((t + 1) * BC).min(klen) {
+                // SAFETY: `j` is a key of sequence `b` (below its length), so `at` addresses its row.
+                let row = unsafe { view.at(b, 0, j, 0) }.cast::<i8>().cast_const();
+                for off in (0..span.max(1)).step_by(64) {
+                    // SAFETY: a prefetch is a hint: it never faults and never changes memory.
+                    unsafe { _mm_prefetch::<_MM_HINT_T1>(row.wrapping_offset(off)) };
+                }
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (job, b, t);
 }

@@ -226,16 +226,12 @@ def _check(
     if softcap is not None and (not isinstance(softcap, (int, float)) or not 0 < softcap < math.inf):
         raise ArgumentError(f"softcap: expected None or a finite float > 0, got {softcap!r}")
     page_size = key.shape[1] if paged else 1
-    if paged and key.stride(0) != page_size * key.stride(1) and key.shape[0] > 1:
-        raise LayoutError(
-            "key: expected a pool whose pages follow each other (stride(0) == page_size * stride(1)), got strides "
-            f"{list(key.stride())}"
-        )
-    if paged and value.stride(0) != page_size * value.stride(1) and value.shape[0] > 1:
-        raise LayoutError(
-            "value: expected a pool whose pages follow each other (stride(0) == page_size * stride(1)), got "
-            f"strides {list(value.stride())}"
-        )
+    for name, pool in (("key", key), ("value", value)):
+        if paged and pool.stride(0) != page_size * pool.stride(1) and pool.shape[0] > 1:
+            raise LayoutError(
+                f"{name}: expected a pool whose pages follow each other (stride(0) == page_size * stride(1)), got "
+                f"strides {list(pool.stride())}"
+            )
     return _Plan(cu_q, cu_k, k_lens, float(scale), float(softcap or 0.0), (window_size[0], window_size[1]), page_size)
 
 

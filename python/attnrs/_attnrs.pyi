@@ -14,6 +14,7 @@ __all__ = [
     "operand_mask",
     "register_native",
     "remove_native",
+    "varlen_attention_forward",
     "_test_capsule",
     "BitmapBuilder",
     "BlockLayout",

@@ -33,7 +33,10 @@ def _spawn(world: int, suite: str) -> None:
     """Runs ``suite`` on ``world`` ranks; fails with every rank's output if any rank fails or the deadline passes."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world))
     env.update(OMP_NUM_THREADS="1", ATTNRS_NUM_THREADS="1")
-    python_path = str(Path(__file__).resolve().parents[1] / "python")
+    # The ranks import the attnrs this process runs (installed, or the source tree with its built extension).
+    import attnrs
+
+    python_path = str(Path(attnrs.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (python_path, env.get("PYTHONPATH")) if p)
     procs = [
         subprocess.Popen(
@@ -71,7 +74,6 @@ def test_context_parallel_on_one_machine(world: int) -> None:
 
 
 def test_layout_helpers_without_a_group() -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
     from attnrs.distributed import shard_positions, shard_sequence
     from attnrs.errors import ArgumentError, ShapeError
 
@@ -91,7 +93,6 @@ def test_layout_helpers_without_a_group() -> None:
 def test_one_rank_is_plain_attention() -> None:
     """Without a process group the calls refuse clearly; on a group of one (in this process) they are
     attnrs.attention on the whole sequence, gradients included, and no transfer is made."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
     import torch.distributed as dist
 
     import attnrs
@@ -124,7 +125,6 @@ def test_one_rank_is_plain_attention() -> None:
 def test_recomputed_pair_backward_matches_the_kernel() -> None:
     """The device-agnostic backward of one pair (autograd through a recomputed forward, used off CPU) against the
     kernel's backward with the global LSE, both summed over key parts against autograd on the whole."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
     import attnrs
     from attnrs import masks
     from attnrs.distributed.pairs import kernel_pair_backward, pair_is_empty, recomputed_pair_backward

@@ -128,7 +128,10 @@ def _wants_lse(return_aux: Any) -> bool:
     return lse
 
 
-def _ints(t: torch.Tensor | None, name: str, rank: int, int32_only: bool = False) -> list[Any] | None:
+def _ints(
+    t: torch.Tensor | None, name: str, rank: int, int32_only: bool = False, values: bool = True
+) -> list[Any] | None:
+    """The integer tensor's values (or only its checks, ``values=False``: the kernel reads the block table itself)."""
     if t is None:
         return None
     if not isinstance(t, torch.Tensor):
@@ -141,7 +144,7 @@ def _ints(t: torch.Tensor | None, name: str, rank: int, int32_only: bool = False
         raise DeviceError(f"{name}: expected a CPU tensor like query, got {t.device}")
     if t.dim() != rank:
         raise ShapeError(f"{name}: expected a {rank}-D tensor, got shape {list(t.shape)}")
-    return t.tolist()
+    return t.tolist() if values else None
 
 
 def _check(
@@ -191,7 +194,7 @@ def _check(
         raise ArgumentError("cu_seq_q: expected a tensor, got None")
     cu_k = _ints(cu_seq_k, "cu_seq_k", 1)
     used = _ints(seqused_k, "seqused_k", 1)
-    _ints(block_table, "block_table", 2, int32_only=True)
+    _ints(block_table, "block_table", 2, int32_only=True, values=False)  # its page ids: checked in Rust
     if paged and cu_k is not None:
         raise ArgumentError("cu_seq_k: expected None when block_table is given (seqused_k gives the key counts)")
     if paged and used is None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import torch
+
 import attnrs
+from attnrs.cli.demo import plural
 
 
 def _run(*args: str) -> str:
@@ -14,18 +17,72 @@ def _run(*args: str) -> str:
     return result.stdout
 
 
-def test_info_reports_version_isa_threads_and_registry() -> None:
+def test_info_reports_version_isa_threads_registry_and_the_dispatch_table() -> None:
+    from attnrs.attention.dispatch import AUTO_ROUTES
+
     out = _run("info")
     assert f"attnrs {attnrs.__version__}" in out
     assert attnrs.simd_path() in out
     assert "threads:" in out
     assert "sdpa" in out
+    for dtype in ("float32", "bfloat16", "float16", "float64"):
+        path, why = attnrs.kernel_path(dtype)
+        assert f"{dtype:<9} {path:<12} {why}" in out
+    for route in AUTO_ROUTES:  # every row of the table, in its order
+        assert route.condition in out and route.backend in out
+    positions = [out.index(route.condition) for route in AUTO_ROUTES]
+    assert positions == sorted(positions)
 
 
-def test_demo_runs_the_model_with_attnrs_and_sdpa() -> None:
-    out = _run("demo", "--length", "48", "--batch", "2", "--new-tokens", "4", "--repeats", "1")
-    assert "generated tokens equal: True" in out
-    assert "attnrs" in out and "sdpa" in out
+def test_kernel_path_names_the_path_and_refuses_other_dtypes() -> None:
+    import pytest
+
+    assert attnrs.kernel_path("float64")[0] == "portable"
+    assert attnrs.kernel_path("float32")[0] == attnrs.simd_path()
+    with pytest.raises(ValueError, match="dtype must be"):
+        attnrs.kernel_path("int8")
+
+
+def test_demo_runs_eager_sdpa_and_attnrs_side_by_side() -> None:
+    out = _run("demo", "--length", "64", "--batch", "2", "--new-tokens", "3", "--dtype", "float32")
+    table = [line.split() for line in out.splitlines()]
+    rows = {cells[0]: cells for cells in table if len(cells) == 7 and cells[0] in ("eager", "sdpa", "attnrs")}
+    assert set(rows) == {"eager", "sdpa", "attnrs"}
+    for impl in ("sdpa", "attnrs"):
+        assert rows[impl][-1] == "True", out  # greedy tokens equal eager's
+        assert float(rows[impl][-2]) < 1e-3, out  # logits against eager's, on the real tokens
+    assert "attnrs vs sdpa: prefill" in out
+    assert "sliding window 256" in out and "attnrs kernel path for float32" in out
+    assert plural(torch.get_num_threads(), "thread") in out
+
+
+def test_demo_says_thread_in_the_singular() -> None:
+    assert plural(1, "thread") == "1 thread" and plural(2, "thread") == "2 threads"
+
+
+def test_demo_peak_memory_sees_an_allocation_and_the_clock_restores_the_registry() -> None:
+    import pytest
+    import transformers
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from attnrs.cli.demo import AttentionClock, PeakMemory
+
+    with PeakMemory() as memory:
+        big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del big
+    if memory.peak_bytes is None:
+        pytest.skip("this kernel offers no resettable peak RSS (/proc/self/clear_refs)")
+    assert memory.peak_bytes >= 60 * 2**20
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+        )
+    ).eval()
+    model.set_attn_implementation("sdpa")
+    before = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    with AttentionClock(model, "sdpa") as clock, torch.no_grad():
+        model(input_ids=torch.ones(1, 8, dtype=torch.long))
+    assert clock.seconds > 0 and ALL_ATTENTION_FUNCTIONS["sdpa"] is before
 
 
 def test_show_mask_draws_the_mask_and_its_blocks(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -45,7 +102,6 @@ def test_the_gpu_check_script_imports_and_says_when_there_is_no_cuda() -> None:
     import pathlib
 
     import pytest
-    import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU machine: run scripts/gpu_check.py by hand, it checks everything itself")

@@ -18,7 +18,7 @@ import importlib
 from typing import Any
 
 from . import errors, masks, plugins, registrations, scores  # noqa: F401  (registrations: fills the registries)
-from ._attnrs import __version__, cpu_features, simd_path
+from ._attnrs import __version__, cpu_features, kernel_path, simd_path
 from .attention.api import attention
 from .attention.merge import merge_attention_states, merge_attention_states_n
 from .attention.ops import dropout_keep_pattern
@@ -80,6 +80,7 @@ __all__ = [
     "dropout_keep_pattern",
     "errors",
     "functions",
+    "kernel_path",
     "load_plugins",
     "mask_builders",
     "masks",

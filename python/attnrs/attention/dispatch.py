@@ -1,33 +1,37 @@
 """Which backend ``backend="auto"`` runs, and why.
 
-One table, read top to bottom; the first row whose condition holds wins:
+One table, :data:`AUTO_ROUTES`, read top to bottom; the first row whose condition holds wins. The table below is
+rendered from it when the module is imported, and ``attnrs info`` prints it:
 
-=====================  ==========================================================================  ============
-device                 condition                                                                   backend
-=====================  ==========================================================================  ============
-cpu                    always (dropout included)                                                   ``native``
-meta                   always (shapes only: the operator's fake implementation)                    ``native``
-cuda                   flash-attn importable and the inputs fit it (see :func:`flash_reason`)      ``flash``
-cuda                   a structural mask (Mask / BlockMask) and no sinks, bias or dense mask       ``flex``
-cuda                   softcap or sinks (SDPA has neither)                                         ``math``
-cuda                   otherwise                                                                   ``sdpa``
-=====================  ==========================================================================  ============
+{routes}
 
-:func:`choose_backend` returns the backend with the reason; ``attnrs info`` prints this table. A backend given by
-name never goes through this table: ``backend="<name>"`` of a registered native kernel (the built-in ``"attnrs"``,
-:func:`attnrs.register_native`, installed plugins) runs that kernel, forward only, on CPU tensors.
+:func:`choose_backend` returns the backend with the row's reason. A backend given by name never goes through this
+table: ``backend="<name>"`` of a registered native kernel (the built-in ``"attnrs"``,
+:func:`attnrs.register_native`, installed plugins) runs that kernel, forward only, on CPU tensors. On CPU the Rust
+kernel's own micro-kernel path per dtype is :func:`attnrs.kernel_path`'s answer.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .resolve import ResolvedMask
 
-__all__ = ["choose_backend", "flash_attn_available", "flash_reason", "needs_grad"]
+__all__ = [
+    "AUTO_ROUTES",
+    "Call",
+    "Route",
+    "choose_backend",
+    "flash_attn_available",
+    "flash_reason",
+    "needs_grad",
+    "render_routes",
+]
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,6 +68,90 @@ def flash_reason(
     return None
 
 
+@dataclass(frozen=True)
+class Call:
+    """What a route's condition looks at: one call's inputs, after the mask was resolved."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    resolved: ResolvedMask
+    softcap: float | None
+    sinks: torch.Tensor | None
+    dropout_p: float
+    return_lse: bool
+
+
+@dataclass(frozen=True)
+class Route:
+    """One row of the table: on ``device`` (or, for :data:`ACCELERATOR`, every device but cpu and meta), when
+    ``holds(call)``, run ``backend``; ``condition`` says when in words, ``reason`` why."""
+
+    device: str
+    condition: str
+    backend: str
+    reason: str
+    holds: Callable[[Call], bool]
+
+
+def _plain(call: Call) -> bool:
+    r = call.resolved
+    return call.sinks is None and r.bias is None and r.dense_bool is None
+
+
+# The rows for every device but cpu and meta (CUDA first of all; XPU, MPS and others get torch's backends too).
+ACCELERATOR = "cuda, other"
+
+
+def _matches(route: Route, device: str) -> bool:
+    return route.device == device or (route.device == ACCELERATOR and device not in ("cpu", "meta"))
+
+
+AUTO_ROUTES: tuple[Route, ...] = (
+    Route("cpu", "always (dropout included)", "native", "CPU: the Rust kernel", lambda c: True),
+    Route(
+        "meta",
+        "always (shapes only)",
+        "native",
+        "meta tensors: the Rust kernel's operator gives the output's shape (no data)",
+        lambda c: True,
+    ),
+    Route(
+        ACCELERATOR,
+        "flash-attn importable and the inputs fit it (flash_reason)",
+        "flash",
+        "CUDA, fp16/bf16, a mask flash-attn expresses",
+        lambda c: flash_attn_available() and flash_reason(c.query, c.key, c.value, c.resolved, c.sinks) is None,
+    ),
+    Route(
+        ACCELERATOR,
+        "a structural mask, no sinks, bias, dense mask or dropout",
+        "flex",
+        "CUDA with a structural mask: flex_attention skips the empty blocks",
+        lambda c: c.resolved.structural is not None and _plain(c) and c.dropout_p == 0,
+    ),
+    Route(
+        ACCELERATOR,
+        "softcap, sinks, or an LSE without dropout (SDPA returns none of them)",
+        "math",
+        "CUDA with softcap, sinks or a requested LSE, which SDPA lacks",
+        lambda c: c.softcap is not None or c.sinks is not None or (c.return_lse and c.dropout_p == 0),
+    ),
+    Route(ACCELERATOR, "otherwise", "sdpa", "CUDA: torch SDPA with a dense mask", lambda c: True),
+)
+
+
+def render_routes(routes: tuple[Route, ...] = AUTO_ROUTES, *, rst: bool = False) -> str:
+    """The table as aligned text (``rst=True``: a reStructuredText simple table, for the module's docs)."""
+    rows = [("device", "condition", "backend"), *((r.device, r.condition, r.backend) for r in routes)]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    if not rst:
+        return "\n".join(lines)
+    rule = "  ".join("=" * w for w in widths)
+    return "\n".join([rule, lines[0], rule, *lines[1:], rule])
+
+
 def choose_backend(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -74,16 +162,13 @@ def choose_backend(
     dropout_p: float,
     return_lse: bool,
 ) -> tuple[str, str]:
-    """(backend, reason) for ``backend="auto"``, following the table in the module documentation."""
-    if query.device.type == "cpu":
-        return "native", "CPU: the Rust kernel"
-    if query.device.type == "meta":
-        return "native", "meta tensors: the Rust kernel's operator gives the output's shape (no data)"
-    if flash_attn_available() and flash_reason(query, key, value, resolved, sinks) is None:
-        return "flash", "CUDA, fp16/bf16, a mask flash-attn expresses"
-    plain = sinks is None and resolved.bias is None and resolved.dense_bool is None
-    if resolved.structural is not None and plain and dropout_p == 0:
-        return "flex", "CUDA with a structural mask: flex_attention skips the empty blocks"
-    if softcap is not None or sinks is not None or (return_lse and dropout_p == 0):
-        return "math", "CUDA with softcap, sinks or a requested LSE, which SDPA lacks"
-    return "sdpa", "CUDA: torch SDPA with a dense mask"
+    """(backend, reason) for ``backend="auto"``: the first row of :data:`AUTO_ROUTES` that holds."""
+    call = Call(query, key, value, resolved, softcap, sinks, dropout_p, return_lse)
+    device = query.device.type
+    for route in AUTO_ROUTES:
+        if _matches(route, device) and route.holds(call):
+            return route.backend, route.reason
+    raise AssertionError("the last row holds on every device")
+
+
+__doc__ = (__doc__ or "").replace("{routes}", render_routes(rst=True))

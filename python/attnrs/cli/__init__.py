@@ -14,9 +14,10 @@ import torch
 import attnrs
 
 from .. import masks
+from ..attention.dispatch import flash_attn_available, render_routes
 from ..masks.block_mask import create_block_mask
 from .bench import main as bench_main
-from .demo import run_demo
+from .demo import DTYPES, FAMILIES, run_demo
 from .drawing import draw_block_layout, draw_mask, write_png
 from .models import add_parser as add_models_parser
 
@@ -26,7 +27,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"attnrs {attnrs.__version__} (torch {torch.__version__}, python {platform.python_version()})")
     print(f"cpu: {platform.machine()}, features: {', '.join(attnrs.cpu_features()) or 'none'}")
     print(f"simd path: {attnrs.simd_path()}")
+    print("cpu kernel path per dtype (forward, backward and decode):")
+    for dtype in ("float32", "bfloat16", "float16", "float64"):
+        path, why = attnrs.kernel_path(dtype)
+        print(f"  {dtype:<9} {path:<12} {why}")
     print(f"threads: {attnrs.num_threads()} (ATTNRS_NUM_THREADS overrides torch.get_num_threads())")
+    print('backend="auto" (attnrs.attention.dispatch; the first row that holds wins):')
+    for line in render_routes().splitlines():
+        print(f"  {line}")
+    where = "importable" if flash_attn_available() else "not installed"
+    print(f"  here: CUDA {'available' if torch.cuda.is_available() else 'not available'}, flash-attn {where}")
     for title, interface in (
         ("attention functions", attnrs.ALL_ATTENTION_FUNCTIONS),
         ("mask builders", attnrs.ALL_MASK_ATTENTION_FUNCTIONS),
@@ -92,13 +102,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attnrs", description="attnrs: pluggable, fast attention for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, CPU features, threads and registered functions").set_defaults(func=_cmd_info)
-    demo = sub.add_parser("demo", help='a small model with attn_implementation="attnrs" vs "sdpa": parity, speed')
-    demo.add_argument("--family", default="llama", choices=["llama", "mistral", "qwen2", "gemma2"])
-    demo.add_argument("--length", type=int, default=512, help="prompt length (default 512)")
-    demo.add_argument("--batch", type=int, default=4, help="batch size, rows left-padded (default 4)")
-    demo.add_argument("--new-tokens", type=int, default=32, help="tokens to generate greedily (default 32)")
-    demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    demo.add_argument("--repeats", type=int, default=2, help="timed repeats after a warm-up (default 2)")
+    demo = sub.add_parser(
+        "demo", help='a small model with attn_implementation="attnrs" vs "sdpa" and "eager": speed, memory, parity'
+    )
+    demo.add_argument("--family", default="mistral", choices=sorted(FAMILIES), help="model family (default mistral)")
+    demo.add_argument("--length", type=int, default=2048, help="prompt length (default 2048)")
+    demo.add_argument("--batch", type=int, default=2, help="batch size, rows left-padded (default 2)")
+    demo.add_argument("--new-tokens", type=int, default=16, help="tokens to generate greedily (default 16)")
+    demo.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
+        help="auto (default): bfloat16 where this CPU computes bf16 fast (AVX-512 BF16, AMX), else float32",
+    )
+    demo.add_argument("--repeats", type=int, default=1, help="timed prefills per implementation (default 1)")
     demo.set_defaults(func=_cmd_demo)
     add_models_parser(sub)
     sub.add_parser("bench", help="attention benchmarks against SDPA, transformers and flex (see bench --help)")

@@ -1,9 +1,17 @@
-"""``python -m attnrs demo``: a small model from an embedded config runs with ``attn_implementation="attnrs"``
-and with ``"sdpa"``, side by side: a left-padded batch (parity of the logits) and a greedy ``generate``
-(tokens equal), with timings. Nothing is downloaded; weights are random with a fixed seed."""
+"""``python -m attnrs demo``: a small model from an embedded config, in the setting where attnrs pays off (a
+sliding-window family, a long left-padded batch, then decoding; bf16 where the CPU computes it fast), run with
+``attn_implementation="eager"``, ``"sdpa"`` and ``"attnrs"`` side by side: prefill time and how much of it was
+attention, decode tokens/s, peak memory, and parity of the logits and generated tokens against eager. Nothing is
+downloaded; the weights are random with a fixed seed."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import dataclasses
+import gc
+import itertools
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -11,15 +19,17 @@ from typing import Any
 
 import torch
 
-# Llama-architecture configs small enough for a laptop CPU, large enough that attention matters.
+import attnrs
+
+# Llama-architecture configs small enough for a laptop CPU, with attention a large share of a long prompt's time.
 FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 128}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 256}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "gemma2": (
         "Gemma2Config",
         "Gemma2ForCausalLM",
-        {"sliding_window": 128, "attn_logit_softcapping": 50.0, "head_dim": 64},
+        {"sliding_window": 256, "attn_logit_softcapping": 50.0, "head_dim": 64},
     ),
 }
 BASE = dict(
@@ -29,91 +39,306 @@ BASE = dict(
     num_hidden_layers=4,
     num_attention_heads=8,
     num_key_value_heads=2,
-    max_position_embeddings=4096,
+    max_position_embeddings=8192,
     pad_token_id=0,
     bos_token_id=1,
     eos_token_id=2,
 )
+IMPLEMENTATIONS = ("eager", "sdpa", "attnrs")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _progress(items: list[str]) -> Iterator[str]:
-    """A one-line progress bar on stderr (plain text, so it works everywhere)."""
-    for i, item in enumerate(items):
-        done = int(24 * i / len(items))
-        sys.stderr.write(f"\r[{'#' * done}{'.' * (24 - done)}] {item:<40}")
-        sys.stderr.flush()
-        yield item
-    sys.stderr.write(f"\r[{'#' * 24}] done{' ' * 40}\n")
+def fast_bf16() -> bool:
+    """Whether attnrs's bf16 path computes in bf16 here (rather than widening to f32, slower than f32 itself)."""
+    return attnrs.kernel_path("bfloat16")[0] in ("avx512_bf16", "amx")
 
 
-def _timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
-    result = fn()  # warm-up (and the result we compare)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return result, best
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            found = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
+        if found:
+            return found.group(1).strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+class PeakMemory:
+    """The peak resident memory of this process above its size at the start of a block, from the kernel's own
+    high-water mark (Linux: ``/proc/self/clear_refs`` resets it). Everything counts: torch's tensors, the Rust
+    kernel's buffers, the allocator's slack. ``None`` where the kernel does not offer it."""
+
+    def __init__(self) -> None:
+        self.peak_bytes: int | None = None
+
+    @staticmethod
+    def _status_kib(field: str) -> int:
+        with open("/proc/self/status") as f:
+            found = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
+        if found is None:
+            raise OSError(field)
+        return int(found.group(1))
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so the start is what is live
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the high-water mark to the current resident size
+            self._start = self._status_kib("VmRSS")
+        except OSError:
+            self._start = -1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._start >= 0:
+            with contextlib.suppress(OSError):
+                self.peak_bytes = (self._status_kib("VmHWM") - self._start) * 1024
+
+
+class AttentionClock:
+    """Adds up the wall time of the model's attention calls: the registry entry of ``impl`` (or the modeling
+    module's ``eager_attention_forward``) is wrapped for the duration of the block and restored after."""
+
+    def __init__(self, model: torch.nn.Module, impl: str) -> None:
+        self.seconds = 0.0
+        self._impl = impl
+        self._module: Any = sys.modules[type(model).__module__]  # the modeling file, e.g. modeling_mistral
+
+    def _timed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        return timed
+
+    def __enter__(self) -> AttentionClock:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        if self._impl == "eager":
+            self._original = self._module.eager_attention_forward
+            self._module.eager_attention_forward = self._timed(self._original)
+        else:
+            self._local = ALL_ATTENTION_FUNCTIONS._local_mapping.get(self._impl)
+            ALL_ATTENTION_FUNCTIONS[self._impl] = self._timed(ALL_ATTENTION_FUNCTIONS[self._impl])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        if self._impl == "eager":
+            self._module.eager_attention_forward = self._original
+        elif self._local is not None:
+            ALL_ATTENTION_FUNCTIONS[self._impl] = self._local
+        else:
+            ALL_ATTENTION_FUNCTIONS._local_mapping.pop(self._impl, None)
+
+
+@dataclasses.dataclass
+class Result:
+    prefill: float = float("inf")  # best wall seconds of a prefill
+    prefill_attention: float = 0.0  # of which in attention calls (in that best run)
+    peak_bytes: int | None = None  # peak memory above the start of the prefill
+    decode: float = float("inf")  # seconds per decode step (median of the steps)
+    decode_attention: float = 0.0  # seconds in attention calls in a step (median)
+    logits: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+
+
+def _progress(steps: list[str]) -> Iterator[str]:
+    """A one-line progress bar on stderr, only when stderr is a terminal."""
+    show = sys.stderr.isatty()
+    for i, step in enumerate(steps):
+        if show:
+            done = int(24 * i / len(steps))
+            sys.stderr.write(f"\r[{'#' * done}{'.' * (24 - done)}] {step:<40}")
+            sys.stderr.flush()
+        yield step
+    if show:
+        sys.stderr.write(f"\r{' ' * 68}\r")
+
+
+def _decode_steps(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, clock: AttentionClock
+) -> tuple[torch.Tensor, float, float]:
+    """Greedy ``generate``: the new tokens, and the median seconds of a decode step (the steps after the first
+    token, which comes with the prefill) with the median seconds of attention in a step, read by a stopping
+    criterion that never stops."""
+    import transformers
+
+    stamps: list[tuple[float, float]] = []
+
+    class Stamp(transformers.StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            stamps.append((time.perf_counter(), clock.seconds))
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    tokens = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        stopping_criteria=transformers.StoppingCriteriaList([Stamp()]),
+    )
+    steps = sorted(b[0] - a[0] for a, b in itertools.pairwise(stamps))
+    attention = sorted(b[1] - a[1] for a, b in itertools.pairwise(stamps))
+    return tokens[:, ids.shape[1] :], steps[len(steps) // 2], attention[len(attention) // 2]
+
+
+def _ratio(sdpa: float, ours: float) -> str:
+    return f"{sdpa / ours:.2f}x" if ours > 0 else "n/a"
+
+
+def _mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.0f}"
 
 
 def run_demo(
-    family: str = "llama",
-    length: int = 512,
-    batch: int = 4,
-    new_tokens: int = 32,
-    dtype: str = "float32",
-    repeats: int = 2,
+    family: str = "mistral",
+    length: int = 2048,
+    batch: int = 2,
+    new_tokens: int = 16,
+    dtype: str = "auto",
+    repeats: int = 1,
 ) -> int:
     import transformers
 
     from ..integrations.transformers import register
 
+    if length < 16 or batch < 1 or new_tokens < 2 or repeats < 1:
+        raise ValueError("demo: --length must be >= 16, --batch >= 1, --new-tokens >= 2 and --repeats >= 1")
     register()
+    chosen = dtype if dtype != "auto" else ("bfloat16" if fast_bf16() else "float32")
+    torch_dtype = DTYPES[chosen]
     config_name, model_name, extra = FAMILIES[family]
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     config = getattr(transformers, config_name)(**{**BASE, **extra})
     torch.manual_seed(0)
     model = getattr(transformers, model_name)(config).to(torch_dtype).eval()
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(3, config.vocab_size, (batch, length), generator=gen)
     mask = torch.ones(batch, length, dtype=torch.long)
-    for row in range(1, batch):  # left padding of different lengths
+    for row in range(1, batch):  # left padding of different lengths, up to half the prompt
         mask[row, : row * length // (2 * batch)] = 0
+
+    window = getattr(config, "sliding_window", None)
+    path, why = attnrs.kernel_path(chosen)
     print(
-        f"{family}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads "
-        f"({config.num_key_value_heads} kv), {dtype}; batch {batch} x {length} tokens, left-padded; "
-        f"greedy generate of {new_tokens} tokens; {torch.get_num_threads()} threads"
+        f"{family}-style model{f' (sliding window {window})' if window else ''}: {config.num_hidden_layers} layers, "
+        f"hidden {config.hidden_size}, {config.num_attention_heads} heads ({config.num_key_value_heads} kv), {chosen}"
     )
-    results: dict[str, dict[str, Any]] = {}
-    steps = [f"{impl}: {what}" for impl in ("sdpa", "attnrs") for what in ("prefill", "generate")]
-    for step in _progress(steps):
-        impl, what = step.split(": ")
-        model.set_attn_implementation(impl)
-        with torch.no_grad():
+    print(
+        f"batch {batch} x {length} tokens, left-padded (the last row has {int((mask[-1] == 0).sum())} pad tokens), "
+        f"then {new_tokens} greedy tokens; {plural(torch.get_num_threads(), 'thread')}"
+    )
+    print(f"cpu: {cpu_name()}; attnrs kernel path for {chosen}: {path} ({why})")
+    if dtype == "auto" and chosen == "float32":
+        print("dtype: float32, because bf16 is not fast on this CPU (attnrs would widen it to f32); --dtype bfloat16")
+    elif chosen == "bfloat16" and not fast_bf16():
+        print("note: this CPU has no bf16 arithmetic (AVX-512 BF16 or AMX): bf16 runs widened, slower than float32")
+
+    results = {impl: Result() for impl in IMPLEMENTATIONS}
+    with torch.no_grad():
+        for impl in IMPLEMENTATIONS:  # warm-up: thread pools, first-call costs
+            model.set_attn_implementation(impl)
+            model(input_ids=ids[:, :16], attention_mask=mask[:, :16])
+        steps = [f"{impl} prefill" for _ in range(repeats) for impl in IMPLEMENTATIONS]
+        steps += [f"{impl} decode" for impl in IMPLEMENTATIONS]
+        for step in _progress(steps):  # alternating, so that a noisy moment does not land on one of them
+            impl, what = step.split()
+            r = results[impl]
+            model.set_attn_implementation(impl)
             if what == "prefill":
-                logits, seconds = _timed(lambda: model(input_ids=ids, attention_mask=mask).logits, repeats)
-                results.setdefault(impl, {}).update(logits=logits, prefill=seconds)
+                with PeakMemory() as memory, AttentionClock(model, impl) as clock:
+                    start = time.perf_counter()
+                    logits = model(input_ids=ids, attention_mask=mask).logits
+                    seconds = time.perf_counter() - start
+                if seconds < r.prefill:
+                    r.prefill, r.prefill_attention, r.logits = seconds, clock.seconds, logits.float()
+                if memory.peak_bytes is not None:
+                    r.peak_bytes = max(r.peak_bytes or 0, memory.peak_bytes)
+                del logits
             else:
-                tokens, seconds = _timed(
-                    lambda: model.generate(
-                        ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens
-                    ),
-                    max(1, repeats - 1),
-                )
-                results[impl].update(tokens=tokens, generate=seconds)
+                with AttentionClock(model, impl) as clock:
+                    r.tokens, r.decode, r.decode_attention = _decode_steps(model, ids, mask, new_tokens, clock)
+
     real = mask.bool()
-    diff = (results["attnrs"]["logits"] - results["sdpa"]["logits"])[real].abs().max().item()
-    same = torch.equal(results["attnrs"]["tokens"], results["sdpa"]["tokens"])
-    print(f"{'':<10} {'prefill ms':>12} {'generate ms':>12} {'tokens/s':>10}")
-    for impl in ("sdpa", "attnrs"):
+    reference = results["eager"]
+    assert reference.logits is not None and reference.tokens is not None
+    print()
+    print(
+        f"{'':<8} {'prefill ms':>11} {'attention ms':>13} {'decode tok/s':>13} {'peak MiB':>9} "
+        f"{'max |logit - eager|':>20} {'tokens = eager':>15}"
+    )
+    worst = 0.0
+    for impl in IMPLEMENTATIONS:
         r = results[impl]
+        assert r.logits is not None and r.tokens is not None
+        diff = (r.logits - reference.logits)[real].abs().max().item()
+        if impl != "eager":
+            worst = max(worst, diff)
+        same = torch.equal(r.tokens, reference.tokens)
         print(
-            f"{impl:<10} {r['prefill'] * 1e3:>12.1f} {r['generate'] * 1e3:>12.1f} "
-            f"{batch * new_tokens / r['generate']:>10.1f}"
+            f"{impl:<8} {r.prefill * 1e3:>11.1f} {r.prefill_attention * 1e3:>13.1f} {batch / r.decode:>13.1f} "
+            f"{_mib(r.peak_bytes):>9} {'(reference)' if impl == 'eager' else f'{diff:.2e}':>20} "
+            f"{'(reference)' if impl == 'eager' else str(same):>15}"
         )
-    speedup = results["sdpa"]["prefill"] / results["attnrs"]["prefill"]
-    gen_speedup = results["sdpa"]["generate"] / results["attnrs"]["generate"]
-    print(f"parity: max |logit difference| on real tokens {diff:.2e}; generated tokens equal: {same}")
-    print(f"speed: attnrs / sdpa = {speedup:.2f}x prefill, {gen_speedup:.2f}x generate")
+    ours, sdpa = results["attnrs"], results["sdpa"]
+    print()
+    print(
+        f"attnrs vs sdpa: prefill {_ratio(sdpa.prefill, ours.prefill)} "
+        f"(its attention {_ratio(sdpa.prefill_attention, ours.prefill_attention)}), "
+        f"decode {_ratio(sdpa.decode, ours.decode)}"
+        + (
+            f", peak memory {ours.peak_bytes / sdpa.peak_bytes:.2f}x sdpa's"
+            if ours.peak_bytes and sdpa.peak_bytes
+            else ""
+        )
+    )
+    for line in _explain(results, window, length):
+        print(line)
     tolerance = 1e-3 if torch_dtype == torch.float32 else 0.25
-    return 0 if diff < tolerance else 1
+    return 0 if worst < tolerance else 1
+
+
+def _explain(results: dict[str, Result], window: int | None, length: int) -> list[str]:
+    """Plain sentences on why the numbers are what they are, including where attnrs is not faster."""
+    ours, sdpa = results["attnrs"], results["sdpa"]
+    lines = []
+    if window and window < length:
+        lines.append(
+            f"why: with a {window}-token window each query sees at most {window} of {length} keys; attnrs skips "
+            "the blocks the mask hides, sdpa gets a dense mask and computes every block."
+        )
+    share = ours.prefill_attention / ours.prefill if ours.prefill > 0 else 0.0
+    if ours.prefill >= sdpa.prefill:
+        lines.append(
+            f"not faster at prefill here: attention is {share:.0%} of attnrs's prefill, "
+            f"{ours.prefill_attention * 1e3:.0f} ms against sdpa's {sdpa.prefill_attention * 1e3:.0f} ms; "
+            "the rest of the model is the same torch code for both."
+        )
+    else:
+        lines.append(
+            f"the rest of the prefill (projections, MLP, norms) is the same torch code for both: attention is "
+            f"{share:.0%} of attnrs's prefill and {sdpa.prefill_attention / sdpa.prefill:.0%} of sdpa's."
+        )
+    if ours.decode >= 0.95 * sdpa.decode:
+        step_share = ours.decode_attention / ours.decode if ours.decode > 0 else 0.0
+        lines.append(
+            f"decode is about even or slower: attention is {step_share:.0%} of a decode step "
+            f"({ours.decode_attention * 1e3:.1f} ms of {ours.decode * 1e3:.1f} ms for attnrs, "
+            f"{sdpa.decode_attention * 1e3:.1f} ms of {sdpa.decode * 1e3:.1f} ms for sdpa); one query row per "
+            "sequence leaves little for a kernel to win."
+        )
+    return lines

@@ -60,6 +60,27 @@ mod _attnrs {
         attnrs_core::memory::budget()
     }
 
+    /// `(path, reason)`: the micro-kernels `backend="auto"` runs on this CPU for inputs of `dtype` ("float32",
+    /// "float64", "bfloat16" or "float16"), e.g. `("avx2", "AVX2+FMA, f32 (this CPU has no AVX-512)")`.
+    #[pyfunction]
+    fn kernel_path(dtype: &str) -> PyResult<(&'static str, &'static str)> {
+        use attnrs_core::kernel::Backend;
+        use attnrs_core::tensor::DType;
+        let dtype = match dtype {
+            "float32" => DType::F32,
+            "float64" => DType::F64,
+            "bfloat16" => DType::BF16,
+            "float16" => DType::F16,
+            _ => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "kernel_path: dtype must be \"float32\", \"float64\", \"bfloat16\" or \"float16\", got {dtype:?}"
+                )));
+            }
+        };
+        let (path, why) = Backend::auto_path(dtype);
+        Ok((path.name(), why))
+    }
+
     /// The SIMD path the kernels take here: "avx512", "avx2", "neon" or "portable".
     #[pyfunction]
     fn simd_path() -> &'static str {

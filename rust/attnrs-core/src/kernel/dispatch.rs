@@ -54,6 +54,40 @@ impl Backend {
             chosen
         })
     }
+
+    /// The name `attnrs info` and the benchmarks print for this path.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Portable => "portable",
+            Backend::Avx2 => "avx2",
+            Backend::Avx512 => "avx512",
+            Backend::Avx512Bf16 => "avx512_bf16",
+        }
+    }
+
+    /// The path [`Backend::Auto`] takes on this CPU for inputs of `dtype` (forward, backward and decode
+    /// alike), and why, in a few words.
+    pub fn auto_path(dtype: DType) -> (Backend, &'static str) {
+        let isa = Cpu::get();
+        // `Auto` always resolves: the portable path runs everywhere.
+        let chosen = Backend::Auto.resolve(dtype).unwrap_or(Backend::Portable);
+        let narrow = matches!(dtype, DType::BF16 | DType::F16);
+        let why = match chosen {
+            _ if dtype == DType::F64 => "float64 always runs the portable f64 path",
+            Backend::Avx512Bf16 => "AVX-512 BF16 dot products (vdpbf16ps), f32 accumulation",
+            Backend::Avx512 if dtype == DType::BF16 => {
+                "AVX-512F, bf16 widened to f32 (this CPU has no AVX-512 BF16)"
+            }
+            Backend::Avx512 if narrow => "AVX-512F, fp16 widened to f32",
+            Backend::Avx512 => "AVX-512F, f32 FMA",
+            Backend::Avx2 if narrow => "AVX2+FMA, inputs widened to f32 (this CPU has no AVX-512)",
+            Backend::Avx2 => "AVX2+FMA, f32 (this CPU has no AVX-512)",
+            _ if isa.neon => "portable Rust (the compiler's NEON); no hand-written NEON kernel",
+            _ => "portable Rust: this CPU has no AVX2+FMA",
+        };
+        (chosen, why)
+    }
 }
 
 /// A phase's loop, to be compiled inside an ISA's target features. Every impl marks [`Body::run`]
@@ -147,3 +181,18 @@ macro_rules! select {
     }};
 }
 pub(crate) use select;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_path_is_what_auto_resolves_to_and_names_it() {
+        for dtype in [DType::F32, DType::F64, DType::BF16, DType::F16] {
+            let (path, why) = Backend::auto_path(dtype);
+            assert_eq!(Ok(path), Backend::Auto.resolve(dtype), "{dtype:?}");
+            assert!(!why.is_empty() && path.name() != "auto", "{dtype:?}");
+        }
+        assert_eq!(Backend::auto_path(DType::F64).0, Backend::Portable);
+    }
+}

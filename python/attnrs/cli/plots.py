@@ -133,8 +133,11 @@ def _bars(ax: Axes, cases: Sequence[tuple[str, Mapping[str, float]]], colors: Ma
     ax.tick_params(axis="y", length=0)
     low, high = min(every), max(every)
     if high / low > 20:
+        from matplotlib.ticker import LogLocator
+
         ax.set_xscale("log")
         ax.set_xlim(low / 2, high * 6)  # room for the labels after the longest bar
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5) if high / low < 1e3 else (1,)))
     else:
         ax.set_xlim(0, high * 1.35)
     ax.xaxis.set_major_formatter(_plain)
@@ -147,7 +150,18 @@ def _bars(ax: Axes, cases: Sequence[tuple[str, Mapping[str, float]]], colors: Ma
 def _scaling(
     ax: Axes, title: str, curves: Mapping[str, Sequence[tuple[int, float]]], colors: Mapping[str, Any]
 ) -> None:
+    from matplotlib.ticker import LogLocator
+
     lengths: set[int] = set()
+    if curves.get("attnrs"):  # a dotted L^2 slope through attnrs's shortest point, to read the others against
+        first, last = min(curves["attnrs"]), max(curves["attnrs"])
+        ax.plot(
+            [first[0], last[0]],
+            [first[1], first[1] * (last[0] / first[0]) ** 2],
+            linestyle=":",
+            color="0.45",
+            linewidth=1.2,
+        )
     for name in sorted(curves, key=lambda n: n != "attnrs"):
         points = sorted(curves[name])
         lengths.update(p[0] for p in points)
@@ -164,6 +178,7 @@ def _scaling(
     ax.set_yscale("log")
     ax.set_xticks(sorted(lengths), [str(n) for n in sorted(lengths)])
     ax.minorticks_off()
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
     ax.yaxis.set_major_formatter(_plain)
     ax.set_xlabel("sequence length (Q = K)")
     ax.set_ylabel("median time, ms")
@@ -193,9 +208,12 @@ def plot_bench(
             _scaling(fig.add_subplot(grid[row, 1]), f"scaling: {mask} (log-log)", curves, colors)
     else:
         _bars(fig.add_subplot(), cases, colors)
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    handles = [Patch(color=colors[n], label=n) for n in colors]
+    handles: list[Patch | Line2D] = [Patch(color=colors[n], label=n) for n in colors]
+    if scaled:
+        handles.append(Line2D([], [], linestyle=":", color="0.45", label="∝ L² (scaling panels)"))
     fig.legend(
         handles=handles,
         loc="outside lower center",

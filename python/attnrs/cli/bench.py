@@ -149,6 +149,7 @@ def peers(
 def run_forward(cases: list[Case], threads: int, repeats: int, one_thread: bool, flex: bool = True) -> list[Case]:
     """Times every implementation on every case, prints the table and returns the cases, their ``rows`` filled."""
     echo(f"\nforward, B{B} H{H} Hkv{H_KV} D{D}, {threads} threads; median ms, GFLOP/s (useful), peer/attnrs")
+    longest = max((c.q_len for c in cases if not c.decode), default=0)
     bar = progress(cases, "bench", unit="case")
     for case in bar:
         torch.set_num_threads(threads)
@@ -175,7 +176,7 @@ def run_forward(cases: list[Case], threads: int, repeats: int, one_thread: bool,
             extra = f"{kv_bytes / ms / 1e6:>8.1f} GB/s" if case.decode else f"{flops / ms / 1e6:>8.1f} GFLOP/s"
             ratio = f"{ms / results['attnrs']:>7.2f}x" if name != "attnrs" else ""
             echo(f"  {name:<24} {ms:>10.2f} ms {extra} {ratio}", flush=True)
-        if one_thread:
+        if one_thread and (case.decode or case.q_len == longest):  # not for the shorter lengths of the sweep
             torch.set_num_threads(1)
             ours = median_ms(lambda: peers_one(case, q, k, v, "attnrs"), max(1, repeats // 2))
             theirs = median_ms(lambda: peers_one(case, q, k, v, "sdpa"), max(1, repeats // 2))

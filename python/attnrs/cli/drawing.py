@@ -160,9 +160,22 @@ def write_png(
         layout = create_block_mask(
             mask, 1, None, q_len, kv_len, BLOCK_SIZE=(q_cell, kv_cell), q_offset=q_offset, kv_offset=kv_offset
         )
-        per_block = _block_classes(layout)
-        classes, palette = torch.where(per_block == 2, 3, torch.where(per_block == 1, 2, 0)), _COARSE
+        per_cell = _block_classes(layout)  # 0 all masked, 1 partly visible, 2 all visible
         note = f"one cell per {q_cell}x{kv_cell} positions (query x key)"
+        if block is not None and block % q_cell == 0 and block % kv_cell == 0:  # shaded by --block blocks too
+            blocks = _block_classes(
+                create_block_mask(
+                    mask, 1, None, q_len, kv_len, BLOCK_SIZE=block, q_offset=q_offset, kv_offset=kv_offset
+                )
+            )
+            shape = per_cell.shape
+            in_block = blocks.repeat_interleave(block // q_cell, 0)[: shape[0]]
+            in_block = in_block.repeat_interleave(block // kv_cell, 1)[:, : shape[1]]
+            visible = (per_cell > 0).to(torch.uint8)
+            classes = torch.where(in_block == 2, 3, torch.where(in_block == 1, 1 + visible, 0))
+            palette = _FINE
+        else:
+            classes, palette = torch.where(per_cell == 2, 3, torch.where(per_cell == 1, 2, 0)), _COARSE
     colours = torch.tensor([rgb for _, rgb in palette], dtype=torch.uint8)
     image = colours[classes.long()].numpy()
 
@@ -182,7 +195,7 @@ def write_png(
         if length <= 32:
             axis.set_ticks(range(start, start + length))
         elif block is not None and length // block <= 4 * MAX_BOUNDARIES:  # ticks on block starts
-            every = block * -(-(length // block) // 12)
+            every = block * (1 << (-(-(length // block) // 12) - 1).bit_length())  # a power of two of blocks
             axis.set_ticks(range(start, start + length, every))
         else:
             axis.set_major_locator(MaxNLocator(nbins=10, integer=True))

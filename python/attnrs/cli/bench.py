@@ -12,8 +12,8 @@ transformers' sdpa and eager attention paths, and compiled flex_attention. Needs
 
 Reported: median milliseconds, useful GFLOP/s (4 * B * H * D * visible pairs per forward; x2.5 with backward),
 GB/s of K/V read for decode, and each peer's time divided by attnrs's (higher = attnrs faster). A 1-thread
-column repeats attnrs and SDPA with one thread. With --backward, attnrs and its peer run in alternation
-(--repeats times each) and their medians are compared.
+column repeats attnrs and SDPA with one thread (at the longest length and for decode). With --backward, attnrs
+and its peer run in alternation (--repeats times each) and their medians are compared.
 
 Every case runs at the longest of --lengths; causal fp32 and sliding 512 fp32 also run at the other lengths, for
 the scaling panels of --plot. With --plot and a single length L, those two also run at L/8, L/4 and L/2.

@@ -113,7 +113,7 @@ def _plain(value: float, _position: object = None) -> str:
 def _bars(ax: Axes, cases: Sequence[tuple[str, Mapping[str, float]]], colors: Mapping[str, Any]) -> None:
     """Horizontal bars of median time, one group per case; peers are annotated with peer / attnrs."""
     y, ticks, labels = 0.0, [], []
-    every = [ms for _, rows in cases for ms in rows.values()]
+    every = [ms for _, rows in cases for ms in rows.values() if ms > 0] or [1.0]
     for case, rows in cases:
         names = sorted(rows, key=lambda n: n != "attnrs")
         start = y

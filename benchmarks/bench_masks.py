@@ -24,6 +24,7 @@ from torch.nn.attention.flex_attention import create_block_mask as torch_create_
 import attnrs
 from attnrs import masks
 from attnrs.cli.bench import median_ms
+from attnrs.cli.progress import echo, progress
 
 WINDOW = 512
 DOCUMENTS = 8
@@ -59,25 +60,27 @@ def cases(length: int) -> dict[str, tuple[int, masks.Mask, Callable[..., Any]]]:
 def bench_block_masks(lengths: list[int], eager_budget_gib: float) -> list[dict[str, Any]]:
     rows = []
     compiled = torch.compile(torch_create_block_mask)
-    for length in lengths:
-        for name, (batch, ours, mod) in cases(length).items():
-            row: dict[str, Any] = {"mask": name, "L": length}
-            row["attnrs_ms"] = median_ms(lambda: attnrs.create_block_mask(ours, batch, None, length, length), 7)
-            # torch eager materialises [B, 1, L, L] bools plus block sums: about 10 GiB per batch row at 32k.
-            eager_gib = batch * 10 * (length / 32768) ** 2
-            if eager_gib <= eager_budget_gib:
-                repeats = 3 if length <= 16384 else 1
-                row["torch_eager_ms"] = median_ms(
-                    lambda: torch_create_block_mask(mod, batch, None, length, length, device="cpu"), repeats,
-                    warmup=1 if length <= 16384 else 0,
-                )
-            torch._dynamo.reset()
-            start = time.perf_counter()
-            compiled(mod, batch, None, length, length, "cpu")
-            row["torch_compile_first_s"] = time.perf_counter() - start
-            row["torch_compiled_ms"] = median_ms(lambda: compiled(mod, batch, None, length, length, "cpu"), 3, 0)
-            rows.append(row)
-            _print_block_row(row)
+    steps = [(length, name, case) for length in lengths for name, case in cases(length).items()]
+    bar = progress(steps, "create_block_mask", unit="case")
+    for length, name, (batch, ours, mod) in bar:
+        bar.note(f"{name} L{length}")
+        row: dict[str, Any] = {"mask": name, "L": length}
+        row["attnrs_ms"] = median_ms(lambda: attnrs.create_block_mask(ours, batch, None, length, length), 7)
+        # torch eager materialises [B, 1, L, L] bools plus block sums: about 10 GiB per batch row at 32k.
+        eager_gib = batch * 10 * (length / 32768) ** 2
+        if eager_gib <= eager_budget_gib:
+            repeats = 3 if length <= 16384 else 1
+            row["torch_eager_ms"] = median_ms(
+                lambda: torch_create_block_mask(mod, batch, None, length, length, device="cpu"), repeats,
+                warmup=1 if length <= 16384 else 0,
+            )
+        torch._dynamo.reset()
+        start = time.perf_counter()
+        compiled(mod, batch, None, length, length, "cpu")
+        row["torch_compile_first_s"] = time.perf_counter() - start
+        row["torch_compiled_ms"] = median_ms(lambda: compiled(mod, batch, None, length, length, "cpu"), 3, 0)
+        rows.append(row)
+        _print_block_row(row)
     return rows
 
 
@@ -85,7 +88,7 @@ def _print_block_row(row: dict[str, Any]) -> None:
     eager = row.get("torch_eager_ms")
     eager_text = f"{eager:>12.1f}" if eager else f"{'(memory)':>12}"
     ratio_eager = f"{eager / row['attnrs_ms']:>10.0f}x" if eager else f"{'-':>11}"
-    print(
+    echo(
         f"{row['mask']:<20} {row['L']:>7} {row['attnrs_ms']:>10.2f} {eager_text} {row['torch_compiled_ms']:>12.1f}"
         f" {row['torch_compile_first_s']:>9.1f}s {ratio_eager} {row['torch_compiled_ms'] / row['attnrs_ms']:>10.1f}x",
         flush=True,
@@ -114,7 +117,7 @@ print(json.dumps({"ms": elapsed * 1e3, "extra_mib": (after - before) / 1024, "la
 
 def bench_long(length: int) -> list[dict[str, Any]]:
     rows = []
-    for name in ("causal", "sliding 512", "8 documents", "padding+causal B=2"):
+    for name in progress(("causal", "sliding 512", "8 documents", "padding+causal B=2"), f"L {length}", unit="case"):
         best: dict[str, Any] | None = None
         for _ in range(3):  # a fresh process each time: the peak RSS must be this call's
             out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(length), name], capture_output=True,
@@ -124,7 +127,7 @@ def bench_long(length: int) -> list[dict[str, Any]]:
                 best = result
         assert best is not None
         rows.append({"mask": name, "L": length, **best})
-        print(f"{name:<20} {length:>7} {best['ms']:>10.2f} ms {best['extra_mib']:>10.2f} MiB peak extra "
+        echo(f"{name:<20} {length:>7} {best['ms']:>10.2f} ms {best['extra_mib']:>10.2f} MiB peak extra "
               f"({best['layout_mib']:.2f} MiB of block lists)", flush=True)
     return rows
 

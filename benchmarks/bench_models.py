@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import transformers
 
+from attnrs.cli.progress import echo, progress
 from attnrs.integrations.transformers import register
 
 IMPLEMENTATIONS = ("attnrs", "sdpa", "eager")
@@ -90,7 +91,7 @@ def report(title: str, results: dict[str, float], unit: str, higher_is_better: b
         ratio = value / ours if not higher_is_better else ours / value
         shown = f"{value * 1e3:.0f} ms" if unit == "ms" else f"{value:.1f} tok/s"
         cells.append(f"{impl} {shown}" + ("" if impl == "attnrs" else f" ({ratio:.2f}x)"))
-    print(f"{title:<40} " + " | ".join(cells), flush=True)
+    echo(f"{title:<40} " + " | ".join(cells))
 
 
 def main() -> None:
@@ -103,12 +104,18 @@ def main() -> None:
     length, context, new_tokens = (1024, 2048, 16) if args.quick else (4096, 8192, 128)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
           "(x) = how many times faster attnrs is")
-    for name in args.dtypes.split(","):
+    steps = [(name, step) for name in args.dtypes.split(",") for step in ("prefill", "sliding", "decode")]
+    bar = progress(steps, "models", unit="run")
+    for name, step in bar:
         dtype = getattr(torch, name)
-        report(f"{name} prefill {length} left-padded B2", prefill(dtype, length, None, args.repeats), "ms")
-        report(f"{name} prefill {length} sliding 512 B2", prefill(dtype, length, 512, args.repeats), "ms")
-        report(f"{name} decode {new_tokens} tokens at {context}", decode(dtype, context, new_tokens), "tok/s",
-               higher_is_better=True)
+        bar.note(f"{name} {step}")
+        if step == "prefill":
+            report(f"{name} prefill {length} left-padded B2", prefill(dtype, length, None, args.repeats), "ms")
+        elif step == "sliding":
+            report(f"{name} prefill {length} sliding 512 B2", prefill(dtype, length, 512, args.repeats), "ms")
+        else:
+            report(f"{name} decode {new_tokens} tokens at {context}", decode(dtype, context, new_tokens), "tok/s",
+                   higher_is_better=True)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from .bench import main as bench_main
 from .demo import DTYPES, FAMILIES, run_demo
 from .drawing import draw_block_layout, draw_mask, write_png
 from .models import add_parser as add_models_parser
+from .plots import PlotError, check_output, require_matplotlib
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -83,6 +84,13 @@ def _cmd_show_mask(args: argparse.Namespace) -> int:
     except Exception as e:
         print(f"show-mask: cannot build {args.mask!r}: {e}", file=sys.stderr)
         return 2
+    if args.png:
+        try:
+            check_output(args.png, "--png")
+            require_matplotlib("--png")
+        except PlotError as e:
+            print(f"show-mask: {e}", file=sys.stderr)
+            return 2
     kv_len = args.kv_length or args.length
     print(f"{mask!r}  Q={args.length} K={kv_len} q_offset={args.q_offset} kv_offset={args.kv_offset}")
     if max(args.length, kv_len) <= 128:
@@ -93,7 +101,9 @@ def _cmd_show_mask(args: argparse.Namespace) -> int:
     if block_mask.kv_num_blocks.shape[-1] <= 128:
         print(draw_block_layout(block_mask))
     if args.png:
-        height, width = write_png(args.png, mask, args.length, kv_len, q_offset=args.q_offset, kv_offset=args.kv_offset)
+        height, width = write_png(
+            args.png, mask, args.length, kv_len, block=args.block, q_offset=args.q_offset, kv_offset=args.kv_offset
+        )
         print(f"wrote {args.png} ({width}x{height})")
     return 0
 
@@ -131,7 +141,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("--q-offset", type=int, default=0, help="absolute position of the first query")
     show.add_argument("--kv-offset", type=int, default=0, help="absolute position of the first key")
     show.add_argument("--block", type=int, default=4, help="block size of the layout drawing (default 4)")
-    show.add_argument("--png", default=None, help="also write a PNG picture (block pixels for large masks)")
+    show.add_argument(
+        "--png",
+        default=None,
+        metavar="FILE",
+        help="also draw the mask into FILE (.png or .svg): axes, --block boundaries, a legend; needs matplotlib",
+    )
     show.set_defaults(func=_cmd_show_mask)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # the benchmark has its own flags (python -m attnrs bench --help)

@@ -5,12 +5,20 @@ transformers' sdpa and eager attention paths, and compiled flex_attention. Needs
     python -m attnrs bench --quick                         # L 1024 instead of 4096, shorter decode
     python -m attnrs bench --backward                      # forward + backward, L 2048 and 4096
     python -m attnrs bench --scores                        # score_mod rows: ALiBi L4096, T5 bias L2048 (+ bwd)
+    python -m attnrs bench --quick --plot bench.png        # also a figure (.png or .svg): bars per case and
+                                                           # time vs length (L/8 .. L) for causal and sliding
+    python -m attnrs bench --lengths 512,1024,2048 --no-flex --plot bench.svg
     python benchmarks/bench_attention.py [same flags]      # the same, from a checkout
 
 Reported: median milliseconds, useful GFLOP/s (4 * B * H * D * visible pairs per forward; x2.5 with backward),
 GB/s of K/V read for decode, and each peer's time divided by attnrs's (higher = attnrs faster). A 1-thread
-column repeats attnrs and SDPA with one thread. With --backward, attnrs and its peer run in alternation
-(--repeats times each) and their medians are compared.
+column repeats attnrs and SDPA with one thread (at the longest length and for decode). With --backward, attnrs
+and its peer run in alternation (--repeats times each) and their medians are compared.
+
+Every case runs at the longest of --lengths; causal fp32 and sliding 512 fp32 also run at the other lengths, for
+the scaling panels of --plot. With --plot and a single length L, those two also run at L/8, L/4 and L/2.
+--plot needs matplotlib (pip install "attnrs[bench]"); the figure's title names the CPU, the ISA path
+(attnrs.simd_path()), the dtypes and the thread count.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ import torch.nn.functional as F
 
 import attnrs
 from attnrs import masks
+
+from .progress import echo, progress
 
 B, H, H_KV, D = 1, 32, 8, 128
 
@@ -68,7 +78,8 @@ class Case:
     dtype: torch.dtype
     mask: masks.Mask | None  # None: causal through is_causal (or full for decode)
     decode: bool = False
-    rows: list[tuple[str, float]] = field(default_factory=list)
+    rows: dict[str, float] = field(default_factory=dict)  # implementation -> median ms, filled by run_forward
+    family: str = ""  # the case without its length ("causal fp32"): the curves of the scaling plot
 
     def visible_pairs(self) -> int:
         if self.decode:
@@ -87,8 +98,10 @@ def tensors(case: Case, requires_grad: bool = False) -> tuple[torch.Tensor, ...]
     return tuple(t.requires_grad_(requires_grad) for t in (q, k, v))
 
 
-def peers(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Callable[[], Any]]:
-    """name -> a zero-argument callable computing the same attention."""
+def peers(
+    case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flex: bool = True
+) -> dict[str, Callable[[], Any]]:
+    """name -> a zero-argument callable computing the same attention (compiled flex only with ``flex``)."""
     from transformers import masking_utils as mu
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -125,22 +138,28 @@ def peers(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict
     out["transformers sdpa"] = lambda: sdpa_attention_forward(module, q, k, v, hf_mask, scaling=D**-0.5)
     additive = torch.where(dense, 0.0, torch.finfo(q.dtype).min).to(q.dtype)
     out["transformers eager"] = lambda: eager_attention_forward(module, q, k, v, additive, scaling=D**-0.5)
+    if not flex:
+        return out
     block_mask = attnrs.create_block_mask(mask, 1, None, case.q_len, case.kv_len)
-    flex = torch.compile(torch.nn.attention.flex_attention.flex_attention)
-    out["flex (compiled)"] = lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+    compiled = torch.compile(torch.nn.attention.flex_attention.flex_attention)
+    out["flex (compiled)"] = lambda: compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
     return out
 
 
-def run_forward(cases: list[Case], threads: int, repeats: int, one_thread: bool) -> None:
-    print(f"\nforward, B{B} H{H} Hkv{H_KV} D{D}, {threads} threads; median ms, GFLOP/s (useful), peer/attnrs")
-    for case in cases:
+def run_forward(cases: list[Case], threads: int, repeats: int, one_thread: bool, flex: bool = True) -> list[Case]:
+    """Times every implementation on every case, prints the table and returns the cases, their ``rows`` filled."""
+    echo(f"\nforward, B{B} H{H} Hkv{H_KV} D{D}, {threads} threads; median ms, GFLOP/s (useful), peer/attnrs")
+    longest = max((c.q_len for c in cases if not c.decode), default=0)
+    bar = progress(cases, "bench", unit="case")
+    for case in bar:
         torch.set_num_threads(threads)
         q, k, v = tensors(case)
         flops = 4 * B * H * D * case.visible_pairs()
         kv_bytes = 2 * B * H_KV * case.kv_len * D * q.element_size()
-        print(f"\n{case.name}")
-        results: dict[str, float] = {}
-        for name, fn in peers(case, q, k, v).items():
+        echo(f"\n{case.name}")
+        results = case.rows
+        for name, fn in peers(case, q, k, v, flex).items():
+            bar.note(f"{case.name}: {name}")
             slow = name.startswith("transformers eager") or name.startswith("sdpa dense")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -148,21 +167,22 @@ def run_forward(cases: list[Case], threads: int, repeats: int, one_thread: bool)
                     if name.startswith("flex"):
                         start = time.perf_counter()
                         fn()
-                        print(f"  {'(flex compile + first call)':<24} {time.perf_counter() - start:>9.1f} s")
+                        echo(f"  {'(flex compile + first call)':<24} {time.perf_counter() - start:>9.1f} s")
                     results[name] = median_ms(fn, 1 if slow else repeats, 0 if slow else 1)
                 except Exception as e:
-                    print(f"  {name:<24} failed: {type(e).__name__}: {str(e)[:80]}")
+                    echo(f"  {name:<24} failed: {type(e).__name__}: {str(e)[:80]}")
                     continue
             ms = results[name]
             extra = f"{kv_bytes / ms / 1e6:>8.1f} GB/s" if case.decode else f"{flops / ms / 1e6:>8.1f} GFLOP/s"
             ratio = f"{ms / results['attnrs']:>7.2f}x" if name != "attnrs" else ""
-            print(f"  {name:<24} {ms:>10.2f} ms {extra} {ratio}", flush=True)
-        if one_thread:
+            echo(f"  {name:<24} {ms:>10.2f} ms {extra} {ratio}", flush=True)
+        if one_thread and (case.decode or case.q_len == longest):  # not for the shorter lengths of the sweep
             torch.set_num_threads(1)
             ours = median_ms(lambda: peers_one(case, q, k, v, "attnrs"), max(1, repeats // 2))
             theirs = median_ms(lambda: peers_one(case, q, k, v, "sdpa"), max(1, repeats // 2))
-            print(f"  1 thread: attnrs {ours:.1f} ms, sdpa {theirs:.1f} ms, ratio {theirs / ours:.2f}x", flush=True)
+            echo(f"  1 thread: attnrs {ours:.1f} ms, sdpa {theirs:.1f} ms, ratio {theirs / ours:.2f}x", flush=True)
         torch.set_num_threads(threads)
+    return cases
 
 
 def peers_one(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, which: str) -> Any:
@@ -195,35 +215,35 @@ def backward_step(
 
 def run_backward(lengths: list[int], threads: int, repeats: int) -> None:
     torch.set_num_threads(threads)
-    print(f"\nforward + backward, B{B} H{H} Hkv{H_KV} D{D}, {threads} threads; median ms, peer/attnrs")
-    for length in lengths:
-        for name, dtype, mask in (
-            ("causal fp32", torch.float32, None),
-            ("causal bf16", torch.bfloat16, None),
-            ("sliding 512 fp32", torch.float32, masks.sliding_window(512)),
-        ):
-            case = Case(f"{name} L{length}", length, length, dtype, mask)
-            q, k, v = tensors(case, requires_grad=True)
-            grad = torch.randn(B, H, length, D).to(dtype)
+    echo(f"\nforward + backward, B{B} H{H} Hkv{H_KV} D{D}, {threads} threads; median ms, peer/attnrs")
+    kinds = (
+        ("causal fp32", torch.float32, None),
+        ("causal bf16", torch.bfloat16, None),
+        ("sliding 512 fp32", torch.float32, masks.sliding_window(512)),
+    )
+    for length, (name, dtype, mask) in progress([(n, kind) for n in lengths for kind in kinds], "bench", unit="case"):
+        case = Case(f"{name} L{length}", length, length, dtype, mask)
+        q, k, v = tensors(case, requires_grad=True)
+        grad = torch.randn(B, H, length, D).to(dtype)
 
-            step = backward_step(grad, q, k, v)
-            ours = step(lambda: attnrs.attention(q, k, v, mask, is_causal=mask is None))
-            if mask is None:
-                peer, label = (
-                    step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)),
-                    "sdpa is_causal",
-                )
-            else:
-                dense = attnrs.create_dense_mask(mask, 1, 1, length, length)
-                peer, label = (
-                    step(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)),
-                    "sdpa dense mask",
-                )
-            ours_ms, peer_ms = paired_median_ms(ours, peer, repeats)
-            print(
-                f"  {case.name:<22} attnrs {ours_ms:>9.1f} ms | {label} {peer_ms:>9.1f} ms {peer_ms / ours_ms:>6.2f}x",
-                flush=True,
+        step = backward_step(grad, q, k, v)
+        ours = step(lambda: attnrs.attention(q, k, v, mask, is_causal=mask is None))
+        if mask is None:
+            peer, label = (
+                step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)),
+                "sdpa is_causal",
             )
+        else:
+            dense = attnrs.create_dense_mask(mask, 1, 1, length, length)
+            peer, label = (
+                step(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)),
+                "sdpa dense mask",
+            )
+        ours_ms, peer_ms = paired_median_ms(ours, peer, repeats)
+        echo(
+            f"  {case.name:<22} attnrs {ours_ms:>9.1f} ms | {label} {peer_ms:>9.1f} ms {peer_ms / ours_ms:>6.2f}x",
+            flush=True,
+        )
 
 
 def _dense_alibi(slopes: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -242,24 +262,24 @@ def run_scores(length: int, t5_length: int, threads: int, repeats: int) -> None:
     from attnrs import scores
 
     torch.set_num_threads(threads)
-    print(f"\nscore_mod, B{B} H{H} Hkv{H_KV} D{D}, {threads} threads; median ms, peer/attnrs (alternated)")
+    echo(f"\nscore_mod, B{B} H{H} Hkv{H_KV} D{D}, {threads} threads; median ms, peer/attnrs (alternated)")
     alibi = scores.alibi(H)
     slopes = scores.alibi_slopes(H)
     flex = torch.compile(torch.nn.attention.flex_attention.flex_attention)
 
     def row(label: str, ours_ms: float, peer: str, peer_ms: float) -> None:
-        print(f"  {label:<30} attnrs {ours_ms:>9.1f} ms | {peer:<26} {peer_ms:>9.1f} ms {peer_ms / ours_ms:>6.2f}x")
+        echo(f"  {label:<30} attnrs {ours_ms:>9.1f} ms | {peer:<26} {peer_ms:>9.1f} ms {peer_ms / ours_ms:>6.2f}x")
 
     for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         case = Case(f"causal+ALiBi {name} L{length}", length, length, dtype, None)
         q, k, v = tensors(case)
-        print(f"\n{case.name}")
+        echo(f"\n{case.name}")
 
         def ours() -> Any:
             return attnrs.attention(q, k, v, is_causal=True, score_mod=alibi)
 
         ours_ms, plain_ms = paired_median_ms(ours, lambda: attnrs.attention(q, k, v, is_causal=True), repeats)
-        print(
+        echo(
             f"  {'attnrs causal + ALiBi':<30} {ours_ms:>9.1f} ms | attnrs causal alone {plain_ms:>9.1f} ms: "
             f"ALiBi costs {100 * (ours_ms / plain_ms - 1):+.1f}%"
         )
@@ -275,9 +295,9 @@ def run_scores(length: int, t5_length: int, threads: int, repeats: int) -> None:
             try:
                 flex(q, k, v, score_mod=alibi, block_mask=block_mask, enable_gqa=True)
             except Exception as e:
-                print(f"  flex (compiled) failed: {type(e).__name__}: {str(e)[:100]}")
+                echo(f"  flex (compiled) failed: {type(e).__name__}: {str(e)[:100]}")
             else:
-                print(f"  {'(flex compile + first call)':<30} {time.perf_counter() - start:>9.1f} s")
+                echo(f"  {'(flex compile + first call)':<30} {time.perf_counter() - start:>9.1f} s")
                 ours_ms, peer_ms = paired_median_ms(
                     ours, lambda: flex(q, k, v, score_mod=alibi, block_mask=block_mask, enable_gqa=True), repeats
                 )
@@ -300,7 +320,7 @@ def run_scores(length: int, t5_length: int, threads: int, repeats: int) -> None:
     table = (torch.randn(H, 32, generator=torch.Generator().manual_seed(1)) * 0.5).requires_grad_()
     buckets = scores.t5_buckets(32, 128, bidirectional=True)
     grad = torch.randn(B, H, t5_length, D)
-    print(f"\n{case.name} (learned [H, 32] table)")
+    echo(f"\n{case.name} (learned [H, 32] table)")
 
     step = backward_step(grad, q, k, v, table)
     rel = torch.arange(t5_length)[None, :] - torch.arange(t5_length)[:, None]
@@ -318,6 +338,72 @@ def run_scores(length: int, t5_length: int, threads: int, repeats: int) -> None:
     row("T5 bias, bidirectional", ours_ms, "sdpa + dense bias (table)", peer_ms)
 
 
+def _lengths(text: str) -> list[int]:
+    try:
+        lengths = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of lengths") from None
+    if not lengths or lengths[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: lengths must be positive")
+    return lengths
+
+
+def forward_cases(lengths: list[int], decode_lengths: list[int]) -> list[Case]:
+    """Every case at the longest length; causal fp32 and sliding 512 fp32 at each (shortest first); decode."""
+    cases = []
+    for length in lengths:
+        ids = torch.arange(length) // max(1, length // 8)
+        cases += [
+            Case(f"causal fp32 L{length}", length, length, torch.float32, None, family="causal fp32"),
+            Case(f"causal bf16 L{length}", length, length, torch.bfloat16, None, family="causal bf16"),
+            Case(
+                f"sliding 512 fp32 L{length}",
+                length,
+                length,
+                torch.float32,
+                masks.sliding_window(512),
+                family="sliding 512 fp32",
+            ),
+            Case(
+                f"8 documents fp32 L{length}",
+                length,
+                length,
+                torch.float32,
+                masks.document(ids) & masks.causal(),
+                family="8 documents fp32",
+            ),
+        ]
+    longest = max(lengths)
+    cases = [c for c in cases if c.q_len == longest or c.family in SCALED]
+    for kv_len in decode_lengths:
+        for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            cases.append(Case(f"decode {label} Q1 Lk{kv_len}", 1, kv_len, dtype, None, decode=True))
+    return cases
+
+
+SCALED = ("causal fp32", "sliding 512 fp32")  # the masks of the scaling plot
+
+
+def plot_run(path: str, cases: list[Case], threads: int) -> None:
+    """The figure of a forward run (:func:`attnrs.cli.plots.plot_bench`)."""
+    from .plots import cpu_name, plot_bench
+
+    longest = max((c.q_len for c in cases if not c.decode), default=0)
+    bars = [(c.name, c.rows) for c in cases if c.rows and (c.decode or c.q_len == longest)]
+    scaling: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for case in cases:
+        if case.family in SCALED:
+            for name, ms in case.rows.items():
+                scaling.setdefault(case.family, {}).setdefault(name, []).append((case.q_len, ms))
+    dtypes = ", ".join(dict.fromkeys(str(c.dtype).removeprefix("torch.") for c in cases))
+    title = (
+        f"attnrs {attnrs.__version__} bench, forward, B{B} H{H} Hkv{H_KV} D{D}\n"
+        f"{cpu_name()} · ISA path {attnrs.simd_path()} · dtype {dtypes} · {threads} thread{'s' * (threads != 1)}"
+    )
+    height, width = plot_bench(path, bars, scaling, title)
+    echo(f"\nwrote {path} ({width}x{height})")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="attnrs bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -328,26 +414,53 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-one-thread", action="store_true", help="skip the 1-thread column")
+    parser.add_argument(
+        "--lengths",
+        type=_lengths,
+        default=None,
+        metavar="L1,L2,...",
+        help="forward: every case at the longest, causal and sliding at each (default 4096, --quick 1024); "
+        "--backward: each (default 2048,4096, --quick 1024)",
+    )
+    parser.add_argument(
+        "--decode-lengths",
+        type=_lengths,
+        default=None,
+        metavar="K1,K2,...",
+        help="key lengths of the decode cases (default 8192,65536; --quick 8192)",
+    )
+    parser.add_argument("--no-flex", action="store_true", help="skip compiled flex (its compile takes a while)")
+    parser.add_argument(
+        "--plot",
+        metavar="FILE",
+        default=None,
+        help="draw the forward run into FILE (.png or .svg): bars per case, time vs length (needs matplotlib)",
+    )
     args = parser.parse_args(argv)
-    print(f"attnrs {attnrs.__version__} ({attnrs.simd_path()}), torch {torch.__version__}")
+    if args.plot is not None:
+        from .plots import PlotError, check_output, require_matplotlib
+
+        if args.backward or args.scores:
+            parser.error("--plot draws the forward run; it does not combine with --backward or --scores")
+        try:
+            check_output(args.plot, "--plot")
+            require_matplotlib("--plot")
+        except PlotError as e:
+            parser.error(str(e))
+    echo(f"attnrs {attnrs.__version__} ({attnrs.simd_path()}), torch {torch.__version__}")
     if args.backward:
-        run_backward([1024] if args.quick else [2048, 4096], args.threads, args.repeats)
+        run_backward(args.lengths or ([1024] if args.quick else [2048, 4096]), args.threads, args.repeats)
         return
     if args.scores:
         run_scores(1024 if args.quick else 4096, 1024 if args.quick else 2048, args.threads, args.repeats)
         return
-    length = 1024 if args.quick else 4096
-    ids = torch.arange(length) // (length // 8)
-    cases = [
-        Case(f"causal fp32 L{length}", length, length, torch.float32, None),
-        Case(f"causal bf16 L{length}", length, length, torch.bfloat16, None),
-        Case(f"sliding 512 fp32 L{length}", length, length, torch.float32, masks.sliding_window(512)),
-        Case(f"8 documents fp32 L{length}", length, length, torch.float32, masks.document(ids) & masks.causal()),
-    ]
-    for kv_len in [8192] if args.quick else [8192, 65536]:
-        for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-            cases.append(Case(f"decode {label} Q1 Lk{kv_len}", 1, kv_len, dtype, None, decode=True))
-    run_forward(cases, args.threads, args.repeats, not args.no_one_thread)
+    lengths = args.lengths or [1024 if args.quick else 4096]
+    if args.plot is not None and len(lengths) == 1:  # the scaling plot needs lengths: L/8, L/4, L/2, L
+        lengths = sorted({max(1, lengths[0] >> shift) for shift in range(4)})
+    cases = forward_cases(lengths, args.decode_lengths or ([8192] if args.quick else [8192, 65536]))
+    run_forward(cases, args.threads, args.repeats, not args.no_one_thread, flex=not args.no_flex)
+    if args.plot is not None:
+        plot_run(args.plot, cases, args.threads)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import platform
 import torch
 
 from ..integrations.transformers.families import Result, check_family, families
+from .progress import echo, progress
 
 __all__ = ["add_parser", "run_models"]
 
@@ -34,16 +35,16 @@ def run_models(args: argparse.Namespace) -> int:
         flush=True,
     )
     results: list[Result] = []
-    for family in chosen:
+    bar = progress(chosen, "models", unit="model")
+    for family in bar:
+        bar.note(family.model_type)
         result = check_family(family, dtype)
         results.append(result)
         features = ",".join(result.features) or "-"
         if args.markdown:
-            print(f"| {family.model_type} | {family.task} | {result.status} | {features} | {result.detail} |")
+            echo(f"| {family.model_type} | {family.task} | {result.status} | {features} | {result.detail} |")
         else:
-            print(
-                f"{family.task:8} {family.model_type:30} {result.status:11} {features:30} {result.detail}", flush=True
-            )
+            echo(f"{family.task:8} {family.model_type:30} {result.status:11} {features:30} {result.detail}")
     counts = collections.Counter(r.status for r in results)
-    print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    echo(", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     return 1 if counts.get("fail") else 0

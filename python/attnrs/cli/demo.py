@@ -14,12 +14,14 @@ import itertools
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 import attnrs
+
+from .progress import progress
 
 # Llama-architecture configs small enough for a laptop CPU, with attention a large share of a long prompt's time.
 FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -156,19 +158,6 @@ class Result:
     tokens: torch.Tensor | None = None
 
 
-def _progress(steps: list[str]) -> Iterator[str]:
-    """A one-line progress bar on stderr, only when stderr is a terminal."""
-    show = sys.stderr.isatty()
-    for i, step in enumerate(steps):
-        if show:
-            done = int(24 * i / len(steps))
-            sys.stderr.write(f"\r[{'#' * done}{'.' * (24 - done)}] {step:<40}")
-            sys.stderr.flush()
-        yield step
-    if show:
-        sys.stderr.write(f"\r{' ' * 68}\r")
-
-
 def _decode_steps(
     model: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, clock: AttentionClock
 ) -> tuple[torch.Tensor, float, float]:
@@ -255,7 +244,9 @@ def run_demo(
             model(input_ids=ids[:, :16], attention_mask=mask[:, :16])
         steps = [f"{impl} prefill" for _ in range(repeats) for impl in IMPLEMENTATIONS]
         steps += [f"{impl} decode" for impl in IMPLEMENTATIONS]
-        for step in _progress(steps):  # alternating, so that a noisy moment does not land on one of them
+        bar = progress(steps, "demo", unit="step")
+        for step in bar:  # alternating, so that a noisy moment does not land on one of them
+            bar.note(step)
             impl, what = step.split()
             r = results[impl]
             model.set_attn_implementation(impl)

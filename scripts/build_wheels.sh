@@ -29,8 +29,8 @@ done
 rm -f "$out"/attnrs-*.whl "$out"/attnrs_example_kernel-*.whl
 # Both builds share the workspace's target dir (the example's own, examples/native_kernel/target, for the
 # plugin): a second run recompiles nothing.
-maturin build --release --zig --compatibility "$compat" --out "$out"
-maturin build --release --zig --compatibility "$compat" --out "$out" \
+python3 -m maturin build --release --zig --compatibility "$compat" --out "$out"
+python3 -m maturin build --release --zig --compatibility "$compat" --out "$out" \
     --manifest-path examples/native_kernel/Cargo.toml
 
 status=0
@@ -48,7 +48,7 @@ for pattern in "attnrs-*-cp310-abi3-*.whl" "attnrs_example_kernel-*-cp310-abi3-*
         *"${compat}_x86_64"*) ;;
         *) echo "not tagged ${compat}_x86_64" >&2; status=1 ;;
     esac
-    if command -v auditwheel >/dev/null 2>&1 || python3 -m auditwheel --version >/dev/null 2>&1; then
+    if python3 -m auditwheel --version >/dev/null 2>&1; then
         report=$(python3 -m auditwheel show "$whl") || { status=1; report=""; }
         echo "$report"
         # auditwheel names the most compatible tag the wheel's symbols allow; it must be (at least) the one built.

@@ -48,7 +48,8 @@ intersphinx_mapping = {"python": ("https://docs.python.org/3", None)} if os.envi
 
 html_theme = "furo"
 html_title = f"attnrs {release}"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["attnrs.css"]
 
 # The pictures of the masks page: (file name, show-mask expression, length), drawn by the command line.
 MASK_PICTURES = [

@@ -54,8 +54,8 @@ html_css_files = ["attnrs.css"]
 # The pictures of the masks page: (file name, show-mask expression, length), drawn by the command line.
 MASK_PICTURES = [
     ("causal", "causal()", 256),
-    ("sliding_window", "sliding_window(64) & causal()", 256),
-    ("chunked", "chunked(64) & causal()", 256),
+    ("sliding_window", "sliding_window(64)", 256),
+    ("chunked", "chunked(64)", 256),
     ("documents", "document(torch.arange(256) // 80) & causal()", 256),
     ("prefix_lm", "prefix_lm([96])", 256),
 ]

@@ -148,6 +148,7 @@ class GlobalMapping(MutableMapping[str, Callable[..., Any]]):
         return len(self._registry)
 
     def get(self, key: str, default: Any = None) -> Any:
+        """The entry under ``key``, or ``default`` when there is none (``dict.get``)."""
         return self._registry.get(key, default)
 
     def capabilities(self, key: str) -> dict[str, Any] | None:
@@ -193,6 +194,7 @@ class GlobalMapping(MutableMapping[str, Callable[..., Any]]):
             del self._registry[key]
 
     def pop(self, key: str, *default: Any) -> Any:
+        """Removes and returns the entry under ``key``; ``default`` when given and there is none, else KeyError."""
         with self._lock:
             return self._registry.pop(key, *default)
 
@@ -229,6 +231,7 @@ class GlobalMapping(MutableMapping[str, Callable[..., Any]]):
         return self
 
     def clear(self) -> None:
+        """Removes every entry."""
         with self._lock:
             self._registry.clear()
 

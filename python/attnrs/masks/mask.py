@@ -99,7 +99,7 @@ class Mask:
     # -- what it is ----------------------------------------------------------------------------------------------
     @property
     def kind(self) -> str:
-        """The node kind: ``causal``, ``sliding_window``, ``and``, ``callable``, ..."""
+        """The node kind (``causal``, ``sliding_window``, ``and``, ``callable``, ...)."""
         return self._kind
 
     @property

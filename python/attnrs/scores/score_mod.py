@@ -277,7 +277,7 @@ class ScoreMod:
 
     @property
     def is_additive(self) -> bool:
-        """Whether the mod only adds terms (no multiplier, no softcap): the mods ``+`` accepts."""
+        """Whether the mod only adds terms (no multiplier, no softcap), as the operands of ``+`` must."""
         return not self._factors and self._cap is None
 
     @property

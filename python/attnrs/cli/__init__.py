@@ -125,7 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=["auto", *DTYPES],
         help="auto (default): bfloat16 where this CPU computes bf16 fast (AVX-512 BF16, AMX), else float32",
     )
-    demo.add_argument("--repeats", type=int, default=1, help="timed prefills per implementation (default 1)")
+    demo.add_argument(
+        "--repeats", type=int, default=2, help="timed generates of sdpa and attnrs, alternating (default 2; eager: 1)"
+    )
     demo.set_defaults(func=_cmd_demo)
     add_models_parser(sub)
     sub.add_parser("bench", help="attention benchmarks against SDPA, transformers and flex (see bench --help)")

@@ -17,7 +17,6 @@ Each case alternates its contenders ``--reps`` times and prints medians; ratios 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -26,17 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import attnrs
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from attnrs.cli.plots import cpu_name
 
 
 def alternate(contenders: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:

@@ -21,6 +21,7 @@ import torch
 
 import attnrs
 
+from .plots import cpu_name
 from .progress import progress
 
 # Llama-architecture configs small enough for a laptop CPU, with attention a large share of a long prompt's time.
@@ -53,19 +54,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def fast_bf16() -> bool:
     """Whether attnrs's bf16 path computes in bf16 here (rather than widening to f32, slower than f32 itself)."""
     return attnrs.kernel_path("bfloat16")[0] in ("avx512_bf16", "amx")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            found = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
-        if found:
-            return found.group(1).strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def plural(n: int, word: str) -> str:

@@ -117,3 +117,45 @@ def test_models_checks_the_named_families_against_eager() -> None:
     out = _run("models", "llama", "bloom")
     assert "llama" in out and " pass " in out
     assert "bloom" in out and "not routed" in out
+
+
+def _with_isa(value: str, code: str) -> subprocess.CompletedProcess[str]:
+    import os
+
+    env = {**os.environ, "ATTNRS_ISA": value}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_attnrs_isa_forces_the_portable_path_and_it_agrees_with_float64() -> None:
+    code = """
+import torch, attnrs
+assert attnrs.kernel_path("float32") == ("portable", "portable Rust, forced by ATTNRS_ISA"), attnrs.kernel_path("float32")
+torch.manual_seed(0)
+q, k, v = (torch.randn(2, 4, 37, 16, requires_grad=True) for _ in range(3))
+out = attnrs.attention(q, k, v, is_causal=True)
+out.sum().backward()
+ref = torch.nn.functional.scaled_dot_product_attention(*(t.detach().double().requires_grad_() for t in (q, k, v)), is_causal=True)
+assert (out.double() - ref).abs().max() < 1e-5
+print("ok")
+"""
+    result = _with_isa("portable", code)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+    assert "ATTNRS_ISA=portable" in _with_isa("portable", "from attnrs.cli import main; main(['info'])").stdout
+
+
+def test_attnrs_isa_refuses_unknown_values_and_paths_this_cpu_lacks() -> None:
+    call = """
+import torch, attnrs
+try:
+    attnrs.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8))
+except attnrs.AttnrsError as e:
+    print(type(e).__name__, e)
+"""
+    cases = [("sse2", "ArgumentError", "ATTNRS_ISA: expected one of"), ("amx", "UnsupportedError", "no AMX kernel")]
+    if "avx512f" not in attnrs.cpu_features():
+        cases.append(("avx512", "UnsupportedError", "ATTNRS_ISA=avx512 on this CPU, which lacks it"))
+    for value, kind, words in cases:
+        result = _with_isa(value, call)
+        assert result.stdout.startswith(kind) and words in result.stdout, (value, result.stdout, result.stderr)
+        info = _with_isa(value, "from attnrs.cli import main; main(['info'])")
+        assert info.returncode == 0 and "refused" in info.stdout, info.stderr

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ import attnrs
 
 from .. import masks
 from ..attention.dispatch import flash_attn_available, render_routes
+from ..errors import AttnrsError
 from ..masks.block_mask import create_block_mask
 from .bench import main as bench_main
 from .demo import DTYPES, FAMILIES, run_demo
@@ -28,9 +30,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"attnrs {attnrs.__version__} (torch {torch.__version__}, python {platform.python_version()})")
     print(f"cpu: {platform.machine()}, features: {', '.join(attnrs.cpu_features()) or 'none'}")
     print(f"simd path: {attnrs.simd_path()}")
-    print("cpu kernel path per dtype (forward, backward and decode):")
+    forced = os.environ.get("ATTNRS_ISA", "").strip()
+    print(f"cpu kernel path per dtype (forward, backward and decode){f'; ATTNRS_ISA={forced}' if forced else ''}:")
     for dtype in ("float32", "bfloat16", "float16", "float64"):
-        path, why = attnrs.kernel_path(dtype)
+        try:
+            path, why = attnrs.kernel_path(dtype)
+        except AttnrsError as e:  # an invalid ATTNRS_ISA, or a path this CPU lacks: every call would refuse it
+            path, why = "refused", str(e)
         print(f"  {dtype:<9} {path:<12} {why}")
     print(f"threads: {attnrs.num_threads()} (ATTNRS_NUM_THREADS overrides torch.get_num_threads())")
     print('backend="auto" (attnrs.attention.dispatch; the first row that holds wins):')

@@ -61,9 +61,10 @@ mod _attnrs {
     }
 
     /// `(path, reason)`: the micro-kernels `backend="auto"` runs on this CPU for inputs of `dtype` ("float32",
-    /// "float64", "bfloat16" or "float16"), e.g. `("avx2", "AVX2+FMA, f32 (this CPU has no AVX-512)")`.
+    /// "float64", "bfloat16" or "float16"), e.g. `("avx2", "AVX2+FMA, f32 (this CPU has no AVX-512)")`, following
+    /// `ATTNRS_ISA` when it is set (an invalid value, or a path this CPU lacks, raises).
     #[pyfunction]
-    fn kernel_path(dtype: &str) -> PyResult<(&'static str, &'static str)> {
+    fn kernel_path(py: Python<'_>, dtype: &str) -> PyResult<(&'static str, &'static str)> {
         use attnrs_core::kernel::Backend;
         use attnrs_core::tensor::DType;
         let dtype = match dtype {
@@ -77,7 +78,7 @@ mod _attnrs {
                 )));
             }
         };
-        let (path, why) = Backend::auto_path(dtype);
+        let (path, why) = Backend::auto_path(dtype).map_err(|e| crate::errors::to_pyerr(py, &e))?;
         Ok((path.name(), why))
     }
 

@@ -10,6 +10,7 @@ use super::gemm::Kern;
 use crate::isa::Isa as Cpu;
 use crate::tensor::DType;
 use crate::{Error, Result};
+use std::sync::OnceLock;
 
 /// Which micro-kernels to run. [`Backend::Auto`] picks the best the CPU has; the others force a path and
 /// fail with [`Error::Unsupported`] when the CPU lacks it. f64 inputs always run the portable f64 path.
@@ -29,8 +30,24 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// The concrete path `self` resolves to on this CPU for inputs of `dtype`.
+    /// The concrete path `self` resolves to on this CPU for inputs of `dtype`. [`Backend::Auto`] follows
+    /// `ATTNRS_ISA` when it is set (see [`Backend::from_env`]).
     pub fn resolve(self, dtype: DType) -> Result<Backend> {
+        if self == Backend::Auto {
+            match Backend::from_env() {
+                Ok(None) => {}
+                Ok(Some(forced)) => {
+                    return forced.resolve(dtype).map_err(|_| {
+                        Error::Unsupported(format!(
+                            "ATTNRS_ISA={} on this CPU, which lacks it (unset ATTNRS_ISA, or see `attnrs info` \
+                             for the paths this CPU has)",
+                            forced.name()
+                        ))
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let isa = Cpu::get();
         let avx2 = isa.avx2 && isa.fma;
         let missing =
@@ -55,6 +72,34 @@ impl Backend {
         })
     }
 
+    /// The path `ATTNRS_ISA` forces for every `Auto` call (read once per process): `None` when it is unset,
+    /// empty or `auto`. It is how benchmarks and bug reports pin a path; a path the CPU lacks is refused by
+    /// [`Backend::resolve`], never run.
+    pub fn from_env() -> Result<Option<Backend>> {
+        static FORCED: OnceLock<Result<Option<Backend>>> = OnceLock::new();
+        FORCED
+            .get_or_init(|| Backend::parse_forced(std::env::var("ATTNRS_ISA").ok().as_deref()))
+            .clone()
+    }
+
+    /// [`Backend::from_env`]'s reading of one value of `ATTNRS_ISA`.
+    pub fn parse_forced(value: Option<&str>) -> Result<Option<Backend>> {
+        let expected = "one of auto, avx512_bf16, avx512, avx2, portable";
+        Ok(Some(match value.map(str::trim) {
+            None | Some("") | Some("auto") => return Ok(None),
+            Some("portable") => Backend::Portable,
+            Some("avx2") => Backend::Avx2,
+            Some("avx512") => Backend::Avx512,
+            Some("avx512_bf16") => Backend::Avx512Bf16,
+            Some("amx") => {
+                return Err(Error::Unsupported(
+                    "ATTNRS_ISA=amx: this version of attnrs has no AMX kernel yet".into(),
+                ));
+            }
+            Some(other) => return Err(Error::value("ATTNRS_ISA", expected, format!("{other:?}"))),
+        }))
+    }
+
     /// The name `attnrs info` and the benchmarks print for this path.
     pub fn name(self) -> &'static str {
         match self {
@@ -68,13 +113,17 @@ impl Backend {
 
     /// The path [`Backend::Auto`] takes on this CPU for inputs of `dtype` (forward, backward and decode
     /// alike), and why, in a few words.
-    pub fn auto_path(dtype: DType) -> (Backend, &'static str) {
+    /// Refused when `ATTNRS_ISA` is invalid or names a path this CPU lacks.
+    pub fn auto_path(dtype: DType) -> Result<(Backend, &'static str)> {
         let isa = Cpu::get();
-        // `Auto` always resolves: the portable path runs everywhere.
-        let chosen = Backend::Auto.resolve(dtype).unwrap_or(Backend::Portable);
+        let chosen = Backend::Auto.resolve(dtype)?;
+        let forced = matches!(Backend::from_env(), Ok(Some(_)));
         let narrow = matches!(dtype, DType::BF16 | DType::F16);
         let why = match chosen {
             _ if dtype == DType::F64 => "float64 always runs the portable f64 path",
+            Backend::Portable if forced => "portable Rust, forced by ATTNRS_ISA",
+            Backend::Avx2 if forced => "AVX2+FMA, forced by ATTNRS_ISA",
+            Backend::Avx512 if forced => "AVX-512F, forced by ATTNRS_ISA",
             Backend::Avx512Bf16 => "AVX-512 BF16 dot products (vdpbf16ps), f32 accumulation",
             Backend::Avx512 if dtype == DType::BF16 => {
                 "AVX-512F, bf16 widened to f32 (this CPU has no AVX-512 BF16)"
@@ -86,7 +135,7 @@ impl Backend {
             _ if isa.neon => "portable Rust (the compiler's NEON); no hand-written NEON kernel",
             _ => "portable Rust: this CPU has no AVX2+FMA",
         };
-        (chosen, why)
+        Ok((chosen, why))
     }
 }
 
@@ -189,10 +238,43 @@ mod tests {
     #[test]
     fn auto_path_is_what_auto_resolves_to_and_names_it() {
         for dtype in [DType::F32, DType::F64, DType::BF16, DType::F16] {
-            let (path, why) = Backend::auto_path(dtype);
+            let (path, why) = Backend::auto_path(dtype).unwrap();
             assert_eq!(Ok(path), Backend::Auto.resolve(dtype), "{dtype:?}");
             assert!(!why.is_empty() && path.name() != "auto", "{dtype:?}");
         }
-        assert_eq!(Backend::auto_path(DType::F64).0, Backend::Portable);
+        assert_eq!(Backend::auto_path(DType::F64).unwrap().0, Backend::Portable);
+    }
+
+    #[test]
+    fn attnrs_isa_values_are_read_or_refused() {
+        for (value, want) in [
+            (None, None),
+            (Some(""), None),
+            (Some("auto"), None),
+            (Some(" avx2 "), Some(Backend::Avx2)),
+            (Some("portable"), Some(Backend::Portable)),
+            (Some("avx512"), Some(Backend::Avx512)),
+            (Some("avx512_bf16"), Some(Backend::Avx512Bf16)),
+        ] {
+            assert_eq!(Backend::parse_forced(value), Ok(want), "{value:?}");
+        }
+        assert!(
+            matches!(Backend::parse_forced(Some("amx")), Err(Error::Unsupported(m)) if m.contains("no AMX kernel"))
+        );
+        assert!(
+            matches!(Backend::parse_forced(Some("sse2")), Err(Error::Value { arg, .. }) if arg == "ATTNRS_ISA")
+        );
+        for b in [
+            Backend::Avx2,
+            Backend::Avx512,
+            Backend::Avx512Bf16,
+            Backend::Portable,
+        ] {
+            assert_eq!(
+                Backend::parse_forced(Some(b.name())),
+                Ok(Some(b)),
+                "names read back"
+            );
+        }
     }
 }

@@ -21,13 +21,8 @@ HEAD_DIMS = [32, 64, 80, 96, 128, 256]
 
 
 def naive(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    visible: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    scale: float | None = None,
-    softcap: float | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, scale: float | None = None, softcap: float | None = None,
     sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 attention written from the definition, one query row at a time (independent of attnrs)."""
@@ -56,9 +51,8 @@ def naive(
     return out, lse
 
 
-def dense_visibility(
-    mask: Any, is_causal: bool, b: int, h: int, q_len: int, kv_len: int, q_offset: int = 0
-) -> torch.Tensor | None:
+def dense_visibility(mask: Any, is_causal: bool, b: int, h: int, q_len: int, kv_len: int,
+                     q_offset: int = 0) -> torch.Tensor | None:
     """Bool [B, H, Q, K] of what attnrs.attention documents for each mask form (Masks placed at q_offset)."""
     visible = None
     if isinstance(mask, masks.Mask):
@@ -66,9 +60,8 @@ def dense_visibility(
     elif isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
         visible = mask.expand(b, h, q_len, kv_len)
     elif isinstance(mask, attnrs.BlockMask):
-        visible = attnrs.create_dense_mask(
-            mask.attnrs_mask, b, h, q_len, kv_len, q_offset=mask.q_offset, kv_offset=mask.kv_offset
-        ).expand(b, h, -1, -1)
+        visible = attnrs.create_dense_mask(mask.attnrs_mask, b, h, q_len, kv_len, q_offset=mask.q_offset,
+                                           kv_offset=mask.kv_offset).expand(b, h, -1, -1)
     if is_causal:
         causal = torch.ones(q_len, kv_len, dtype=torch.bool).tril()
         visible = causal.expand(b, h, -1, -1) if visible is None else visible & causal
@@ -100,24 +93,8 @@ def problems(draw: st.DrawFn, dtype: torch.dtype = torch.float32) -> dict[str, A
     q, k, v = tensor(b, h, q_len, d), tensor(b, h_kv, kv_len, d), tensor(b, h_kv, kv_len, dv)
     if draw(st.booleans()) and b > 1:  # stride-0 batch for k and v
         k, v = k[:1].expand(b, -1, -1, -1), v[:1].expand(b, -1, -1, -1)
-    kind = draw(
-        st.sampled_from(
-            [
-                "none",
-                "causal",
-                "sliding",
-                "document",
-                "padding",
-                "prefix",
-                "composed",
-                "callable",
-                "block",
-                "dense_bool",
-                "additive",
-                "causal_and_dense",
-            ]
-        )
-    )
+    kind = draw(st.sampled_from(["none", "causal", "sliding", "document", "padding", "prefix", "composed",
+                                 "callable", "block", "dense_bool", "additive", "causal_and_dense"]))
     mask: Any = None
     is_causal = False
     if kind == "causal":
@@ -151,18 +128,8 @@ def problems(draw: st.DrawFn, dtype: torch.dtype = torch.float32) -> dict[str, A
     scale = draw(st.sampled_from([None, 0.1]))
     # Masks are top-left (flex) by default; q_offset=K-Q is the KV-cache placement.
     q_offset = draw(st.sampled_from([0, kv_len - q_len])) if isinstance(mask, masks.Mask) else 0
-    return dict(
-        q=q,
-        k=k,
-        v=v,
-        mask=mask,
-        is_causal=is_causal,
-        softcap=softcap,
-        sinks=sinks,
-        scale=scale,
-        kind=kind,
-        q_offset=q_offset,
-    )
+    return dict(q=q, k=k, v=v, mask=mask, is_causal=is_causal, softcap=softcap, sinks=sinks, scale=scale, kind=kind,
+                q_offset=q_offset)
 
 
 def _reference(p: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,19 +141,8 @@ def _reference(p: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _run(p: dict[str, Any], **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    return attnrs.attention(
-        p["q"],
-        p["k"],
-        p["v"],
-        p["mask"],
-        is_causal=p["is_causal"],
-        scale=p["scale"],
-        q_offset=p["q_offset"],
-        softcap=p["softcap"],
-        sinks=p["sinks"],
-        return_lse=True,
-        **kwargs,
-    )
+    return attnrs.attention(p["q"], p["k"], p["v"], p["mask"], is_causal=p["is_causal"], scale=p["scale"],
+                            q_offset=p["q_offset"], softcap=p["softcap"], sinks=p["sinks"], return_lse=True, **kwargs)
 
 
 @given(problems())
@@ -233,9 +189,8 @@ def test_half_precision_is_as_accurate_as_sdpa(dtype: torch.dtype, case: str) ->
     v = torch.randn(b, h_kv, kv_len, d).to(dtype)
     mask = (torch.rand(b, 1, q_len, kv_len) > 0.3) | torch.eye(q_len, dtype=torch.bool) if case == "dense" else None
     is_causal = case == "causal"
-    ref = F.scaled_dot_product_attention(
-        q.double(), k.double(), v.double(), attn_mask=mask, is_causal=is_causal, enable_gqa=h != h_kv
-    )
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, is_causal=is_causal,
+                                         enable_gqa=h != h_kv)
     peer = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=h != h_kv)
     ours = attnrs.attention(q, k, v, mask, is_causal=is_causal)
     peer_error = (peer.double() - ref).abs().mean().item()
@@ -354,20 +309,14 @@ def _qkv(**shapes: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         (lambda: attnrs.attention(*_qkv(q=(2, 4, 8, 32), k=(3, 2, 8, 32))), attnrs.ShapeError, "batch dims"),
         (lambda: attnrs.attention(*_qkv(), enable_gqa="yes"), attnrs.ArgumentError, "enable_gqa"),
         (lambda: attnrs.attention(*_qkv(), q_offset=1.5), attnrs.ArgumentError, "q_offset"),
-        (
-            lambda: attnrs.attention(*_qkv(), torch.ones(8, 8, dtype=torch.bool), q_offset=2),
-            attnrs.ArgumentError,
-            "q_offset",
-        ),
+        (lambda: attnrs.attention(*_qkv(), torch.ones(8, 8, dtype=torch.bool), q_offset=2), attnrs.ArgumentError,
+         "q_offset"),
         (lambda: attnrs.attention(*_qkv(v=(1, 2, 9, 32))), attnrs.ShapeError, "value"),
         (lambda: attnrs.attention(*_qkv(k=(1, 2, 8, 16), v=(1, 2, 8, 32))), attnrs.ShapeError, "head dim"),
         (lambda: attnrs.attention(*_qkv(k=(1, 3, 8, 32))), attnrs.ShapeError, "GQA"),
         (lambda: attnrs.attention(_qkv()[0].double(), *_qkv()[1:]), attnrs.DtypeError, "dtype"),
-        (
-            lambda: attnrs.attention(*_qkv(), torch.ones(1, 1, 8, 9, dtype=torch.bool)),
-            attnrs.ShapeError,
-            "broadcastable",
-        ),
+        (lambda: attnrs.attention(*_qkv(), torch.ones(1, 1, 8, 9, dtype=torch.bool)), attnrs.ShapeError,
+         "broadcastable"),
         (lambda: attnrs.attention(*_qkv(), torch.ones(1, 1, 8, 8, dtype=torch.int32)), attnrs.DtypeError, "mask"),
         (lambda: attnrs.attention(*_qkv(), "causal"), TypeError, "mask"),
         (lambda: attnrs.attention(*_qkv(), sinks=torch.zeros(3)), attnrs.ShapeError, "sinks"),
@@ -376,11 +325,8 @@ def _qkv(**shapes: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         (lambda: attnrs.attention(*_qkv(), dropout_p=1.5), ValueError, "dropout_p"),
         (lambda: attnrs.attention(*_qkv(), backend="cuda-magic"), ValueError, "backend"),
         (lambda: attnrs.attention(*(t.to("meta") for t in _qkv()), backend="native"), attnrs.DeviceError, "CPU"),
-        (
-            lambda: attnrs.attention(*_qkv(), attnrs.create_block_mask(masks.causal(), 1, None, 8, 9)),
-            attnrs.ShapeError,
-            "seq_lengths",
-        ),
+        (lambda: attnrs.attention(*_qkv(), attnrs.create_block_mask(masks.causal(), 1, None, 8, 9)),
+         attnrs.ShapeError, "seq_lengths"),
         (lambda: attnrs.attention(*_qkv(), softcap=1.0, backend="sdpa"), NotImplementedError, "softcap"),
     ],
 )
@@ -422,14 +368,8 @@ def test_dropout_keep_rate_is_one_minus_p_and_seeds_differ() -> None:
 
 
 def _dropout_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    visible: torch.Tensor | None,
-    p: float,
-    seed: torch.Tensor,
-    sinks: torch.Tensor | None = None,
-    softcap: float | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None, p: float, seed: torch.Tensor,
+    sinks: torch.Tensor | None = None, softcap: float | None = None,
 ) -> torch.Tensor:
     """Float64 differentiable attention with the kernel's keep pattern applied to the weights (torch ops only)."""
     b, h, q_len, d = q.shape
@@ -540,7 +480,7 @@ def test_dispatch_table_rows_for_accelerators_and_its_rendering() -> None:
 
     def first(device: str, resolved, softcap=None, dropout_p=0.0, return_lse=False) -> str:  # type: ignore[no-untyped-def]
         call = dispatch.Call(q, k, v, resolved, softcap, None, dropout_p, return_lse)
-        return next(r.backend for r in dispatch.AUTO_ROUTES if dispatch._matches(r, device) and r.holds(call))
+        return dispatch.first_route(call, device).backend
 
     causal = resolve_mask(None, True, (1, 4, 8, 8), q.device)
     dense = resolve_mask(torch.ones(8, 8, dtype=torch.bool), False, (1, 4, 8, 8), q.device)
@@ -603,16 +543,8 @@ def test_gradcheck_in_float64(options: dict[str, Any]) -> None:
     def f(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         m = rest[0] if kind == "bias" else mask
         s = rest[-1] if sinks is not None else None
-        return attnrs.attention(
-            q,
-            k,
-            v,
-            m,
-            is_causal=options.get("is_causal", False),
-            softcap=options.get("softcap"),
-            sinks=s,
-            backend="native",
-        )
+        return attnrs.attention(q, k, v, m, is_causal=options.get("is_causal", False), softcap=options.get("softcap"),
+                                sinks=s, backend="native")
 
     assert torch.autograd.gradcheck(f, (q, k, v, *extra))
 
@@ -711,9 +643,8 @@ def test_double_backward_raises_a_clear_error() -> None:
     with pytest.raises(attnrs.UnsupportedError, match="double backward"):
         grad_q.sum().backward()
     # The math backend is plain torch and has them.
-    (grad_q,) = torch.autograd.grad(
-        attnrs.attention(q, k, v, is_causal=True, backend="math").sum(), q, create_graph=True
-    )
+    (grad_q,) = torch.autograd.grad(attnrs.attention(q, k, v, is_causal=True, backend="math").sum(), q,
+                                    create_graph=True)
     grad_q.sum().backward()
 
 
@@ -726,11 +657,8 @@ def test_gradcheck_through_the_returned_lse() -> None:
     window = masks.sliding_window(3)
     # The LSE is float32 even for float64 inputs, so the finite differences take a larger step.
     assert torch.autograd.gradcheck(
-        lambda q, k, v, s: attnrs.attention(q, k, v, window, sinks=s, softcap=2.0, return_lse=True),
-        (q, k, v, sinks),
-        eps=1e-3,
-        atol=2e-3,
-        rtol=1e-3,
+        lambda q, k, v, s: attnrs.attention(q, k, v, window, sinks=s, softcap=2.0, return_lse=True), (q, k, v, sinks),
+        eps=1e-3, atol=2e-3, rtol=1e-3,
     )
 
 
@@ -783,17 +711,12 @@ def test_errors_are_runtime_errors_too_as_torchs_are() -> None:
 
 def test_numpy_scalars_are_numbers() -> None:
     import numpy as np
-
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
     want = attnrs.attention(q, k, v, is_causal=True, scale=0.5, softcap=20.0)
-    got = attnrs.attention(
-        q, k, v, is_causal=True, scale=np.float32(0.5), softcap=np.float64(20.0), dropout_p=np.float32(0)
-    )
+    got = attnrs.attention(q, k, v, is_causal=True, scale=np.float32(0.5), softcap=np.float64(20.0), dropout_p=np.float32(0))
     torch.testing.assert_close(got, want)
-    torch.testing.assert_close(
-        got, F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5), atol=2e-2, rtol=0
-    )
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5), atol=2e-2, rtol=0)
     with pytest.raises(attnrs.ArgumentError, match="scale: expected a finite number"):
         attnrs.attention(q, k, v, scale=np.bool_(True))
 

@@ -27,6 +27,7 @@ __all__ = [
     "Call",
     "Route",
     "choose_backend",
+    "first_route",
     "flash_attn_available",
     "flash_reason",
     "needs_grad",
@@ -68,7 +69,7 @@ def flash_reason(
     return None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Call:
     """What a route's condition looks at: one call's inputs, after the mask was resolved."""
 
@@ -163,11 +164,15 @@ def choose_backend(
     return_lse: bool,
 ) -> tuple[str, str]:
     """(backend, reason) for ``backend="auto"``: the first row of :data:`AUTO_ROUTES` that holds."""
-    call = Call(query, key, value, resolved, softcap, sinks, dropout_p, return_lse)
-    device = query.device.type
+    route = first_route(Call(query, key, value, resolved, softcap, sinks, dropout_p, return_lse), query.device.type)
+    return route.backend, route.reason
+
+
+def first_route(call: Call, device: str) -> Route:
+    """The row of :data:`AUTO_ROUTES` that a call on ``device`` (a device type such as ``"cuda"``) takes."""
     for route in AUTO_ROUTES:
         if _matches(route, device) and route.holds(call):
-            return route.backend, route.reason
+            return route
     raise AssertionError("the last row holds on every device")
 
 

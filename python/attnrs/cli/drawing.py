@@ -132,7 +132,7 @@ def write_png(
     partial, empty, as a BlockMask classifies them) and the block boundaries are drawn (up to 64 a side).
     Longer masks are drawn from a block layout (power-of-two cells, at most ``max_pixels`` a side: all visible,
     partly visible, all masked); no dense grid is built. The picture has the same size at every length."""
-    from .plots import new_figure, save
+    from .plots import legend_below, new_figure, save
 
     kv_len = q_len if kv_len is None else kv_len
     mask = from_callable(mask)
@@ -223,13 +223,7 @@ def write_png(
             handles.append(Line2D([], [], color="0.55", linewidth=0.8, label=f"block boundary (every {block})"))
         else:
             note += f"; {block}x{block} block boundaries not drawn (over {MAX_BOUNDARIES} a side)"
-    fig.legend(
-        handles=handles,
-        loc="outside lower center",
-        ncol=len(handles) if len(handles) <= 3 else 2,
-        frameon=False,
-        fontsize=9,
-    )
+    legend_below(fig, handles, 3, 2)
     heading = title or f"{mask!r}"
     if len(heading) > 90:
         heading = heading[:87] + "..."

@@ -76,6 +76,13 @@ def new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
+def legend_below(fig: Figure, handles: Sequence[Any], max_columns: int, columns_when_wider: int) -> None:
+    """The figure's legend centred under its panels: one row of up to ``max_columns`` entries, else
+    ``columns_when_wider`` columns."""
+    ncol = len(handles) if len(handles) <= max_columns else columns_when_wider
+    fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False, fontsize=9)
+
+
 def save(fig: Figure, path: str | Path, title: str) -> tuple[int, int]:
     """Writes ``fig`` in the format of ``path``'s suffix, ``title`` in the file's metadata; returns (height, width)
     in pixels."""
@@ -214,12 +221,6 @@ def plot_bench(
     handles: list[Patch | Line2D] = [Patch(color=colors[n], label=n) for n in colors]
     if scaled:
         handles.append(Line2D([], [], linestyle=":", color="0.45", label="∝ L² (scaling panels)"))
-    fig.legend(
-        handles=handles,
-        loc="outside lower center",
-        ncol=len(handles) if len(handles) <= 8 else 5,
-        frameon=False,
-        fontsize=9,
-    )
+    legend_below(fig, handles, 8, 5)
     fig.suptitle(title, fontsize=11)
     return save(fig, path, title)

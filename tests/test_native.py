@@ -325,7 +325,7 @@ def test_the_gil_is_released_during_a_native_call() -> None:
         with torch.no_grad():
             _attnrs.native_attention_forward(
                 "example", (q, k, v, None, None, None, None), (torch.empty_like(q), None),
-                (torch.empty(0, dtype=torch.uint8), None, None), (0.125, 0.0, 0.0, 0, 1),
+                (torch.empty(0, dtype=torch.uint8), None, None), (0.125, 0.0, 0.0, 0, 1, 0),
             )
         during = ticks - before
     finally:

@@ -303,7 +303,7 @@ def test_the_kernel_checks_offsets_itself():
     rows = lambda t: t.permute(1, 0, 2).unsqueeze(0)  # noqa: E731
     call = lambda cu_q, cu_k, used=None, table=None, page=1, view=rows(k): _attnrs.varlen_attention_forward(  # noqa: E731
         (rows(q), view, view, None, None, None, None), (rows(out), lse.unsqueeze(0)),
-        (torch.empty(0, dtype=torch.uint8), None, None), (0.3, 0.0, 0.0, 0, 1), (cu_q, cu_k, used, table, page, -1, 0),
+        (torch.empty(0, dtype=torch.uint8), None, None), (0.3, 0.0, 0.0, 0, 1, 0), (cu_q, cu_k, used, table, page, -1, 0),
     )  # fmt: skip
     good = torch.tensor([0, 4, 10], dtype=torch.int32)
     with pytest.raises(ArgumentError, match="cu_seq_q"):

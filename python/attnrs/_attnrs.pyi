@@ -130,7 +130,7 @@ _Outputs = tuple[Any, Any | None]
 # (mask_program: the packed uint8 operand of mask_operand, or empty; dense_mask; bias)
 _MaskArgs = tuple[Any, Any | None, Any | None]
 # (scale, softcap, dropout_p, dropout_seed, num_threads)
-_Scalars = tuple[float, float, float, int, int]
+_Scalars = tuple[float, float, float, int, int, int]  # (scale, softcap, dropout_p, dropout_seed, num_threads, f32_precision)
 # (grad_out, grad_lse, grad_query, grad_key, grad_value, grad_sinks, grad_bias, grad_score_distance,
 #  grad_score_key)
 _GradArgs = tuple[Any, Any | None, Any, Any, Any, Any | None, Any | None, Any | None, Any | None]

@@ -18,6 +18,7 @@ import torch
 from .. import _attnrs
 from ..arguments import check_memory, non_negative
 from ..errors import ArgumentError, UnsupportedError
+from ..precision import f32_precision_code
 from ..threads import num_threads
 
 __all__ = [
@@ -51,11 +52,11 @@ class KernelOperands(NamedTuple):
     ) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]]:
         """The groups every Rust entry point takes around its outputs: ``(query, key, value, sinks, head_scale,
         score_distance, score_key)`` before them, then ``(mask_program, dense_mask, bias)`` and
-        ``(scale, softcap, dropout_p, dropout_seed, num_threads)``."""
+        ``(scale, softcap, dropout_p, dropout_seed, num_threads, f32_precision)`` (:mod:`attnrs.precision`)."""
         return (
             (query, key, value, self.sinks, self.head_scale, self.score_distance, self.score_key),
             (self.mask_program, self.dense_mask, self.bias),
-            (self.scale, self.softcap, dropout_p, seed, num_threads()),
+            (self.scale, self.softcap, dropout_p, seed, num_threads(), f32_precision_code()),
         )
 
 

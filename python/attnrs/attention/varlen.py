@@ -28,6 +28,7 @@ import torch
 from .. import _attnrs
 from ..errors import ArgumentError, DeviceError, DtypeError, LayoutError, ShapeError, UnsupportedError
 from ..masks.mask import Mask, and_masks, causal, document, sliding_window_overlay
+from ..precision import f32_precision_code
 from ..threads import num_threads
 from .api import attention
 
@@ -277,7 +278,7 @@ def _forward(
     k_rows, v_rows = (_pool_rows(key), _pool_rows(value)) if paged else (_rows(key), _rows(value))
     inputs = (_rows(query), k_rows, v_rows, None, None, None, None)
     no_mask = (torch.empty(0, dtype=torch.uint8), None, None)
-    scalars = (plan.scale, plan.softcap, 0.0, 0, num_threads())
+    scalars = (plan.scale, plan.softcap, 0.0, 0, num_threads(), f32_precision_code())
     ragged = (cu_seq_q, cu_seq_k, seqused_k, block_table, plan.page_size, *plan.window)
     _attnrs.varlen_attention_forward(inputs, (_rows(out), lse.unsqueeze(0)), no_mask, scalars, ragged)
     return out, lse

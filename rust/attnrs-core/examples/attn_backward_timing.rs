@@ -59,6 +59,7 @@ fn main() {
         dropout: None,
         score: Default::default(),
         num_threads: threads,
+        f32_precision: Default::default(),
     };
     let bwd = AttentionGradArgs {
         grad_lse: None,
@@ -83,6 +84,7 @@ fn main() {
         grad_score_distance: None,
         grad_score_key: None,
         num_threads: threads,
+        f32_precision: Default::default(),
     };
     let (mut best_f, mut best_b) = (f64::INFINITY, f64::INFINITY);
     let (mut cpu_f, mut cpu_b) = (0.0, 0.0);

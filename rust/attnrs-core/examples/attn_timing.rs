@@ -109,6 +109,7 @@ fn main() {
             dropout: None,
             score: Default::default(),
             num_threads: threads,
+            f32_precision: Default::default(),
         };
         attention_forward_with(&args, backend).unwrap(); // warm-up (pools, page faults)
         // Short cases repeat more, so that each is timed over at least ~0.3 s in all.

@@ -8,7 +8,7 @@
 
 use attnrs_core::Error;
 use attnrs_core::kernel::{
-    AttentionArgs, AttentionGradArgs, Dropout, RaggedArgs, ScoreTerms,
+    AttentionArgs, AttentionGradArgs, Dropout, F32Precision, RaggedArgs, ScoreTerms,
     attention_backward as run_backward, attention_forward as run_kernel, attention_forward_ragged,
     keep_pattern,
 };
@@ -41,13 +41,28 @@ pub struct Inputs<'py>(
 #[derive(FromPyObject)]
 pub struct Outputs<'py>(Bound<'py, PyAny>, Option<Bound<'py, PyAny>>);
 
-/// The scalars of a call: `(scale, softcap, dropout_p, dropout_seed, num_threads)`. `softcap <= 0` means
-/// none; `dropout_p > 0` drops weights with the pattern of `dropout_seed` (see
-/// `attnrs_core::kernel::Dropout`).
+/// The scalars of a call: `(scale, softcap, dropout_p, dropout_seed, num_threads, f32_precision)`.
+/// `softcap <= 0` means none; `dropout_p > 0` drops weights with the pattern of `dropout_seed` (see
+/// `attnrs_core::kernel::Dropout`); `f32_precision` is torch's float32 matmul precision as 0 ("highest"),
+/// 1 ("high") or 2 ("medium") (python/attnrs/precision.py writes it).
 #[derive(FromPyObject, Clone, Copy)]
-pub struct Scalars(f64, f64, f64, u64, usize);
+pub struct Scalars(f64, f64, f64, u64, usize, u8);
 
 impl Scalars {
+    fn f32_precision(&self) -> PyResult<F32Precision> {
+        match self.5 {
+            0 => Ok(F32Precision::Highest),
+            1 => Ok(F32Precision::High),
+            2 => Ok(F32Precision::Medium),
+            other => Err(PyAttnrsError(Error::value(
+                "f32_precision",
+                "0 (highest), 1 (high) or 2 (medium)",
+                other.to_string(),
+            ))
+            .into()),
+        }
+    }
+
     fn dropout(&self) -> Option<Dropout> {
         (self.2 != 0.0).then_some(Dropout {
             p: self.2,
@@ -89,6 +104,7 @@ struct Prepared {
     /// The score mod's terms: head scales, distance and key terms.
     terms: [Option<Imported>; 3],
     scalars: Scalars,
+    f32_precision: F32Precision,
 }
 
 impl Prepared {
@@ -132,6 +148,7 @@ impl Prepared {
             bias: imported.bias,
             terms,
             scalars,
+            f32_precision: scalars.f32_precision()?,
         })
     }
 
@@ -147,7 +164,7 @@ impl Prepared {
         kernel: impl FnOnce(&AttentionArgs) -> attnrs_core::Result<()> + Send,
     ) -> PyResult<()> {
         run_detached(py, move || {
-            let Scalars(scale, softcap, _, _, num_threads) = self.scalars;
+            let Scalars(scale, softcap, _, _, num_threads, _) = self.scalars;
             let [head_scale, distance, key] = &self.terms;
             kernel(&AttentionArgs {
                 query: &self.query.view,
@@ -167,6 +184,7 @@ impl Prepared {
                     key: key.as_ref().map(|t| &t.view),
                 },
                 num_threads,
+                f32_precision: self.f32_precision,
             })
         })
     }
@@ -326,6 +344,7 @@ pub fn attention_backward(
             grad_score_distance: grad_distance.as_ref().map(|t| &t.view),
             grad_score_key: grad_score_key.as_ref().map(|t| &t.view),
             num_threads: args.num_threads,
+            f32_precision: args.f32_precision,
         })
     })
 }

@@ -64,7 +64,7 @@ mod _attnrs {
     /// "float64", "bfloat16" or "float16"), e.g. `("avx2", "AVX2+FMA, f32 (this CPU has no AVX-512)")`, following
     /// `ATTNRS_ISA` when it is set (an invalid value, or a path this CPU lacks, raises).
     #[pyfunction]
-    fn kernel_path(py: Python<'_>, dtype: &str) -> PyResult<(&'static str, &'static str)> {
+    fn kernel_path(py: Python<'_>, dtype: &str) -> PyResult<(&'static str, String)> {
         use attnrs_core::kernel::Backend;
         use attnrs_core::tensor::DType;
         let dtype = match dtype {

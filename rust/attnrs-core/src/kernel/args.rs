@@ -43,6 +43,33 @@ pub struct AttentionArgs<'a> {
     pub dropout: Option<Dropout>,
     /// Worker threads (a private pool; 0 means 1).
     pub num_threads: usize,
+    /// How f32 inputs' products are computed (torch's `float32_matmul_precision`); other dtypes ignore it.
+    pub f32_precision: F32Precision,
+}
+
+/// torch's `torch.get_float32_matmul_precision()` for attention's two products on f32 inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum F32Precision {
+    /// f32 products, exact to f32 rounding (torch's default).
+    #[default]
+    Highest,
+    /// "high": a bf16×3 split where a fast one exists. attnrs has none yet, so this computes as
+    /// [`F32Precision::Highest`] (torch too falls back to highest where it has no fast algorithm).
+    High,
+    /// "medium": inputs rounded to bf16 and the bf16 path (f32 accumulation) where the CPU has fast bf16
+    /// products (AMX or AVX-512 BF16); elsewhere as [`F32Precision::High`], as torch specifies.
+    Medium,
+}
+
+impl F32Precision {
+    /// torch's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            F32Precision::Highest => "highest",
+            F32Precision::High => "high",
+            F32Precision::Medium => "medium",
+        }
+    }
 }
 
 impl std::fmt::Debug for AttentionArgs<'_> {
@@ -60,6 +87,7 @@ impl std::fmt::Debug for AttentionArgs<'_> {
             .field("sinks", &self.sinks.map(|t| t.shape().to_vec()))
             .field("dropout", &self.dropout)
             .field("num_threads", &self.num_threads)
+            .field("f32_precision", &self.f32_precision)
             .finish_non_exhaustive()
     }
 }

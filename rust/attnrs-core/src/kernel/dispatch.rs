@@ -6,8 +6,9 @@
 //! through here: adding an ISA is one row of `select!`, one of `for_each_isa!` and its micro-kernel file in
 //! [`super::gemm`].
 
+use super::F32Precision;
 use super::gemm::Kern;
-use crate::isa::Isa as Cpu;
+use crate::isa::{Amx, Isa as Cpu};
 use crate::tensor::DType;
 use crate::{Error, Result};
 use std::sync::OnceLock;
@@ -16,7 +17,8 @@ use std::sync::OnceLock;
 /// fail with [`Error::Unsupported`] when the CPU lacks it. f64 inputs always run the portable f64 path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Backend {
-    /// The best available path (AVX-512 BF16 for bf16 inputs, then AVX-512F, then AVX2+FMA, then portable).
+    /// The best available path (AMX for bf16 inputs, then AVX-512 BF16, then AVX-512F, then AVX2+FMA,
+    /// then portable).
     #[default]
     Auto,
     /// Plain Rust, no `target_feature`: correct on every CPU.
@@ -27,6 +29,13 @@ pub enum Backend {
     Avx512,
     /// AVX-512 BF16 dot products for bf16 inputs (other dtypes run [`Backend::Avx512`]).
     Avx512Bf16,
+    /// AMX tiles (`tdpbf16ps`) for bf16 inputs (other dtypes run [`Backend::Avx512`]). Needs the CPU's
+    /// `amx_tile`/`amx_bf16` and the OS's permission ([`crate::isa::Amx::Ready`]).
+    Amx,
+    /// The AMX path's blocking over a scalar model of the tile instructions, for bf16 inputs (other dtypes
+    /// run what [`Backend::Auto`] picks): how the tile logic is tested on CPUs without AMX. Slow; never
+    /// chosen by `Auto`.
+    AmxEmulated,
 }
 
 impl Backend {
@@ -37,33 +46,74 @@ impl Backend {
             match Backend::from_env() {
                 Ok(None) => {}
                 Ok(Some(forced)) => {
-                    return forced.resolve(dtype).map_err(|_| {
+                    return forced.resolve_on_cpu(dtype).map_err(|e| {
                         Error::Unsupported(format!(
-                            "ATTNRS_ISA={} on this CPU, which lacks it (unset ATTNRS_ISA, or see `attnrs info` \
-                             for the paths this CPU has)",
-                            forced.name()
+                            "ATTNRS_ISA={} on this CPU: {} (unset ATTNRS_ISA, or see `attnrs info` for the \
+                             paths this CPU has)",
+                            forced.name(),
+                            match e {
+                                Error::Unsupported(why) => why,
+                                other => other.to_string(),
+                            }
                         ))
                     });
                 }
                 Err(e) => return Err(e),
             }
         }
+        self.resolve_on_cpu(dtype)
+    }
+
+    /// [`Backend::resolve`] for a call whose f32 inputs follow `precision`: under
+    /// [`F32Precision::Medium`], f32 runs the bf16 path `self` resolves to for bf16 when that path has fast
+    /// bf16 products (AMX, real or emulated, or AVX-512 BF16), rounding the inputs to bf16 as it packs them.
+    pub fn resolve_for(self, dtype: DType, precision: F32Precision) -> Result<Backend> {
+        if dtype == DType::F32 && precision == F32Precision::Medium {
+            let bf16 = self.resolve(DType::BF16)?;
+            if matches!(
+                bf16,
+                Backend::Amx | Backend::AmxEmulated | Backend::Avx512Bf16
+            ) {
+                return Ok(bf16);
+            }
+        }
+        self.resolve(dtype)
+    }
+
+    /// [`Backend::resolve`] without `ATTNRS_ISA`.
+    fn resolve_on_cpu(self, dtype: DType) -> Result<Backend> {
         let isa = Cpu::get();
         let avx2 = isa.avx2 && isa.fma;
-        let missing =
-            |what: &str| Err(Error::Unsupported(format!("the {what} kernel on this CPU")));
+        let amx = isa.amx == Amx::Ready;
+        let bf16 = dtype == DType::BF16;
+        let missing = |what: &str| {
+            Err(Error::Unsupported(format!(
+                "the {what} kernel needs what this CPU lacks"
+            )))
+        };
         let chosen = match self {
-            Backend::Auto if isa.avx512bf16 && dtype == DType::BF16 => Backend::Avx512Bf16,
+            Backend::Auto if amx && bf16 => Backend::Amx,
+            Backend::Auto if isa.avx512bf16 && bf16 => Backend::Avx512Bf16,
             Backend::Auto if isa.avx512f => Backend::Avx512,
             Backend::Auto if avx2 => Backend::Avx2,
             Backend::Auto | Backend::Portable => Backend::Portable,
             Backend::Avx2 if avx2 => Backend::Avx2,
             Backend::Avx512 if isa.avx512f => Backend::Avx512,
-            Backend::Avx512Bf16 if isa.avx512bf16 && dtype == DType::BF16 => Backend::Avx512Bf16,
+            Backend::Avx512Bf16 if isa.avx512bf16 && bf16 => Backend::Avx512Bf16,
             Backend::Avx512Bf16 if isa.avx512bf16 => Backend::Avx512,
+            Backend::Amx if amx && bf16 => Backend::Amx,
+            Backend::Amx if amx => Backend::Avx512,
+            Backend::AmxEmulated if bf16 => Backend::AmxEmulated,
+            Backend::AmxEmulated => return Backend::Auto.resolve_on_cpu(dtype),
             Backend::Avx2 => return missing("AVX2+FMA"),
             Backend::Avx512 => return missing("AVX-512F"),
             Backend::Avx512Bf16 => return missing("AVX-512 BF16"),
+            Backend::Amx => {
+                let why = isa.amx.refusal().unwrap_or("AMX is not ready");
+                return Err(Error::Unsupported(format!(
+                    "the AMX kernel cannot run: {why}"
+                )));
+            }
         };
         Ok(if dtype == DType::F64 {
             Backend::Portable
@@ -82,22 +132,32 @@ impl Backend {
             .clone()
     }
 
+    /// Every path `ATTNRS_ISA` can name, by [`Backend::name`].
+    pub const FORCEABLE: [Backend; 7] = [
+        Backend::Auto,
+        Backend::Amx,
+        Backend::AmxEmulated,
+        Backend::Avx512Bf16,
+        Backend::Avx512,
+        Backend::Avx2,
+        Backend::Portable,
+    ];
+
     /// [`Backend::from_env`]'s reading of one value of `ATTNRS_ISA`.
     pub fn parse_forced(value: Option<&str>) -> Result<Option<Backend>> {
-        let expected = "one of auto, avx512_bf16, avx512, avx2, portable";
-        Ok(Some(match value.map(str::trim) {
-            None | Some("") | Some("auto") => return Ok(None),
-            Some("portable") => Backend::Portable,
-            Some("avx2") => Backend::Avx2,
-            Some("avx512") => Backend::Avx512,
-            Some("avx512_bf16") => Backend::Avx512Bf16,
-            Some("amx") => {
-                return Err(Error::Unsupported(
-                    "ATTNRS_ISA=amx: this version of attnrs has no AMX kernel yet".into(),
-                ));
+        let value = match value.map(str::trim) {
+            None | Some("") => return Ok(None),
+            Some(v) => v,
+        };
+        match Backend::FORCEABLE.iter().find(|b| b.name() == value) {
+            Some(Backend::Auto) => Ok(None),
+            Some(&b) => Ok(Some(b)),
+            None => {
+                let names: Vec<_> = Backend::FORCEABLE.iter().map(|b| b.name()).collect();
+                let expected = format!("one of {}", names.join(", "));
+                Err(Error::value("ATTNRS_ISA", expected, format!("{value:?}")))
             }
-            Some(other) => return Err(Error::value("ATTNRS_ISA", expected, format!("{other:?}"))),
-        }))
+        }
     }
 
     /// The name `attnrs info` and the benchmarks print for this path.
@@ -108,22 +168,29 @@ impl Backend {
             Backend::Avx2 => "avx2",
             Backend::Avx512 => "avx512",
             Backend::Avx512Bf16 => "avx512_bf16",
+            Backend::Amx => "amx",
+            Backend::AmxEmulated => "amx_emulated",
         }
     }
 
     /// The path [`Backend::Auto`] takes on this CPU for inputs of `dtype` (forward, backward and decode
-    /// alike), and why, in a few words.
+    /// alike), and why, in a few words; for bf16 off AMX, also why not AMX.
     /// Refused when `ATTNRS_ISA` is invalid or names a path this CPU lacks.
-    pub fn auto_path(dtype: DType) -> Result<(Backend, &'static str)> {
+    pub fn auto_path(dtype: DType) -> Result<(Backend, String)> {
         let isa = Cpu::get();
         let chosen = Backend::Auto.resolve(dtype)?;
-        let forced = matches!(Backend::from_env(), Ok(Some(_)));
+        // Named as forced only when ATTNRS_ISA named this very path (amx_emulated leaves non-bf16 dtypes to auto).
+        let forced = matches!(Backend::from_env(), Ok(Some(b)) if b == chosen);
         let narrow = matches!(dtype, DType::BF16 | DType::F16);
         let why = match chosen {
             _ if dtype == DType::F64 => "float64 always runs the portable f64 path",
             Backend::Portable if forced => "portable Rust, forced by ATTNRS_ISA",
             Backend::Avx2 if forced => "AVX2+FMA, forced by ATTNRS_ISA",
             Backend::Avx512 if forced => "AVX-512F, forced by ATTNRS_ISA",
+            Backend::AmxEmulated => {
+                "emulated AMX tiles (a scalar model for tests, slow), forced by ATTNRS_ISA"
+            }
+            Backend::Amx => "AMX tiles (tdpbf16ps), f32 accumulation",
             Backend::Avx512Bf16 => "AVX-512 BF16 dot products (vdpbf16ps), f32 accumulation",
             Backend::Avx512 if dtype == DType::BF16 => {
                 "AVX-512F, bf16 widened to f32 (this CPU has no AVX-512 BF16)"
@@ -135,6 +202,13 @@ impl Backend {
             _ if isa.neon => "portable Rust (the compiler's NEON); no hand-written NEON kernel",
             _ => "portable Rust: this CPU has no AVX2+FMA",
         };
+        let mut why = why.to_string();
+        if dtype == DType::BF16
+            && !matches!(chosen, Backend::Amx | Backend::AmxEmulated)
+            && let Some(no_amx) = isa.amx.refusal()
+        {
+            why = format!("{why}; amx: {no_amx}");
+        }
         Ok((chosen, why))
     }
 }
@@ -175,6 +249,12 @@ macro_rules! for_each_isa {
             $crate::kernel::gemm::Avx512Bf16,
             "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"
         );
+        #[cfg(target_arch = "x86_64")]
+        $m!(
+            $crate::kernel::gemm::Amx,
+            "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"
+        );
+        $m!($crate::kernel::gemm::AmxEmulated);
     };
 }
 pub(crate) use for_each_isa;
@@ -216,13 +296,15 @@ macro_rules! select {
         use $crate::kernel::dispatch::Backend;
         // `backend` came from `Backend::resolve`, which checked the CPU's features.
         match $backend {
-            // bf16 inputs: `vdpbf16ps` products (f32 accumulation).
+            // bf16 products, f32 accumulation: AMX tiles (real or emulated) or `vdpbf16ps`. `resolve` picks
+            // these for bf16 inputs, and for f32 ones under `F32Precision::Medium`.
             #[cfg(target_arch = "x86_64")]
-            Backend::Avx512Bf16 if <$t as $crate::tensor::Float>::DTYPE == $crate::tensor::DType::BF16 => {
-                $f::<$crate::kernel::gemm::Avx512Bf16, $t>($($arg),*)
-            }
+            Backend::Amx => $f::<$crate::kernel::gemm::Amx, $t>($($arg),*),
+            Backend::AmxEmulated => $f::<$crate::kernel::gemm::AmxEmulated, $t>($($arg),*),
             #[cfg(target_arch = "x86_64")]
-            Backend::Avx512 | Backend::Avx512Bf16 => $f::<$crate::kernel::gemm::Avx512F32, $t>($($arg),*),
+            Backend::Avx512Bf16 => $f::<$crate::kernel::gemm::Avx512Bf16, $t>($($arg),*),
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512 => $f::<$crate::kernel::gemm::Avx512F32, $t>($($arg),*),
             #[cfg(target_arch = "x86_64")]
             Backend::Avx2 => $f::<$crate::kernel::gemm::Avx2F32, $t>($($arg),*),
             _ => $f::<$crate::kernel::gemm::Portable<f32>, $t>($($arg),*),
@@ -255,26 +337,52 @@ mod tests {
             (Some("portable"), Some(Backend::Portable)),
             (Some("avx512"), Some(Backend::Avx512)),
             (Some("avx512_bf16"), Some(Backend::Avx512Bf16)),
+            (Some("amx"), Some(Backend::Amx)),
+            (Some("amx_emulated"), Some(Backend::AmxEmulated)),
         ] {
             assert_eq!(Backend::parse_forced(value), Ok(want), "{value:?}");
         }
         assert!(
-            matches!(Backend::parse_forced(Some("amx")), Err(Error::Unsupported(m)) if m.contains("no AMX kernel"))
-        );
-        assert!(
             matches!(Backend::parse_forced(Some("sse2")), Err(Error::Value { arg, .. }) if arg == "ATTNRS_ISA")
         );
-        for b in [
-            Backend::Avx2,
-            Backend::Avx512,
-            Backend::Avx512Bf16,
-            Backend::Portable,
-        ] {
+        for b in Backend::FORCEABLE.into_iter().skip(1) {
             assert_eq!(
                 Backend::parse_forced(Some(b.name())),
                 Ok(Some(b)),
                 "names read back"
             );
         }
+    }
+
+    #[test]
+    fn amx_runs_only_where_the_cpu_and_os_allow_it() {
+        let ready = Cpu::get().amx == Amx::Ready;
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let got = Backend::Amx.resolve_on_cpu(dtype);
+            match (ready, dtype) {
+                (true, DType::BF16) => assert_eq!(got, Ok(Backend::Amx)),
+                (true, _) => assert_eq!(got, Ok(Backend::Avx512)),
+                (false, _) => assert!(
+                    matches!(&got, Err(Error::Unsupported(m)) if m.contains(Cpu::get().amx.refusal().unwrap())),
+                    "{got:?}"
+                ),
+            }
+            assert_ne!(
+                Backend::Auto.resolve_on_cpu(dtype),
+                Ok(Backend::AmxEmulated)
+            );
+        }
+        assert_eq!(
+            Backend::AmxEmulated.resolve_on_cpu(DType::BF16),
+            Ok(Backend::AmxEmulated)
+        );
+        assert_eq!(
+            Backend::AmxEmulated.resolve_on_cpu(DType::F32),
+            Backend::Auto.resolve_on_cpu(DType::F32)
+        );
+        assert_eq!(
+            Backend::Auto.resolve_on_cpu(DType::BF16) == Ok(Backend::Amx),
+            ready
+        );
     }
 }

@@ -59,7 +59,7 @@ mod strided;
 #[cfg(test)]
 mod tests;
 
-pub use args::{AttentionArgs, Checked};
+pub use args::{AttentionArgs, Checked, F32Precision};
 pub use backward::{AttentionGradArgs, attention_backward, attention_backward_with};
 pub use dispatch::Backend;
 pub use dropout::{Dropout, keep_pattern};
@@ -78,7 +78,7 @@ pub fn attention_forward(args: &AttentionArgs) -> Result<()> {
 /// [`attention_forward`] on a chosen [`Backend`].
 pub fn attention_forward_with(args: &AttentionArgs, backend: Backend) -> Result<()> {
     let plan = args.check()?;
-    let backend = backend.resolve(plan.dtype)?;
+    let backend = backend.resolve_for(plan.dtype, args.f32_precision)?;
     if plan.dims.is_empty() {
         return Ok(());
     }
@@ -122,6 +122,6 @@ pub fn attention_forward_ragged_with(
         ));
     }
     let ragged = ragged.check(plan.dims.q, plan.dims.k)?;
-    let backend = backend.resolve(plan.dtype)?;
+    let backend = backend.resolve_for(plan.dtype, args.f32_precision)?;
     forward::run(args, &plan, backend, forward::ROWS, Some(&ragged))
 }

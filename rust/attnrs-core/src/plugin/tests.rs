@@ -108,6 +108,7 @@ fn compare(name: &str, case: &Case, mask: &dyn MaskTiles, masked: bool) -> Resul
             dropout: None,
             score: Default::default(),
             num_threads: 3,
+            f32_precision: Default::default(),
         };
         run_kernel(kernel_name, &args, masked)?;
         results.push((out, lse));

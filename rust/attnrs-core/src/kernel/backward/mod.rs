@@ -65,6 +65,7 @@ use stats::*;
 use tile::*;
 
 use super::AttentionArgs;
+use super::F32Precision;
 use super::args::{
     Call, Checked, Dims, FLOATS, check_disjoint, expect_float, expect_like, expect_shape,
 };
@@ -132,6 +133,8 @@ pub struct AttentionGradArgs<'a> {
     pub grad_score_key: Option<&'a TensorView>,
     /// Worker threads (a private pool; 0 means 1). The result does not depend on it.
     pub num_threads: usize,
+    /// How f32 inputs' products are computed (as the forward's [`AttentionArgs::f32_precision`]).
+    pub f32_precision: F32Precision,
 }
 
 impl std::fmt::Debug for AttentionGradArgs<'_> {
@@ -222,7 +225,7 @@ pub(crate) fn backward_with(
     let backend = if checked.dtype == DType::F64 {
         Backend::Portable
     } else {
-        backend.resolve(checked.dtype)?
+        backend.resolve_for(checked.dtype, args.f32_precision)?
     };
     select!(checked.dtype, backend, on(args, &checked, strategy))
 }
@@ -256,6 +259,7 @@ fn validate(a: &AttentionGradArgs) -> Result<Checked> {
         dropout: a.dropout,
         score: a.score,
         num_threads: a.num_threads,
+        f32_precision: a.f32_precision,
     };
     let checked = forward.check_inputs(Call::Backward)?;
     let Dims {

@@ -38,8 +38,9 @@ impl State<f32> for super::decode_avx512::Scratch {
 pub(super) fn decode<K: Entry, T: Float>(job: &Job<T>, threads: usize) {
     #[cfg(target_arch = "x86_64")]
     if K::AVX512 && super::decode_avx512::applies(job) {
-        // bf16 pairs: the AVX-512 BF16 kernel, whose CPU has `vdpbf16ps`.
-        let dot = K::PAIR == 2;
+        // bf16 inputs of a bf16-pair family: the `vdpbf16ps` kernel, whose CPU has it. f32 inputs of such a
+        // family (F32Precision::Medium) keep exact f32 products here: decode is bound by reading K and V.
+        let dot = K::PAIR == 2 && T::DTYPE == crate::tensor::DType::BF16;
         let scratch = || super::decode_avx512::Scratch::new(job, dot);
         // SAFETY: `K::AVX512` says `Backend::resolve` found AVX-512F/BW/VL (and BF16 when `dot`) on this CPU;
         // `applies` holds; the scratch was made with the same `dot`.

@@ -9,7 +9,7 @@ use crate::tensor::{DType, Float};
 /// [`Kern::transpose_units`] on AVX-512: 16×16 blocks of 32-bit units transposed in registers
 /// (unpack 32, unpack 64, then two rounds of 128-bit lane shuffles); leftover rows and units one by one.
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose16(
+pub(super) unsafe fn transpose16(
     src: *const u8,
     row_bytes: isize,
     n: usize,

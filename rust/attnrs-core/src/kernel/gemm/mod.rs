@@ -7,7 +7,7 @@
 //! one broadcast feeds a whole row of accumulators. `n` is always a multiple of 16.
 //!
 //! This module owns the [`Kern`] trait; each ISA's kernels live in their own file ([`portable`], `avx2`,
-//! `avx512`), and [`super::dispatch`] picks among them.
+//! `avx512`, `amx` with its emulated twin), and [`super::dispatch`] picks among them.
 
 use crate::tensor::{DType, Float};
 
@@ -101,7 +101,11 @@ macro_rules! dispatch_tile {
     };
 }
 
+mod amx;
 mod portable;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use amx::Amx;
+pub(crate) use amx::AmxEmulated;
 pub(crate) use portable::Portable;
 
 #[cfg(target_arch = "x86_64")]

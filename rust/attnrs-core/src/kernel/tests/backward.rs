@@ -243,6 +243,7 @@ fn forward_then_backward_matches_reference() {
             grad_score_distance: None,
             grad_score_key: None,
             num_threads: 2,
+            f32_precision: Default::default(),
         })
         .unwrap();
         let want = p.grads();

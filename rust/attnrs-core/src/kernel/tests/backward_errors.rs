@@ -51,6 +51,7 @@ fn errors_name_the_argument_and_never_panic() {
         grad_score_distance: None,
         grad_score_key: None,
         num_threads: 2,
+        f32_precision: Default::default(),
     };
     attention_backward(&base).unwrap();
     assert!(format!("{base:?}").contains("AttentionGradArgs"));

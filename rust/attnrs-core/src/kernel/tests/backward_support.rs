@@ -192,6 +192,7 @@ impl Inputs {
             dropout: p.dropout,
             score: Default::default(),
             num_threads: 2,
+            f32_precision: Default::default(),
         };
         crate::kernel::attention_forward_with(&args, backend).unwrap();
         (out, lse)
@@ -259,6 +260,7 @@ pub(super) fn run_backward(
         grad_score_distance: None,
         grad_score_key: None,
         num_threads: threads,
+        f32_precision: Default::default(),
     };
     backward_with(&args, backend, strategy).unwrap();
     Got {
@@ -322,7 +324,13 @@ pub(super) const fn tuning(dq: DqPath, kv_tile: usize, per_tile: bool) -> Tuning
 /// Every backend this CPU can run for `dtype`.
 pub(super) fn backends(dtype: DType) -> Vec<Backend> {
     let mut all = vec![Backend::Portable];
-    for b in [Backend::Avx2, Backend::Avx512, Backend::Avx512Bf16] {
+    for b in [
+        Backend::Avx2,
+        Backend::Avx512,
+        Backend::Avx512Bf16,
+        Backend::Amx,
+        Backend::AmxEmulated,
+    ] {
         if let Ok(r) = b.resolve(dtype)
             && !all.contains(&r)
         {

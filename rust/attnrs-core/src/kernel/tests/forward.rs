@@ -98,6 +98,7 @@ fn decode_paths_agree_with_portable() {
                 dropout: None,
                 score: Default::default(),
                 num_threads: 2,
+                f32_precision: Default::default(),
             };
             attention_forward_with(&args, backend).unwrap();
             out
@@ -144,6 +145,91 @@ fn odd_and_degenerate_sizes() {
                     rows: 96,
                 });
             }
+        }
+    }
+}
+
+/// f32 under `F32Precision::Medium` runs a bf16 path where one is fast (here forced: the emulated AMX tiles),
+/// so its error against f64 is bf16's and well above f32's; `Highest` and `High` stay exact f32 there, and
+/// `Medium` is exact f32 on a path with no fast bf16 products (AVX2, portable).
+#[test]
+fn f32_under_medium_precision_rounds_to_bf16_only_on_a_bf16_path() {
+    let (hkv, g, q, k, d) = (2, 2, 37, 75, 64);
+    let mut rng = Rng(11);
+    let mut unit = |r: &mut Rng| r.range(-1.0, 1.0);
+    let x = Inputs {
+        q: Buf::new(
+            DType::F32,
+            &[1, hkv * g, q, d],
+            Layout::Contiguous,
+            &mut rng,
+            &mut unit,
+        ),
+        k: Buf::new(
+            DType::F32,
+            &[1, hkv, k, d],
+            Layout::Padded,
+            &mut rng,
+            &mut unit,
+        ),
+        v: Buf::new(
+            DType::F32,
+            &[1, hkv, k, d],
+            Layout::Contiguous,
+            &mut rng,
+            &mut unit,
+        ),
+        bias: None,
+        sinks: None,
+        scale: 1.5 / (d as f32).sqrt(),
+        softcap: None,
+    };
+    let (want, _) = reference(&x, &NoMask);
+    let mut error = |backend: Backend, precision: F32Precision| {
+        let out = Buf::zeros(
+            DType::F32,
+            &[1, hkv * g, q, d],
+            Layout::Contiguous,
+            &mut rng,
+        );
+        let args = AttentionArgs {
+            query: &x.q.view,
+            key: &x.k.view,
+            value: &x.v.view,
+            out: &out.view,
+            lse: None,
+            mask: &NoMask,
+            bias: None,
+            scale: f64::from(x.scale),
+            softcap: None,
+            sinks: None,
+            dropout: None,
+            score: Default::default(),
+            num_threads: 2,
+            f32_precision: precision,
+        };
+        attention_forward_with(&args, backend).unwrap();
+        (0..want.len())
+            .map(|i| (out.get(&[0, i / (q * d), (i / d) % q, i % d]) - want[i]).abs())
+            .fold(0.0f64, f64::max)
+    };
+    let medium = error(Backend::AmxEmulated, F32Precision::Medium);
+    for precision in [F32Precision::Highest, F32Precision::High] {
+        let exact = error(Backend::AmxEmulated, precision);
+        assert!(exact < 2e-6, "{precision:?} on amx_emulated: {exact}");
+        assert!(
+            medium > 20.0 * exact,
+            "medium {medium} vs {precision:?} {exact}"
+        );
+    }
+    assert!(medium < 2e-2, "medium: {medium}");
+    for backend in [Backend::Portable, Backend::Avx2] {
+        if backend.resolve(DType::F32).is_ok() {
+            let e = error(backend, F32Precision::Medium);
+            assert!(
+                e < 2e-6,
+                "{backend:?} has no bf16 products, so medium stays exact: {e}"
+            );
         }
     }
 }

@@ -41,6 +41,7 @@ fn errors_name_the_argument_and_never_panic() {
         dropout: None,
         score: Default::default(),
         num_threads: 2,
+        f32_precision: Default::default(),
     };
     attention_forward(&base).unwrap();
     let arg_of = |r: Result<()>| match r.unwrap_err() {
@@ -287,6 +288,7 @@ fn finfo_min_bias_row_is_the_mean_of_v_and_empty_rows_are_zero() {
         dropout: None,
         score: Default::default(),
         num_threads: 1,
+        f32_precision: Default::default(),
     };
     for backend in backends(DType::F32) {
         attention_forward_with(&args, backend).unwrap();

@@ -192,6 +192,7 @@ pub(super) fn check(
         dropout: None,
         score: Default::default(),
         num_threads: threads,
+        f32_precision: Default::default(),
     };
     let plan = args.check().unwrap();
     let resolved = backend.resolve(dtype).unwrap();
@@ -246,7 +247,13 @@ pub(super) fn check(
 /// Every path this CPU can run for `dtype`.
 pub(super) fn backends(dtype: DType) -> Vec<Backend> {
     let mut all = vec![Backend::Portable];
-    for b in [Backend::Avx2, Backend::Avx512, Backend::Avx512Bf16] {
+    for b in [
+        Backend::Avx2,
+        Backend::Avx512,
+        Backend::Avx512Bf16,
+        Backend::Amx,
+        Backend::AmxEmulated,
+    ] {
         if let Ok(r) = b.resolve(dtype)
             && !all.contains(&r)
         {

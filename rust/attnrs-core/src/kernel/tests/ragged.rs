@@ -79,6 +79,7 @@ fn run(c: &Call, ragged: &RaggedArgs, backend: Backend, rng: &mut Rng) -> (Buf, 
         sinks: None,
         dropout: None,
         num_threads: 1 + rng.below(3),
+        f32_precision: Default::default(),
     };
     attention_forward_ragged_with(&args, ragged, backend).unwrap();
     (out, lse)

@@ -225,6 +225,7 @@ fn run(
         sinks: None,
         dropout: None,
         num_threads: threads,
+        f32_precision: Default::default(),
     };
     attention_forward_with(&fwd, backend).unwrap();
     let dob = Buf::new(dtype, &[b, h, q, d], c, &p.dout);
@@ -266,6 +267,7 @@ fn run(
         grad_score_distance: dist.as_ref().map(|_| &gdist.view),
         grad_score_key: key.as_ref().map(|_| &gkey.view),
         num_threads: threads,
+        f32_precision: Default::default(),
     };
     backward_with(&bwd, backend, tuning).unwrap();
     let or_empty = |on: bool, buf: &Buf| if on { buf.values() } else { Vec::new() };
@@ -440,6 +442,7 @@ fn bad_term_shapes_are_refused_by_name() {
             sinks: None,
             dropout: None,
             num_threads: 1,
+            f32_precision: Default::default(),
         };
         let err = attention_forward_with(&args, Backend::Portable).unwrap_err();
         assert!(err.to_string().starts_with(arg), "{err}");

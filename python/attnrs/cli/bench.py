@@ -223,8 +223,8 @@ def run_forward(cases: list[Case], threads: int, repeats: int, one_thread: bool,
 
 def decode_fraction(results: dict[str, float], kv_bytes: int, probe: Bandwidth) -> str:
     """``attnrs reads K/V at 12.3 GB/s = 61% of streaming read; sdpa 10.1 GB/s = 50%``, from the medians in
-    ``results`` (ms) and the ``kv_bytes`` a decode call reads; it says so when K/V fit in the last-level cache
-    (then a fraction above 100% is the cache, not memory)."""
+    ``results`` (ms) and the ``kv_bytes`` a decode call reads; it says so when K/V are no larger than the last-level
+    cache (then part of the reads may come from the cache, and a share above 100% is the cache, not memory)."""
     if "attnrs" not in results:
         return "attnrs has no decode timing to compare with the streaming read"
 
@@ -238,7 +238,7 @@ def decode_fraction(results: dict[str, float], kv_bytes: int, probe: Bandwidth) 
     if probe.llc is not None and kv_bytes <= probe.llc:
         mib = kv_bytes / MiB
         text += f" (K/V {mib:.0f} MiB" if mib >= 10 else f" (K/V {mib:.2g} MiB"
-        text += f" fit in the {probe.llc / MiB:.0f} MiB LLC)"
+        text += f" <= LLC {probe.llc / MiB:.0f} MiB: the cache may serve part of it)"
     return text
 
 

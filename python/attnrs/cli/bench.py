@@ -358,7 +358,7 @@ def run_scores(length: int, t5_length: int, threads: int, repeats: int) -> None:
             except Exception as e:
                 echo(f"  flex (compiled) failed: {type(e).__name__}: {str(e)[:100]}")
             else:
-                echo(f"  {'(flex compile + first call)':<30} {time.perf_counter() - start:>9.1f} s")
+                echo(f"  {'(flex compile + first call)':<51} {time.perf_counter() - start:>9.1f} s")
                 ours_ms, peer_ms = paired_median_ms(
                     ours, lambda: flex(q, k, v, score_mod=alibi, block_mask=block_mask, enable_gqa=True), repeats
                 )

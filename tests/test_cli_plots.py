@@ -170,3 +170,105 @@ def test_progress_draws_only_on_a_terminal(monkeypatch, capsys) -> None:  # type
         echo(f"done {item}")
     assert "steps" in terminal.getvalue() and "running a" in terminal.getvalue()
     assert capsys.readouterr().out == "done a\ndone b\n"
+
+
+def _kernel_path(case: str) -> str:
+    """attnrs.kernel_path of a case's dtype, from the case's name ("causal bf16 L16", "decode fp32 Q1 Lk64")."""
+    return attnrs.kernel_path("bfloat16" if " bf16 " in f" {case} " else "float32")[0]
+
+
+@pytest.fixture
+def no_gc_between_runs(monkeypatch):  # type: ignore[no-untyped-def]
+    """The bench collects garbage before every timed call; with transformers imported a collection takes a
+    sizeable fraction of a second, most of a tiny bench's time. These tests read the tables, not the times."""
+    from attnrs.cli import bench
+
+    monkeypatch.setattr(bench.gc, "collect", lambda *args: 0)
+
+
+def test_forward_cases_run_the_bf16_masks_at_the_longest_length() -> None:
+    from attnrs.cli.bench import forward_cases
+
+    names = [case.name for case in forward_cases([16, 32], [64])]
+    for name in ("sliding 512 bf16", "8 documents bf16", "sliding 512 fp32", "8 documents fp32", "causal bf16"):
+        assert f"{name} L32" in names
+    assert "sliding 512 bf16 L16" not in names and "8 documents bf16 L16" not in names
+    assert "causal fp32 L16" in names and "sliding 512 fp32 L16" in names  # the scaling families
+    bf16 = {case.name: case for case in forward_cases([32], [])}
+    assert bf16["sliding 512 bf16 L32"].dtype == torch.bfloat16 and bf16["sliding 512 bf16 L32"].mask is not None
+
+
+def test_bench_names_the_kernel_path_and_reports_decode_against_a_streaming_read(  # type: ignore[no-untyped-def]
+    capsys, restore_threads, no_gc_between_runs
+) -> None:
+    args = ["--lengths", "32", "--decode-lengths", "64", "--repeats", "1", "--threads", "1"]
+    assert main(["bench", *args, "--no-flex", "--no-one-thread"]) == 0
+    out = capsys.readouterr().out
+    blocks = [block.strip().splitlines() for block in out.split("\n\n")]
+    cases = {
+        lines[0]: lines[1:]
+        for lines in blocks
+        if lines and lines[0].startswith(("causal", "sliding", "8 doc", "decode"))
+    }
+    longest = (
+        "causal fp32",
+        "causal bf16",
+        "sliding 512 fp32",
+        "8 documents fp32",
+        "sliding 512 bf16",
+        "8 documents bf16",
+    )
+    assert {f"{name} L32" for name in longest} | {"decode fp32 Q1 Lk64", "decode bf16 Q1 Lk64"} <= set(cases)
+    for case, rows in cases.items():
+        ours = [row for row in rows if row.lstrip().startswith("attnrs (")]
+        assert ours and ours[0].split()[1] == f"({_kernel_path(case)})", (case, rows)
+        if "documents" in case or "sliding" in case:  # the dense-mask peers run for bf16 as for fp32
+            assert any(row.lstrip().startswith("sdpa dense mask") and "failed" not in row for row in rows), rows
+        if case.startswith("decode"):
+            fraction = [row for row in rows if "attnrs reads K/V at" in row]
+            assert len(fraction) == 1 and "% of streaming read" in fraction[0] and "; sdpa " in fraction[0]
+    probe = [line for line in out.splitlines() if line.startswith("streaming read: ")]
+    assert len(probe) == 1 and out.index(probe[0]) < out.index("decode fp32 Q1 Lk64")
+    assert float(probe[0].split()[2]) > 0 and "GB/s (buffer" in probe[0] and "1 thread)" in probe[0]
+    assert torch.get_num_threads() == 1  # the bench's count, set by the bench (the probe restores what it found)
+
+
+def test_bench_backward_rows_name_the_kernel_path(capsys, restore_threads, no_gc_between_runs) -> None:  # type: ignore[no-untyped-def]
+    assert main(["bench", "--backward", "--lengths", "16", "--repeats", "1", "--threads", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ") and " L16 " in line]
+    assert len(rows) == 3
+    for row in rows:
+        assert f"attnrs ({_kernel_path(row.strip())})" in row
+
+
+def test_streaming_read_probe_of_a_small_buffer(restore_threads) -> None:  # type: ignore[no-untyped-def]
+    import math
+
+    from attnrs.cli.bandwidth import MiB, buffer_bytes, streaming_read
+
+    torch.set_num_threads(1)
+    probe = streaming_read(threads=1, buffer=4 * MiB, repeats=2)
+    assert math.isfinite(probe.gb_per_s) and probe.gb_per_s > 0
+    assert probe.buffer == 4 * MiB and probe.threads == 1 and probe.op.startswith("torch.")
+    assert probe.line().startswith("streaming read: ") and "buffer 4 MiB" in probe.line()
+    assert torch.get_num_threads() == 1
+    assert 16 * MiB <= buffer_bytes(None) <= 4096 * MiB
+    assert buffer_bytes(None) <= buffer_bytes(64 * MiB)
+
+
+def test_llc_bytes_sums_the_instances_of_the_highest_level(tmp_path: Path) -> None:
+    from attnrs.cli.bandwidth import llc_bytes
+
+    def cache(cpu: int, index: int, level: int, kind: str, size: str, shared: str) -> None:
+        where = tmp_path / f"cpu{cpu}" / "cache" / f"index{index}"
+        where.mkdir(parents=True)
+        for name, text in (("level", str(level)), ("type", kind), ("size", size), ("shared_cpu_list", shared)):
+            (where / name).write_text(f"{text}\n")
+
+    for cpu in range(4):
+        cache(cpu, 0, 1, "Data", "32K", str(cpu))
+        cache(cpu, 1, 1, "Instruction", "32K", str(cpu))
+        cache(cpu, 2, 2, "Unified", "1024K", str(cpu))
+        cache(cpu, 3, 3, "Unified", "32768K", "0-1" if cpu < 2 else "2-3")  # two L3 instances, two CPUs each
+    assert llc_bytes(tmp_path) == 2 * 32 * 1024 * 1024
+    assert llc_bytes(tmp_path / "nowhere") is None

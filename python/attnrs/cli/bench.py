@@ -11,14 +11,17 @@ transformers' sdpa and eager attention paths, and compiled flex_attention. Needs
     python benchmarks/bench_attention.py [same flags]      # the same, from a checkout
 
 Reported: median milliseconds, useful GFLOP/s (4 * B * H * D * visible pairs per forward; x2.5 with backward),
-GB/s of K/V read for decode, and each peer's time divided by attnrs's (higher = attnrs faster). A 1-thread
-column repeats attnrs and SDPA with one thread (at the longest length and for decode). With --backward, attnrs
-and its peer run in alternation (--repeats times each) and their medians are compared.
+GB/s of K/V read for decode, and each peer's time divided by attnrs's (higher = attnrs faster). Every attnrs row
+names its micro-kernel path for the case's dtype (attnrs.kernel_path), e.g. "attnrs (avx2)". A 1-thread column
+repeats attnrs and SDPA with one thread (at the longest length and for decode). Before the decode cases a
+streaming-read probe (attnrs.cli.bandwidth) measures this machine's memory bandwidth with the bench's threads;
+each decode case says what fraction of it attnrs (and SDPA) reach reading K/V. With --backward, attnrs and its
+peer run in alternation (--repeats times each) and their medians are compared.
 
-Every case runs at the longest of --lengths; causal fp32 and sliding 512 fp32 also run at the other lengths, for
-the scaling panels of --plot. With --plot and a single length L, those two also run at L/8, L/4 and L/2.
---plot needs matplotlib (pip install "attnrs[bench]"); the figure's title names the CPU, the ISA path
-(attnrs.simd_path()), the dtypes and the thread count.
+Every case (causal, sliding 512 and 8 documents, each in fp32 and bf16) runs at the longest of --lengths; causal
+fp32 and sliding 512 fp32 also run at the other lengths, for the scaling panels of --plot. With --plot and a single
+length L, those two also run at L/8, L/4 and L/2. --plot needs matplotlib (pip install "attnrs[bench]"); the
+figure's title names the CPU, the ISA path (attnrs.simd_path()), the dtypes and the thread count.
 """
 
 from __future__ import annotations
@@ -38,9 +41,25 @@ import torch.nn.functional as F
 import attnrs
 from attnrs import masks
 
+from ..errors import AttnrsError
+from .bandwidth import Bandwidth, MiB, streaming_read
 from .progress import echo, progress
 
 B, H, H_KV, D = 1, 32, 8, 128
+
+
+def kernel_path(dtype: torch.dtype) -> tuple[str, str]:
+    """``attnrs.kernel_path`` for a torch dtype: ``(path, reason)``; ``("refused", message)`` where every call
+    would refuse (an ``ATTNRS_ISA`` this CPU lacks, or an unknown one)."""
+    try:
+        return attnrs.kernel_path(str(dtype).removeprefix("torch."))
+    except AttnrsError as e:
+        return "refused", str(e)
+
+
+def attnrs_label(dtype: torch.dtype) -> str:
+    """The name of attnrs's row: ``attnrs (avx2)``, its micro-kernel path for ``dtype``."""
+    return f"attnrs ({kernel_path(dtype)[0]})"
 
 
 def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
@@ -149,13 +168,28 @@ def peers(
 def run_forward(cases: list[Case], threads: int, repeats: int, one_thread: bool, flex: bool = True) -> list[Case]:
     """Times every implementation on every case, prints the table and returns the cases, their ``rows`` filled."""
     echo(f"\nforward, B{B} H{H} Hkv{H_KV} D{D}, {threads} threads; median ms, GFLOP/s (useful), peer/attnrs")
+    echo("attnrs kernel path per dtype (attnrs.kernel_path; ATTNRS_ISA forces one):")
+    for dtype in dict.fromkeys(c.dtype for c in cases):
+        path, why = kernel_path(dtype)
+        echo(f"  {str(dtype).removeprefix('torch.'):<9} {path:<12} {why}")
     longest = max((c.q_len for c in cases if not c.decode), default=0)
+    probe: Bandwidth | None = None
+    probed = False
     bar = progress(cases, "bench", unit="case")
     for case in bar:
         torch.set_num_threads(threads)
+        if case.decode and not probed:  # once, before the first decode case
+            probed = True
+            bar.note("streaming-read probe")
+            try:
+                probe = streaming_read(threads)
+                echo(f"\n{probe.line()}")
+            except (RuntimeError, MemoryError) as e:
+                echo(f"\nstreaming read: not measured ({type(e).__name__}: {str(e)[:80]})")
         q, k, v = tensors(case)
         flops = 4 * B * H * D * case.visible_pairs()
-        kv_bytes = 2 * B * H_KV * case.kv_len * D * q.element_size()
+        kv_bytes = B * H_KV * case.kv_len * (D + D) * q.element_size()  # K and V (Dv = D); Q and out are tiny
+        label = attnrs_label(case.dtype)
         echo(f"\n{case.name}")
         results = case.rows
         for name, fn in peers(case, q, k, v, flex).items():
@@ -170,12 +204,14 @@ def run_forward(cases: list[Case], threads: int, repeats: int, one_thread: bool,
                         echo(f"  {'(flex compile + first call)':<24} {time.perf_counter() - start:>9.1f} s")
                     results[name] = median_ms(fn, 1 if slow else repeats, 0 if slow else 1)
                 except Exception as e:
-                    echo(f"  {name:<24} failed: {type(e).__name__}: {str(e)[:80]}")
+                    echo(f"  {label if name == 'attnrs' else name:<24} failed: {type(e).__name__}: {str(e)[:80]}")
                     continue
             ms = results[name]
             extra = f"{kv_bytes / ms / 1e6:>8.1f} GB/s" if case.decode else f"{flops / ms / 1e6:>8.1f} GFLOP/s"
-            ratio = f"{ms / results['attnrs']:>7.2f}x" if name != "attnrs" else ""
-            echo(f"  {name:<24} {ms:>10.2f} ms {extra} {ratio}", flush=True)
+            ratio = f"{ms / results['attnrs']:>7.2f}x" if name != "attnrs" and "attnrs" in results else ""
+            echo(f"  {label if name == 'attnrs' else name:<24} {ms:>10.2f} ms {extra} {ratio}", flush=True)
+        if case.decode and probe is not None:
+            echo(f"  {decode_fraction(results, kv_bytes, probe)}", flush=True)
         if one_thread and (case.decode or case.q_len == longest):  # not for the shorter lengths of the sweep
             torch.set_num_threads(1)
             ours = median_ms(lambda: peers_one(case, q, k, v, "attnrs"), max(1, repeats // 2))
@@ -183,6 +219,27 @@ def run_forward(cases: list[Case], threads: int, repeats: int, one_thread: bool,
             echo(f"  1 thread: attnrs {ours:.1f} ms, sdpa {theirs:.1f} ms, ratio {theirs / ours:.2f}x", flush=True)
         torch.set_num_threads(threads)
     return cases
+
+
+def decode_fraction(results: dict[str, float], kv_bytes: int, probe: Bandwidth) -> str:
+    """``attnrs reads K/V at 12.3 GB/s = 61% of streaming read; sdpa 10.1 GB/s = 50%``, from the medians in
+    ``results`` (ms) and the ``kv_bytes`` a decode call reads; it says so when K/V are no larger than the last-level
+    cache (then part of the reads may come from the cache, and a share above 100% is the cache, not memory)."""
+    if "attnrs" not in results:
+        return "attnrs has no decode timing to compare with the streaming read"
+
+    def share(name: str) -> str:
+        rate = kv_bytes / results[name] / 1e6
+        return f"{rate:.1f} GB/s = {100 * rate / probe.gb_per_s:.0f}%"
+
+    text = f"attnrs reads K/V at {share('attnrs')} of streaming read"
+    if "sdpa" in results:
+        text += f"; sdpa {share('sdpa')}"
+    if probe.llc is not None and kv_bytes <= probe.llc:
+        mib = kv_bytes / MiB
+        text += f" (K/V {mib:.0f} MiB" if mib >= 10 else f" (K/V {mib:.2g} MiB"
+        text += f" <= LLC {probe.llc / MiB:.0f} MiB: the cache may serve part of it)"
+    return text
 
 
 def peers_one(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, which: str) -> Any:
@@ -241,7 +298,8 @@ def run_backward(lengths: list[int], threads: int, repeats: int) -> None:
             )
         ours_ms, peer_ms = paired_median_ms(ours, peer, repeats)
         echo(
-            f"  {case.name:<22} attnrs {ours_ms:>9.1f} ms | {label} {peer_ms:>9.1f} ms {peer_ms / ours_ms:>6.2f}x",
+            f"  {case.name:<22} {attnrs_label(dtype):<20} {ours_ms:>9.1f} ms | {label} {peer_ms:>9.1f} ms "
+            f"{peer_ms / ours_ms:>6.2f}x",
             flush=True,
         )
 
@@ -267,8 +325,11 @@ def run_scores(length: int, t5_length: int, threads: int, repeats: int) -> None:
     slopes = scores.alibi_slopes(H)
     flex = torch.compile(torch.nn.attention.flex_attention.flex_attention)
 
-    def row(label: str, ours_ms: float, peer: str, peer_ms: float) -> None:
-        echo(f"  {label:<30} attnrs {ours_ms:>9.1f} ms | {peer:<26} {peer_ms:>9.1f} ms {peer_ms / ours_ms:>6.2f}x")
+    def row(label: str, dtype: torch.dtype, ours_ms: float, peer: str, peer_ms: float) -> None:
+        echo(
+            f"  {label:<30} {attnrs_label(dtype):<20} {ours_ms:>9.1f} ms | {peer:<26} {peer_ms:>9.1f} ms "
+            f"{peer_ms / ours_ms:>6.2f}x"
+        )
 
     for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         case = Case(f"causal+ALiBi {name} L{length}", length, length, dtype, None)
@@ -280,14 +341,14 @@ def run_scores(length: int, t5_length: int, threads: int, repeats: int) -> None:
 
         ours_ms, plain_ms = paired_median_ms(ours, lambda: attnrs.attention(q, k, v, is_causal=True), repeats)
         echo(
-            f"  {'attnrs causal + ALiBi':<30} {ours_ms:>9.1f} ms | attnrs causal alone {plain_ms:>9.1f} ms: "
-            f"ALiBi costs {100 * (ours_ms / plain_ms - 1):+.1f}%"
+            f"  {'causal + ALiBi':<30} {attnrs_label(dtype):<20} {ours_ms:>9.1f} ms | attnrs causal alone "
+            f"{plain_ms:>9.1f} ms: ALiBi costs {100 * (ours_ms / plain_ms - 1):+.1f}%"
         )
         dense = _dense_alibi(slopes, length, dtype)
         ours_ms, peer_ms = paired_median_ms(
             ours, lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True), repeats
         )
-        row("causal + ALiBi", ours_ms, "sdpa + dense ALiBi bias", peer_ms)
+        row("causal + ALiBi", dtype, ours_ms, "sdpa + dense ALiBi bias", peer_ms)
         block_mask = attnrs.create_block_mask(masks.causal(), 1, None, length, length)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -297,11 +358,11 @@ def run_scores(length: int, t5_length: int, threads: int, repeats: int) -> None:
             except Exception as e:
                 echo(f"  flex (compiled) failed: {type(e).__name__}: {str(e)[:100]}")
             else:
-                echo(f"  {'(flex compile + first call)':<30} {time.perf_counter() - start:>9.1f} s")
+                echo(f"  {'(flex compile + first call)':<51} {time.perf_counter() - start:>9.1f} s")
                 ours_ms, peer_ms = paired_median_ms(
                     ours, lambda: flex(q, k, v, score_mod=alibi, block_mask=block_mask, enable_gqa=True), repeats
                 )
-                row("causal + ALiBi", ours_ms, "flex (compiled) + score_mod", peer_ms)
+                row("causal + ALiBi", dtype, ours_ms, "flex (compiled) + score_mod", peer_ms)
         short = min(length, 1024)
         qs, ks, vs = (t[:, :, :short] for t in (q, k, v))
 
@@ -313,7 +374,7 @@ def run_scores(length: int, t5_length: int, threads: int, repeats: int) -> None:
             lambda: attnrs.attention(qs, ks, vs, is_causal=True, score_mod=alibi_callable),
             max(1, repeats // 2),
         )
-        row(f"ALiBi value L{short}", ours_ms, "the same as a Python callable", peer_ms)
+        row(f"ALiBi value L{short}", dtype, ours_ms, "the same as a Python callable", peer_ms)
 
     case = Case(f"T5 bias fp32 L{t5_length} fwd+bwd", t5_length, t5_length, torch.float32, None)
     q, k, v = tensors(case, requires_grad=True)
@@ -335,7 +396,7 @@ def run_scores(length: int, t5_length: int, threads: int, repeats: int) -> None:
         step(sdpa_dense),
         repeats,
     )
-    row("T5 bias, bidirectional", ours_ms, "sdpa + dense bias (table)", peer_ms)
+    row("T5 bias, bidirectional", torch.float32, ours_ms, "sdpa + dense bias (table)", peer_ms)
 
 
 def _lengths(text: str) -> list[int]:
@@ -349,7 +410,8 @@ def _lengths(text: str) -> list[int]:
 
 
 def forward_cases(lengths: list[int], decode_lengths: list[int]) -> list[Case]:
-    """Every case at the longest length; causal fp32 and sliding 512 fp32 at each (shortest first); decode."""
+    """Every case (causal, sliding 512 and 8 documents, fp32 and bf16) at the longest length; causal fp32 and
+    sliding 512 fp32 at each (shortest first); decode fp32 and bf16 at each of ``decode_lengths``."""
     cases = []
     for length in lengths:
         ids = torch.arange(length) // max(1, length // 8)
@@ -371,6 +433,22 @@ def forward_cases(lengths: list[int], decode_lengths: list[int]) -> list[Case]:
                 torch.float32,
                 masks.document(ids) & masks.causal(),
                 family="8 documents fp32",
+            ),
+            Case(
+                f"sliding 512 bf16 L{length}",
+                length,
+                length,
+                torch.bfloat16,
+                masks.sliding_window(512),
+                family="sliding 512 bf16",
+            ),
+            Case(
+                f"8 documents bf16 L{length}",
+                length,
+                length,
+                torch.bfloat16,
+                masks.document(ids) & masks.causal(),
+                family="8 documents bf16",
             ),
         ]
     longest = max(lengths)

@@ -2,10 +2,11 @@
 
 ``torch.set_float32_matmul_precision("medium")`` lets float32 products run in bfloat16: attnrs then rounds
 float32 inputs to bfloat16 and runs its bf16 path, where the CPU has fast bf16 products (AMX or AVX-512 BF16;
-``attnrs.kernel_path("bfloat16")`` says which). Elsewhere, and under ``"high"`` and ``"highest"`` (the
-default), float32 stays exact f32. torch's own rule is the same: a lower precision is used only "if a fast
-matrix multiplication algorithm using that datatype internally is available". attnrs has no bf16x3 ("high")
-algorithm yet, so ``"high"`` computes as ``"highest"``.
+``attnrs.kernel_path("bfloat16")`` says which). ``"high"`` runs float32 as bf16x3 (each value split into a bf16
+``hi`` and ``lo``; ``hi*hi + hi*lo + lo*hi``, f32 accumulation) on AMX tiles. Elsewhere, and under
+``"highest"`` (the default), float32 stays exact f32: torch's own rule is that a lower precision is used only
+"if a fast matrix multiplication algorithm using that datatype internally is available", and on AVX-512 BF16
+three bf16 products cost more than one f32 FMA.
 
 Read at every call, like torch. torch has two spellings of the setting: the legacy
 ``torch.get_float32_matmul_precision()`` and the per-backend ``torch.backends.mkldnn.matmul.fp32_precision``

@@ -26,15 +26,18 @@ from .models import add_parser as add_models_parser
 from .plots import PlotError, check_output, require_matplotlib
 
 
-def _medium_note() -> str:
-    """What torch.set_float32_matmul_precision("medium") would make float32 calls run on here."""
+def _precision_note() -> str:
+    """What torch.set_float32_matmul_precision("medium") and ("high") make float32 calls run on here."""
     try:
         bf16_path = attnrs.kernel_path("bfloat16")[0]
     except AttnrsError:
         return "the bf16 path is refused here"
-    if bf16_path in ("amx", "amx_emulated", "avx512_bf16"):
-        return f'"medium" runs float32 inputs rounded to bf16 on {bf16_path}'
-    return '"medium" stays exact float32 here: this path has no fast bf16 products'
+    if bf16_path not in ("amx", "amx_emulated", "avx512_bf16"):
+        return '"medium" and "high" stay exact float32 here: this path has no fast bf16 products'
+    medium = f'"medium" runs float32 inputs rounded to bf16 on {bf16_path}'
+    if bf16_path == "avx512_bf16":
+        return f'{medium}; "high" stays exact float32 (no bf16x3 on avx512_bf16)'
+    return f'{medium}; "high" runs them as bf16x3 on {bf16_path} tiles'
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -50,7 +53,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         except AttnrsError as e:  # an invalid ATTNRS_ISA, or a path this CPU lacks: every call would refuse it
             path, why = "refused", str(e)
         print(f"  {dtype:<9} {path:<12} {why}")
-    print(f"float32 matmul precision: {f32_matmul_precision()} ({_medium_note()})")
+    print(f"float32 matmul precision: {f32_matmul_precision()} ({_precision_note()})")
     print(f"threads: {attnrs.num_threads()} (ATTNRS_NUM_THREADS overrides torch.get_num_threads())")
     print('backend="auto" (attnrs.attention.dispatch; the first row that holds wins):')
     for line in render_routes().splitlines():

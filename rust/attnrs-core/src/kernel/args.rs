@@ -53,7 +53,7 @@ pub enum F32Precision {
     /// f32 products, exact to f32 rounding (torch's default).
     #[default]
     Highest,
-    /// "high": a bf16×3 split where a fast one exists. attnrs has none yet, so this computes as
+    /// "high": a bf16×3 split (`hi·hi + hi·lo + lo·hi`, f32 accumulation) on AMX tiles; elsewhere as
     /// [`F32Precision::Highest`] (torch too falls back to highest where it has no fast algorithm).
     High,
     /// "medium": inputs rounded to bf16 and the bf16 path (f32 accumulation) where the CPU has fast bf16

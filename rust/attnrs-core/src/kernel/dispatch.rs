@@ -36,6 +36,12 @@ pub enum Backend {
     /// run what [`Backend::Auto`] picks): how the tile logic is tested on CPUs without AMX. Slow; never
     /// chosen by `Auto`.
     AmxEmulated,
+    /// f32 inputs as bf16×3 on AMX tiles (`hi·hi + hi·lo + lo·hi`), what f32 runs under
+    /// [`F32Precision::High`] where [`Backend::Amx`] runs; other dtypes run [`Backend::Amx`]. Chosen by
+    /// [`Backend::resolve_for`], not by `ATTNRS_ISA`.
+    AmxBf16x3,
+    /// [`Backend::AmxBf16x3`] on the emulated tiles (what `"high"` runs under `ATTNRS_ISA=amx_emulated`).
+    AmxEmulatedBf16x3,
 }
 
 impl Backend {
@@ -64,17 +70,26 @@ impl Backend {
         self.resolve_on_cpu(dtype)
     }
 
-    /// [`Backend::resolve`] for a call whose f32 inputs follow `precision`: under
-    /// [`F32Precision::Medium`], f32 runs the bf16 path `self` resolves to for bf16 when that path has fast
-    /// bf16 products (AMX, real or emulated, or AVX-512 BF16), rounding the inputs to bf16 as it packs them.
+    /// [`Backend::resolve`] for a call whose f32 inputs follow `precision`. Under [`F32Precision::Medium`],
+    /// f32 runs the bf16 path `self` resolves to for bf16 when that path has fast bf16 products (AMX, real or
+    /// emulated, or AVX-512 BF16), rounding the inputs to bf16 as it packs them. Under [`F32Precision::High`],
+    /// f32 runs bf16×3 where that path is AMX ([`Backend::AmxBf16x3`]); on AVX-512 BF16 three bf16 products
+    /// cost more than one f32 FMA, so f32 stays exact there, as torch's rule says (a lower precision only
+    /// where a fast algorithm exists).
     pub fn resolve_for(self, dtype: DType, precision: F32Precision) -> Result<Backend> {
-        if dtype == DType::F32 && precision == F32Precision::Medium {
+        if dtype == DType::F32 && precision != F32Precision::Highest {
             let bf16 = self.resolve(DType::BF16)?;
-            if matches!(
-                bf16,
-                Backend::Amx | Backend::AmxEmulated | Backend::Avx512Bf16
-            ) {
-                return Ok(bf16);
+            let chosen = match (precision, bf16) {
+                (F32Precision::High, Backend::Amx) => Some(Backend::AmxBf16x3),
+                (F32Precision::High, Backend::AmxEmulated) => Some(Backend::AmxEmulatedBf16x3),
+                (
+                    F32Precision::Medium,
+                    Backend::Amx | Backend::AmxEmulated | Backend::Avx512Bf16,
+                ) => Some(bf16),
+                _ => None,
+            };
+            if let Some(chosen) = chosen {
+                return Ok(chosen);
             }
         }
         self.resolve(dtype)
@@ -105,6 +120,10 @@ impl Backend {
             Backend::Amx if amx => Backend::Avx512,
             Backend::AmxEmulated if bf16 => Backend::AmxEmulated,
             Backend::AmxEmulated => return Backend::Auto.resolve_on_cpu(dtype),
+            Backend::AmxBf16x3 if amx && dtype == DType::F32 => Backend::AmxBf16x3,
+            Backend::AmxBf16x3 => return Backend::Amx.resolve_on_cpu(dtype),
+            Backend::AmxEmulatedBf16x3 if dtype == DType::F32 => Backend::AmxEmulatedBf16x3,
+            Backend::AmxEmulatedBf16x3 => return Backend::AmxEmulated.resolve_on_cpu(dtype),
             Backend::Avx2 => return missing("AVX2+FMA"),
             Backend::Avx512 => return missing("AVX-512F"),
             Backend::Avx512Bf16 => return missing("AVX-512 BF16"),
@@ -170,6 +189,8 @@ impl Backend {
             Backend::Avx512Bf16 => "avx512_bf16",
             Backend::Amx => "amx",
             Backend::AmxEmulated => "amx_emulated",
+            Backend::AmxBf16x3 => "amx_bf16x3",
+            Backend::AmxEmulatedBf16x3 => "amx_emulated_bf16x3",
         }
     }
 
@@ -255,6 +276,12 @@ macro_rules! for_each_isa {
             "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"
         );
         $m!($crate::kernel::gemm::AmxEmulated);
+        #[cfg(target_arch = "x86_64")]
+        $m!(
+            $crate::kernel::gemm::AmxBf16x3,
+            "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"
+        );
+        $m!($crate::kernel::gemm::AmxEmulatedBf16x3);
     };
 }
 pub(crate) use for_each_isa;
@@ -285,13 +312,23 @@ macro_rules! select {
     ($dtype:expr, $backend:expr, $f:ident($($arg:expr),* $(,)?)) => {
         match $dtype {
             $crate::tensor::DType::F64 => $f::<$crate::kernel::gemm::Portable<f64>, f64>($($arg),*),
-            $crate::tensor::DType::F32 => $crate::kernel::dispatch::select!(@isa f32, $backend, $f($($arg),*)),
+            $crate::tensor::DType::F32 => $crate::kernel::dispatch::select!(@f32 $backend, $f($($arg),*)),
             $crate::tensor::DType::BF16 => {
                 $crate::kernel::dispatch::select!(@isa half::bf16, $backend, $f($($arg),*))
             }
             _ => $crate::kernel::dispatch::select!(@isa half::f16, $backend, $f($($arg),*)),
         }
     };
+    // f32 alone has the bf16x3 families (`resolve_for` picks them only for f32), so only f32 instantiates them.
+    (@f32 $backend:expr, $f:ident($($arg:expr),*)) => {{
+        use $crate::kernel::dispatch::Backend;
+        match $backend {
+            #[cfg(target_arch = "x86_64")]
+            Backend::AmxBf16x3 => $f::<$crate::kernel::gemm::AmxBf16x3, f32>($($arg),*),
+            Backend::AmxEmulatedBf16x3 => $f::<$crate::kernel::gemm::AmxEmulatedBf16x3, f32>($($arg),*),
+            other => $crate::kernel::dispatch::select!(@isa f32, other, $f($($arg),*)),
+        }
+    }};
     (@isa $t:ty, $backend:expr, $f:ident($($arg:expr),*)) => {{
         use $crate::kernel::dispatch::Backend;
         // `backend` came from `Backend::resolve`, which checked the CPU's features.
@@ -384,5 +421,37 @@ mod tests {
             Backend::Auto.resolve_on_cpu(DType::BF16) == Ok(Backend::Amx),
             ready
         );
+    }
+
+    #[test]
+    fn f32_precision_picks_the_bf16_paths_only_where_their_products_are_fast() {
+        use F32Precision::*;
+        let emulated = |p| Backend::AmxEmulated.resolve_for(DType::F32, p);
+        assert_eq!(emulated(Medium), Ok(Backend::AmxEmulated));
+        assert_eq!(emulated(High), Ok(Backend::AmxEmulatedBf16x3));
+        assert_eq!(emulated(Highest), Backend::Auto.resolve(DType::F32));
+        for p in [Highest, High, Medium] {
+            // other dtypes ignore the precision
+            for dtype in [DType::BF16, DType::F16, DType::F64] {
+                assert_eq!(
+                    Backend::AmxEmulated.resolve_for(dtype, p),
+                    Backend::AmxEmulated.resolve(dtype)
+                );
+            }
+        }
+        let bf16 = Backend::Auto.resolve(DType::BF16).unwrap();
+        let auto = |p| Backend::Auto.resolve_for(DType::F32, p).unwrap();
+        let exact = Backend::Auto.resolve(DType::F32).unwrap();
+        let fast = matches!(bf16, Backend::Amx | Backend::Avx512Bf16);
+        assert_eq!(auto(Medium), if fast { bf16 } else { exact });
+        let split = bf16 == Backend::Amx;
+        assert_eq!(auto(High), if split { Backend::AmxBf16x3 } else { exact });
+        assert_eq!(auto(Highest), exact);
+        for b in [Backend::Portable, Backend::Avx2, Backend::Avx512] {
+            if let Ok(exact) = b.resolve(DType::F32) {
+                assert_eq!(b.resolve_for(DType::F32, Medium), Ok(exact), "{b:?}");
+                assert_eq!(b.resolve_for(DType::F32, High), Ok(exact), "{b:?}");
+            }
+        }
     }
 }

@@ -473,6 +473,150 @@ macro_rules! bf16_tile_family {
 bf16_tile_family!(Amx, true, Hardware);
 bf16_tile_family!(AmxEmulated, false, Emulator::new());
 
+/// An f32 as two bf16 in one 32-bit unit, `hi` in the low half: `hi` is `x` rounded to bf16 and `lo` the rest
+/// rounded to bf16, so `hi + lo` keeps about 16 significant bits of `x` (a non-finite rest gives `lo = 0`).
+#[inline(always)]
+pub(crate) fn split_bits(x: f32) -> u32 {
+    let hi = bf16_bits(x);
+    let rest = x - f32::from_bits((hi as u32) << 16);
+    let lo = if rest.is_finite() { bf16_bits(rest) } else { 0 };
+    hi as u32 | (lo as u32) << 16
+}
+
+/// f32 operands as bf16×3 on AMX tiles (torch's `"high"` float32 matmul precision): `a·b ≈ a_hi·b_hi +
+/// a_hi·b_lo + a_lo·b_hi`, f32 accumulation. An operand unit is [`split_bits`] of one element (`PAIR == 1`),
+/// so every packer works unchanged and B's units are already `tdpbf16ps` pairs `(b_hi, b_lo)`. A is rewritten
+/// per product into `(a_hi, a_hi)` and `(a_lo, 0)` pairs: the first tile product gives `a_hi·b_hi + a_hi·b_lo`,
+/// the second `a_lo·b_hi`.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AmxBf16x3;
+
+/// [`AmxBf16x3`] on the [`Emulator`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AmxEmulatedBf16x3;
+
+/// Query rows (or P rows) rewritten per block in [`bf16x3_gemm`].
+const SPLIT_ROWS: usize = 2 * TR;
+
+thread_local! {
+    /// [`bf16x3_gemm`]'s A operands, reused by each thread.
+    static SPLIT_A: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`Kern::gemm`] of the bf16×3 families on tiles `U` (see [`AmxBf16x3`]).
+///
+/// # Safety
+/// [`Kern::gemm`]'s, plus [`Tiles::configure`]'s.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn bf16x3_gemm<U: Tiles>(
+    new: impl Fn() -> U,
+    m: usize,
+    n: usize,
+    kp: usize,
+    a: *const u32,
+    lda: usize,
+    b: *const u32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    SPLIT_A.with(|cell| {
+        let mut scratch = cell.borrow_mut();
+        scratch.resize(2 * SPLIT_ROWS * kp, 0);
+        let (high, low) = scratch.split_at_mut(SPLIT_ROWS * kp);
+        let mut i0 = 0;
+        while i0 < m {
+            let rows = (m - i0).min(SPLIT_ROWS);
+            for r in 0..rows {
+                for p in 0..kp {
+                    // SAFETY: element (i0 + r, p) of A is in the caller's range.
+                    let unit = unsafe { a.add((i0 + r) * lda + p).read() };
+                    let (hi, lo) = (unit & 0xffff, unit >> 16);
+                    high[r * kp + p] = hi | hi << 16;
+                    low[r * kp + p] = lo;
+                }
+            }
+            // SAFETY: `high`/`low` hold `rows` rows of `kp` pairs; B and the C rows i0..i0 + rows are the
+            // caller's; the caller promises the tiles can run.
+            unsafe {
+                let (b, c) = (b.cast::<u16>(), c.add(i0 * ldc));
+                let mut tiles = new();
+                tile_gemm(
+                    &mut tiles,
+                    rows,
+                    n,
+                    kp,
+                    high.as_ptr().cast(),
+                    2 * kp,
+                    b,
+                    ldb,
+                    c,
+                    ldc,
+                    accumulate,
+                );
+                tile_gemm(
+                    &mut tiles,
+                    rows,
+                    n,
+                    kp,
+                    low.as_ptr().cast(),
+                    2 * kp,
+                    b,
+                    ldb,
+                    c,
+                    ldc,
+                    true,
+                );
+            }
+            i0 += rows;
+        }
+    });
+}
+
+/// What both bf16×3 families share.
+macro_rules! bf16x3_tile_family {
+    ($family:ty, $avx512:expr, $tiles:expr) => {
+        impl Kern for $family {
+            type A = f32;
+            type E = u32;
+            const PAIR: usize = 1;
+            const RAW: Option<DType> = None;
+            const AVX512: bool = $avx512;
+            #[inline(always)]
+            fn to_e(x: f32) -> u32 {
+                split_bits(x)
+            }
+            #[inline(always)]
+            fn load<T: Float>(x: T) -> u32 {
+                split_bits(x.to_f32())
+            }
+            #[inline(always)]
+            unsafe fn gemm(
+                m: usize,
+                n: usize,
+                kp: usize,
+                a: *const u32,
+                lda: usize,
+                b: *const u32,
+                ldb: usize,
+                c: *mut f32,
+                ldc: usize,
+                accumulate: bool,
+            ) {
+                // SAFETY: forwarded promise; the driver only builds this family when its tiles can run.
+                unsafe { bf16x3_gemm(|| $tiles, m, n, kp, a, lda, b, ldb, c, ldc, accumulate) }
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+bf16x3_tile_family!(AmxBf16x3, true, Hardware);
+bf16x3_tile_family!(AmxEmulatedBf16x3, false, Emulator::new());
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -541,6 +685,60 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// bf16×3 products of f32 operands: their error against f64 sits between bf16's and f32's.
+    #[test]
+    fn emulated_bf16x3_tiles_are_between_bf16_and_f32() {
+        let (m, n, kp) = (37, 48, 70);
+        let mut seed = 3u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        let a: Vec<f32> = (0..m * kp).map(|_| next()).collect();
+        let b: Vec<f32> = (0..kp * n).map(|_| next()).collect();
+        let (ap, bp): (Vec<u32>, Vec<u32>) = (
+            a.iter().map(|&x| split_bits(x)).collect(),
+            b.iter().map(|&x| split_bits(x)).collect(),
+        );
+        let mut c = vec![0f32; m * n];
+        // SAFETY: the buffers hold the ranges Kern::gemm names; the emulator runs anywhere.
+        unsafe {
+            AmxEmulatedBf16x3::gemm(
+                m,
+                n,
+                kp,
+                ap.as_ptr(),
+                kp,
+                bp.as_ptr(),
+                n,
+                c.as_mut_ptr(),
+                n,
+                false,
+            )
+        };
+        let round = |x: f32| f32::from_bits((bf16_bits(x) as u32) << 16) as f64;
+        let (mut worst, mut worst_bf16) = (0f64, 0f64);
+        for i in 0..m {
+            for j in 0..n {
+                let exact: f64 = (0..kp)
+                    .map(|p| a[i * kp + p] as f64 * b[p * n + j] as f64)
+                    .sum();
+                let bf16: f64 = (0..kp)
+                    .map(|p| round(a[i * kp + p]) * round(b[p * n + j]))
+                    .sum();
+                worst = worst.max((c[i * n + j] as f64 - exact).abs());
+                worst_bf16 = worst_bf16.max((bf16 - exact).abs());
+            }
+        }
+        eprintln!("max |c - f64|: bf16x3 {worst:e}, bf16 {worst_bf16:e}");
+        assert!(
+            worst < 2e-4 && worst * 30.0 < worst_bf16,
+            "bf16x3 {worst}, bf16 {worst_bf16}"
+        );
     }
 
     #[test]

@@ -104,8 +104,8 @@ macro_rules! dispatch_tile {
 mod amx;
 mod portable;
 #[cfg(target_arch = "x86_64")]
-pub(crate) use amx::Amx;
-pub(crate) use amx::AmxEmulated;
+pub(crate) use amx::{Amx, AmxBf16x3};
+pub(crate) use amx::{AmxEmulated, AmxEmulatedBf16x3};
 pub(crate) use portable::Portable;
 
 #[cfg(target_arch = "x86_64")]

@@ -169,25 +169,42 @@ impl Acc for f64 {
 /// `exp(x)` for `x <= 0`, branch-free so loops over it vectorise. Cody-Waite: `x = n·ln2 + r` with an integer
 /// `n` (the exponent bits of the result) and `|r| <= ln2/2` (a degree-7 Taylor polynomial), `n·ln2` split into
 /// an exactly multiplied high part and a small low part. Inputs below `-87.3` (including `-inf`) give 0.
+/// The constants of [`exp_f32`], shared with the SIMD versions of it (`gemm/avx512.rs`).
+pub(crate) mod exp_consts {
+    /// 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits (its bits are `MAGIC_BITS`).
+    pub(crate) const MAGIC: f32 = 12_582_912.0;
+    pub(crate) const MAGIC_BITS: u32 = 0x4B40_0000;
+    /// 0.693359375, 9 significant bits: n * LN2_HI is exact for |n| <= 127.
+    pub(crate) const LN2_HI: f32 = 0.693_359_4;
+    pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
+    /// The inputs are clamped to ±CLAMP first (so |n| <= 127).
+    pub(crate) const CLAMP: f32 = 88.0;
+    /// The Taylor coefficients of e^r, highest degree first (1/7! .. 1/1!, then 1).
+    pub(crate) const POLY: [f32; 8] = [
+        1.0 / 5040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ];
+}
+
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits
-    const LN2_HI: f32 = 0.693_359_4; // 0.693359375, 9 significant bits: n * LN2_HI is exact for |n| <= 127
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.clamp(-88.0, 88.0); // NaN stays NaN
+    use exp_consts::*;
+    let x = x.clamp(-CLAMP, CLAMP); // NaN stays NaN
     let z = x * std::f32::consts::LOG2_E + MAGIC; // |n| <= 127
     let n = z - MAGIC;
     let r = (x - n * LN2_HI) - n * LN2_LO;
-    let mut p = 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
+    let mut p = POLY[0];
+    for c in &POLY[1..] {
+        p = p * r + c;
+    }
     // The exponent field of 2^n is n + 127; n = -127 yields the bit pattern of 0.0.
-    let scale = f32::from_bits(z.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23);
+    let scale = f32::from_bits(z.to_bits().wrapping_sub(MAGIC_BITS).wrapping_add(127) << 23);
     p * scale
 }
 
@@ -205,7 +222,8 @@ pub(crate) struct Logits<A> {
 /// (length `n`, the score mod's additive terms) are added before the softcap, `bias` (length `n`) after it,
 /// and `vis` (length `n`, 0 = hidden) masks. `p` (the tile's padded width) receives `exp(s - m_new)` through
 /// `to_p`, with zeros beyond `n` and for hidden pairs. Returns `alpha`, the factor the caller must apply
-/// to the row's `O` (1 when nothing changed).
+/// to the row's `O` (1 when nothing changed). `passes` are the kernel family's row maximum ([`max_row`]) and
+/// exp pass ([`exp_row`]), the hot loops.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn online_step<A: Acc, E: Copy>(
@@ -219,6 +237,7 @@ pub(crate) fn online_step<A: Acc, E: Copy>(
     l: &mut A,
     p: &mut [E],
     to_p: impl Fn(A) -> E,
+    passes: RowPasses<impl Fn(&[A]) -> A, impl Fn(&[A], A, &mut [E]) -> A>,
 ) -> A {
     let width = s.len();
     debug_assert!(width.is_multiple_of(16) && p.len() >= width);
@@ -253,7 +272,7 @@ pub(crate) fn online_step<A: Acc, E: Copy>(
     for x in s[n..].iter_mut() {
         *x = A::NEG_INF;
     }
-    let tile_max = lane_max(s);
+    let tile_max = (passes.max)(s);
     let m_new = m.max(tile_max);
     if m_new == A::NEG_INF {
         // Nothing visible so far: P is zero and the state stays (-inf, 0, 0).
@@ -266,25 +285,42 @@ pub(crate) fn online_step<A: Acc, E: Copy>(
     } else {
         (*m - m_new).exp_nonpos()
     };
-    let mut lanes = [A::ZERO; 16];
-    for (sc, pc) in s.chunks_exact(16).zip(p.chunks_exact_mut(16)) {
-        let sc: &[A; 16] = sc.try_into().expect("chunks of 16");
-        let pc: &mut [E; 16] = pc.try_into().expect("chunks of 16");
-        for i in 0..16 {
-            let e = (sc[i] - m_new).exp_nonpos();
-            pc[i] = to_p(e);
-            lanes[i] = lanes[i] + e;
-        }
-    }
-    let sum = lanes.iter().fold(A::ZERO, |a, &b| a + b);
+    let sum = (passes.exp)(s, m_new, &mut p[..width]);
     *l = *l * alpha + sum;
     *m = m_new;
     alpha
 }
 
-/// Maximum over a slice whose length is a multiple of 16, in 16 lanes so it vectorises.
+/// `p[i] = to_p(exp(s[i] - m))` over a row of logits whose length is a multiple of 16 (each `s[i] <= m`, or
+/// -inf for a hidden pair), returning the sum of the exps: the softmax's hot loop, in plain Rust
+/// ([`crate::kernel::gemm::Kern::exp_row`]; the AVX-512 families have their own).
 #[inline(always)]
-fn lane_max<A: Acc>(s: &[A]) -> A {
+pub(crate) fn exp_row<A: Acc, E: Copy>(s: &[A], m: A, p: &mut [E], to_p: impl Fn(A) -> E) -> A {
+    debug_assert!(s.len().is_multiple_of(16) && p.len() >= s.len());
+    let mut lanes = [A::ZERO; 16];
+    for (sc, pc) in s.chunks_exact(16).zip(p.chunks_exact_mut(16)) {
+        let sc: &[A; 16] = sc.try_into().expect("chunks of 16");
+        let pc: &mut [E; 16] = pc.try_into().expect("chunks of 16");
+        for i in 0..16 {
+            let e = (sc[i] - m).exp_nonpos();
+            pc[i] = to_p(e);
+            lanes[i] = lanes[i] + e;
+        }
+    }
+    lanes.iter().fold(A::ZERO, |a, &b| a + b)
+}
+
+/// A kernel family's two vector passes over a row of logits: `max` (as [`max_row`]) and `exp` (as [`exp_row`]).
+#[derive(Clone, Copy)]
+pub(crate) struct RowPasses<M, X> {
+    pub max: M,
+    pub exp: X,
+}
+
+/// Maximum over a slice whose length is a multiple of 16, NaN if any element is NaN, in 16 lanes so it
+/// vectorises: the portable pass ([`crate::kernel::gemm::Kern::max_row`]).
+#[inline(always)]
+pub(crate) fn max_row<A: Acc>(s: &[A]) -> A {
     let mut lanes = [A::NEG_INF; 16];
     for c in s.chunks_exact(16) {
         let c: &[A; 16] = c.try_into().expect("chunks of 16");

@@ -13,7 +13,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::tile::{BC, Job, Rows, round_up, softmax_tile};
-use crate::kernel::gemm::bf16_bits;
+use crate::kernel::gemm::{Avx512Bf16, Avx512F32, Kern, bf16_bits};
 use crate::kernel::softmax::Logits;
 use crate::mask::tiles::BlockClass;
 use crate::tensor::{DType, Float};
@@ -595,8 +595,10 @@ fn body<L: Lanes, T: Float, const DOT: bool>(
                 }
             }
             let (s, p) = (&mut sc.s, &mut sc.pb);
+            // SAFETY: `DOT` is only set on CPUs with AVX-512 BF16, the features of `Avx512Bf16`.
+            let passes = unsafe { Avx512Bf16::row_passes() };
             softmax_tile(
-                job, b, kvh, cells, &classes, lg, s, p, st, scratch, bf16_bits,
+                job, b, kvh, cells, &classes, lg, s, p, st, scratch, bf16_bits, passes,
             );
             // SAFETY: see `pv_bf16`.
             unsafe { pv_bf16(&sc.pb, rpad, vp, vst, n, dv, &mut sc.o, ld, pf) };
@@ -607,7 +609,22 @@ fn body<L: Lanes, T: Float, const DOT: bool>(
                 }
             }
             let (s, p) = (&mut sc.s, &mut sc.p);
-            softmax_tile(job, b, kvh, cells, &classes, lg, s, p, st, scratch, |x| x);
+            // SAFETY: this kernel only runs on CPUs with AVX-512F, the features of `Avx512F32`.
+            let passes = unsafe { Avx512F32::row_passes() };
+            softmax_tile(
+                job,
+                b,
+                kvh,
+                cells,
+                &classes,
+                lg,
+                s,
+                p,
+                st,
+                scratch,
+                |x| x,
+                passes,
+            );
             // SAFETY: see `pv`.
             unsafe { pv::<L>(&sc.p, rpad, vp, vst, n, dv, &mut sc.o, dvp, pf) };
         }

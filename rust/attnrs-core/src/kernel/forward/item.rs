@@ -170,6 +170,9 @@ fn item_body<K: Kern, T: Float>(
                 (&mut sc.vis, bias, terms)
             },
             K::to_e,
+            // SAFETY: `item_body` only runs inside the `#[target_feature]` entry points of `K`'s features
+            // (`Entry`), called on CPUs that have them.
+            unsafe { K::row_passes() },
         );
         for &(r0, m) in &spans {
             // SAFETY: rows r0..r0+m of P (BC each, the first n.div_ceil(pair)·pair written), the V tile's

@@ -9,7 +9,7 @@ use crate::kernel::args::Dims;
 use crate::kernel::dropout::DropMask;
 use crate::kernel::ragged::Ragged;
 use crate::kernel::score::AnyTerms;
-use crate::kernel::softmax::{Acc, Logits, finish, online_step, rescale};
+use crate::kernel::softmax::{Acc, Logits, RowPasses, finish, online_step, rescale};
 use crate::kernel::strided::{BiasRef, Strided};
 use crate::mask::tiles::{BlockClass, MaskTiles};
 use crate::tensor::Float;
@@ -85,7 +85,8 @@ pub(super) struct Rows<'a, A> {
 /// The online-softmax step of one kv tile (`cells` = query rows × key columns) for the rows of every head of
 /// the group whose class is not empty: score terms, bias and mask applied, `m` and `l` updated, `O` rescaled,
 /// `P` written. `s` and `p` hold the rows of the group (`r = gi * bq + i`) at stride [`BC`]; `scratch` is
-/// (visibility bytes, one bias row, one terms row).
+/// (visibility bytes, one bias row, one terms row). `to_e` and `passes` are the kernel family's
+/// ([`crate::kernel::gemm::Kern`]).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn softmax_tile<A: Acc, E: Copy, T>(
@@ -100,6 +101,7 @@ pub(super) fn softmax_tile<A: Acc, E: Copy, T>(
     st: Rows<'_, A>,
     scratch: (&mut [u8], &mut [A], &mut [A]),
     to_e: impl Fn(A) -> E + Copy,
+    passes: RowPasses<impl Fn(&[A]) -> A + Copy, impl Fn(&[A], A, &mut [E]) -> A + Copy>,
 ) {
     let (rows, cols) = cells;
     let (q0, bq, c0, n) = (rows.start, rows.len(), cols.start, cols.len());
@@ -141,6 +143,7 @@ pub(super) fn softmax_tile<A: Acc, E: Copy, T>(
                 &mut st.l[r],
                 &mut p[r * BC..r * BC + nw],
                 to_e,
+                passes,
             );
             if alpha != A::ONE {
                 rescale(&mut st.o[r * st.ld..(r + 1) * st.ld], alpha);

@@ -425,6 +425,26 @@ macro_rules! bf16_tile_family {
             }
             #[cfg(target_arch = "x86_64")]
             #[inline(always)]
+            unsafe fn exp_row(s: &[f32], m: f32, p: &mut [u16]) -> f32 {
+                if $avx512 {
+                    // SAFETY: forwarded promise; AMX is only used where AVX-512 BF16 is too (`isa::Amx`).
+                    unsafe { super::avx512::exp_row_bf16(s, m, p) }
+                } else {
+                    crate::kernel::softmax::exp_row(s, m, p, bf16_bits)
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[inline(always)]
+            unsafe fn max_row(s: &[f32]) -> f32 {
+                if $avx512 {
+                    // SAFETY: as above.
+                    unsafe { super::avx512::max_row16(s) }
+                } else {
+                    crate::kernel::softmax::max_row(s)
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[inline(always)]
             unsafe fn transpose_units(
                 src: *const u8,
                 row_bytes: isize,

@@ -149,6 +149,16 @@ impl Kern for Avx512F32 {
         x
     }
     #[inline(always)]
+    unsafe fn exp_row(s: &[f32], m: f32, p: &mut [f32]) -> f32 {
+        // SAFETY: forwarded promise (this kernel only runs on CPUs with AVX-512F).
+        unsafe { exp_row_f32(s, m, p) }
+    }
+    #[inline(always)]
+    unsafe fn max_row(s: &[f32]) -> f32 {
+        // SAFETY: as above.
+        unsafe { max_row16(s) }
+    }
+    #[inline(always)]
     fn load<T: Float>(x: T) -> f32 {
         x.to_f32()
     }
@@ -256,6 +266,16 @@ impl Kern for Avx512Bf16 {
         bf16_bits(x)
     }
     #[inline(always)]
+    unsafe fn exp_row(s: &[f32], m: f32, p: &mut [u16]) -> f32 {
+        // SAFETY: forwarded promise (this kernel only runs on CPUs with AVX-512 BF16).
+        unsafe { exp_row_bf16(s, m, p) }
+    }
+    #[inline(always)]
+    unsafe fn max_row(s: &[f32]) -> f32 {
+        // SAFETY: as above.
+        unsafe { max_row16(s) }
+    }
+    #[inline(always)]
     unsafe fn transpose_units(
         src: *const u8,
         row_bytes: isize,
@@ -300,5 +320,115 @@ impl Kern for Avx512Bf16 {
             }
             j += 16 * nv;
         }
+    }
+}
+
+/// `exp(x)` on 16 lanes: [`crate::kernel::softmax::exp_f32`]'s algorithm (and constants) with fused
+/// multiply-adds. NaN stays NaN (each min/max returns its second operand when one is NaN); inputs below -87.3
+/// (-inf included) give 0.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn exp16(x: __m512) -> __m512 {
+    use crate::kernel::softmax::exp_consts::*;
+    let x = _mm512_max_ps(
+        _mm512_set1_ps(-CLAMP),
+        _mm512_min_ps(_mm512_set1_ps(CLAMP), x),
+    );
+    let magic = _mm512_set1_ps(MAGIC);
+    let z = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), magic);
+    let n = _mm512_sub_ps(z, magic);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+    let mut p = _mm512_set1_ps(POLY[0]);
+    for &c in &POLY[1..] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    let bits = _mm512_sub_epi32(
+        _mm512_castps_si512(z),
+        _mm512_set1_epi32((MAGIC_BITS - 127) as i32),
+    );
+    _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32::<23>(bits)))
+}
+
+/// [`Kern::exp_row`] for f32 operands: the exps in registers, their sum in two accumulators.
+///
+/// # Safety
+/// `s.len()` is a multiple of 16 and `p` at least as long (checked); the CPU has AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn exp_row_f32(s: &[f32], m: f32, p: &mut [f32]) -> f32 {
+    assert!(s.len().is_multiple_of(16) && p.len() >= s.len());
+    let mv = _mm512_set1_ps(m);
+    let mut sum = [_mm512_setzero_ps(); 2];
+    for (i, (sc, pc)) in s.chunks_exact(16).zip(p.chunks_exact_mut(16)).enumerate() {
+        // SAFETY: each chunk holds 16 f32.
+        unsafe {
+            let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc.as_ptr()), mv));
+            _mm512_storeu_ps(pc.as_mut_ptr(), e);
+            sum[i % 2] = _mm512_add_ps(sum[i % 2], e);
+        }
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(sum[0], sum[1]))
+}
+
+/// [`Kern::exp_row`] for bf16 operands: 32 exps at a time rounded to bf16 by one `vcvtne2ps2bf16` (nearest,
+/// ties to even, as `bf16_bits`; the instruction flushes denormal results, below 1.2e-38, to zero), the sum
+/// kept in f32.
+///
+/// # Safety
+/// `s.len()` is a multiple of 16 and `p` at least as long (checked); the CPU has AVX-512 BF16.
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub(super) unsafe fn exp_row_bf16(s: &[f32], m: f32, p: &mut [u16]) -> f32 {
+    assert!(s.len().is_multiple_of(16) && p.len() >= s.len());
+    let mv = _mm512_set1_ps(m);
+    let (mut sum0, mut sum1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let pairs = s.len() / 32;
+    // SAFETY: (whole body) chunk `c` reads s[32c..32c+32] and writes p[32c..32c+32], inside both slices; the
+    // tail reads and writes the last 16. The transmutes reinterpret 32 bf16 (16 in the tail) as integer lanes.
+    unsafe {
+        for c in 0..pairs {
+            let e0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(s.as_ptr().add(32 * c)), mv));
+            let e1 = exp16(_mm512_sub_ps(
+                _mm512_loadu_ps(s.as_ptr().add(32 * c + 16)),
+                mv,
+            ));
+            // The second operand fills the low half.
+            let b = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(e1, e0));
+            _mm512_storeu_si512(p.as_mut_ptr().add(32 * c).cast(), b);
+            sum0 = _mm512_add_ps(sum0, e0);
+            sum1 = _mm512_add_ps(sum1, e1);
+        }
+        if !s.len().is_multiple_of(32) {
+            let e = exp16(_mm512_sub_ps(
+                _mm512_loadu_ps(s.as_ptr().add(32 * pairs)),
+                mv,
+            ));
+            let b = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(e));
+            _mm256_storeu_si256(p.as_mut_ptr().add(32 * pairs).cast(), b);
+            sum0 = _mm512_add_ps(sum0, e);
+        }
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1))
+}
+
+/// [`Kern::max_row`] on 16 lanes: the maximum in a register, NaN if any element is NaN (the one reduction at
+/// the end, not a chain of scalar NaN-aware comparisons).
+///
+/// # Safety
+/// `s.len()` is a multiple of 16 (checked); the CPU has AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn max_row16(s: &[f32]) -> f32 {
+    assert!(s.len().is_multiple_of(16));
+    let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut nan: __mmask16 = 0;
+    for c in s.chunks_exact(16) {
+        // SAFETY: each chunk holds 16 f32.
+        let v = unsafe { _mm512_loadu_ps(c.as_ptr()) };
+        nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        max = _mm512_max_ps(max, v);
+    }
+    if nan != 0 {
+        f32::NAN
+    } else {
+        _mm512_reduce_max_ps(max)
     }
 }

@@ -11,7 +11,7 @@
 
 use crate::tensor::{DType, Float};
 
-use super::softmax::Acc;
+use super::softmax::{self, Acc};
 
 /// A family of micro-kernels: the accumulator type, the packed operand type and the product itself.
 pub(crate) trait Kern: Copy + Send + Sync + 'static {
@@ -56,6 +56,43 @@ pub(crate) trait Kern: Copy + Send + Sync + 'static {
     }
     /// Converts an input element to an operand.
     fn load<T: Float>(x: T) -> Self::E;
+    /// `p[i] = to_e(exp(s[i] - m))` over a row of logits (a multiple of 16 long, each `s[i] <= m` or -inf),
+    /// returning the sum of the exps: the softmax's hot loop. The portable [`softmax::exp_row`] unless the family
+    /// has a faster one.
+    ///
+    /// # Safety
+    /// The CPU has the kernel's target features.
+    #[inline(always)]
+    unsafe fn exp_row(s: &[Self::A], m: Self::A, p: &mut [Self::E]) -> Self::A {
+        softmax::exp_row(s, m, p, Self::to_e)
+    }
+    /// The maximum of a row of logits (a multiple of 16 long), NaN if any is NaN: the portable
+    /// [`softmax::max_row`] unless the family has a faster one.
+    ///
+    /// # Safety
+    /// The CPU has the kernel's target features.
+    #[inline(always)]
+    unsafe fn max_row(s: &[Self::A]) -> Self::A {
+        softmax::max_row(s)
+    }
+    /// [`Kern::max_row`] and [`Kern::exp_row`] as the closures the softmax step takes.
+    ///
+    /// # Safety
+    /// The closures may only be called where the CPU has the kernel's target features (inside its
+    /// `#[target_feature]` entry points).
+    #[inline(always)]
+    #[allow(clippy::type_complexity)] // two closure types, named by their signatures
+    unsafe fn row_passes() -> softmax::RowPasses<
+        impl Fn(&[Self::A]) -> Self::A + Copy,
+        impl Fn(&[Self::A], Self::A, &mut [Self::E]) -> Self::A + Copy,
+    > {
+        softmax::RowPasses {
+            // SAFETY: the caller's promise: these only run where the CPU has the features.
+            max: |s: &[Self::A]| unsafe { Self::max_row(s) },
+            // SAFETY: as above.
+            exp: |s: &[Self::A], m, p: &mut [Self::E]| unsafe { Self::exp_row(s, m, p) },
+        }
+    }
     /// `C (+)= A·B` with `kp` packed units of k. Element `(i, p)` of A is at `a[i*lda + p*PAIR ..]`, element
     /// `(p, j)` of B at `b[(p*ldb + j)*PAIR ..]`, element `(i, j)` of C at `c[i*ldc + j]`.
     ///

@@ -457,16 +457,8 @@ macro_rules! bf16_tile_family {
                     // SAFETY: forwarded promise; an AVX-512 family only runs on CPUs with AVX-512F.
                     unsafe { super::avx512::transpose16(src, row_bytes, n, units, dst, ld) }
                 } else {
-                    for col in 0..n {
-                        // SAFETY: forwarded promise: row `col` and its units are readable, dst holds them.
-                        unsafe {
-                            let row = src.offset(col as isize * row_bytes).cast::<u32>();
-                            for unit in 0..units {
-                                dst.add(unit * ld + col)
-                                    .write_unaligned(row.add(unit).read_unaligned());
-                            }
-                        }
-                    }
+                    // SAFETY: forwarded promise.
+                    unsafe { super::scalar_units(src, row_bytes, 0..n, 0..units, dst, ld) }
                 }
             }
             #[inline(always)]

@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Kern, bf16_bits};
+use super::{Kern, bf16_bits, scalar_units};
 use crate::tensor::{DType, Float};
 
 /// [`Kern::transpose_units`] on AVX-512: 16×16 blocks of 32-bit units transposed in registers
@@ -66,28 +66,6 @@ pub(super) unsafe fn transpose16(
     }
     // SAFETY: leftover rows, under the same promise.
     unsafe { scalar_units(src, row_bytes, full_rows..n, 0..units, dst, ld) };
-}
-
-/// Rows `rows` and units `units` of [`Kern::transpose_units`], one unit at a time.
-#[inline(always)]
-unsafe fn scalar_units(
-    src: *const u8,
-    row_bytes: isize,
-    rows: std::ops::Range<usize>,
-    units: std::ops::Range<usize>,
-    dst: *mut u32,
-    ld: usize,
-) {
-    for c in rows {
-        // SAFETY: caller's promise, as for `transpose16`.
-        unsafe {
-            let row = src.offset(c as isize * row_bytes).cast::<u32>();
-            for u in units.clone() {
-                dst.add(u * ld + c)
-                    .write_unaligned(row.add(u).read_unaligned());
-            }
-        }
-    }
 }
 
 /// f32 operands, AVX-512F: 6 rows × up to 4 zmm (64 columns) of accumulators.

@@ -43,16 +43,8 @@ pub(crate) trait Kern: Copy + Send + Sync + 'static {
         dst: *mut u32,
         ld: usize,
     ) {
-        for c in 0..n {
-            // SAFETY: row c and its `units` units are readable; `u * ld + c` is inside `dst` (caller's promise).
-            unsafe {
-                let row = src.offset(c as isize * row_bytes).cast::<u32>();
-                for u in 0..units {
-                    dst.add(u * ld + c)
-                        .write_unaligned(row.add(u).read_unaligned());
-                }
-            }
-        }
+        // SAFETY: forwarded promise.
+        unsafe { scalar_units(src, row_bytes, 0..n, 0..units, dst, ld) }
     }
     /// Converts an input element to an operand.
     fn load<T: Float>(x: T) -> Self::E;
@@ -112,6 +104,32 @@ pub(crate) trait Kern: Copy + Send + Sync + 'static {
         ldc: usize,
         accumulate: bool,
     );
+}
+
+/// Rows `rows` and units `units` of [`Kern::transpose_units`], one unit at a time: the portable transpose, and
+/// the leftovers of the SIMD ones.
+///
+/// # Safety
+/// As for [`Kern::transpose_units`], for these rows and units.
+#[inline(always)]
+pub(super) unsafe fn scalar_units(
+    src: *const u8,
+    row_bytes: isize,
+    rows: std::ops::Range<usize>,
+    units: std::ops::Range<usize>,
+    dst: *mut u32,
+    ld: usize,
+) {
+    for c in rows {
+        // SAFETY: caller's promise: every unit read is readable and `u * ld + c` is inside `dst`.
+        unsafe {
+            let row = src.offset(c as isize * row_bytes).cast::<u32>();
+            for u in units.clone() {
+                dst.add(u * ld + c)
+                    .write_unaligned(row.add(u).read_unaligned());
+            }
+        }
+    }
 }
 
 /// Rounds an f32 to the nearest bf16 (ties to even) and returns its bits. Exact for bf16 values.

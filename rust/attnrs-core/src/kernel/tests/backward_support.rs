@@ -3,6 +3,7 @@
 use proptest::prelude::*;
 
 use super::backward_reference::*;
+pub(super) use super::forward_support::backends;
 use crate::kernel::args::*;
 use crate::kernel::backward::*;
 use crate::kernel::tests::support::{Bitmap, Layout, Rng, causal, finfo_min, layout};
@@ -319,25 +320,6 @@ pub(super) const fn tuning(dq: DqPath, kv_tile: usize, per_tile: bool) -> Tuning
         kv_tile: Some(kv_tile),
         pack_budget: if per_tile { 0 } else { usize::MAX },
     }
-}
-
-/// Every backend this CPU can run for `dtype`.
-pub(super) fn backends(dtype: DType) -> Vec<Backend> {
-    let mut all = vec![Backend::Portable];
-    for b in [
-        Backend::Avx2,
-        Backend::Avx512,
-        Backend::Avx512Bf16,
-        Backend::Amx,
-        Backend::AmxEmulated,
-    ] {
-        if let Ok(r) = b.resolve(dtype)
-            && !all.contains(&r)
-        {
-            all.push(r);
-        }
-    }
-    all
 }
 
 pub(super) fn check_case(c: &Case) {

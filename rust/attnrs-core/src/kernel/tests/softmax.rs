@@ -51,6 +51,42 @@ fn logit_rows() -> Vec<Vec<f32>> {
     rows
 }
 
+/// The AVX2 row passes (`max_row`, `exp_row`) against the portable ones.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_row_passes_match_the_portable_ones() {
+    use crate::kernel::Backend;
+    use crate::kernel::gemm::{Avx2F32, Kern};
+    use crate::tensor::DType;
+    if Backend::Avx2.resolve(DType::F32) != Ok(Backend::Avx2) {
+        println!("skipped: this CPU has no AVX2 + FMA (the passes under test cannot run)");
+        return;
+    }
+    for row in logit_rows() {
+        let want_max = max_row(&row);
+        // SAFETY: AVX2 and FMA are present (checked above).
+        let got_max = unsafe { Avx2F32::max_row(&row) };
+        assert!(got_max == want_max || (got_max.is_nan() && want_max.is_nan()));
+        if want_max.is_nan() {
+            continue;
+        }
+        let (mut want, mut got) = (vec![0f32; row.len()], vec![0f32; row.len()]);
+        let want_sum = exp_row(&row, want_max, &mut want, |x| x);
+        // SAFETY: as above.
+        let got_sum = unsafe { Avx2F32::exp_row(&row, want_max, &mut got) };
+        assert!(
+            (got_sum - want_sum).abs() <= 1e-6 * want_sum,
+            "sum {got_sum} vs {want_sum}"
+        );
+        for (j, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 2e-7 * w.max(1e-30),
+                "column {j}: {g} vs {w}"
+            );
+        }
+    }
+}
+
 /// The AVX-512 row passes (`max_row`, and `exp_row` for f32 and bf16 operands) against the portable ones.
 #[cfg(target_arch = "x86_64")]
 #[test]

@@ -97,9 +97,14 @@ def report(title: str, results: dict[str, float], unit: str, higher_is_better: b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated: bfloat16 (bf16), float32 (fp32)")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    aliases = {"bf16": "bfloat16", "fp32": "float32", "bfloat16": "bfloat16", "float32": "float32"}
+    unknown = [n for n in args.dtypes.split(",") if n not in aliases]
+    if unknown:
+        parser.error(f"--dtypes: unknown dtype {unknown[0]!r}; expected some of bfloat16 (bf16), float32 (fp32)")
+    args.dtypes = ",".join(aliases[n] for n in args.dtypes.split(","))
     register()
     length, context, new_tokens = (1024, 2048, 16) if args.quick else (4096, 8192, 128)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "

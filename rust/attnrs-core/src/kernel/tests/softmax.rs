@@ -51,6 +51,37 @@ fn logit_rows() -> Vec<Vec<f32>> {
     rows
 }
 
+/// Checks a family's f32 row passes against the portable ones on `row`; returns the portable exps (empty for a
+/// row with a NaN, whose exps the step never compares).
+fn check_f32_passes(
+    row: &[f32],
+    max: impl Fn(&[f32]) -> f32,
+    exp: impl Fn(&[f32], f32, &mut [f32]) -> f32,
+) -> Vec<f32> {
+    let (want_max, got_max) = (max_row(row), max(row));
+    assert!(
+        got_max == want_max || (got_max.is_nan() && want_max.is_nan()),
+        "max {got_max} vs {want_max}"
+    );
+    if want_max.is_nan() {
+        return Vec::new();
+    }
+    let (mut want, mut got) = (vec![0f32; row.len()], vec![0f32; row.len()]);
+    let want_sum = exp_row(row, want_max, &mut want, |x| x);
+    let got_sum = exp(row, want_max, &mut got);
+    assert!(
+        (got_sum - want_sum).abs() <= 1e-6 * want_sum,
+        "sum {got_sum} vs {want_sum}"
+    );
+    for (j, (&g, &w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).abs() <= 2e-7 * w.max(1e-30),
+            "column {j}: {g} vs {w}"
+        );
+    }
+    want
+}
+
 /// The AVX2 row passes (`max_row`, `exp_row`) against the portable ones.
 #[cfg(target_arch = "x86_64")]
 #[test]
@@ -63,27 +94,13 @@ fn avx2_row_passes_match_the_portable_ones() {
         return;
     }
     for row in logit_rows() {
-        let want_max = max_row(&row);
-        // SAFETY: AVX2 and FMA are present (checked above).
-        let got_max = unsafe { Avx2F32::max_row(&row) };
-        assert!(got_max == want_max || (got_max.is_nan() && want_max.is_nan()));
-        if want_max.is_nan() {
-            continue;
-        }
-        let (mut want, mut got) = (vec![0f32; row.len()], vec![0f32; row.len()]);
-        let want_sum = exp_row(&row, want_max, &mut want, |x| x);
-        // SAFETY: as above.
-        let got_sum = unsafe { Avx2F32::exp_row(&row, want_max, &mut got) };
-        assert!(
-            (got_sum - want_sum).abs() <= 1e-6 * want_sum,
-            "sum {got_sum} vs {want_sum}"
+        check_f32_passes(
+            &row,
+            // SAFETY: AVX2 and FMA are present (checked above).
+            |s| unsafe { Avx2F32::max_row(s) },
+            // SAFETY: AVX2 and FMA are present (checked above).
+            |s, m, p| unsafe { Avx2F32::exp_row(s, m, p) },
         );
-        for (j, (&g, &w)) in got.iter().zip(&want).enumerate() {
-            assert!(
-                (g - w).abs() <= 2e-7 * w.max(1e-30),
-                "column {j}: {g} vs {w}"
-            );
-        }
     }
 }
 
@@ -100,39 +117,24 @@ fn avx512_row_passes_match_the_portable_ones() {
         println!("skipped: this CPU has no AVX-512F (the passes under test cannot run)");
         return;
     }
+    if !bf16_ok {
+        println!("bf16 pass skipped: this CPU has no AVX-512 BF16");
+    }
     for row in logit_rows() {
-        let want_max = max_row(&row);
-        // SAFETY: AVX-512F is present (checked above).
-        let got_max = unsafe { Avx512F32::max_row(&row) };
-        assert!(
-            got_max == want_max || (got_max.is_nan() && want_max.is_nan()),
-            "max {got_max} vs {want_max}"
+        let want = check_f32_passes(
+            &row,
+            // SAFETY: AVX-512F is present (checked above).
+            |s| unsafe { Avx512F32::max_row(s) },
+            // SAFETY: AVX-512F is present (checked above).
+            |s, m, p| unsafe { Avx512F32::exp_row(s, m, p) },
         );
-        if want_max.is_nan() {
-            continue; // the step never calls exp_row on a NaN maximum's row with finite expectations
-        }
-        let mut want = vec![0f32; row.len()];
-        let want_sum = exp_row(&row, want_max, &mut want, |x| x);
-        let mut got = vec![0f32; row.len()];
-        // SAFETY: as above.
-        let got_sum = unsafe { Avx512F32::exp_row(&row, want_max, &mut got) };
-        assert!(
-            (got_sum - want_sum).abs() <= 1e-6 * want_sum,
-            "sum {got_sum} vs {want_sum}"
-        );
-        for (j, (&g, &w)) in got.iter().zip(&want).enumerate() {
-            assert!(
-                (g - w).abs() <= 2e-7 * w.max(1e-30),
-                "column {j}: {g} vs {w}"
-            );
-        }
-        if !bf16_ok {
-            println!("bf16 pass skipped: this CPU has no AVX-512 BF16");
+        if want.is_empty() || !bf16_ok {
             continue;
         }
+        let want_sum: f32 = want.iter().sum();
         let mut got_bits = vec![0u16; row.len()];
         // SAFETY: AVX-512 BF16 is present (checked above).
-        let bits_sum = unsafe { Avx512Bf16::exp_row(&row, want_max, &mut got_bits) };
+        let bits_sum = unsafe { Avx512Bf16::exp_row(&row, max_row(&row), &mut got_bits) };
         assert!((bits_sum - want_sum).abs() <= 1e-6 * want_sum);
         for (j, (&g, &w)) in got_bits.iter().zip(&want).enumerate() {
             // One rounding of the (equally accurate) f32 exp: the same bits, or the neighbour when the two exps

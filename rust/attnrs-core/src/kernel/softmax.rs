@@ -166,10 +166,7 @@ impl Acc for f64 {
     }
 }
 
-/// `exp(x)` for `x <= 0`, branch-free so loops over it vectorise. Cody-Waite: `x = n·ln2 + r` with an integer
-/// `n` (the exponent bits of the result) and `|r| <= ln2/2` (a degree-7 Taylor polynomial), `n·ln2` split into
-/// an exactly multiplied high part and a small low part. Inputs below `-87.3` (including `-inf`) give 0.
-/// The constants of [`exp_f32`], shared with the SIMD versions of it (`gemm/avx512.rs`).
+/// The constants of [`exp_f32`], shared with its SIMD versions (`gemm/avx512.rs`, `gemm/avx2.rs`).
 pub(crate) mod exp_consts {
     /// 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits (its bits are `MAGIC_BITS`).
     pub(crate) const MAGIC: f32 = 12_582_912.0;
@@ -192,6 +189,9 @@ pub(crate) mod exp_consts {
     ];
 }
 
+/// `exp(x)` for `x <= 0`, branch-free so loops over it vectorise. Cody-Waite: `x = n·ln2 + r` with an integer
+/// `n` (the exponent bits of the result) and `|r| <= ln2/2` (a degree-7 Taylor polynomial), `n·ln2` split into
+/// an exactly multiplied high part and a small low part. Inputs below `-87.3` (including `-inf`) give 0.
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
     use exp_consts::*;
@@ -221,9 +221,9 @@ pub(crate) struct Logits<A> {
 /// `s` holds the raw scores of the tile's padded width (a multiple of 16); the first `n` are real. `terms`
 /// (length `n`, the score mod's additive terms) are added before the softcap, `bias` (length `n`) after it,
 /// and `vis` (length `n`, 0 = hidden) masks. `p` (the tile's padded width) receives `exp(s - m_new)` through
-/// `to_p`, with zeros beyond `n` and for hidden pairs. Returns `alpha`, the factor the caller must apply
-/// to the row's `O` (1 when nothing changed). `passes` are the kernel family's row maximum ([`max_row`]) and
-/// exp pass ([`exp_row`]), the hot loops.
+/// `passes.to_p`, with zeros beyond `n` and for hidden pairs. Returns `alpha`, the factor the caller must apply
+/// to the row's `O` (1 when nothing changed). `passes` are the kernel family's (its operand conversion, row
+/// maximum and exp pass: the hot loops).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn online_step<A: Acc, E: Copy>(
@@ -236,8 +236,7 @@ pub(crate) fn online_step<A: Acc, E: Copy>(
     m: &mut A,
     l: &mut A,
     p: &mut [E],
-    to_p: impl Fn(A) -> E,
-    passes: RowPasses<impl Fn(&[A]) -> A, impl Fn(&[A], A, &mut [E]) -> A>,
+    passes: RowPasses<impl Fn(A) -> E, impl Fn(&[A]) -> A, impl Fn(&[A], A, &mut [E]) -> A>,
 ) -> A {
     let width = s.len();
     debug_assert!(width.is_multiple_of(16) && p.len() >= width);
@@ -276,7 +275,7 @@ pub(crate) fn online_step<A: Acc, E: Copy>(
     let m_new = m.max(tile_max);
     if m_new == A::NEG_INF {
         // Nothing visible so far: P is zero and the state stays (-inf, 0, 0).
-        let zero = to_p(A::ZERO);
+        let zero = (passes.to_p)(A::ZERO);
         p[..width].iter_mut().for_each(|x| *x = zero);
         return A::ONE;
     }
@@ -293,7 +292,7 @@ pub(crate) fn online_step<A: Acc, E: Copy>(
 
 /// `p[i] = to_p(exp(s[i] - m))` over a row of logits whose length is a multiple of 16 (each `s[i] <= m`, or
 /// -inf for a hidden pair), returning the sum of the exps: the softmax's hot loop, in plain Rust
-/// ([`crate::kernel::gemm::Kern::exp_row`]; the AVX-512 families have their own).
+/// ([`crate::kernel::gemm::Kern::exp_row`]; the AVX2, AVX-512 and AMX families have their own).
 #[inline(always)]
 pub(crate) fn exp_row<A: Acc, E: Copy>(s: &[A], m: A, p: &mut [E], to_p: impl Fn(A) -> E) -> A {
     debug_assert!(s.len().is_multiple_of(16) && p.len() >= s.len());
@@ -310,9 +309,11 @@ pub(crate) fn exp_row<A: Acc, E: Copy>(s: &[A], m: A, p: &mut [E], to_p: impl Fn
     lanes.iter().fold(A::ZERO, |a, &b| a + b)
 }
 
-/// A kernel family's two vector passes over a row of logits: `max` (as [`max_row`]) and `exp` (as [`exp_row`]).
+/// What the softmax step takes from a kernel family: `to_p` (an accumulator value to an operand) and its two
+/// vector passes over a row of logits, `max` (as [`max_row`]) and `exp` (as [`exp_row`]).
 #[derive(Clone, Copy)]
-pub(crate) struct RowPasses<M, X> {
+pub(crate) struct RowPasses<C, M, X> {
+    pub to_p: C,
     pub max: M,
     pub exp: X,
 }

@@ -597,9 +597,7 @@ fn body<L: Lanes, T: Float, const DOT: bool>(
             let (s, p) = (&mut sc.s, &mut sc.pb);
             // SAFETY: `DOT` is only set on CPUs with AVX-512 BF16, the features of `Avx512Bf16`.
             let passes = unsafe { Avx512Bf16::row_passes() };
-            softmax_tile(
-                job, b, kvh, cells, &classes, lg, s, p, st, scratch, bf16_bits, passes,
-            );
+            softmax_tile(job, b, kvh, cells, &classes, lg, s, p, st, scratch, passes);
             // SAFETY: see `pv_bf16`.
             unsafe { pv_bf16(&sc.pb, rpad, vp, vst, n, dv, &mut sc.o, ld, pf) };
         } else {
@@ -611,20 +609,7 @@ fn body<L: Lanes, T: Float, const DOT: bool>(
             let (s, p) = (&mut sc.s, &mut sc.p);
             // SAFETY: this kernel only runs on CPUs with AVX-512F, the features of `Avx512F32`.
             let passes = unsafe { Avx512F32::row_passes() };
-            softmax_tile(
-                job,
-                b,
-                kvh,
-                cells,
-                &classes,
-                lg,
-                s,
-                p,
-                st,
-                scratch,
-                |x| x,
-                passes,
-            );
+            softmax_tile(job, b, kvh, cells, &classes, lg, s, p, st, scratch, passes);
             // SAFETY: see `pv`.
             unsafe { pv::<L>(&sc.p, rpad, vp, vst, n, dv, &mut sc.o, dvp, pf) };
         }

@@ -169,7 +169,6 @@ fn item_body<K: Kern, T: Float>(
                 let (bias, terms) = sc.bias.split_at_mut(BC);
                 (&mut sc.vis, bias, terms)
             },
-            K::to_e,
             // SAFETY: `item_body` only runs inside the `#[target_feature]` entry points of `K`'s features
             // (`Entry`), called on CPUs that have them.
             unsafe { K::row_passes() },

@@ -85,8 +85,8 @@ pub(super) struct Rows<'a, A> {
 /// The online-softmax step of one kv tile (`cells` = query rows × key columns) for the rows of every head of
 /// the group whose class is not empty: score terms, bias and mask applied, `m` and `l` updated, `O` rescaled,
 /// `P` written. `s` and `p` hold the rows of the group (`r = gi * bq + i`) at stride [`BC`]; `scratch` is
-/// (visibility bytes, one bias row, one terms row). `to_e` and `passes` are the kernel family's
-/// ([`crate::kernel::gemm::Kern`]).
+/// (visibility bytes, one bias row, one terms row). `passes` are the kernel family's
+/// ([`crate::kernel::gemm::Kern::row_passes`]).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn softmax_tile<A: Acc, E: Copy, T>(
@@ -100,8 +100,11 @@ pub(super) fn softmax_tile<A: Acc, E: Copy, T>(
     p: &mut [E],
     st: Rows<'_, A>,
     scratch: (&mut [u8], &mut [A], &mut [A]),
-    to_e: impl Fn(A) -> E + Copy,
-    passes: RowPasses<impl Fn(&[A]) -> A + Copy, impl Fn(&[A], A, &mut [E]) -> A + Copy>,
+    passes: RowPasses<
+        impl Fn(A) -> E + Copy,
+        impl Fn(&[A]) -> A + Copy,
+        impl Fn(&[A], A, &mut [E]) -> A + Copy,
+    >,
 ) {
     let (rows, cols) = cells;
     let (q0, bq, c0, n) = (rows.start, rows.len(), cols.start, cols.len());
@@ -142,7 +145,6 @@ pub(super) fn softmax_tile<A: Acc, E: Copy, T>(
                 &mut st.m[r],
                 &mut st.l[r],
                 &mut p[r * BC..r * BC + nw],
-                to_e,
                 passes,
             );
             if alpha != A::ONE {
@@ -150,8 +152,11 @@ pub(super) fn softmax_tile<A: Acc, E: Copy, T>(
             }
             if let Some(drop) = &job.drop {
                 // The denominator `l` keeps every weight; only `P·V` loses the dropped ones.
-                drop.row(b, h, q0 + i)
-                    .drop_into(c0, &mut p[r * BC..r * BC + n], to_e(A::ZERO));
+                drop.row(b, h, q0 + i).drop_into(
+                    c0,
+                    &mut p[r * BC..r * BC + n],
+                    (passes.to_p)(A::ZERO),
+                );
             }
         }
     }

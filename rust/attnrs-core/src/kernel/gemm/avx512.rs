@@ -328,7 +328,7 @@ fn exp16(x: __m512) -> __m512 {
     _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32::<23>(bits)))
 }
 
-/// [`Kern::exp_row`] for f32 operands: the exps in registers, their sum in two accumulators.
+/// [`Kern::exp_row`] for f32 operands: the exps and their sum in registers.
 ///
 /// # Safety
 /// `s.len()` is a multiple of 16 and `p` at least as long (checked); the CPU has AVX-512F.
@@ -336,16 +336,16 @@ fn exp16(x: __m512) -> __m512 {
 pub(super) unsafe fn exp_row_f32(s: &[f32], m: f32, p: &mut [f32]) -> f32 {
     assert!(s.len().is_multiple_of(16) && p.len() >= s.len());
     let mv = _mm512_set1_ps(m);
-    let mut sum = [_mm512_setzero_ps(); 2];
-    for (i, (sc, pc)) in s.chunks_exact(16).zip(p.chunks_exact_mut(16)).enumerate() {
+    let mut sum = _mm512_setzero_ps();
+    for (sc, pc) in s.chunks_exact(16).zip(p.chunks_exact_mut(16)) {
         // SAFETY: each chunk holds 16 f32.
         unsafe {
             let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc.as_ptr()), mv));
             _mm512_storeu_ps(pc.as_mut_ptr(), e);
-            sum[i % 2] = _mm512_add_ps(sum[i % 2], e);
+            sum = _mm512_add_ps(sum, e);
         }
     }
-    _mm512_reduce_add_ps(_mm512_add_ps(sum[0], sum[1]))
+    _mm512_reduce_add_ps(sum)
 }
 
 /// [`Kern::exp_row`] for bf16 operands: 32 exps at a time rounded to bf16 by one `vcvtne2ps2bf16` (nearest,

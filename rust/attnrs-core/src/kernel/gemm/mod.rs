@@ -67,18 +67,20 @@ pub(crate) trait Kern: Copy + Send + Sync + 'static {
     unsafe fn max_row(s: &[Self::A]) -> Self::A {
         softmax::max_row(s)
     }
-    /// [`Kern::max_row`] and [`Kern::exp_row`] as the closures the softmax step takes.
+    /// [`Kern::to_e`], [`Kern::max_row`] and [`Kern::exp_row`] as the closures the softmax step takes.
     ///
     /// # Safety
     /// The closures may only be called where the CPU has the kernel's target features (inside its
     /// `#[target_feature]` entry points).
     #[inline(always)]
-    #[allow(clippy::type_complexity)] // two closure types, named by their signatures
+    #[allow(clippy::type_complexity)] // three closure types, named by their signatures
     unsafe fn row_passes() -> softmax::RowPasses<
+        impl Fn(Self::A) -> Self::E + Copy,
         impl Fn(&[Self::A]) -> Self::A + Copy,
         impl Fn(&[Self::A], Self::A, &mut [Self::E]) -> Self::A + Copy,
     > {
         softmax::RowPasses {
+            to_p: Self::to_e,
             // SAFETY: the caller's promise: these only run where the CPU has the features.
             max: |s: &[Self::A]| unsafe { Self::max_row(s) },
             // SAFETY: as above.

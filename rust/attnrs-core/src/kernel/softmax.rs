@@ -9,6 +9,7 @@
 
 use std::ops::{Add, Mul, Sub};
 
+use crate::mask::tiles::RowVis;
 use crate::tensor::Float;
 
 /// The accumulator type: f32 (for f32, bf16 and f16 inputs) or f64 (for f64 inputs).
@@ -220,7 +221,7 @@ pub(crate) struct Logits<A> {
 ///
 /// `s` holds the raw scores of the tile's padded width (a multiple of 16); the first `n` are real. `terms`
 /// (length `n`, the score mod's additive terms) are added before the softcap, `bias` (length `n`) after it,
-/// and `vis` (length `n`, 0 = hidden) masks. `p` (the tile's padded width) receives `exp(s - m_new)` through
+/// and `vis` (a partial tile's row) masks. `p` (the tile's padded width) receives `exp(s - m_new)` through
 /// `passes.to_p`, with zeros beyond `n` and for hidden pairs. Returns `alpha`, the factor the caller must apply
 /// to the row's `O` (1 when nothing changed). `passes` are the kernel family's (its operand conversion, row
 /// maximum and exp pass: the hot loops).
@@ -232,7 +233,7 @@ pub(crate) fn online_step<A: Acc, E: Copy>(
     lg: Logits<A>,
     terms: Option<&[A]>,
     bias: Option<&[A]>,
-    vis: Option<&[u8]>,
+    vis: Option<RowVis>,
     m: &mut A,
     l: &mut A,
     p: &mut [E],
@@ -264,9 +265,7 @@ pub(crate) fn online_step<A: Acc, E: Copy>(
         }
     }
     if let Some(vis) = vis {
-        for (x, &v) in s[..n].iter_mut().zip(vis) {
-            *x = if v != 0 { *x } else { A::NEG_INF };
-        }
+        vis.hide(&mut s[..n], A::NEG_INF);
     }
     for x in s[n..].iter_mut() {
         *x = A::NEG_INF;

@@ -431,6 +431,35 @@ impl MaskExpr {
         }
     }
 
+    /// The visible keys of each query row of the block `q x k` as one run per row, when every row sees a
+    /// single interval (causal, sliding, chunked, prefix-LM, documents, contiguous padding, and their ANDs):
+    /// writes `out[i] = (a, e)`, offsets into `k` with `a <= e` (`a == e`: nothing visible) and returns true.
+    /// Returns false (with `out` unspecified) when some row is not one interval; [`MaskExpr::fill`] then
+    /// gives the bytes.
+    ///
+    /// # Panics
+    /// If `out.len() != q.len()`.
+    pub fn spans(&self, b: usize, q: Range<i64>, k: Range<i64>, out: &mut [(u32, u32)]) -> bool {
+        let width = usize::try_from(k.end.saturating_sub(k.start)).unwrap_or(0);
+        assert_eq!(
+            out.len() as i64,
+            q.end.saturating_sub(q.start).max(0),
+            "spans: one span per query row"
+        );
+        if u32::try_from(width).is_err() {
+            return false;
+        }
+        for (q, slot) in q.zip(out.iter_mut()) {
+            let Some(iv) = self.get().row_iv(b, q) else {
+                return false;
+            };
+            let (a, e) = interval::span(width, k.start, iv);
+            // Both ends are at most `width`, which fits in u32 (checked above).
+            *slot = (a as u32, e as u32);
+        }
+        true
+    }
+
     /// A superset (closed interval, possibly unbounded or empty) of the key positions that some query in
     /// `q` sees; used to enumerate candidate blocks without visiting empty ones.
     pub fn key_hull(&self, b: usize, q: Range<i64>) -> (i64, i64) {

@@ -20,6 +20,18 @@ fn consistent(expr: &MaskExpr, b: usize, q: Range<i64>, k: Range<i64>) {
                             n += usize::from(v);
                         }
                     }
+                    // Spans, where the mask gives them, are the filled rows' runs.
+                    let mut spans = vec![(99u32, 0u32); (q1 - q0) as usize];
+                    if expr.spans(b, q0..q1, k0..k1, &mut spans) {
+                        let w = (k1 - k0) as usize;
+                        for (i, &(a, e)) in spans.iter().enumerate() {
+                            let run: Vec<u8> = (0..w)
+                                .map(|j| u8::from((a as usize..e as usize).contains(&j)))
+                                .collect();
+                            assert!(a <= e, "{expr:?} span {a}..{e}");
+                            assert_eq!(run, out[i * w..(i + 1) * w], "{expr:?} spans row {i}");
+                        }
+                    }
                     let want = match n {
                         0 => BlockClass::Empty,
                         n if n == out.len() => BlockClass::Full,
@@ -100,6 +112,43 @@ fn documents_match_ids_sorted_or_not() {
     assert_eq!(row(&shuffled, 0, 0, 0..7), "11.1...");
     consistent(&shuffled, 0, -1..8, -1..8);
     consistent(&(shuffled & MaskExpr::causal()), 0, 0..7, 0..7);
+}
+
+/// Whether `expr` answers the block `q x k` with spans.
+fn has_spans(expr: &MaskExpr, q: Range<i64>, k: Range<i64>) -> bool {
+    let mut out = vec![(0, 0); q.clone().count()];
+    expr.spans(0, q, k, &mut out)
+}
+
+#[test]
+fn interval_masks_have_spans_and_others_fall_back_to_bytes() {
+    let (q, k) = (0..9, -2..11);
+    let window = MaskExpr::sliding_window(3, true).unwrap();
+    let sorted_docs = MaskExpr::document(&[0, 0, 1, 1, 1, 2, 2, 2, 2], 1, 9).unwrap();
+    let left_pad = MaskExpr::padding(&[0, 0, 1, 1, 1, 1, 1, 1, 1], 1, 9).unwrap();
+    for m in [
+        MaskExpr::causal(),
+        window.clone(),
+        MaskExpr::chunked(4, &[0]).unwrap(),
+        MaskExpr::prefix_lm(&[3]).unwrap(),
+        sorted_docs.clone(),
+        left_pad.clone(),
+        MaskExpr::and([sorted_docs, left_pad, window]),
+        MaskExpr::causal().shift(2, 0),
+    ] {
+        assert!(has_spans(&m, q.clone(), k.clone()), "{m:?}");
+        consistent(&m, 0, 0..5, -1..6);
+    }
+    let bits: Vec<u8> = (0..81).map(|i| u8::from(i % 3 != 1)).collect();
+    let holes = MaskExpr::padding(&[1, 0, 1, 1, 1, 1, 1, 1, 1], 1, 9).unwrap();
+    for m in [
+        MaskExpr::bitmap(&bits, [1, 1, 9, 9], 0, 0).unwrap(),
+        holes.clone(),
+        MaskExpr::causal() & holes,
+        MaskExpr::sliding_window(2, true).unwrap().negate(),
+    ] {
+        assert!(!has_spans(&m, q.clone(), k.clone()), "{m:?}");
+    }
 }
 
 #[test]

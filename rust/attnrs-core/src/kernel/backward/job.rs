@@ -9,7 +9,7 @@ use crate::kernel::pack::{pack_a, pack_b_rows};
 use crate::kernel::score::Terms;
 use crate::kernel::softmax::Acc;
 use crate::kernel::strided::{BiasRef, Strided};
-use crate::mask::tiles::MaskTiles;
+use crate::mask::tiles::{MaskTiles, TileVis};
 use crate::tensor::{DType, Float, TensorView};
 use half::{bf16, f16};
 
@@ -251,8 +251,8 @@ pub(super) struct Scratch<K: Kern> {
     pub(super) ds_e: Vec<K::E>,
     /// Softcap derivative `1 - t²`, `[BQ][BK]`.
     pub(super) g: Vec<K::A>,
-    /// Visibility of a partial tile, `[m][n]`.
-    pub(super) vis: Vec<u8>,
+    /// Visibility of a partial tile (`m` rows of `n`).
+    pub(super) vis: TileVis,
     /// One bias row (or one row of score terms), `[BK]`.
     pub(super) brow: Vec<K::A>,
     /// This kv item's partial gradients of the score terms: distance `[G][slot]`, key `[G][BK]` (empty
@@ -282,7 +282,7 @@ impl<K: Kern> Scratch<K> {
             dst: vec![ze; bk * BQ],
             ds_e: vec![ze; BQ * bk],
             g: vec![za; BQ * bk],
-            vis: vec![0; BQ * bk],
+            vis: TileVis::new(BQ, bk),
             brow: vec![za; bk],
             gdist: match &job.term_grads {
                 Some(t) if t.dist.is_some() => vec![za; job.dims.g * t.slot],

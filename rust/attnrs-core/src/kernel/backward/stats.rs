@@ -74,8 +74,7 @@ pub(super) fn row_stats<T: Float, K: Kern>(
             }
             pack_t::<K, T>(&job.k, b, kvh, c0, n, d, bk, &mut sc.kt);
             if cls == BlockClass::Partial {
-                job.mask
-                    .fill(b, h, q0..q0 + m, c0..c0 + n, &mut sc.vis[..m * n]);
+                sc.vis.load(job.mask, b, h, q0..q0 + m, c0..c0 + n);
             }
             let p = &mut sc.p[..m * bk];
             mm::<K>(

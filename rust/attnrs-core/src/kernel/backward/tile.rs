@@ -9,7 +9,7 @@ use crate::kernel::gemm::Kern;
 use crate::kernel::pack::{pack_b_rows, pack_t};
 use crate::kernel::softmax::Acc;
 use crate::kernel::strided::Strided;
-use crate::mask::tiles::BlockClass;
+use crate::mask::tiles::{BlockClass, TileVis};
 use crate::tensor::Float;
 
 /// `c[i*ldc + j] (+)= Σ_p A(i, p) · B(p, j)` for `i < m`, `j < n` over `kp` packed units of k (pairs for
@@ -176,7 +176,7 @@ pub(super) fn logits<T, A: Acc>(
     job: &Job<T, A>,
     p: &mut [A],
     g: &mut [A],
-    vis: &[u8],
+    vis: &TileVis,
     brow: &mut [A],
     b: usize,
     h: usize,
@@ -217,11 +217,7 @@ pub(super) fn logits<T, A: Acc>(
             }
         }
         if cls == BlockClass::Partial {
-            for (v, &seen) in x[..n].iter_mut().zip(&vis[r * n..(r + 1) * n]) {
-                if seen == 0 {
-                    *v = A::NEG_INF;
-                }
-            }
+            vis.row(r).hide(&mut x[..n], A::NEG_INF);
         }
         x[n..].fill(A::NEG_INF);
     }
@@ -419,8 +415,7 @@ pub(super) fn kv_body<T: Float, K: Kern>(
                 continue;
             }
             if cls == BlockClass::Partial {
-                job.mask
-                    .fill(b, h, q0..q0 + m, c0..c0 + n, &mut sc.vis[..m * n]);
+                sc.vis.load(job.mask, b, h, q0..q0 + m, c0..c0 + n);
             }
             let at = if rows.per_tile {
                 rows.pack::<K, T>(job, b, h, q0, m, 0, true);
@@ -495,8 +490,7 @@ pub(super) fn q_body<T: Float, K: Kern>(
         pack_t::<K, T>(&job.v, b, kvh, c0, n, dv, bk, &mut sc.vt);
         pack_b_rows::<K, T>(&job.k, b, kvh, c0, n, d, dp, &mut sc.kr);
         if cls == BlockClass::Partial {
-            job.mask
-                .fill(b, h, q0..q0 + m, c0..c0 + n, &mut sc.vis[..m * n]);
+            sc.vis.load(job.mask, b, h, q0..q0 + m, c0..c0 + n);
         }
         tile::<T, K>(job, sc, &rows.q, &rows.dout, b, h, q0, m, c0, n, cls, false);
         let mut acc = std::mem::take(&mut sc.acc_k);

@@ -15,7 +15,7 @@ use std::ops::Range;
 use super::tile::{BC, Job, Rows, round_up, softmax_tile};
 use crate::kernel::gemm::{Avx512Bf16, Avx512F32, Kern, bf16_bits};
 use crate::kernel::softmax::Logits;
-use crate::mask::tiles::BlockClass;
+use crate::mask::tiles::{BlockClass, TileVis};
 use crate::tensor::{DType, Float};
 
 /// Most query rows (Q·G) one decode item takes; more go through the packed path.
@@ -51,7 +51,7 @@ pub(super) struct Scratch {
     pub o: Vec<f32>,
     pub m: Vec<f32>,
     pub l: Vec<f32>,
-    vis: Vec<u8>,
+    vis: TileVis,
     bias: Vec<f32>,
 }
 
@@ -70,7 +70,7 @@ impl Scratch {
             o: vec![0.0; rpad * job.dvp.max(if dot { round_up(dv, 32) } else { 0 })],
             m: vec![0.0; rows],
             l: vec![0.0; rows],
-            vis: vec![0; job.dims.q * BC],
+            vis: TileVis::new(job.dims.q, BC),
             bias: vec![0.0; 2 * BC], // a bias row, then a score-terms row
         }
     }
@@ -586,7 +586,7 @@ fn body<L: Lanes, T: Float, const DOT: bool>(
         };
         let cells = (0..q, c0..c0 + n);
         let (bias, terms) = sc.bias.split_at_mut(BC);
-        let scratch = (&mut sc.vis[..], bias, terms);
+        let scratch = (&mut sc.vis, bias, terms);
         if DOT {
             for (gi, &cls) in classes.iter().enumerate() {
                 if cls == BlockClass::Empty {

@@ -9,7 +9,7 @@ use crate::kernel::args::Dims;
 use crate::kernel::gemm::Kern;
 use crate::kernel::pack::pack_tile;
 use crate::kernel::softmax::{Acc, Logits};
-use crate::mask::tiles::BlockClass;
+use crate::mask::tiles::{BlockClass, TileVis};
 use crate::tensor::Float;
 
 /// Per-item buffers.
@@ -20,7 +20,7 @@ pub(super) struct Scratch<K: Kern> {
     pub(super) o: Vec<K::A>,
     pub(super) m: Vec<K::A>,
     pub(super) l: Vec<K::A>,
-    pub(super) vis: Vec<u8>,
+    pub(super) vis: TileVis,
     pub(super) bias: Vec<K::A>,
     pub(super) kv: Vec<K::E>,
     pub(super) stage: Vec<u32>,
@@ -38,7 +38,7 @@ impl<K: Kern> Scratch<K> {
             o: vec![K::A::default(); rows * job.dvp],
             m: vec![K::A::default(); rows],
             l: vec![K::A::default(); rows],
-            vis: vec![0; job.bq * BC],
+            vis: TileVis::new(job.bq, BC),
             bias: vec![K::A::default(); 2 * BC], // a bias row, then a score-terms row
             kv: Vec::new(),
             stage: Vec::new(),

@@ -11,7 +11,7 @@ use crate::kernel::ragged::Ragged;
 use crate::kernel::score::AnyTerms;
 use crate::kernel::softmax::{Acc, Logits, RowPasses, finish, online_step, rescale};
 use crate::kernel::strided::{BiasRef, Strided};
-use crate::mask::tiles::{BlockClass, MaskTiles};
+use crate::mask::tiles::{BlockClass, MaskTiles, TileVis};
 use crate::tensor::Float;
 
 /// Key/value columns per tile.
@@ -85,7 +85,7 @@ pub(super) struct Rows<'a, A> {
 /// The online-softmax step of one kv tile (`cells` = query rows × key columns) for the rows of every head of
 /// the group whose class is not empty: score terms, bias and mask applied, `m` and `l` updated, `O` rescaled,
 /// `P` written. `s` and `p` hold the rows of the group (`r = gi * bq + i`) at stride [`BC`]; `scratch` is
-/// (visibility bytes, one bias row, one terms row). `passes` are the kernel family's
+/// (a partial tile's visibility, one bias row, one terms row). `passes` are the kernel family's
 /// ([`crate::kernel::gemm::Kern::row_passes`]).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -99,7 +99,7 @@ pub(super) fn softmax_tile<A: Acc, E: Copy, T>(
     s: &mut [A],
     p: &mut [E],
     st: Rows<'_, A>,
-    scratch: (&mut [u8], &mut [A], &mut [A]),
+    scratch: (&mut TileVis, &mut [A], &mut [A]),
     passes: RowPasses<
         impl Fn(A) -> E + Copy,
         impl Fn(&[A]) -> A + Copy,
@@ -125,8 +125,7 @@ pub(super) fn softmax_tile<A: Acc, E: Copy, T>(
         };
         let partial = cls == BlockClass::Partial;
         if partial {
-            job.mask
-                .fill(b, h, rows.clone(), cols.clone(), &mut vis[..bq * n]);
+            vis.load(job.mask, b, h, rows.clone(), cols.clone());
         }
         for i in 0..bq {
             let r = gi * bq + i;
@@ -141,7 +140,7 @@ pub(super) fn softmax_tile<A: Acc, E: Copy, T>(
                 lg,
                 add,
                 job.bias.as_ref().map(|_| &bias[..n]),
-                partial.then(|| &vis[i * n..(i + 1) * n]),
+                partial.then(|| vis.row(i)),
                 &mut st.m[r],
                 &mut st.l[r],
                 &mut p[r * BC..r * BC + nw],

@@ -35,4 +35,27 @@ impl MaskTiles for BothTiles<'_> {
         self.second.fill(b, h, rows, cols, &mut other);
         out.iter_mut().zip(&other).for_each(|(o, x)| *o &= x);
     }
+    fn spans(
+        &self,
+        b: usize,
+        h: usize,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        out: &mut [(u32, u32)],
+    ) -> bool {
+        // The second part is the dense tensor in a call mask, which has no spans: ask it first.
+        let mut other = vec![(0, 0); out.len()];
+        if !self
+            .second
+            .spans(b, h, rows.clone(), cols.clone(), &mut other)
+            || !self.first.spans(b, h, rows, cols, out)
+        {
+            return false;
+        }
+        for ((a, e), &(a2, e2)) in out.iter_mut().zip(&other) {
+            (*a, *e) = ((*a).max(a2), (*e).min(e2));
+            *e = (*e).max(*a);
+        }
+        true
+    }
 }

@@ -79,4 +79,15 @@ impl MaskTiles for CallMask {
     fn fill(&self, b: usize, h: usize, rows: Range<usize>, cols: Range<usize>, out: &mut [u8]) {
         self.with(|m| m.fill(b, h, rows, cols, out))
     }
+
+    fn spans(
+        &self,
+        b: usize,
+        h: usize,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        out: &mut [(u32, u32)],
+    ) -> bool {
+        self.with(|m| m.spans(b, h, rows, cols, out))
+    }
 }

@@ -1,7 +1,8 @@
 //! The contract between masks and kernels, and every mask a kernel can be handed.
 //!
 //! Kernels own their tiling; they ask a [`MaskTiles`] to classify each tile before touching it. Empty tiles
-//! are skipped, full tiles run without any mask work, and only partial tiles get their visibility bytes.
+//! are skipped, full tiles run without any mask work, and only partial tiles get their visibility ([`TileVis`]:
+//! a run of visible columns per row where the mask has one, else bytes).
 //! This module owns that trait and its implementations: [`PlacedMask`] (a [`MaskExpr`](super::MaskExpr) at
 //! offsets), [`DenseTiles`] (a bool tensor), [`BothTiles`] (their AND), [`NoMask`], and [`CallMask`], which
 //! picks among them for one attention call. [`Grid`] is the `[B, H, Q, K]` a call (or a layout) covers.
@@ -93,6 +94,101 @@ pub trait MaskTiles: Sync {
     /// Writes visibility (1 = visible, 0 = masked) of the tile, row-major, into `out`, whose length is
     /// `rows.len() * cols.len()`.
     fn fill(&self, b: usize, h: usize, rows: Range<usize>, cols: Range<usize>, out: &mut [u8]);
+
+    /// The tile's visibility as one run of visible columns per row, when the mask has that shape (causal,
+    /// sliding and document masks do): writes `out[i] = (a, e)`, column offsets into `cols` with `a <= e`,
+    /// and returns true. False (with `out` unspecified) means "fill instead"; that is the default. `out.len()`
+    /// is `rows.len()`.
+    fn spans(
+        &self,
+        _b: usize,
+        _h: usize,
+        _rows: Range<usize>,
+        _cols: Range<usize>,
+        _out: &mut [(u32, u32)],
+    ) -> bool {
+        false
+    }
+}
+
+/// A partial tile's visibility as kernels read it, loaded once per tile ([`TileVis::load`]) and read row by
+/// row ([`TileVis::row`]): per-row runs of visible columns where the mask gives them (so a causal diagonal
+/// tile costs two `fill`s of -inf per row, not a byte per pair), else one byte per pair.
+#[derive(Debug, Clone, Default)]
+pub struct TileVis {
+    spans: Vec<(u32, u32)>,
+    bytes: Vec<u8>,
+    width: usize,
+    by_span: bool,
+}
+
+/// One row of a [`TileVis`].
+#[derive(Debug, Clone, Copy)]
+pub enum RowVis<'a> {
+    /// Columns `a..e` are visible, the rest hidden.
+    Span(usize, usize),
+    /// One byte per column, 0 = hidden.
+    Bytes(&'a [u8]),
+}
+
+impl TileVis {
+    /// Room for tiles of up to `rows` x `cols`.
+    pub fn new(rows: usize, cols: usize) -> TileVis {
+        TileVis {
+            spans: vec![(0, 0); rows],
+            bytes: vec![0; rows * cols],
+            width: 0,
+            by_span: false,
+        }
+    }
+
+    /// Evaluates the tile `rows x cols` of `mask` (within the size given to [`TileVis::new`]).
+    pub fn load(
+        &mut self,
+        mask: &dyn MaskTiles,
+        b: usize,
+        h: usize,
+        rows: Range<usize>,
+        cols: Range<usize>,
+    ) {
+        let (m, n) = (rows.len(), cols.len());
+        self.width = n;
+        self.by_span = mask.spans(b, h, rows.clone(), cols.clone(), &mut self.spans[..m]);
+        if !self.by_span {
+            mask.fill(b, h, rows, cols, &mut self.bytes[..m * n]);
+        }
+    }
+
+    /// Row `i` of the tile last loaded.
+    #[inline]
+    pub fn row(&self, i: usize) -> RowVis<'_> {
+        if self.by_span {
+            let (a, e) = self.spans[i];
+            RowVis::Span(a as usize, e as usize)
+        } else {
+            RowVis::Bytes(&self.bytes[i * self.width..(i + 1) * self.width])
+        }
+    }
+}
+
+impl RowVis<'_> {
+    /// Sets the hidden entries of `x` (the row's `n` real columns) to `hidden`.
+    #[inline(always)]
+    pub fn hide<A: Copy>(self, x: &mut [A], hidden: A) {
+        match self {
+            RowVis::Span(a, e) => {
+                x[..a].fill(hidden);
+                x[e..].fill(hidden);
+            }
+            RowVis::Bytes(seen) => {
+                for (v, &s) in x.iter_mut().zip(seen) {
+                    if s == 0 {
+                        *v = hidden;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Every pair visible (no mask).
@@ -105,6 +201,20 @@ impl MaskTiles for NoMask {
     }
     fn fill(&self, _: usize, _: usize, _: Range<usize>, _: Range<usize>, out: &mut [u8]) {
         out.fill(1);
+    }
+    fn spans(
+        &self,
+        _: usize,
+        _: usize,
+        _: Range<usize>,
+        cols: Range<usize>,
+        out: &mut [(u32, u32)],
+    ) -> bool {
+        let Ok(n) = u32::try_from(cols.len()) else {
+            return false;
+        };
+        out.fill((0, n));
+        true
     }
 }
 

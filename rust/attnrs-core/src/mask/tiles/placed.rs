@@ -64,4 +64,16 @@ impl MaskTiles for PlacedMask {
         let (q, k) = self.place(rows, cols);
         self.expr.fill(b, h, q, k, out);
     }
+
+    fn spans(
+        &self,
+        b: usize,
+        _h: usize,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        out: &mut [(u32, u32)],
+    ) -> bool {
+        let (q, k) = self.place(rows, cols);
+        self.expr.spans(b, q, k, out)
+    }
 }

@@ -31,6 +31,17 @@ fn same_tiles(got: &dyn MaskTiles, want: &dyn MaskTiles, q: usize, kv: usize) {
         got.fill(b, h, rows.clone(), cols.clone(), &mut a);
         want.fill(b, h, rows.clone(), cols.clone(), &mut e);
         assert_eq!(a, e, "fill b={b} h={h} {rows:?} x {cols:?}");
+        // What a kernel reads, spans or bytes, is the filled tile.
+        let mut vis = TileVis::new(rows.len(), cols.len());
+        vis.load(got, b, h, rows.clone(), cols.clone());
+        for (i, want_row) in e.chunks(cols.len()).enumerate() {
+            let mut row = vec![1u8; cols.len()];
+            vis.row(i).hide(&mut row, 0);
+            assert_eq!(
+                row, want_row,
+                "TileVis b={b} h={h} {rows:?} x {cols:?} row {i}"
+            );
+        }
         assert_eq!(
             got.classify(b, h, rows.clone(), cols.clone()),
             want.classify(b, h, rows.clone(), cols.clone()),

@@ -65,7 +65,7 @@ fn main() {
             mask: documents(l, 8),
             pairs: doc_pairs,
         });
-        for lk in [8192usize, 65536] {
+        for lk in [1024usize, 8192, 65536] {
             cases.push(Case {
                 name: format!("decode Q1 Lk{lk} {tag}"),
                 dtype,

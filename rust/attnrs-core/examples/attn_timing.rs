@@ -5,7 +5,7 @@
 //! the case list has both dtypes and every mask).
 //!
 //! Shapes: B1 H32 Hkv8 D128. Prefill L (`--len`, 4096) full, causal, sliding window 512, 8 packed documents,
-//! f32 and bf16; decode Q=1 over Lk 8192 and 65536 without a mask. Prints the best and median wall time of
+//! f32 and bf16; decode Q=1 over Lk 1024 (K/V in cache), 8192 and 65536 without a mask. Prints the best and median wall time of
 //! several runs (at least `--reps`, more for short cases), useful GFLOP/s (4·B·H·D·visible pairs, at the best
 //! time), for decode the K+V bytes read per second, and the best and median CPU time per thread (the
 //! uncontended estimate when another job shares the cores) with the bandwidth at the best of those.

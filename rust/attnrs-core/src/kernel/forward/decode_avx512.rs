@@ -360,21 +360,20 @@ unsafe fn qk_bf16(
             pf.k_rows(j0..j0 + 4);
             for rb in (0..rpad).step_by(4) {
                 let mut acc = [_mm512_setzero_ps(); 16];
-                for v in 0..nvec {
-                    let left = d - 32 * v;
-                    let mask: __mmask32 = if left >= 32 { !0 } else { (1u32 << left) - 1 };
-                    let kv: [__m512bh; 4] = std::array::from_fn(|x| {
-                        std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(
-                            mask,
-                            rows[x].add(64 * v).cast(),
-                        ))
-                    });
-                    for r in 0..4 {
-                        let qv = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
-                            qb.as_ptr().add((rb + r) * dpad + 32 * v).cast(),
-                        ));
-                        for x in 0..4 {
-                            acc[4 * r + x] = _mm512_dpbf16_ps(acc[4 * r + x], qv, kv[x]);
+                // One key row after another, so the rows are read in address order (the hardware prefetcher
+                // follows that; four rows interleaved chunk by chunk read at about half the rate).
+                for x in 0..4 {
+                    for v in 0..nvec {
+                        let left = d - 32 * v;
+                        let mask: __mmask32 = if left >= 32 { !0 } else { (1u32 << left) - 1 };
+                        let kv = std::mem::transmute::<__m512i, __m512bh>(
+                            _mm512_maskz_loadu_epi16(mask, rows[x].add(64 * v).cast()),
+                        );
+                        for r in 0..4 {
+                            let qv = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                                qb.as_ptr().add((rb + r) * dpad + 32 * v).cast(),
+                            ));
+                            acc[4 * r + x] = _mm512_dpbf16_ps(acc[4 * r + x], qv, kv);
                         }
                     }
                 }

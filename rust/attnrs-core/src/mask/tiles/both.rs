@@ -43,13 +43,13 @@ impl MaskTiles for BothTiles<'_> {
         cols: Range<usize>,
         out: &mut [(u32, u32)],
     ) -> bool {
-        // The second part is the dense tensor in a call mask, which has no spans: ask it first.
+        // The second part is the dense tensor in a call mask, which has no spans: ask it first, into `out`,
+        // so that answer costs no allocation (this runs once per partial tile).
+        if !self.second.spans(b, h, rows.clone(), cols.clone(), out) {
+            return false;
+        }
         let mut other = vec![(0, 0); out.len()];
-        if !self
-            .second
-            .spans(b, h, rows.clone(), cols.clone(), &mut other)
-            || !self.first.spans(b, h, rows, cols, out)
-        {
+        if !self.first.spans(b, h, rows, cols, &mut other) {
             return false;
         }
         for ((a, e), &(a2, e2)) in out.iter_mut().zip(&other) {

@@ -101,6 +101,26 @@ fn dense_tiles_and_both() {
 }
 
 #[test]
+fn both_of_two_interval_masks_intersects_their_spans() {
+    let causal = PlacedMask::new(MaskExpr::causal(), 0, 0);
+    let window = PlacedMask::new(MaskExpr::sliding_window(2, false).unwrap(), 0, 0);
+    let both = BothTiles {
+        first: &causal,
+        second: &window,
+    };
+    let mut spans = [(9, 9); 3];
+    assert!(both.spans(0, 0, 2..5, 0..6, &mut spans));
+    // Row q sees keys max(0, q - 2)..=q.
+    assert_eq!(spans, [(0, 3), (1, 4), (2, 5)]);
+    let and = PlacedMask::new(
+        MaskExpr::causal() & MaskExpr::sliding_window(2, false).unwrap(),
+        0,
+        0,
+    );
+    same_tiles(&both, &and, 5, 6);
+}
+
+#[test]
 fn call_mask_picks_the_representation() {
     let grid = Grid::new(2, 2, 3, 4);
     // Per (head, row): a [2, 3, 4] tensor broadcast over the batch.

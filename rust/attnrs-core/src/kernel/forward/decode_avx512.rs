@@ -3,10 +3,13 @@
 //! The prefill path packs each K/V tile (Kᵀ transposed, V re-laid) for its register-blocked products; with a
 //! handful of query rows that packing costs more than the products and keeps the memory system idle between
 //! tiles. Here `S = Q·Kᵀ` is a set of dot products along D read straight from K's rows (4 query rows × 4 keys
-//! of accumulators, reduced together by a transpose-add tree) and `O += P·V` reads V's rows once per 4 query
-//! rows. bf16 on an AVX-512 BF16 CPU runs both products on `vdpbf16ps` (Q and P rounded to bf16, V rows
-//! interleaved pairwise); otherwise bf16 and f16 are widened to f32 on load. The next tile's K rows are
-//! prefetched into L2 a few at a time during `Q·Kᵀ`, its V rows during `P·V`. The online-softmax step is the
+//! of accumulators, reduced together by a transpose-add tree) and `O += P·V` reads whole V rows, in address
+//! order, once per 2 query rows. bf16 on an AVX-512 BF16 CPU runs both products on `vdpbf16ps` (Q and P
+//! rounded to bf16, V rows interleaved pairwise); otherwise bf16 and f16 are widened to f32 on load. The next
+//! tile's K rows are prefetched into L2 a few at a time during `Q·Kᵀ`, its V rows during `P·V`: every line
+//! (on Zen 4 the hardware prefetchers alone, or prefetching one line in two or one per page, read 1.5-1.8×
+//! slower); the prefetch instructions are then where the cycles wait, bounded by the misses a core can have
+//! in flight. The online-softmax step is the
 //! one every variant shares ([`softmax_tile`]). Needs K and V rows contiguous along D.
 
 use std::arch::x86_64::*;
@@ -252,12 +255,21 @@ unsafe fn qk<L: Lanes>(
     }
 }
 
-/// `O[r] += Σ_j P[r][j] v_j` for rows `0..rpad`, over `NV` vectors of columns from vector `v0`.
+/// Query rows one pass of `O += P·V` updates: with two rows every accumulator of a whole 128-column V row
+/// fits in the registers, so V is read row after row in address order (the hardware prefetcher follows that;
+/// half rows, or rows interleaved chunk by chunk, read at about half the rate).
+const PV_ROWS: usize = 2;
+
+/// Most 16-column vectors one `O += P·V` pass keeps (widening path): 8 = 128 f32 columns.
+const PV_VECS: usize = 8;
+
+/// `O[r] += Σ_j P[r][j] v_j` for rows `0..rows`, [`PV_ROWS`] at a time, over `NV` vectors of columns from
+/// vector `v0`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn pv_cols<L: Lanes, const NV: usize>(
     p: &[f32],
-    rpad: usize,
+    rows: usize,
     v: *const u8,
     vst: isize,
     n: usize,
@@ -268,12 +280,13 @@ unsafe fn pv_cols<L: Lanes, const NV: usize>(
     pf: Option<Prefetch>,
 ) {
     let masks: [__mmask16; NV] = std::array::from_fn(|x| lanes_mask(v0 + x, dv));
-    for rb in (0..rpad).step_by(4) {
-        // SAFETY: O rows rb..rb+4 hold dvp >= 16 (v0 + NV) columns; V rows j < n hold Dv contiguous elements
-        // (masked loads read only those); P rows hold BC >= n columns.
+    for rb in (0..rows).step_by(PV_ROWS) {
+        // SAFETY: O and P hold `round_up(rows, 4)` rows (so rows rb..rb + PV_ROWS exist), O rows with dvp >=
+        // 16 (v0 + NV) columns; V rows j < n hold Dv contiguous elements (masked loads read only those); P
+        // rows hold BC >= n columns.
         unsafe {
             let op = o.as_mut_ptr().add(rb * dvp + 16 * v0);
-            let mut acc = [[_mm512_setzero_ps(); NV]; 4];
+            let mut acc = [[_mm512_setzero_ps(); NV]; PV_ROWS];
             for (r, row) in acc.iter_mut().enumerate() {
                 for (x, a) in row.iter_mut().enumerate() {
                     *a = _mm512_loadu_ps(op.add(r * dvp + 16 * x));
@@ -303,12 +316,13 @@ unsafe fn pv_cols<L: Lanes, const NV: usize>(
     }
 }
 
-/// `O += P·V` over the tile's `n` keys, prefetching the next tile's V rows (`pf` as for [`qk`]).
+/// `O += P·V` over the tile's `n` keys for rows `0..rows`, prefetching the next tile's V rows (`pf` as for
+/// [`qk`]).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn pv<L: Lanes>(
     p: &[f32],
-    rpad: usize,
+    rows: usize,
     v: *const u8,
     vst: isize,
     n: usize,
@@ -320,14 +334,19 @@ unsafe fn pv<L: Lanes>(
     let nvec = dvp / 16;
     let mut v0 = 0;
     while v0 < nvec {
-        let nv = (nvec - v0).min(4);
+        let nv = (nvec - v0).min(PV_VECS);
+        let pf = (v0 == 0).then_some(pf);
         // SAFETY: forwarded; columns v0..v0+nv vectors lie inside dvp.
         unsafe {
             match nv {
-                1 => pv_cols::<L, 1>(p, rpad, v, vst, n, dv, o, dvp, v0, (v0 == 0).then_some(pf)),
-                2 => pv_cols::<L, 2>(p, rpad, v, vst, n, dv, o, dvp, v0, (v0 == 0).then_some(pf)),
-                3 => pv_cols::<L, 3>(p, rpad, v, vst, n, dv, o, dvp, v0, (v0 == 0).then_some(pf)),
-                _ => pv_cols::<L, 4>(p, rpad, v, vst, n, dv, o, dvp, v0, (v0 == 0).then_some(pf)),
+                1 => pv_cols::<L, 1>(p, rows, v, vst, n, dv, o, dvp, v0, pf),
+                2 => pv_cols::<L, 2>(p, rows, v, vst, n, dv, o, dvp, v0, pf),
+                3 => pv_cols::<L, 3>(p, rows, v, vst, n, dv, o, dvp, v0, pf),
+                4 => pv_cols::<L, 4>(p, rows, v, vst, n, dv, o, dvp, v0, pf),
+                5 => pv_cols::<L, 5>(p, rows, v, vst, n, dv, o, dvp, v0, pf),
+                6 => pv_cols::<L, 6>(p, rows, v, vst, n, dv, o, dvp, v0, pf),
+                7 => pv_cols::<L, 7>(p, rows, v, vst, n, dv, o, dvp, v0, pf),
+                _ => pv_cols::<L, 8>(p, rows, v, vst, n, dv, o, dvp, v0, pf),
             }
         }
         v0 += nv;
@@ -396,15 +415,18 @@ fn interleaved_col(k: usize) -> usize {
     8 * (k / 4) + 4 * hi + k % 4
 }
 
-/// `O[r] += Σ_j P[r][j] v_j` with `vdpbf16ps` over key pairs, for rows `0..rpad` and `NC` chunks of 32
-/// columns from chunk `c0`. P holds bf16 bits (`BC` per row); O is in the interleaved order of
-/// [`interleaved_col`], `ld` per row.
+/// Most 32-column chunks one `vdpbf16ps` pass of `O += P·V` keeps: 4 = 128 bf16 columns (see [`PV_ROWS`]).
+const PV_CHUNKS: usize = 4;
+
+/// `O[r] += Σ_j P[r][j] v_j` with `vdpbf16ps` over key pairs, for rows `0..rows` ([`PV_ROWS`] at a time) and
+/// `NC` chunks of 32 columns from chunk `c0`. P holds bf16 bits (`BC` per row); O is in the interleaved order
+/// of [`interleaved_col`], `ld` per row.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn pv_bf16_cols<const NC: usize>(
     pb: &[u16],
-    rpad: usize,
+    rows: usize,
     v: *const u8,
     vst: isize,
     n: usize,
@@ -418,13 +440,14 @@ unsafe fn pv_bf16_cols<const NC: usize>(
         let left = dv.saturating_sub(32 * (c0 + x)).min(32);
         if left == 32 { !0 } else { (1u32 << left) - 1 }
     });
-    for rb in (0..rpad).step_by(4) {
-        // SAFETY: O rows rb..rb+4 hold ld >= 32 (c0 + NC) columns; V rows j < n hold Dv contiguous elements
-        // (masked loads read only those; the missing partner of an odd last key is zero, as is its P);
-        // P rows hold BC >= round_up(n, 2) bf16 values. Transmutes as in `qk_bf16`.
+    for rb in (0..rows).step_by(PV_ROWS) {
+        // SAFETY: O and P hold `round_up(rows, 4)` rows (so rows rb..rb + PV_ROWS exist), O rows with ld >=
+        // 32 (c0 + NC) columns; V rows j < n hold Dv contiguous elements (masked loads read only those; the
+        // missing partner of an odd last key is zero, as is its P); P rows hold BC >= round_up(n, 2) bf16
+        // values. Transmutes as in `qk_bf16`.
         unsafe {
             let op = o.as_mut_ptr().add(rb * ld + 32 * c0);
-            let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+            let mut acc = [[_mm512_setzero_ps(); 2 * PV_CHUNKS]; PV_ROWS];
             for (r, row) in acc.iter_mut().enumerate() {
                 for (x, a) in row.iter_mut().take(2 * NC).enumerate() {
                     *a = _mm512_loadu_ps(op.add(r * ld + 16 * x));
@@ -438,16 +461,20 @@ unsafe fn pv_bf16_cols<const NC: usize>(
                 }
                 let va = v.offset(j as isize * vst).add(64 * c0);
                 let vb = v.offset((j + 1).min(n - 1) as isize * vst).add(64 * c0);
-                let mut vv = [_mm512_setzero_si512(); 4];
-                for x in 0..NC {
-                    let a = _mm512_maskz_loadu_epi16(masks[x], va.add(64 * x).cast());
-                    let b = if j + 1 < n {
+                let mut vv = [_mm512_setzero_si512(); 2 * PV_CHUNKS];
+                let a: [__m512i; NC] = std::array::from_fn(|x| {
+                    _mm512_maskz_loadu_epi16(masks[x], va.add(64 * x).cast())
+                });
+                let b: [__m512i; NC] = std::array::from_fn(|x| {
+                    if j + 1 < n {
                         _mm512_maskz_loadu_epi16(masks[x], vb.add(64 * x).cast())
                     } else {
                         _mm512_setzero_si512()
-                    };
-                    vv[2 * x] = _mm512_unpacklo_epi16(a, b);
-                    vv[2 * x + 1] = _mm512_unpackhi_epi16(a, b);
+                    }
+                });
+                for x in 0..NC {
+                    vv[2 * x] = _mm512_unpacklo_epi16(a[x], b[x]);
+                    vv[2 * x + 1] = _mm512_unpackhi_epi16(a[x], b[x]);
                 }
                 for (r, row) in acc.iter_mut().enumerate() {
                     let pair = pp.add(r * BC + j).cast::<i32>().read_unaligned();
@@ -466,13 +493,13 @@ unsafe fn pv_bf16_cols<const NC: usize>(
     }
 }
 
-/// `O += P·V` with `vdpbf16ps` (see [`pv_bf16_cols`]), prefetching the next tile's V rows.
+/// `O += P·V` with `vdpbf16ps` (see [`pv_bf16_cols`]) for rows `0..rows`, prefetching the next tile's V rows.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn pv_bf16(
     pb: &[u16],
-    rpad: usize,
+    rows: usize,
     v: *const u8,
     vst: isize,
     n: usize,
@@ -484,13 +511,15 @@ unsafe fn pv_bf16(
     let nc = ld / 32;
     let mut c0 = 0;
     while c0 < nc {
-        let k = (nc - c0).min(2);
+        let k = (nc - c0).min(PV_CHUNKS);
+        let pf = (c0 == 0).then_some(pf);
         // SAFETY: forwarded; chunks c0..c0+k lie inside ld.
         unsafe {
-            if k == 2 {
-                pv_bf16_cols::<2>(pb, rpad, v, vst, n, dv, o, ld, c0, (c0 == 0).then_some(pf));
-            } else {
-                pv_bf16_cols::<1>(pb, rpad, v, vst, n, dv, o, ld, c0, (c0 == 0).then_some(pf));
+            match k {
+                1 => pv_bf16_cols::<1>(pb, rows, v, vst, n, dv, o, ld, c0, pf),
+                2 => pv_bf16_cols::<2>(pb, rows, v, vst, n, dv, o, ld, c0, pf),
+                3 => pv_bf16_cols::<3>(pb, rows, v, vst, n, dv, o, ld, c0, pf),
+                _ => pv_bf16_cols::<4>(pb, rows, v, vst, n, dv, o, ld, c0, pf),
             }
         }
         c0 += k;
@@ -598,7 +627,7 @@ fn body<L: Lanes, T: Float, const DOT: bool>(
             let passes = unsafe { Avx512Bf16::row_passes() };
             softmax_tile(job, b, kvh, cells, &classes, lg, s, p, st, scratch, passes);
             // SAFETY: see `pv_bf16`.
-            unsafe { pv_bf16(&sc.pb, rpad, vp, vst, n, dv, &mut sc.o, ld, pf) };
+            unsafe { pv_bf16(&sc.pb, rows, vp, vst, n, dv, &mut sc.o, ld, pf) };
         } else {
             for (gi, &cls) in classes.iter().enumerate() {
                 if cls == BlockClass::Empty {
@@ -610,7 +639,7 @@ fn body<L: Lanes, T: Float, const DOT: bool>(
             let passes = unsafe { Avx512F32::row_passes() };
             softmax_tile(job, b, kvh, cells, &classes, lg, s, p, st, scratch, passes);
             // SAFETY: see `pv`.
-            unsafe { pv::<L>(&sc.p, rpad, vp, vst, n, dv, &mut sc.o, dvp, pf) };
+            unsafe { pv::<L>(&sc.p, rows, vp, vst, n, dv, &mut sc.o, dvp, pf) };
         }
     }
     if DOT {

@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnrs
 from attnrs import _attnrs, masks
+from attnrs.attention.ops import direct_call_allowed
 
 HEAD_DIMS = [32, 64, 80, 96, 128, 256]
 
@@ -247,6 +249,42 @@ def test_opcheck() -> None:
         torch.library.opcheck(torch.ops.attnrs.attention.default, args)
 
 
+class _OpsSeen(TorchDispatchMode):
+    """Records the operators dispatched under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_calls_without_autograd_skip_the_operator_and_others_go_through_it() -> None:
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)
+    # Decided by torch's own state: eager and nothing to record runs the kernel directly ...
+    assert direct_call_allowed(q, k, v, None)
+    with torch.no_grad():
+        assert direct_call_allowed(q.requires_grad_(), k, v)
+    assert not direct_call_allowed(q, k, v)  # q now requires grad: autograd records the call
+    q = q.detach()
+    with torch.autograd.profiler.profile():
+        assert not direct_call_allowed(q, k, v)  # a profile names the operator
+    assert not direct_call_allowed(q, k, v.as_subclass(torch.nn.Parameter))
+    # ... and under a dispatch mode the operator is what the mode sees, with the direct call's results.
+    direct = attnrs.attention(q, k, v, is_causal=True, return_lse=True)
+    with _OpsSeen() as seen:
+        assert not direct_call_allowed(q, k, v)
+        through_op = attnrs.attention(q, k, v, is_causal=True, return_lse=True)
+    assert "attnrs.attention.default" in seen.names, seen.names
+    for a, b in zip(direct, through_op):
+        assert torch.equal(a, b)
+    reference = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(direct[0], reference, rtol=1e-5, atol=1e-5)
+
+
 def test_torch_compile() -> None:
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 4, 33, 32), torch.randn(1, 4, 33, 32), torch.randn(1, 4, 33, 32)
@@ -459,8 +497,8 @@ def test_gradients_flow_through_auto() -> None:
 
 
 def test_dispatch_table_reasons() -> None:
-    from attnrs.attention.resolve import resolve_mask
     from attnrs.attention.dispatch import choose_backend
+    from attnrs.attention.resolve import resolve_mask
 
     q, k, v = _qkv()
     resolved = resolve_mask(None, True, (1, 4, 8, 8), q.device)

@@ -30,7 +30,7 @@ from ..errors import ArgumentError, DeviceError, UnsupportedError
 from ..plugins import BUILTIN_KERNEL, is_native
 from ..scores import ScoreMod
 from .dispatch import choose_backend, needs_grad
-from .ops import KernelOperands, draw_dropout_seed
+from .ops import KernelOperands, direct_call_allowed, draw_dropout_seed, run_attention
 from .resolve import ResolvedMask, batched_inputs, check_scalars, kernel_operands, resolve_mask
 from .score_callable import callable_score_attention
 from .score_mods import ScoreModLike, refuse, resolve_score_mod, term_tensors
@@ -284,7 +284,11 @@ def _native(
     if query.device.type != "cpu":
         raise DeviceError(f"query: the native backend runs on CPU, got a tensor on {query.device}")
     seed = draw_dropout_seed() if dropout_p > 0 else None
-    out, lse = torch.ops.attnrs.attention(query, key, value, *operands, float(dropout_p), seed)
+    tensors = (operands.dense_mask, operands.bias, operands.sinks, operands.head_scale)
+    if direct_call_allowed(query, key, value, *tensors, operands.score_distance, operands.score_key):
+        out, lse = run_attention(query, key, value, operands, float(dropout_p), seed)
+    else:
+        out, lse = torch.ops.attnrs.attention(query, key, value, *operands, float(dropout_p), seed)
     return out.transpose(1, 2), lse
 
 

@@ -25,9 +25,11 @@ __all__ = [
     "KernelOperands",
     "attention_backward_op",
     "attention_op",
+    "direct_call_allowed",
     "draw_dropout_seed",
     "dropout_keep_pattern",
     "native_attention_op",
+    "run_attention",
     "seed_value",
 ]
 
@@ -56,8 +58,13 @@ class KernelOperands(NamedTuple):
         return (
             (query, key, value, self.sinks, self.head_scale, self.score_distance, self.score_key),
             (self.mask_program, self.dense_mask, self.bias),
-            (self.scale, self.softcap, dropout_p, seed, num_threads(), f32_precision_code()),
+            # The precision only concerns float32 inputs (reading torch's setting costs a few µs a call).
+            (self.scale, self.softcap, dropout_p, seed, num_threads(), _precision_code(query.dtype)),
         )
+
+
+def _precision_code(dtype: torch.dtype) -> int:
+    return f32_precision_code() if dtype == torch.float32 else 0
 
 
 class DropoutOperands(NamedTuple):
@@ -147,20 +154,49 @@ def seed_value(dropout_p: float, seed: torch.Tensor | None) -> int:
 # -- attnrs::attention -------------------------------------------------------------------------------------------
 
 
+def run_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    operands: KernelOperands,
+    dropout_p: float,
+    dropout_seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Rust CPU kernel's forward, as ``attnrs::attention`` runs it: ``out`` laid out ``[B, Q, H, Dv]``
+    (contiguous) and the f32 LSE [B, H, Q]. Eager calls that autograd does not record run it directly
+    (:func:`direct_call_allowed`)."""
+    b, h, q_len, _ = query.shape
+    out = torch.empty(b, q_len, h, value.shape[-1], dtype=query.dtype)
+    lse = torch.empty(b, h, q_len, dtype=torch.float32)
+    inputs, mask, scalars = operands.binding_args(query, key, value, dropout_p, seed_value(dropout_p, dropout_seed))
+    _attnrs.attention_forward(inputs, (out.transpose(1, 2), lse), mask, scalars)
+    return out, lse
+
+
+def direct_call_allowed(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call on these tensors may skip the custom operator and run :func:`run_attention` itself: eager
+    (not compiling, tracing or profiling), no torch function or dispatch mode, plain ``torch.Tensor``\\ s, none
+    that autograd would record. The operator's dispatch costs ~60 µs a call, more than a short decode step; a
+    call it would not change (no graph, no mode, no subclass to see it) need not pay that."""
+    if (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()  # type: ignore[attr-defined, no-untyped-call]  # untyped in torch's stubs
+        or torch.autograd._profiler_enabled()  # type: ignore[attr-defined]  # any profiler, kineto's included
+        or torch._C._len_torch_function_stack() > 0
+        or torch._C._len_torch_dispatch_stack() > 0
+    ):
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t is None or (type(t) is torch.Tensor and not (grad and t.requires_grad)) for t in tensors)
+
+
 @torch.library.custom_op("attnrs::attention", mutates_args=(), device_types="cpu", schema=ATTENTION_SCHEMA)
 def attention_op(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Rust CPU kernel. Returns ``out`` laid out ``[B, Q, H, Dv]`` (contiguous) and the f32 LSE [B, H, Q]."""
-    operands, dropout = KernelOperands(*args[:_N]), DropoutOperands(*args[_N:])
-    b, h, q_len, _ = query.shape
-    out = torch.empty(b, q_len, h, value.shape[-1], dtype=query.dtype)
-    lse = torch.empty(b, h, q_len, dtype=torch.float32)
-    inputs, mask, scalars = operands.binding_args(
-        query, key, value, dropout.dropout_p, seed_value(dropout.dropout_p, dropout.dropout_seed)
-    )
-    _attnrs.attention_forward(inputs, (out.transpose(1, 2), lse), mask, scalars)
-    return out, lse
+    """The Rust CPU kernel (:func:`run_attention`), with autograd and a fake implementation for compile."""
+    dropout = DropoutOperands(*args[_N:])
+    return run_attention(query, key, value, KernelOperands(*args[:_N]), dropout.dropout_p, dropout.dropout_seed)
 
 
 @attention_op.register_fake

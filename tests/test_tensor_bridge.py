@@ -88,6 +88,65 @@ def test_repeated_imports_release_their_tensors() -> None:
     assert torch._C._storage_Use_Count(storage_ref._cdata) == 2  # x and storage_ref
 
 
+def test_plain_tensors_skip_the_python_dlpack_method(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain CPU tensor is exported by torch's C exporter directly; a subclass, a tensor under a torch
+    function mode and a tensor that requires grad still go through ``Tensor.__dlpack__``."""
+    calls: list[type] = []
+    original = torch.Tensor.__dlpack__
+
+    def counting_dlpack(self: torch.Tensor, **kwargs: object) -> object:
+        calls.append(type(self))
+        return original(self, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "__dlpack__", counting_dlpack)
+    x = torch.randn(3, 4).t()
+    assert _attnrs._strided_sum(x) == pytest.approx(x.double().sum().item())
+    assert calls == []
+
+    class Sub(torch.Tensor):
+        pass
+
+    sub = x.as_subclass(Sub)
+    assert _attnrs._strided_sum(sub) == pytest.approx(x.double().sum().item())
+    assert set(calls) == {Sub}  # (torch's subclass dispatch may call the method twice)
+    calls.clear()
+
+    seen: list[object] = []
+
+    class Recording(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Recording():
+        assert _attnrs._strided_sum(x) == pytest.approx(x.double().sum().item())
+    assert calls and counting_dlpack in seen
+    calls.clear()
+
+    grad = torch.randn(5, requires_grad=True)
+    assert _attnrs._strided_sum(grad) == pytest.approx(grad.detach().double().sum().item())
+    assert calls == [torch.Tensor]  # the detached tensor
+
+
+def test_neg_views_are_read_as_their_values() -> None:
+    """DLPack has no negative bit: an input neg view is read through a resolved copy, an output one refused."""
+    x = torch.randn(4, 5, dtype=torch.float64)
+    neg = torch._neg_view(x)  # values -x, memory x
+    assert neg.is_neg()
+    assert _attnrs._strided_sum(neg) == pytest.approx(-x.sum().item())
+    out = torch.empty(4, 5, dtype=torch.float64)
+    _attnrs._strided_copy(neg, out)
+    assert torch.equal(out, -x)
+    with pytest.raises(attnrs.LayoutError, match="dst: expected a tensor without the negative bit"):
+        _attnrs._strided_copy(x, torch._neg_view(torch.empty(4, 5, dtype=torch.float64)))
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 6, 8, generator=g) for _ in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    got = attnrs.attention(q, torch._neg_view(-k), torch._neg_view(-v), is_causal=True)
+    torch.testing.assert_close(got, expected)
+
+
 def test_device_errors_name_the_argument() -> None:
     meta = torch.empty(3, device="meta")
     with pytest.raises(attnrs.DeviceError, match=r"src: expected a CPU tensor, got a tensor on meta"):

@@ -2,8 +2,8 @@
 //!
 //! A tensor is asked for a versioned capsule (`__dlpack__(max_version=(1, 0))`, torch >= 2.9) and, if the
 //! producer is older, a legacy one. A plain CPU `torch.Tensor` gets its capsule from torch's C exporter
-//! directly: `Tensor.__dlpack__` is a Python function whose checks cost ~3 µs a tensor, a few percent of a
-//! decode step that imports six. The capsule is consumed exactly once: it is renamed to
+//! directly: `Tensor.__dlpack__` is a Python function whose checks cost ~3 µs a tensor, and a decode call
+//! imports six. DLPack has no negative bit, so a neg view is resolved (input) or refused (output) first. The capsule is consumed exactly once: it is renamed to
 //! `used_dltensor[_versioned]` (so its destructor leaves the tensor alone) and the producer's deleter is
 //! called exactly once, when the [`Imported`] value is dropped.
 
@@ -226,15 +226,15 @@ fn plain_tensor_capsule<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'
 /// Imports `obj` (a torch tensor or any DLPack producer) for reading; `arg` names it in errors.
 /// Tensors that require grad are detached first (DLPack refuses them otherwise).
 pub fn import(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Imported> {
-    // DLPack has no negative bit: a neg view (`z.conj().imag`, `torch._neg_view`) would be read as its
-    // negation, so it is read through a resolved copy.
-    let resolved;
-    let obj = if is_neg_view(obj) {
-        resolved = obj.call_method0("resolve_neg")?;
-        &resolved
-    } else {
-        obj
-    };
+    // A neg view (`z.conj().imag`, `torch._neg_view`) would be read as its negation: read a resolved copy.
+    if is_neg_view(obj) {
+        return import_without_neg_bit(&obj.call_method0("resolve_neg")?, arg);
+    }
+    import_without_neg_bit(obj, arg)
+}
+
+/// [`import`] of an object known not to be a neg view.
+fn import_without_neg_bit(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Imported> {
     let capsule = match plain_tensor_capsule(obj)? {
         Some(capsule) => capsule,
         None => producer_capsule(obj, arg)?,
@@ -295,7 +295,7 @@ pub fn import_output(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Imported> {
             "a neg view (call resolve_neg() first)",
         );
     }
-    let imported = import(obj, arg)?;
+    let imported = import_without_neg_bit(obj, arg)?;
     if imported.read_only {
         return fail("a writable tensor", "a read-only DLPack tensor");
     }

@@ -89,11 +89,11 @@ fn main() {
     let (mut best_f, mut best_b) = (f64::INFINITY, f64::INFINITY);
     let (mut cpu_f, mut cpu_b) = (0.0, 0.0);
     for _ in 0..reps {
-        let (t, c) = (Instant::now(), cpu_seconds());
+        let (c, t) = (cpu_seconds(), Instant::now()); // the clock starts after the /proc reads
         attention_forward_with(&fwd, backend).unwrap();
         best_f = best_f.min(t.elapsed().as_secs_f64());
         cpu_f += cpu_seconds() - c;
-        let (t, c) = (Instant::now(), cpu_seconds());
+        let (c, t) = (cpu_seconds(), Instant::now()); // the clock starts after the /proc reads
         attention_backward_with(&bwd, backend).unwrap();
         best_b = best_b.min(t.elapsed().as_secs_f64());
         cpu_b += cpu_seconds() - c;

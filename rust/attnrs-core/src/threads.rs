@@ -8,6 +8,11 @@
 //! thread already inside a rayon pool, and a forked child use the shared pools, cached per thread count.
 //! After `fork` the child has none of the parent's worker threads, so a shared pool is only reused in the
 //! process that built it; a child builds its own (and leaks the parent's, whose threads do not exist there).
+//!
+//! On Linux the workers of a thread's own pool are kept off the CPU the caller runs on ([`placement`]): the
+//! scheduler often wakes a sleeping worker onto its waker's CPU, where it waits behind the caller until the
+//! next load balance (2-3 ms on a 2-vCPU virtual machine), so a call after the pool sat idle ran on one
+//! thread, or slower.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -76,6 +81,8 @@ struct OwnPool {
     pid: u32,
     size: usize,
     pool: Arc<ThreadPool>,
+    /// Where the workers may run, kept off the caller's CPU.
+    placement: placement::Placement,
 }
 
 thread_local! {
@@ -91,21 +98,25 @@ fn own_pool(num_threads: usize) -> Option<Arc<ThreadPool>> {
             if rayon::current_thread_index().is_some() {
                 return None; // a worker of another pool (rayon would refuse): stay on the shared pools
             }
+            let placement = placement::Placement::default();
             let pool = ThreadPoolBuilder::new()
                 .num_threads(num_threads)
                 .use_current_thread()
                 .thread_name(|i| format!("attnrs-{i}"))
+                .start_handler(placement.start_handler())
                 .build()
                 .ok()?;
             Some(OwnPool {
                 pid: std::process::id(),
                 size: num_threads,
                 pool: Arc::new(pool),
+                placement,
             })
         });
         match own {
             // A forked child has this thread but none of the pool's workers.
             Some(o) if o.size == num_threads && o.pid == std::process::id() => {
+                o.placement.keep_off_caller_cpu();
                 Some(Arc::clone(&o.pool))
             }
             _ => None,
@@ -121,6 +132,126 @@ pub fn install<R: Send>(num_threads: usize, f: impl FnOnce() -> R + Send) -> Res
         Some(own) => Ok(own.install(f)),
         None => Ok(pool(num_threads)?.install(f)),
     }
+}
+
+/// Keeps a pool's workers off the CPU its caller runs on (Linux; elsewhere a no-op).
+///
+/// Each worker records its thread id when it starts. On a call, when the caller is on another CPU than at the
+/// last call (or a worker has started since), every worker's affinity becomes the caller's own minus the
+/// caller's CPU: one `sched_setaffinity` per worker, only then; otherwise the cost is reading the CPU number.
+/// A caller allowed a single CPU leaves the workers as they are. The workers stay free among the other CPUs.
+mod placement {
+    use std::cell::Cell;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Default)]
+    pub(super) struct Placement {
+        /// Thread ids of the workers that have started.
+        workers: Arc<Mutex<Vec<i32>>>,
+        /// The caller's CPU and the number of workers when the affinities were last set.
+        applied: Cell<Option<(usize, usize)>>,
+    }
+
+    impl Placement {
+        /// The pool's start handler: records the starting worker's thread id.
+        pub(super) fn start_handler(&self) -> impl Fn(usize) + Send + Sync + 'static {
+            let workers = Arc::clone(&self.workers);
+            move |_| {
+                if let Some(tid) = this_thread_id() {
+                    workers.lock().unwrap_or_else(|p| p.into_inner()).push(tid);
+                }
+            }
+        }
+
+        /// Moves the workers off the calling thread's CPU if it (or the set of workers) changed since last time.
+        pub(super) fn keep_off_caller_cpu(&self) {
+            let Some(cpu) = current_cpu() else { return };
+            let workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+            if self.applied.get() == Some((cpu, workers.len())) {
+                return;
+            }
+            self.applied.set(Some((cpu, workers.len())));
+            exclude_cpu(&workers, cpu);
+        }
+
+        #[cfg(test)]
+        pub(super) fn state(&self) -> (Vec<i32>, Option<(usize, usize)>) {
+            (self.workers.lock().unwrap().clone(), self.applied.get())
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn this_thread_id() -> Option<i32> {
+        // The raw system call: glibc's gettid() wrapper is newer (2.30) than the manylinux_2_17 wheels' glibc.
+        // SAFETY: gettid takes no arguments and cannot fail.
+        i32::try_from(unsafe { libc::syscall(libc::SYS_gettid) }).ok()
+    }
+
+    #[cfg(target_os = "linux")]
+    pub(super) fn current_cpu() -> Option<usize> {
+        // SAFETY: sched_getcpu takes no arguments; it returns -1 on failure.
+        usize::try_from(unsafe { libc::sched_getcpu() }).ok()
+    }
+
+    /// The CPUs thread `tid` (0: the calling thread) may run on.
+    #[cfg(target_os = "linux")]
+    pub(super) fn allowed_cpus(tid: i32) -> Option<libc::cpu_set_t> {
+        // SAFETY: cpu_set_t is plain bits, valid all zero; the kernel writes at most `size_of` bytes into it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            let size = std::mem::size_of::<libc::cpu_set_t>();
+            (libc::sched_getaffinity(tid, size, &mut set) == 0).then_some(set)
+        }
+    }
+
+    /// How many CPUs `set` holds.
+    #[cfg(target_os = "linux")]
+    pub(super) fn count(set: &libc::cpu_set_t) -> usize {
+        // SAFETY: reads the bits of a valid cpu_set_t.
+        unsafe { libc::CPU_COUNT(set) as usize }
+    }
+
+    /// Whether `set` holds CPU `cpu` (false past CPU_SETSIZE).
+    #[cfg(all(test, target_os = "linux"))]
+    pub(super) fn holds(set: &libc::cpu_set_t, cpu: usize) -> bool {
+        // SAFETY: CPU_ISSET reads bit `cpu` of the set, checked to lie inside it.
+        cpu < libc::CPU_SETSIZE as usize && unsafe { libc::CPU_ISSET(cpu, set) }
+    }
+
+    /// Lets each of `workers` run where the calling thread may, except on `cpu`; nothing when that leaves no
+    /// CPU. A refusal (a worker that exited, a seccomp filter) leaves that worker as it was.
+    #[cfg(target_os = "linux")]
+    fn exclude_cpu(workers: &[i32], cpu: usize) {
+        let Some(mut set) = allowed_cpus(0) else {
+            return;
+        };
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return;
+        }
+        // SAFETY: cpu < CPU_SETSIZE, the bits `set` holds.
+        unsafe { libc::CPU_CLR(cpu, &mut set) };
+        if count(&set) == 0 {
+            return;
+        }
+        for &tid in workers {
+            // SAFETY: `set` is a valid cpu_set_t of the size passed; the call only changes thread `tid`'s
+            // affinity, and fails harmlessly for a thread id that no longer exists.
+            unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn this_thread_id() -> Option<i32> {
+        None
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub(super) fn current_cpu() -> Option<usize> {
+        None
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn exclude_cpu(_: &[i32], _: usize) {}
 }
 
 #[cfg(test)]
@@ -172,5 +303,73 @@ mod tests {
             .unwrap()
             .install(|| install(4, rayon::current_num_threads).unwrap());
         assert_eq!(inner, 4);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn own_pool_workers_keep_off_the_callers_cpu() {
+        std::thread::spawn(|| {
+            let Some(allowed) = placement::allowed_cpus(0) else {
+                return;
+            };
+            // Wait until both workers have started (their start handlers record them).
+            let mut started = 0;
+            for _ in 0..500 {
+                install(3, || ()).unwrap();
+                started = OWN_POOL.with(|own| {
+                    own.borrow()
+                        .as_ref()
+                        .unwrap()
+                        .as_ref()
+                        .unwrap()
+                        .placement
+                        .state()
+                        .0
+                        .len()
+                });
+                if started == 2 {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            assert_eq!(
+                started, 2,
+                "the workers' start handlers did not record them"
+            );
+            install(3, || ()).unwrap();
+            let (workers, applied) = OWN_POOL.with(|own| {
+                own.borrow()
+                    .as_ref()
+                    .unwrap()
+                    .as_ref()
+                    .unwrap()
+                    .placement
+                    .state()
+            });
+            let (cpu, count) = applied.expect("a caller CPU was read");
+            assert_eq!(count, 2);
+            for tid in workers {
+                let set = placement::allowed_cpus(tid).expect("the worker's affinity");
+                if placement::count(&allowed) > 1 {
+                    assert!(
+                        !placement::holds(&set, cpu),
+                        "worker {tid} may still run on the caller's CPU {cpu}"
+                    );
+                    for other in (0..libc::CPU_SETSIZE as usize).filter(|&c| c != cpu) {
+                        assert_eq!(
+                            placement::holds(&set, other),
+                            placement::holds(&allowed, other)
+                        );
+                    }
+                } else {
+                    assert!(
+                        placement::holds(&set, cpu),
+                        "a single allowed CPU must stay allowed"
+                    );
+                }
+            }
+        })
+        .join()
+        .unwrap();
     }
 }

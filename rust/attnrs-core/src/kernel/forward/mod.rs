@@ -5,7 +5,7 @@
 pub(crate) mod decode_avx512;
 mod item;
 mod prefill;
-mod split_kv;
+pub(crate) mod split_kv;
 pub(crate) mod tile;
 
 pub(crate) use tile::ROWS;

@@ -35,7 +35,45 @@ impl State<f32> for super::decode_avx512::Scratch {
     }
 }
 
+/// K and V bytes below which a decode call runs on the calling thread alone. Waking a pool worker and waiting
+/// for the part it took costs more than reading that much: on a 2-vCPU virtual machine (Zen 4) two threads
+/// were slower than one up to 1-2 MiB of K/V, by about 100 µs per call at one key.
+pub(crate) const SERIAL_KV_BYTES: usize = 1 << 20;
+
+/// The K and V bytes a decode call reads: every sequence's keys, every kv head.
+fn kv_bytes<T>(job: &Job<T>) -> usize {
+    let keys: usize = (0..job.dims.b).map(|b| job.k_len(b)).sum();
+    keys * job.dims.hkv * (job.dims.d + job.dims.dv) * std::mem::size_of::<T>()
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The threshold tests of this thread run under: 0 (every decode parallel, so the small shapes of the
+    /// tests cover the split paths) unless a test sets [`SERIAL_KV_BYTES`].
+    pub(crate) static SERIAL_KV_BYTES_IN_TESTS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The threads a decode call uses: one below [`SERIAL_KV_BYTES`] of K and V, else `threads`.
+fn decode_threads<T>(job: &Job<T>, threads: usize) -> usize {
+    #[cfg(not(test))]
+    let serial_below = SERIAL_KV_BYTES;
+    #[cfg(test)]
+    let serial_below = SERIAL_KV_BYTES_IN_TESTS.with(|t| t.get());
+    if kv_bytes(job) < serial_below {
+        1
+    } else {
+        threads
+    }
+}
+
+/// Pieces of at least this many items per rayon job: all of them (no split, so no worker is woken) when
+/// the call runs on one thread.
+fn min_len(threads: usize) -> usize {
+    if threads == 1 { usize::MAX } else { 1 }
+}
+
 pub(super) fn decode<K: Entry, T: Float>(job: &Job<T>, threads: usize) {
+    let threads = decode_threads(job, threads);
     #[cfg(target_arch = "x86_64")]
     if K::AVX512 && super::decode_avx512::applies(job) {
         // bf16 inputs of a bf16-pair family: the `vdpbf16ps` kernel, whose CPU has it. f32 inputs of such a
@@ -72,13 +110,18 @@ fn split_kv<A: Acc, T: Float, S: State<A>>(
     let ntiles = job.ntiles();
     let heads = nb * hkv;
     let dvp = job.dvp;
-    // Enough pieces to keep every thread busy, none shorter than two tiles.
-    let splits = (4 * threads).div_ceil(heads).clamp(1, (ntiles / 2).max(1));
+    // Enough pieces to keep every thread busy, none shorter than two tiles; one thread takes whole heads.
+    let splits = if threads == 1 {
+        1
+    } else {
+        (4 * threads).div_ceil(heads).clamp(1, (ntiles / 2).max(1))
+    };
     // Rows of a batch item's GQA group; a ragged sequence without rows is skipped.
     let rows_of = |b: usize| g * job.q_len(b);
     if splits == 1 {
         (0..heads)
             .into_par_iter()
+            .with_min_len(min_len(threads))
             .for_each_init(&scratch, |sc, idx| {
                 let (b, kvh) = (idx / hkv, idx % hkv);
                 let (q, rows) = (job.q_len(b), rows_of(b));
@@ -145,13 +188,18 @@ fn merge_and_write<A: Acc, T: Float>(job: &Job<T>, b: usize, kvh: usize, mine: &
 fn heads_together<K: Entry, T: Float>(job: &Job<T>, threads: usize) {
     let Dims { b: nb, hkv, .. } = job.dims;
     let ntiles = job.ntiles();
-    let splits = (4 * threads).div_ceil(nb).clamp(1, (ntiles / 2).max(1));
+    let splits = if threads == 1 {
+        1
+    } else {
+        (4 * threads).div_ceil(nb).clamp(1, (ntiles / 2).max(1))
+    };
     let per = ntiles.div_ceil(splits);
     let rows_of = |b: usize| job.dims.g * job.q_len(b);
     let scratch = || (0..hkv).map(|_| Scratch::<K>::new(job)).collect::<Vec<_>>();
     // One unit: a sequence's split of tiles, every kv head; its partial states, one per kv head.
     let parts: Vec<Vec<Partial<K::A>>> = (0..nb * splits)
         .into_par_iter()
+        .with_min_len(min_len(threads))
         .map_init(scratch, |scs, idx| {
             let (b, s) = (idx / splits, idx % splits);
             let (q, rows) = (job.q_len(b), rows_of(b));
@@ -195,13 +243,16 @@ fn heads_together<K: Entry, T: Float>(job: &Job<T>, threads: usize) {
                 .collect()
         })
         .collect();
-    (0..nb * hkv).into_par_iter().for_each(|head| {
-        let (b, kvh) = (head / hkv, head % hkv);
-        let mine: Vec<Partial<K::A>> = (0..splits)
-            .filter_map(|s| parts[b * splits + s].get(kvh).cloned())
-            .collect();
-        merge_and_write(job, b, kvh, &mine);
-    });
+    (0..nb * hkv)
+        .into_par_iter()
+        .with_min_len(min_len(threads))
+        .for_each(|head| {
+            let (b, kvh) = (head / hkv, head % hkv);
+            let mine: Vec<Partial<K::A>> = (0..splits)
+                .filter_map(|s| parts[b * splits + s].get(kvh).cloned())
+                .collect();
+            merge_and_write(job, b, kvh, &mine);
+        });
 }
 
 /// Asks the CPU to fetch the K and V rows of tile `t` of sequence `b`, every kv head, in address order (each

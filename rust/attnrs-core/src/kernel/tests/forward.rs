@@ -60,6 +60,46 @@ proptest! {
     }
 }
 
+/// Small decodes under the real threshold run on the calling thread alone (no split, no worker): the same
+/// answers as the reference, GQA, masks and head dims included. (Elsewhere the tests run every decode
+/// parallel, to cover the split paths at small shapes.)
+#[test]
+fn serial_decode_matches_reference() {
+    use crate::kernel::forward::split_kv::{SERIAL_KV_BYTES, SERIAL_KV_BYTES_IN_TESTS};
+    std::thread::spawn(|| {
+        SERIAL_KV_BYTES_IN_TESTS.with(|t| t.set(SERIAL_KV_BYTES));
+        let mut seed = 7u64;
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for (hkv, g, q, k, (d, dv)) in [
+                (1, 4, 1, 1, (128, 128)),
+                (2, 4, 1, 300, (64, 64)),
+                (1, 3, 2, 129, (40, 24)),
+                (2, 1, 4, 65, (128, 64)),
+            ] {
+                for mask in 0u8..3 {
+                    seed += 1;
+                    let c = Case {
+                        seed,
+                        dtype,
+                        b: 1,
+                        hkv,
+                        g,
+                        q,
+                        k,
+                        d,
+                        dv,
+                        mask,
+                        rows: 96,
+                    };
+                    run_case(&c);
+                }
+            }
+        }
+    })
+    .join()
+    .unwrap();
+}
+
 /// The portable path and every SIMD path agree on long decodes (too long for the f64 reference).
 #[test]
 fn decode_paths_agree_with_portable() {

@@ -312,21 +312,18 @@ mod tests {
             let Some(allowed) = placement::allowed_cpus(0) else {
                 return;
             };
+            // This thread's own pool's workers and the (caller CPU, workers) the affinities were set for.
+            let state = || {
+                OWN_POOL.with(|own| {
+                    let own = own.borrow();
+                    own.as_ref().unwrap().as_ref().unwrap().placement.state()
+                })
+            };
             // Wait until both workers have started (their start handlers record them).
             let mut started = 0;
             for _ in 0..500 {
                 install(3, || ()).unwrap();
-                started = OWN_POOL.with(|own| {
-                    own.borrow()
-                        .as_ref()
-                        .unwrap()
-                        .as_ref()
-                        .unwrap()
-                        .placement
-                        .state()
-                        .0
-                        .len()
-                });
+                started = state().0.len();
                 if started == 2 {
                     break;
                 }
@@ -337,15 +334,7 @@ mod tests {
                 "the workers' start handlers did not record them"
             );
             install(3, || ()).unwrap();
-            let (workers, applied) = OWN_POOL.with(|own| {
-                own.borrow()
-                    .as_ref()
-                    .unwrap()
-                    .as_ref()
-                    .unwrap()
-                    .placement
-                    .state()
-            });
+            let (workers, applied) = state();
             let (cpu, count) = applied.expect("a caller CPU was read");
             assert_eq!(count, 2);
             for tid in workers {

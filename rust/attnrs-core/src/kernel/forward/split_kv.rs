@@ -66,6 +66,16 @@ fn decode_threads<T>(job: &Job<T>, threads: usize) -> usize {
     }
 }
 
+/// Pieces each of `units` independent units' `ntiles` kv tiles is split into: enough to keep every thread busy,
+/// none shorter than two tiles; one thread takes whole units.
+fn splits(threads: usize, units: usize, ntiles: usize) -> usize {
+    if threads == 1 {
+        1
+    } else {
+        (4 * threads).div_ceil(units).clamp(1, (ntiles / 2).max(1))
+    }
+}
+
 /// Pieces of at least this many items per rayon job: all of them (no split, so no worker is woken) when
 /// the call runs on one thread.
 fn min_len(threads: usize) -> usize {
@@ -110,12 +120,7 @@ fn split_kv<A: Acc, T: Float, S: State<A>>(
     let ntiles = job.ntiles();
     let heads = nb * hkv;
     let dvp = job.dvp;
-    // Enough pieces to keep every thread busy, none shorter than two tiles; one thread takes whole heads.
-    let splits = if threads == 1 {
-        1
-    } else {
-        (4 * threads).div_ceil(heads).clamp(1, (ntiles / 2).max(1))
-    };
+    let splits = splits(threads, heads, ntiles);
     // Rows of a batch item's GQA group; a ragged sequence without rows is skipped.
     let rows_of = |b: usize| g * job.q_len(b);
     if splits == 1 {
@@ -188,11 +193,7 @@ fn merge_and_write<A: Acc, T: Float>(job: &Job<T>, b: usize, kvh: usize, mine: &
 fn heads_together<K: Entry, T: Float>(job: &Job<T>, threads: usize) {
     let Dims { b: nb, hkv, .. } = job.dims;
     let ntiles = job.ntiles();
-    let splits = if threads == 1 {
-        1
-    } else {
-        (4 * threads).div_ceil(nb).clamp(1, (ntiles / 2).max(1))
-    };
+    let splits = splits(threads, nb, ntiles);
     let per = ntiles.div_ceil(splits);
     let rows_of = |b: usize| job.dims.g * job.q_len(b);
     let scratch = || (0..hkv).map(|_| Scratch::<K>::new(job)).collect::<Vec<_>>();

@@ -33,6 +33,8 @@ pub(crate) trait Acc:
     fn from_f64(x: f64) -> Self;
     fn to_f32(self) -> f32;
     fn to_f64(self) -> f64;
+    /// The slice as f32s when `Self` is f32 (for the SIMD stores of f32 state).
+    fn as_f32(x: &[Self]) -> Option<&[f32]>;
     fn is_finite(self) -> bool;
     fn read<T: Float>(x: T) -> Self;
     fn write<T: Float>(self) -> T;
@@ -64,6 +66,10 @@ impl Acc for f32 {
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self as f64
+    }
+    #[inline(always)]
+    fn as_f32(x: &[f32]) -> Option<&[f32]> {
+        Some(x)
     }
     #[inline(always)]
     fn is_finite(self) -> bool {
@@ -124,6 +130,10 @@ impl Acc for f64 {
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self
+    }
+    #[inline(always)]
+    fn as_f32(_: &[f64]) -> Option<&[f32]> {
+        None
     }
     #[inline(always)]
     fn is_finite(self) -> bool {

@@ -56,6 +56,8 @@ pub(super) struct Scratch {
     pub l: Vec<f32>,
     vis: TileVis,
     bias: Vec<f32>,
+    /// Each GQA head's class of the current tile.
+    classes: Vec<BlockClass>,
 }
 
 impl Scratch {
@@ -75,6 +77,7 @@ impl Scratch {
             l: vec![0.0; rows],
             vis: TileVis::new(job.dims.q, BC),
             bias: vec![0.0; 2 * BC], // a bias row, then a score-terms row
+            classes: vec![BlockClass::Empty; job.dims.g],
         }
     }
 }
@@ -417,7 +420,7 @@ unsafe fn qk_bf16(
 /// Column `c` (of a 32-column chunk) that lane `k` of the chunk's two accumulators holds in [`pv_bf16`]:
 /// interleaving two rows 16 bits at a time pairs columns 0-3, 8-11, .. (low) and 4-7, 12-15, .. (high).
 #[inline(always)]
-fn interleaved_col(k: usize) -> usize {
+pub(crate) const fn interleaved_col(k: usize) -> usize {
     let (hi, k) = (k / 16, k % 16);
     8 * (k / 4) + 4 * hi + k % 4
 }
@@ -553,6 +556,19 @@ fn body<L: Lanes, T: Float, const DOT: bool>(
             let r = gi * q + i;
             // SAFETY: (b, kvh * g + gi, i, 0) is in range of query; its row has D elements at stride st[3].
             let row = unsafe { job.q.at(b, kvh * g + gi, i, 0) };
+            if job.q.st[3] == 1 || d == 1 {
+                let p = row.cast::<u8>().cast_const();
+                // SAFETY: the row's D elements are contiguous; each scratch row holds `dpad` >= D elements;
+                // `DOT` runs bf16 inputs (`T` is bf16) and only on CPUs with AVX-512 BF16.
+                unsafe {
+                    if DOT {
+                        load_bf16_bits(p, d, &mut sc.qb[r * dpad..(r + 1) * dpad]);
+                    } else {
+                        load_row::<L>(p, d, &mut sc.qp[r * dpad..(r + 1) * dpad]);
+                    }
+                }
+                continue;
+            }
             for dd in 0..d {
                 // SAFETY: dd < D.
                 let x = unsafe { row.offset(dd as isize * job.q.st[3]).read() }.to_f32();
@@ -571,7 +587,7 @@ fn body<L: Lanes, T: Float, const DOT: bool>(
         scale: job.scale as f32,
         softcap: job.softcap.map(|c| (c as f32, (1.0 / c) as f32)),
     };
-    let mut classes = vec![BlockClass::Empty; g];
+    let classes = &mut sc.classes;
     let (kst, vst) = (
         job.k.st[2] * L::SIZE as isize,
         job.v.st[2] * L::SIZE as isize,
@@ -630,7 +646,7 @@ fn body<L: Lanes, T: Float, const DOT: bool>(
             let (s, p) = (&mut sc.s, &mut sc.pb);
             // SAFETY: `DOT` is only set on CPUs with AVX-512 BF16, the features of `Avx512Bf16`.
             let passes = unsafe { Avx512Bf16::row_passes() };
-            softmax_tile(job, b, kvh, cells, &classes, lg, s, p, st, scratch, passes);
+            softmax_tile(job, b, kvh, cells, classes, lg, s, p, st, scratch, passes);
             // SAFETY: see `pv_bf16`.
             unsafe { pv_bf16(&sc.pb, rows, vp, vst, n, dv, &mut sc.o, ld, pf) };
         } else {
@@ -642,19 +658,97 @@ fn body<L: Lanes, T: Float, const DOT: bool>(
             let (s, p) = (&mut sc.s, &mut sc.p);
             // SAFETY: this kernel only runs on CPUs with AVX-512F, the features of `Avx512F32`.
             let passes = unsafe { Avx512F32::row_passes() };
-            softmax_tile(job, b, kvh, cells, &classes, lg, s, p, st, scratch, passes);
+            softmax_tile(job, b, kvh, cells, classes, lg, s, p, st, scratch, passes);
             // SAFETY: see `pv`.
             unsafe { pv::<L>(&sc.p, rows, vp, vst, n, dv, &mut sc.o, dvp, pf) };
         }
     }
     if DOT {
-        // Back to natural column order at stride dvp (<= ld, so rows move towards the front in order).
-        let mut row = vec![0.0f32; ld];
-        for r in 0..rows {
-            for (k, &x) in sc.o[r * ld..(r + 1) * ld].iter().enumerate() {
-                row[32 * (k / 32) + interleaved_col(k % 32)] = x;
+        // SAFETY: `DOT` runs only on CPUs with AVX-512; O holds `rpad >= rows` rows of `ld >= dvp` columns.
+        unsafe { natural_order(&mut sc.o, rows, ld, dvp, dv) };
+    }
+}
+
+/// `dst[..D] = ` a query row of `D` contiguous elements as f32 (zeros after `D`, up to a multiple of 16).
+///
+/// # Safety
+/// `p` addresses `D` readable elements of `L`'s type; `dst.len() >= round_up(D, 16)`; the CPU has AVX-512F/BW/VL.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn load_row<L: Lanes>(p: *const u8, d: usize, dst: &mut [f32]) {
+    assert!(dst.len() >= round_up(d, 16));
+    for v in 0..d.div_ceil(16) {
+        // SAFETY: the masked load reads only elements below D; vector v's 16 floats lie inside dst.
+        unsafe {
+            let x = L::load(p.add(16 * v * L::SIZE), lanes_mask(v, d));
+            _mm512_storeu_ps(dst.as_mut_ptr().add(16 * v), x);
+        }
+    }
+}
+
+/// `dst[..D] = ` a bf16 query row's bits, with a NaN made quiet as widening it to f32 does (`half`'s
+/// `to_f32`, which the scalar path takes), zeros after `D` up to a multiple of 32.
+///
+/// # Safety
+/// `p` addresses `D` readable bf16 values; `dst.len() >= round_up(D, 32)`; the CPU has AVX-512F/BW.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn load_bf16_bits(p: *const u8, d: usize, dst: &mut [u16]) {
+    assert!(dst.len() >= round_up(d, 32));
+    for v in 0..d.div_ceil(32) {
+        let left = (d - 32 * v).min(32);
+        let mask: __mmask32 = if left == 32 { !0 } else { (1 << left) - 1 };
+        // SAFETY: the masked load reads only values below D; vector v's 32 values lie inside dst.
+        unsafe {
+            let x = _mm512_maskz_loadu_epi16(mask, p.add(64 * v).cast());
+            let magnitude = _mm512_and_si512(x, _mm512_set1_epi16(0x7fff));
+            let nan = _mm512_cmpgt_epu16_mask(magnitude, _mm512_set1_epi16(0x7f80));
+            let x = _mm512_mask_mov_epi16(x, nan, _mm512_or_si512(x, _mm512_set1_epi16(0x40)));
+            _mm512_storeu_si512(dst.as_mut_ptr().add(32 * v).cast(), x);
+        }
+    }
+}
+
+/// Moves O's rows from [`interleaved_col`]'s order at stride `ld` to natural column order at stride `dvp`
+/// (`<= ld`), 32 columns at a time and in place: a chunk is read whole before it is written, and where it is
+/// written never reaches a chunk not yet read (row `r`'s chunk `c` lands below `r * ld + 32 (c + 1)`).
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn natural_order(o: &mut [f32], rows: usize, ld: usize, dvp: usize, dv: usize) {
+    /// `NATURAL[c]`: the lane of a chunk's accumulator pair (16 + i is lane i of the second) holding column c.
+    const NATURAL: [i32; 32] = {
+        let mut t = [0; 32];
+        let mut k = 0;
+        while k < 32 {
+            t[interleaved_col(k)] = k as i32;
+            k += 1;
+        }
+        t
+    };
+    assert!(dvp <= ld && dv <= dvp && ld.is_multiple_of(32) && rows * ld <= o.len());
+    // SAFETY: NATURAL holds 32 i32s.
+    let (first, second) = unsafe {
+        (
+            _mm512_loadu_si512(NATURAL.as_ptr().cast()),
+            _mm512_loadu_si512(NATURAL.as_ptr().add(16).cast()),
+        )
+    };
+    let p = o.as_mut_ptr();
+    for r in 0..rows {
+        for c in 0..dv.div_ceil(32) {
+            // SAFETY: the chunk's source `r * ld + 32 c + 32 <= rows * ld` lies in `o`; its destination,
+            // masked to columns below Dv, ends before that.
+            unsafe {
+                let src = p.add(r * ld + 32 * c);
+                let (lo, hi) = (_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16)));
+                let dst = p.add(r * dvp + 32 * c);
+                let (a, b) = (lanes_mask(2 * c, dv), lanes_mask(2 * c + 1, dv));
+                _mm512_mask_storeu_ps(dst, a, _mm512_permutex2var_ps(lo, first, hi));
+                _mm512_mask_storeu_ps(dst.add(16), b, _mm512_permutex2var_ps(lo, second, hi));
             }
-            sc.o[r * dvp..r * dvp + dv].copy_from_slice(&row[..dv]);
         }
     }
 }

@@ -115,6 +115,7 @@ fn go<K: Entry, T: Float>(
         dp: round_up(dims.d, 2),
         dvp: round_up(dims.dv, 16),
         ragged,
+        avx512: K::AVX512,
     };
     threads::install(plan.threads, || {
         if job.nqb() == 1 {

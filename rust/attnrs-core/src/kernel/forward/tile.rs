@@ -46,6 +46,9 @@ pub(crate) struct Job<'a, T> {
     pub(crate) dvp: usize,
     /// A ragged call's sequences (their lengths bound every loop), or `None` for a dense batch.
     pub(crate) ragged: Option<&'a Ragged>,
+    /// The kernel family runs AVX-512F/BW/VL ([`Kern::AVX512`](crate::kernel::gemm::Kern::AVX512)), so
+    /// [`write_rows`] may store contiguous rows with it.
+    pub(crate) avx512: bool,
 }
 
 impl<T> Job<'_, T> {
@@ -183,18 +186,91 @@ pub(super) fn write_rows<A: Acc, T: Float>(
             let r = gi * bq + i;
             let (f, lse) = finish(m[r], l[r], sink);
             let f = f * kept_scale;
+            let src = &o[r * job.dvp..r * job.dvp + dv];
             // SAFETY: (b, h, q0 + i, ·) is in range of out; rows of different items never coincide and out has
             // no internal overlap (validated), so this thread is the only writer of these elements.
             unsafe {
                 let row = job.out.at(b, h, q0 + i, 0);
-                for (j, &x) in o[r * job.dvp..r * job.dvp + dv].iter().enumerate() {
-                    row.offset(j as isize * job.out.st[3])
-                        .write((x * f).write::<T>());
+                #[cfg(target_arch = "x86_64")]
+                if let (true, Some(src)) = (job.avx512 && job.out.st[3] == 1, A::as_f32(src)) {
+                    // SAFETY: the family's features are present; the row's Dv elements are contiguous.
+                    store_scaled_avx512(src, f.to_f32(), row);
+                } else {
+                    store_scaled(src, f, row, job.out.st[3]);
                 }
+                #[cfg(not(target_arch = "x86_64"))]
+                store_scaled(src, f, row, job.out.st[3]);
                 if let Some(lse_view) = &job.lse {
                     lse_view.at(b, h, q0 + i, 0).write(lse.to_f32());
                 }
             }
         }
     }
+}
+
+/// `dst[j * stride] = T(src[j] * f)` for each `j`.
+///
+/// # Safety
+/// Those elements of `dst` are writable, and no one else reads or writes them meanwhile.
+#[inline(always)]
+pub(crate) unsafe fn store_scaled<A: Acc, T: Float>(src: &[A], f: A, dst: *mut T, stride: isize) {
+    for (j, &x) in src.iter().enumerate() {
+        // SAFETY: the caller's promise.
+        unsafe { dst.offset(j as isize * stride).write((x * f).write::<T>()) };
+    }
+}
+
+/// [`store_scaled`] at stride 1 for f32 rows, 16 elements at a time, rounding as the scalar conversions do:
+/// to nearest, ties to even; a NaN stays NaN, made quiet; bf16 and f16 subnormals are kept, not flushed
+/// (`vcvtneps2bf16` would flush them, so bf16 rounds by integer arithmetic).
+///
+/// # Safety
+/// As for [`store_scaled`], with `dst` contiguous; the CPU has AVX-512F/BW/VL (and F16C, which it implies).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+pub(crate) unsafe fn store_scaled_avx512<T: Float>(src: &[f32], f: f32, dst: *mut T) {
+    use crate::tensor::DType;
+    use std::arch::x86_64::*;
+    let fv = _mm512_set1_ps(f);
+    let n = src.len();
+    for j in (0..n).step_by(16) {
+        let mask = ((1u32 << (n - j).min(16)) - 1) as __mmask16;
+        // SAFETY: the masked loads and stores touch elements below `n` only: of `src`, and of `dst` by the
+        // caller's promise; `T::DTYPE` says what `T` is.
+        unsafe {
+            let x = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, src.as_ptr().add(j)), fv);
+            let at = dst.add(j);
+            match T::DTYPE {
+                DType::F32 => _mm512_mask_storeu_ps(at.cast(), mask, x),
+                DType::BF16 => _mm256_mask_storeu_epi16(at.cast(), mask, bf16_round(x)),
+                DType::F16 => {
+                    let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+                    _mm256_mask_storeu_epi16(at.cast(), mask, h)
+                }
+                _ => {
+                    for (k, &y) in src[j..(j + 16).min(n)].iter().enumerate() {
+                        at.add(k).write((y * f).write::<T>());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The bf16 bits nearest each lane (ties to even); a NaN keeps its top bits and is made quiet, as `half`'s
+/// conversion does.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn bf16_round(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let b = _mm512_castps_si512(x);
+    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+    let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
+    let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, bias));
+    let magnitude = _mm512_and_si512(b, _mm512_set1_epi32(0x7fff_ffff));
+    let nan = _mm512_cmpgt_epu32_mask(magnitude, _mm512_set1_epi32(0x7f80_0000));
+    let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(0x40));
+    _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet))
 }

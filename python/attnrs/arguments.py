@@ -27,6 +27,7 @@ __all__ = [
     "flag",
     "human_bytes",
     "integer",
+    "is_real",
     "non_negative",
     "positive",
     "strided",
@@ -65,6 +66,13 @@ def positive(value: Any, name: str, *, maximum: int = INT64_MAX) -> int:
 def non_negative(value: Any, name: str, *, maximum: int = INT64_MAX) -> int:
     """A non-negative int (at most ``maximum``)."""
     return integer(value, name, minimum=0, maximum=maximum, what="a non-negative integer")
+
+
+def is_real(x: Any) -> bool:
+    """A real number that is not a bool: Python's int and float, and NumPy's scalars (numbers.Real)."""
+    if type(x) is float or type(x) is int:  # the usual call, without the ABC check (~0.3 µs)
+        return True
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
 def flag(value: Any, name: str) -> bool:

@@ -5,7 +5,6 @@ every backend takes; :func:`kernel_operands` packs it for the custom operators."
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -14,7 +13,7 @@ import torch
 from torch.nn.attention.bias import CausalBias, CausalVariant
 from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
 
-from ..arguments import FLOAT32_MAX, FLOAT32_TINY, MEMORY_BUDGET, check_memory, integer, strided
+from ..arguments import FLOAT32_MAX, FLOAT32_TINY, MEMORY_BUDGET, check_memory, integer, is_real, strided
 from ..errors import ArgumentError, DeviceError, DtypeError, ShapeError
 from ..masks.block_mask import BlockMask, listed_blocks
 from ..masks.grid import Grid
@@ -77,15 +76,13 @@ def _check_tensors(query: Any, key: Any, value: Any, *, exact_dim: int | None) -
 
 def _check_head_shapes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
     """The last three dims ``[H, S, D]``: K and V agree on heads and length, D matches, ``H % Hkv == 0`` (GQA)."""
-    h, d = query.shape[-3], query.shape[-1]
-    if key.shape[-3] != value.shape[-3] or key.shape[-2] != value.shape[-2]:
-        raise ShapeError(
-            f"value: expected the key's heads and length {list(key.shape[-3:-1])}, got {list(value.shape[-3:-1])}"
-        )
-    if key.shape[-1] != d:
-        raise ShapeError(f"key: expected head dim {d} (the query's), got {key.shape[-1]}")
-    if (key.shape[-3] == 0 and h != 0) or (key.shape[-3] != 0 and h % key.shape[-3] != 0):
-        raise ShapeError(f"key: expected a head count dividing the query's {h} (GQA), got {key.shape[-3]}")
+    (h, _, d), (hkv, k_len, dk), (hv, v_len, _) = query.shape[-3:], key.shape[-3:], value.shape[-3:]
+    if hkv != hv or k_len != v_len:
+        raise ShapeError(f"value: expected the key's heads and length {[hkv, k_len]}, got {[hv, v_len]}")
+    if dk != d:
+        raise ShapeError(f"key: expected head dim {d} (the query's), got {dk}")
+    if (hkv == 0 and h != 0) or (hkv != 0 and h % hkv != 0):
+        raise ShapeError(f"key: expected a head count dividing the query's {h} (GQA), got {hkv}")
 
 
 def _check_output_memory(batch: int, query: torch.Tensor, value: torch.Tensor) -> None:
@@ -117,6 +114,8 @@ class Batched(NamedTuple):
 
     def restore(self, t: torch.Tensor) -> torch.Tensor:
         """``[B, ...]`` -> ``[*batch_shape, ...]`` (for the output and the LSE)."""
+        if len(self.batch_shape) == 1:
+            return t  # one batch dim: already in shape (a reshape costs ~1.5 µs a call)
         return t.reshape(*self.batch_shape, *t.shape[1:])
 
 
@@ -148,9 +147,10 @@ def batched_inputs(query: Any, key: Any, value: Any, enable_gqa: Any) -> Batched
     batch = math.prod(batch_shape)
     _check_output_memory(batch, query, value)
 
+    if same and len(batch_shape) == 1:
+        return Batched(query, key, value, batch_shape)  # already the kernels' [B, H, S, D]: no view to make
+
     def flat(t: torch.Tensor) -> torch.Tensor:
-        if t.shape[:-3] == batch_shape and len(batch_shape) == 1:
-            return t  # already the kernels' [B, H, S, D] (the common call: no view to make)
         return t.expand(*batch_shape, *t.shape[-3:]).reshape(batch, *t.shape[-3:])
 
     return Batched(flat(query), flat(key), flat(value), batch_shape)
@@ -291,23 +291,20 @@ def _program(resolved: ResolvedMask, shape: tuple[int, int, int, int]) -> torch.
     """The mask program for the grid. A structural mask is packed with torch ops, so torch.compile traces it
     into the graph with the operator; a mask with a callable part is evaluated in Rust outside the graph (see
     :meth:`Mask.program`)."""
+    if resolved.structural is None:
+        return torch.empty(0, dtype=torch.uint8)  # no mask program (the grid need not be built)
     grid = Grid(shape[0], shape[1], shape[2], shape[3], resolved.q_offset, resolved.kv_offset)
     return resolved.program(grid)
-
-
-def _is_real(x: Any) -> bool:
-    """A real number that is not a bool: Python's int and float, and NumPy's scalars (numbers.Real)."""
-    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
 def check_scalars(query: torch.Tensor, scale: Any, softcap: Any, sinks: Any, dropout_p: Any) -> float:
     if scale is None:
         scale = query.shape[-1] ** -0.5 if query.shape[-1] else 1.0
     # The kernels compute in float32 (float64 inputs in float64): a scale float32 cannot hold would become inf.
-    if not _is_real(scale) or not math.isfinite(scale) or abs(scale) > FLOAT32_MAX:
+    if not is_real(scale) or not math.isfinite(scale) or abs(scale) > FLOAT32_MAX:
         raise ArgumentError(f"scale: expected a finite number of magnitude at most {FLOAT32_MAX:.4g}, got {scale!r}")
     if softcap is not None and (
-        not _is_real(softcap) or not math.isfinite(softcap) or not FLOAT32_TINY <= softcap <= FLOAT32_MAX
+        not is_real(softcap) or not math.isfinite(softcap) or not FLOAT32_TINY <= softcap <= FLOAT32_MAX
     ):
         raise ArgumentError(
             f"softcap: expected None or a positive finite number in [{FLOAT32_TINY:.4g}, {FLOAT32_MAX:.4g}], "
@@ -321,7 +318,7 @@ def check_scalars(query: torch.Tensor, scale: Any, softcap: Any, sinks: Any, dro
             raise ShapeError(f"sinks: expected shape [{query.shape[1]}] (one per query head), got {list(sinks.shape)}")
         if sinks.device != query.device:
             raise DeviceError(f"sinks: expected a tensor on {query.device}, got {sinks.device}")
-    if not _is_real(dropout_p) or not 0.0 <= dropout_p <= 1.0:
+    if not is_real(dropout_p) or not 0.0 <= dropout_p <= 1.0:
         raise ArgumentError(f"dropout_p: expected a probability in [0, 1], got {dropout_p!r}")
     return float(scale)
 

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ..arguments import FLOAT32_MAX, FLOAT32_TINY, integer, non_negative
+from ..arguments import FLOAT32_MAX, FLOAT32_TINY, integer, is_real, non_negative
 from ..errors import ArgumentError, DtypeError, ShapeError, UnsupportedError
 from .buckets import BucketFn, alibi_slopes
 
@@ -66,10 +66,6 @@ def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {list(value.shape)}"
     return f"{type(value).__name__} {value!r}"
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
 def _checking_values() -> bool:
@@ -447,7 +443,7 @@ def scale(s: float | torch.Tensor) -> ScoreMod:
                 "computes no gradient for the multiplier); pass s.detach()"
             )
         return ScoreMod((s,))
-    if not _is_real(s) or not math.isfinite(s) or abs(s) > FLOAT32_MAX:
+    if not is_real(s) or not math.isfinite(s) or abs(s) > FLOAT32_MAX:
         raise ArgumentError(f"scale: s: expected a finite number or a float tensor [H], got {_describe(s)}")
     return ScoreMod((float(s),))
 
@@ -523,7 +519,7 @@ def bias_table(table: torch.Tensor, *, document_ids: torch.Tensor | None = None)
 def softcap(c: float) -> ScoreMod:
     """Caps the score smoothly, last: ``x = c * tanh(x / c)`` (Gemma 2's attention softcap). ``c``: a finite
     positive number."""
-    if not _is_real(c) or not math.isfinite(c) or not FLOAT32_TINY <= c <= FLOAT32_MAX:
+    if not is_real(c) or not math.isfinite(c) or not FLOAT32_TINY <= c <= FLOAT32_MAX:
         raise ArgumentError(f"softcap: c: expected a finite positive number, got {_describe(c)}")
     return ScoreMod((), (), float(c))
 

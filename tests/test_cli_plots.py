@@ -226,7 +226,8 @@ def test_bench_names_the_kernel_path_and_reports_decode_against_a_streaming_read
             assert any(row.lstrip().startswith("sdpa dense mask") and "failed" not in row for row in rows), rows
         if case.startswith("decode"):
             fraction = [row for row in rows if "attnrs reads K/V at" in row]
-            assert len(fraction) == 1 and "% of streaming read" in fraction[0] and "; sdpa " in fraction[0]
+            assert len(fraction) == 1 and fraction[0].lstrip().startswith("from memory (a streaming pass before each")
+            assert "% of the pass; sdpa " in fraction[0] and fraction[0].endswith("%"), fraction
     probe = [line for line in out.splitlines() if line.startswith("streaming read: ")]
     assert len(probe) == 1 and out.index(probe[0]) < out.index("decode fp32 Q1 Lk64")
     assert float(probe[0].split()[2]) > 0 and "GB/s (buffer" in probe[0] and "1 thread)" in probe[0]

@@ -7,6 +7,9 @@ times a few memory-bound torch reductions over a buffer several times the last-l
 
     probe = streaming_read(threads=2)
     print(probe.line())  # streaming read: 41.2 GB/s (buffer 256 MiB > LLC 32 MiB, 2 threads)
+
+:func:`streaming_pass` gives one timed pass of the probe's op over such a buffer: run just before a decode call, it
+evicts K/V from the caches (as a model's other layers would) and says what bandwidth the machine had at that moment.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Bandwidth", "MiB", "buffer_bytes", "llc_bytes", "streaming_read"]
+__all__ = ["Bandwidth", "MiB", "buffer_bytes", "llc_bytes", "streaming_pass", "streaming_read"]
 
 MiB = 1 << 20
 MIN_BUFFER = 256 * MiB
@@ -96,6 +99,16 @@ def buffer_bytes(llc: int | None) -> int:
     return max(16 * MiB, min(wanted, cap))
 
 
+def _read_ops(data: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+    """The reductions a probe times over a float32 buffer, by name."""
+    ints = data.view(torch.int32)  # the same bytes; integer max is the fastest reduction on some CPUs
+    return {
+        "torch.sum": lambda: torch.sum(data),
+        "torch.amax": lambda: torch.amax(data),
+        "torch.amax (int32 view)": lambda: torch.amax(ints),
+    }
+
+
 def streaming_read(threads: int, buffer: int | None = None, repeats: int = 5) -> Bandwidth:
     """The streaming-read bandwidth with ``threads`` torch threads: the median of ``repeats`` passes of each of
     ``torch.sum``, ``torch.amax`` and ``torch.amax`` of its int32 view over a float32 buffer of ``buffer`` bytes
@@ -108,14 +121,8 @@ def streaming_read(threads: int, buffer: int | None = None, repeats: int = 5) ->
     try:
         data.fill_(1.0)  # touch every page before timing
         read = data.numel() * data.element_size()
-        ints = data.view(torch.int32)  # the same bytes; integer max is the fastest reduction on some CPUs
-        ops: dict[str, Callable[[], torch.Tensor]] = {
-            "torch.sum": lambda: torch.sum(data),
-            "torch.amax": lambda: torch.amax(data),
-            "torch.amax (int32 view)": lambda: torch.amax(ints),
-        }
         best, best_op = 0.0, ""
-        for name, op in ops.items():
+        for name, op in _read_ops(data).items():
             op()  # warm-up
             times = []
             for _ in range(max(1, repeats)):
@@ -128,3 +135,19 @@ def streaming_read(threads: int, buffer: int | None = None, repeats: int = 5) ->
     finally:
         torch.set_num_threads(previous)
     return Bandwidth(best, read, llc, threads, best_op)
+
+
+def streaming_pass(probe: Bandwidth) -> Callable[[], float]:
+    """``read()``: one pass of ``probe``'s op over a buffer of ``probe.buffer`` bytes (allocated and touched here,
+    kept while ``read`` lives), with torch's current thread count, returning its GB/s."""
+    data = torch.empty(max(1, probe.buffer // 4), dtype=torch.float32)
+    data.fill_(1.0)
+    op = _read_ops(data)[probe.op]
+    nbytes = data.numel() * data.element_size()
+
+    def read() -> float:
+        start = time.perf_counter()
+        op()
+        return nbytes / max(time.perf_counter() - start, 1e-9) / 1e9
+
+    return read

@@ -14,8 +14,9 @@ Reported: median milliseconds, useful GFLOP/s (4 * B * H * D * visible pairs per
 GB/s of K/V read for decode, and each peer's time divided by attnrs's (higher = attnrs faster). Every attnrs row
 names its micro-kernel path for the case's dtype (attnrs.kernel_path), e.g. "attnrs (avx2)". A 1-thread column
 repeats attnrs and SDPA with one thread (at the longest length and for decode). Before the decode cases a
-streaming-read probe (attnrs.cli.bandwidth) measures this machine's memory bandwidth with the bench's threads;
-each decode case says what fraction of it attnrs (and SDPA) reach reading K/V. With --backward, attnrs and its
+streaming-read probe (attnrs.cli.bandwidth) measures this machine's memory bandwidth with the bench's threads; each
+decode case then times attnrs and SDPA from memory (a streaming pass, which evicts K/V, before each run) and gives
+the share of that pass's bandwidth each reaches reading K/V. With --backward, attnrs and its
 peer run in alternation (--repeats times each) and their medians are compared.
 
 Every case (causal, sliding 512 and 8 documents, each in fp32 and bf16) runs at the longest of --lengths; causal
@@ -42,7 +43,7 @@ import attnrs
 from attnrs import masks
 
 from ..errors import AttnrsError
-from .bandwidth import Bandwidth, MiB, streaming_read
+from .bandwidth import streaming_pass, streaming_read
 from .progress import echo, progress
 
 B, H, H_KV, D = 1, 32, 8, 128
@@ -173,7 +174,7 @@ def run_forward(cases: list[Case], threads: int, repeats: int, one_thread: bool,
         path, why = kernel_path(dtype)
         echo(f"  {str(dtype).removeprefix('torch.'):<9} {path:<12} {why}")
     longest = max((c.q_len for c in cases if not c.decode), default=0)
-    probe: Bandwidth | None = None
+    read_pass: Callable[[], float] | None = None  # a timed streaming pass, once the probe has run
     probed = False
     bar = progress(cases, "bench", unit="case")
     for case in bar:
@@ -184,6 +185,7 @@ def run_forward(cases: list[Case], threads: int, repeats: int, one_thread: bool,
             try:
                 probe = streaming_read(threads)
                 echo(f"\n{probe.line()}")
+                read_pass = streaming_pass(probe)
             except (RuntimeError, MemoryError) as e:
                 echo(f"\nstreaming read: not measured ({type(e).__name__}: {str(e)[:80]})")
         q, k, v = tensors(case)
@@ -192,7 +194,8 @@ def run_forward(cases: list[Case], threads: int, repeats: int, one_thread: bool,
         label = attnrs_label(case.dtype)
         echo(f"\n{case.name}")
         results = case.rows
-        for name, fn in peers(case, q, k, v, flex).items():
+        fns = peers(case, q, k, v, flex)
+        for name, fn in fns.items():
             bar.note(f"{case.name}: {name}")
             slow = name.startswith("transformers eager") or name.startswith("sdpa dense")
             with warnings.catch_warnings():
@@ -210,8 +213,9 @@ def run_forward(cases: list[Case], threads: int, repeats: int, one_thread: bool,
             extra = f"{kv_bytes / ms / 1e6:>8.1f} GB/s" if case.decode else f"{flops / ms / 1e6:>8.1f} GFLOP/s"
             ratio = f"{ms / results['attnrs']:>7.2f}x" if name != "attnrs" and "attnrs" in results else ""
             echo(f"  {label if name == 'attnrs' else name:<24} {ms:>10.2f} ms {extra} {ratio}", flush=True)
-        if case.decode and probe is not None:
-            echo(f"  {decode_fraction(results, kv_bytes, probe)}", flush=True)
+        if case.decode and read_pass is not None and "attnrs" in results:
+            timed: dict[str, Callable[[], Any]] = {n: fns[n] for n in ("attnrs", "sdpa") if n in results}
+            echo(f"  {from_memory(timed, kv_bytes, read_pass, repeats)}", flush=True)
         if one_thread and (case.decode or case.q_len == longest):  # not for the shorter lengths of the sweep
             torch.set_num_threads(1)
             ours = median_ms(lambda: peers_one(case, q, k, v, "attnrs"), max(1, repeats // 2))
@@ -221,25 +225,31 @@ def run_forward(cases: list[Case], threads: int, repeats: int, one_thread: bool,
     return cases
 
 
-def decode_fraction(results: dict[str, float], kv_bytes: int, probe: Bandwidth) -> str:
-    """``attnrs reads K/V at 12.3 GB/s = 61% of streaming read; sdpa 10.1 GB/s = 50%``, from the medians in
-    ``results`` (ms) and the ``kv_bytes`` a decode call reads; it says so when K/V are no larger than the last-level
-    cache (then part of the reads may come from the cache, and a share above 100% is the cache, not memory)."""
-    if "attnrs" not in results:
-        return "attnrs has no decode timing to compare with the streaming read"
+def from_memory(fns: dict[str, Callable[[], Any]], kv_bytes: int, read_pass: Callable[[], float], repeats: int) -> str:
+    """``from memory (...): attnrs reads K/V at 12.3 GB/s = 61% of the pass; sdpa 10.1 GB/s = 50%``: each of ``fns``
+    (attnrs first) timed in alternation, every run right after one ``read_pass`` (a streaming read that evicts K/V
+    from the caches, as a model's other layers would, and returns that moment's GB/s). Per implementation: the K/V
+    bytes a call reads over its median time, and the median over runs of its rate divided by the pass's before it
+    (so a slow spell of the shared machine lowers both sides of a run's ratio)."""
+    runs = max(3, repeats)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    shares: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            rate = read_pass()
+            start = time.perf_counter()
+            fn()
+            seconds = max(time.perf_counter() - start, 1e-9)
+            times[name].append(seconds)
+            shares[name].append(kv_bytes / seconds / 1e9 / rate)
 
     def share(name: str) -> str:
-        rate = kv_bytes / results[name] / 1e6
-        return f"{rate:.1f} GB/s = {100 * rate / probe.gb_per_s:.0f}%"
+        gb_per_s = kv_bytes / statistics.median(times[name]) / 1e9
+        return f"{gb_per_s:.1f} GB/s = {100 * statistics.median(shares[name]):.0f}%"
 
-    text = f"attnrs reads K/V at {share('attnrs')} of streaming read"
-    if "sdpa" in results:
-        text += f"; sdpa {share('sdpa')}"
-    if probe.llc is not None and kv_bytes <= probe.llc:
-        mib = kv_bytes / MiB
-        text += f" (K/V {mib:.0f} MiB" if mib >= 10 else f" (K/V {mib:.2g} MiB"
-        text += f" <= LLC {probe.llc / MiB:.0f} MiB: the cache may serve part of it)"
-    return text
+    first, *others = fns
+    text = f"from memory (a streaming pass before each of {runs} runs): {first} reads K/V at {share(first)} of the pass"
+    return text + "".join(f"; {name} {share(name)}" for name in others)
 
 
 def peers_one(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, which: str) -> Any:

@@ -182,3 +182,33 @@ def test_a_forked_child_gets_correct_results_while_a_parent_thread_is_busy() -> 
     assert os.WIFEXITED(status), f"the forked child died: signal {os.WTERMSIG(status)}"
     code = os.WEXITSTATUS(status)
     assert code == 0, {1: "wrong results in the child", 2: "wrong results with a new thread count", 3: "an error"}[code]
+
+
+_FORK_AFTER_TEAM = """
+import os, signal, sys, torch, attnrs
+torch.set_num_threads(2)
+torch.manual_seed(0)
+q = torch.randn(1, 8, 1, 64, dtype=torch.bfloat16)
+k = torch.randn(1, 2, 4096, 64, dtype=torch.bfloat16)  # 2 MiB of K/V: above the serial threshold
+v = torch.randn(1, 2, 4096, 64, dtype=torch.bfloat16)
+expected = attnrs.attention(q, k, v)  # on this thread: the OpenMP team's master
+pid = os.fork()
+if pid == 0:
+    signal.alarm(30)  # a child stuck in the team dies of SIGALRM
+    os._exit(0 if torch.equal(attnrs.attention(q, k, v), expected) else 1)
+_, status = os.waitpid(pid, 0)
+sys.exit(0 if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 else f"child status {status}")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
+def test_a_forked_child_decodes_on_two_threads_after_the_parent_used_the_openmp_team() -> None:
+    """On Linux a threaded decode runs on torch's OpenMP team (attnrs_core::threads::openmp). libgomp's team does
+    not survive fork: a child whose forking thread entered a region again would wait for the parent's threads
+    (torch's own parallel ops hang there). The child's decode takes attnrs's pool instead (it notes the fork, and
+    its pools are the child's own), with the parent's answer. In a fresh process, so that the forking thread is
+    the team's master (here earlier tests may have sized its pools otherwise)."""
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-c", _FORK_AFTER_TEAM], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, f"the forked child's threaded decode failed or hung: {run.stderr[-2000:]}"

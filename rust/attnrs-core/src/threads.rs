@@ -13,14 +13,22 @@
 //! scheduler often wakes a sleeping worker onto its waker's CPU, where it waits behind the caller until the
 //! next load balance (2-3 ms on a 2-vCPU virtual machine), so a call after the pool sat idle ran on one
 //! thread, or slower.
+//!
+//! Decode's items go through [`for_each_init`] and [`map_init`], which run them on torch's OpenMP team when
+//! the process has one ([`openmp`]: its workers are still spinning after torch's last op) and on the pool
+//! otherwise.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use rayon::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use crate::{Error, Result};
+
+#[cfg(target_os = "linux")]
+pub(crate) mod openmp;
 
 struct Pools {
     pid: u32,
@@ -132,6 +140,86 @@ pub fn install<R: Send>(num_threads: usize, f: impl FnOnce() -> R + Send) -> Res
         Some(own) => Ok(own.install(f)),
         None => Ok(pool(num_threads)?.install(f)),
     }
+}
+
+/// Runs `f(state, i)` for every `i < n` on up to `threads` threads, each thread's `state` made by `init` when
+/// it takes its first item; on the calling thread alone when `threads` is 1. The threads are the OpenMP
+/// team of [`openmp::run_team`] where there is one, else the pool the caller runs in ([`install`]).
+pub(crate) fn for_each_init<S>(
+    n: usize,
+    threads: usize,
+    init: impl Fn() -> S + Sync + Send,
+    f: impl Fn(&mut S, usize) + Sync + Send,
+) {
+    if n == 0 {
+        return;
+    }
+    if threads <= 1 || n == 1 {
+        let mut state = init();
+        (0..n).for_each(|i| f(&mut state, i));
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    if use_team() {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let work = || {
+            let mut state = None;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                f(state.get_or_insert_with(&init), i);
+            }
+        };
+        if openmp::run_team(threads.min(n), &work) {
+            return;
+        }
+    }
+    (0..n).into_par_iter().for_each_init(init, f);
+}
+
+/// Starts noting forks, so that a forked child never enters the OpenMP team (see [`openmp`]); call it when the
+/// library loads. A no-op off Linux.
+pub fn watch_forks() {
+    #[cfg(target_os = "linux")]
+    openmp::watch_forks();
+}
+
+/// `[f(state, i) for i < n]`, run as [`for_each_init`] runs it.
+pub(crate) fn map_init<S, R: Send>(
+    n: usize,
+    threads: usize,
+    init: impl Fn() -> S + Sync + Send,
+    f: impl Fn(&mut S, usize) -> R + Sync + Send,
+) -> Vec<R> {
+    let slots: Vec<Mutex<Option<R>>> = (0..n).map(|_| Mutex::new(None)).collect();
+    for_each_init(n, threads, init, |state, i| {
+        let r = f(state, i);
+        *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    });
+    slots
+        .into_iter()
+        .map(|slot| {
+            let r = slot.into_inner().unwrap_or_else(|p| p.into_inner());
+            r.expect("every item ran") // each index in 0..n was taken by exactly one thread
+        })
+        .collect()
+}
+
+/// Whether calls may take the OpenMP team, in tests: a test that clears it (to cover the pool) or depends on
+/// it holds [`TEAM_SWITCH`] meanwhile; other tests pass on either path.
+#[cfg(test)]
+pub(crate) static TEAM_IN_TESTS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(true);
+#[cfg(test)]
+pub(crate) static TEAM_SWITCH: Mutex<()> = Mutex::new(());
+
+fn use_team() -> bool {
+    #[cfg(test)]
+    return TEAM_IN_TESTS.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(test))]
+    true
 }
 
 /// Keeps a pool's workers off the CPU its caller runs on (Linux; elsewhere a no-op).
@@ -257,6 +345,60 @@ mod placement {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every item runs exactly once and `map_init` keeps their order, on the calling thread, the OpenMP team
+    /// and the pool, with a team thread's state made once; a panic in an item reaches the caller.
+    #[test]
+    fn items_run_once_on_the_team_and_on_the_pool() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let _switch = TEAM_SWITCH.lock().unwrap_or_else(|p| p.into_inner());
+        for team in [true, false] {
+            TEAM_IN_TESTS.store(team, Ordering::Relaxed);
+            std::thread::spawn(move || {
+                for threads in [1usize, 2, 3] {
+                    for n in [0usize, 1, 2, 7, 100] {
+                        let counts: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                        let states = AtomicUsize::new(0);
+                        let init = || states.fetch_add(1, Ordering::Relaxed);
+                        #[cfg(target_os = "linux")]
+                        let regions = openmp::tests::REGIONS.load(Ordering::Relaxed);
+                        let out = install(threads, || {
+                            map_init(n, threads, init, |_, i| {
+                                counts[i].fetch_add(1, Ordering::Relaxed);
+                                std::thread::sleep(std::time::Duration::from_micros(50));
+                                3 * i
+                            })
+                        })
+                        .unwrap();
+                        assert_eq!(out, (0..n).map(|i| 3 * i).collect::<Vec<_>>());
+                        assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1));
+                        let made = states.load(Ordering::Relaxed);
+                        // rayon may make a state per piece of work it splits off; a team thread makes one.
+                        let most = if team { threads.min(n).max(1) } else { n.max(1) };
+                        assert!(made <= most && (n == 0 || made >= 1), "{made} states");
+                        #[cfg(target_os = "linux")]
+                        if team && threads > 1 && n > 1 {
+                            if openmp::tests::available() {
+                                assert!(openmp::tests::REGIONS.load(Ordering::Relaxed) > regions);
+                            } else {
+                                eprintln!("no OpenMP runtime (libgomp.so.1) here: the team path is untested");
+                            }
+                        }
+                    }
+                }
+                let panicked = std::panic::catch_unwind(|| {
+                    install(2, || {
+                        for_each_init(8, 2, || (), |_, i| assert!(i != 5, "item five"));
+                    })
+                });
+                let message = *panicked.expect_err("the panic was lost").downcast::<&str>().unwrap();
+                assert_eq!(message, "item five");
+            })
+            .join()
+            .unwrap();
+        }
+        TEAM_IN_TESTS.store(true, Ordering::Relaxed);
+    }
 
     #[test]
     fn pools_are_cached_and_sized() {

@@ -42,6 +42,8 @@ mod _attnrs {
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        // A child forked after this never enters torch's OpenMP team (its threads stay in the parent).
+        attnrs_core::threads::watch_forks();
         #[cfg(feature = "test-hooks")]
         crate::test_hooks::register(m)?;
         Ok(())

@@ -5,14 +5,13 @@
 
 use std::ops::Range;
 
-use rayon::prelude::*;
-
 use super::item::{Entry, KvSrc, Scratch};
 use super::tile::{BC, Job, write_rows};
 use crate::kernel::args::Dims;
 use crate::kernel::gemm::Kern;
 use crate::kernel::softmax::{Acc, merge_into};
 use crate::tensor::Float;
+use crate::threads;
 
 /// The state `(m, l, O)` of an item's rows over part of the key range.
 type Partial<A> = (Vec<A>, Vec<A>, Vec<A>);
@@ -76,12 +75,6 @@ fn splits(threads: usize, units: usize, ntiles: usize) -> usize {
     }
 }
 
-/// Pieces of at least this many items per rayon job: all of them (no split, so no worker is woken) when
-/// the call runs on one thread.
-fn min_len(threads: usize) -> usize {
-    if threads == 1 { usize::MAX } else { 1 }
-}
-
 pub(super) fn decode<K: Entry, T: Float>(job: &Job<T>, threads: usize) {
     let threads = decode_threads(job, threads);
     #[cfg(target_arch = "x86_64")]
@@ -124,46 +117,45 @@ fn split_kv<A: Acc, T: Float, S: State<A>>(
     // Rows of a batch item's GQA group; a ragged sequence without rows is skipped.
     let rows_of = |b: usize| g * job.q_len(b);
     if splits == 1 {
-        (0..heads)
-            .into_par_iter()
-            .with_min_len(min_len(threads))
-            .for_each_init(&scratch, |sc, idx| {
-                let (b, kvh) = (idx / hkv, idx % hkv);
-                let (q, rows) = (job.q_len(b), rows_of(b));
-                if q == 0 {
-                    return;
-                }
-                run(sc, b, kvh, 0..ntiles);
-                let (m, l, o) = sc.state();
-                write_rows(job, b, kvh, 0, q, &m[..rows], &l[..rows], &o[..rows * dvp]);
-            });
+        threads::for_each_init(heads, threads, &scratch, |sc, idx| {
+            let (b, kvh) = (idx / hkv, idx % hkv);
+            let (q, rows) = (job.q_len(b), rows_of(b));
+            if q == 0 {
+                return;
+            }
+            run(sc, b, kvh, 0..ntiles);
+            let (m, l, o) = sc.state();
+            write_rows(job, b, kvh, 0, q, &m[..rows], &l[..rows], &o[..rows * dvp]);
+        });
         return;
     }
     let per = ntiles.div_ceil(splits);
     // Partial states, one per (head, split): m, l and O of every row.
-    let parts: Vec<Partial<A>> = (0..heads * splits)
-        .into_par_iter()
-        .map_init(&scratch, |sc, idx| {
-            let (head, s) = (idx / splits, idx % splits);
-            let (b, kvh) = (head / hkv, head % hkv);
-            let rows = rows_of(b);
-            let tiles = (s * per).min(ntiles)..((s + 1) * per).min(ntiles);
-            if rows == 0 {
-                return (Vec::new(), Vec::new(), Vec::new());
-            }
-            run(sc, b, kvh, tiles);
-            let (m, l, o) = sc.state();
-            (
-                m[..rows].to_vec(),
-                l[..rows].to_vec(),
-                o[..rows * dvp].to_vec(),
-            )
-        })
-        .collect();
-    (0..heads).into_par_iter().for_each(|head| {
+    let parts: Vec<Partial<A>> = threads::map_init(heads * splits, threads, &scratch, |sc, idx| {
+        let (head, s) = (idx / splits, idx % splits);
         let (b, kvh) = (head / hkv, head % hkv);
-        merge_and_write(job, b, kvh, &parts[head * splits..(head + 1) * splits]);
+        let rows = rows_of(b);
+        let tiles = (s * per).min(ntiles)..((s + 1) * per).min(ntiles);
+        if rows == 0 {
+            return (Vec::new(), Vec::new(), Vec::new());
+        }
+        run(sc, b, kvh, tiles);
+        let (m, l, o) = sc.state();
+        (
+            m[..rows].to_vec(),
+            l[..rows].to_vec(),
+            o[..rows * dvp].to_vec(),
+        )
     });
+    threads::for_each_init(
+        heads,
+        threads,
+        || (),
+        |_, head| {
+            let (b, kvh) = (head / hkv, head % hkv);
+            merge_and_write(job, b, kvh, &parts[head * splits..(head + 1) * splits]);
+        },
+    );
 }
 
 /// Merges the partial states of `(b, kvh)`'s rows by log-sum-exp and writes them.
@@ -198,10 +190,8 @@ fn heads_together<K: Entry, T: Float>(job: &Job<T>, threads: usize) {
     let rows_of = |b: usize| job.dims.g * job.q_len(b);
     let scratch = || (0..hkv).map(|_| Scratch::<K>::new(job)).collect::<Vec<_>>();
     // One unit: a sequence's split of tiles, every kv head; its partial states, one per kv head.
-    let parts: Vec<Vec<Partial<K::A>>> = (0..nb * splits)
-        .into_par_iter()
-        .with_min_len(min_len(threads))
-        .map_init(scratch, |scs, idx| {
+    let parts: Vec<Vec<Partial<K::A>>> =
+        threads::map_init(nb * splits, threads, scratch, |scs, idx| {
             let (b, s) = (idx / splits, idx % splits);
             let (q, rows) = (job.q_len(b), rows_of(b));
             if q == 0 {
@@ -242,18 +232,19 @@ fn heads_together<K: Entry, T: Float>(job: &Job<T>, threads: usize) {
                     )
                 })
                 .collect()
-        })
-        .collect();
-    (0..nb * hkv)
-        .into_par_iter()
-        .with_min_len(min_len(threads))
-        .for_each(|head| {
+        });
+    threads::for_each_init(
+        nb * hkv,
+        threads,
+        || (),
+        |_, head| {
             let (b, kvh) = (head / hkv, head % hkv);
             let mine: Vec<Partial<K::A>> = (0..splits)
                 .filter_map(|s| parts[b * splits + s].get(kvh).cloned())
                 .collect();
             merge_and_write(job, b, kvh, &mine);
-        });
+        },
+    );
 }
 
 /// Asks the CPU to fetch the K and V rows of tile `t` of sequence `b`, every kv head, in address order (each

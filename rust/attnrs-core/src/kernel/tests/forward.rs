@@ -100,6 +100,42 @@ fn serial_decode_matches_reference() {
     .unwrap();
 }
 
+/// Decode on attnrs's own pool, the path when the process has no OpenMP runtime (the other tests take the
+/// team of the libgomp they load where the machine has one): the reference's answers, the kv range split or
+/// not, K/V head-major or token-major (the random layouts).
+#[test]
+fn decode_on_the_pool_matches_reference() {
+    use std::sync::atomic::Ordering;
+    let _switch = crate::threads::TEAM_SWITCH
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    crate::threads::TEAM_IN_TESTS.store(false, Ordering::Relaxed);
+    let run = std::thread::spawn(|| {
+        for seed in 0..12u64 {
+            let dtype = [DType::F32, DType::BF16, DType::F16][seed as usize % 3];
+            let (hkv, g) = [(1, 4), (2, 4), (8, 1), (2, 1)][seed as usize % 4];
+            let k = [5, 300, 1500][seed as usize % 3];
+            let c = Case {
+                seed: 100 + seed,
+                dtype,
+                b: 1,
+                hkv,
+                g,
+                q: 1 + seed as usize % 2,
+                k,
+                d: 64,
+                dv: 64,
+                mask: (seed % 3) as u8,
+                rows: 96,
+            };
+            run_case(&c);
+        }
+    })
+    .join();
+    crate::threads::TEAM_IN_TESTS.store(true, Ordering::Relaxed);
+    run.unwrap();
+}
+
 /// The portable path and every SIMD path agree on long decodes (too long for the f64 reference).
 #[test]
 fn decode_paths_agree_with_portable() {

@@ -132,6 +132,13 @@ fn lanes_mask(v: usize, len: usize) -> __mmask16 {
     ((1u32 << left) - 1) as __mmask16
 }
 
+/// The 16-bit lanes of vector `v` (32 elements from `32 * v`) that lie inside a row of `len` elements.
+#[inline(always)]
+fn lanes_mask32(v: usize, len: usize) -> __mmask32 {
+    let left = len.saturating_sub(32 * v).min(32);
+    if left == 32 { !0 } else { (1u32 << left) - 1 }
+}
+
 /// Sums each of 16 vectors: lane `i` of the result is the sum of the lanes of `x[i]`.
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -446,10 +453,7 @@ unsafe fn pv_bf16_cols<const NC: usize>(
     c0: usize,
     pf: Prefetch,
 ) {
-    let masks: [__mmask32; NC] = std::array::from_fn(|x| {
-        let left = dv.saturating_sub(32 * (c0 + x)).min(32);
-        if left == 32 { !0 } else { (1u32 << left) - 1 }
-    });
+    let masks: [__mmask32; NC] = std::array::from_fn(|x| lanes_mask32(c0 + x, dv));
     for rb in (0..rows).step_by(PV_ROWS) {
         // SAFETY: O and P hold `round_up(rows, 4)` rows (so rows rb..rb + PV_ROWS exist), O rows with ld >=
         // 32 (c0 + NC) columns; V rows j < n hold Dv contiguous elements (masked loads read only those; the
@@ -696,8 +700,7 @@ unsafe fn load_row<L: Lanes>(p: *const u8, d: usize, dst: &mut [f32]) {
 pub(crate) unsafe fn load_bf16_bits(p: *const u8, d: usize, dst: &mut [u16]) {
     assert!(dst.len() >= round_up(d, 32));
     for v in 0..d.div_ceil(32) {
-        let left = (d - 32 * v).min(32);
-        let mask: __mmask32 = if left == 32 { !0 } else { (1 << left) - 1 };
+        let mask = lanes_mask32(v, d);
         // SAFETY: the masked load reads only values below D; vector v's 32 values lie inside dst.
         unsafe {
             let x = _mm512_maskz_loadu_epi16(mask, p.add(64 * v).cast());

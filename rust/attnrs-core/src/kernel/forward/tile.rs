@@ -191,15 +191,14 @@ pub(super) fn write_rows<A: Acc, T: Float>(
             // no internal overlap (validated), so this thread is the only writer of these elements.
             unsafe {
                 let row = job.out.at(b, h, q0 + i, 0);
-                #[cfg(target_arch = "x86_64")]
-                if let (true, Some(src)) = (job.avx512 && job.out.st[3] == 1, A::as_f32(src)) {
+                match A::as_f32(src) {
                     // SAFETY: the family's features are present; the row's Dv elements are contiguous.
-                    store_scaled_avx512(src, f.to_f32(), row);
-                } else {
-                    store_scaled(src, f, row, job.out.st[3]);
+                    #[cfg(target_arch = "x86_64")]
+                    Some(src) if job.avx512 && job.out.st[3] == 1 => {
+                        store_scaled_avx512(src, f.to_f32(), row)
+                    }
+                    _ => store_scaled(src, f, row, job.out.st[3]),
                 }
-                #[cfg(not(target_arch = "x86_64"))]
-                store_scaled(src, f, row, job.out.st[3]);
                 if let Some(lse_view) = &job.lse {
                     lse_view.at(b, h, q0 + i, 0).write(lse.to_f32());
                 }
